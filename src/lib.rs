@@ -1,4 +1,29 @@
 //! alert-router: turns escalation and issue events from RabbitMQ into Slack
 //! messages (and fallback emails) that people act on.
+//!
+//! Data flows one way; each stage returns a typed result and only the last one
+//! talks back to the broker:
+//!
+//! ```text
+//! consume → decode/validate → route → deliver (slack | email) → settle (ack | retry later | dead-letter)
+//! ```
+//!
+//! | module | role |
+//! |---|---|
+//! | [`config`] | settings: defaults ← YAML file ← environment, validated once at start |
+//! | [`event`] | the event model and its validation (a bad event is poison, never retried) |
+//! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
+//! | [`broker`] | RabbitMQ: topology, consumer, publisher with confirms |
+//! | [`deliver`] | one event's delivery: targets, idempotency, Slack, fallback |
+//! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
+//! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
+//! | [`telemetry`] | logging setup |
 
+pub mod broker;
+pub mod config;
+pub mod deliver;
 pub mod event;
+pub mod rules;
+pub mod settle;
+pub mod telemetry;
+pub mod worker;

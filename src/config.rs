@@ -1,0 +1,650 @@
+//! Settings: built-in defaults ← YAML file ← `ALERT_ROUTER__SECTION__KEY` environment, validated once at start.
+//!
+//! Every struct denies unknown keys so a typo (`amqp.prefech`) is an error that
+//! names the key instead of a silently ignored line. Secrets never live here:
+//! they come from the environment into [`Secrets`], whose values cannot be
+//! printed by accident.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The settings file read when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "config/alert-router.yaml";
+
+/// Everything the worker and the command line can be told, minus secrets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub redis: RedisSettings,
+    pub slack: SlackSettings,
+    pub email: EmailSettings,
+    pub rules: RulesSettings,
+    pub delivery: DeliverySettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+/// RabbitMQ connection and topology names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URL; credentials in it are redacted whenever it is shown.
+    pub url: String,
+    /// Topic exchange producers publish to.
+    pub exchange: String,
+    /// The worker's input queue, bound to `exchange` with `#`.
+    pub queue: String,
+    /// Fanout exchange in front of the dead-letter queue.
+    pub dead_letter_exchange: String,
+    /// Where undeliverable and poison messages wait for an operator.
+    pub dead_letter_queue: String,
+    /// Delayed-retry queues are named `<prefix>.<delay>`, e.g. `alerts.retry.30s`.
+    pub retry_queue_prefix: String,
+    /// Unacknowledged deliveries in flight per worker; also its concurrency.
+    pub prefetch: u16,
+    /// Broker-side redelivery limit (quorum queue `x-delivery-limit`): a message
+    /// that keeps crashing workers is dead-lettered instead of looping forever.
+    pub delivery_limit: u32,
+    /// Largest accepted event body; bigger ones are dead-lettered as `too_large`.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "alerts".into(),
+            queue: "alerts.router".into(),
+            dead_letter_exchange: "alerts.dlx".into(),
+            dead_letter_queue: "alerts.dead".into(),
+            retry_queue_prefix: "alerts.retry".into(),
+            prefetch: 100,
+            delivery_limit: 20,
+            max_body_bytes: crate::event::DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Redis: tokens, idempotency records and shared rate limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Every key the worker reads or writes starts with this, e.g.
+    /// `alert-router:slack:token:T0AEXY01`.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "alert-router".into(),
+        }
+    }
+}
+
+/// Slack Web API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlackSettings {
+    /// Base URL of the Web API; methods are appended (`…/chat.postMessage`).
+    pub api_url: String,
+    /// Workspace used for events that name none (and for `SLACK_BOT_TOKEN`).
+    pub default_workspace: Option<String>,
+    /// Limit on one HTTP call to Slack.
+    #[serde(with = "human_duration")]
+    pub request_timeout: Duration,
+    /// Attempts of one Slack call for transient failures before the target
+    /// counts as "Slack unavailable".
+    pub max_attempts: u32,
+    /// First backoff between attempts; doubles with full jitter.
+    #[serde(with = "human_duration")]
+    pub retry_base_delay: Duration,
+    /// How long a token read from Redis is reused before it is read again.
+    #[serde(with = "human_duration")]
+    pub token_cache_ttl: Duration,
+}
+
+impl Default for SlackSettings {
+    fn default() -> Self {
+        SlackSettings {
+            api_url: "https://slack.com/api".into(),
+            default_workspace: None,
+            request_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            retry_base_delay: Duration::from_millis(250),
+            token_cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// SMTP fallback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailSettings {
+    /// `smtp://host:port` (plain or STARTTLS) or `smtps://`; credentials in the URL.
+    pub smtp_url: String,
+    pub from: String,
+}
+
+impl Default for EmailSettings {
+    fn default() -> Self {
+        EmailSettings {
+            smtp_url: "smtp://127.0.0.1:1025".into(),
+            from: "alert-router@localhost".into(),
+        }
+    }
+}
+
+/// Where the routing rules live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSettings {
+    pub path: PathBuf,
+}
+
+impl Default for RulesSettings {
+    fn default() -> Self {
+        RulesSettings {
+            path: PathBuf::from("config/rules.yaml"),
+        }
+    }
+}
+
+/// Delivery semantics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Broker-level retry delays; after the last one the event is dead-lettered.
+    #[serde(with = "human_durations")]
+    pub retry_delays: Vec<Duration>,
+    /// How long "this target already got this event" is remembered.
+    #[serde(with = "human_duration")]
+    pub idempotency_ttl: Duration,
+    /// On SIGTERM, how long in-flight events may take to settle before exit.
+    #[serde(with = "human_duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            retry_delays: [5, 30, 120, 600, 1800]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Health and metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `/healthz`, `/readyz` and `/metrics` listen here.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `alert_router=debug,info`;
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("settings file {path} does not exist (given with --config)")]
+    MissingFile { path: PathBuf },
+    #[error("cannot read settings: {0}")]
+    Load(String),
+    #[error("setting `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Settings {
+    /// Loads defaults ← file ← environment. `path` is `--config`; without it
+    /// [`DEFAULT_CONFIG_PATH`] is read if it exists.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (for tests).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        match path {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::MissingFile {
+                        path: path.to_path_buf(),
+                    });
+                }
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            None => {
+                builder = builder.add_source(
+                    config::File::with_name(DEFAULT_CONFIG_PATH)
+                        .format(config::FileFormat::Yaml)
+                        .required(false),
+                );
+            }
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ALERT_ROUTER__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("ALERT_ROUTER")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("delivery.retry_delays")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot: URL schemes, ranges, non-empty names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_url("amqp.url", &self.amqp.url, &["amqp", "amqps"])?;
+        check_url("redis.url", &self.redis.url, &["redis", "rediss", "unix"])?;
+        check_url("slack.api_url", &self.slack.api_url, &["http", "https"])?;
+        check_url("email.smtp_url", &self.email.smtp_url, &["smtp", "smtps"])?;
+        for (key, value) in [
+            ("amqp.exchange", &self.amqp.exchange),
+            ("amqp.queue", &self.amqp.queue),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+            ("amqp.retry_queue_prefix", &self.amqp.retry_queue_prefix),
+            ("redis.key_prefix", &self.redis.key_prefix),
+            ("email.from", &self.email.from),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid(
+                "amqp.prefetch",
+                "must be at least 1 (100 to 300 suits most brokers)",
+            ));
+        }
+        if self.amqp.max_body_bytes == 0 {
+            return Err(invalid("amqp.max_body_bytes", "must be at least 1"));
+        }
+        if self.slack.max_attempts == 0 {
+            return Err(invalid("slack.max_attempts", "must be at least 1"));
+        }
+        if self.slack.request_timeout.is_zero() {
+            return Err(invalid("slack.request_timeout", "must be longer than 0s, e.g. `10s`"));
+        }
+        if self.delivery.retry_delays.iter().any(Duration::is_zero) {
+            return Err(invalid(
+                "delivery.retry_delays",
+                "must not contain a zero delay, e.g. `5s,30s,2m`",
+            ));
+        }
+        if matches!(&self.slack.default_workspace, Some(ws) if ws.trim().is_empty()) {
+            return Err(invalid(
+                "slack.default_workspace",
+                "must be a workspace id such as `T0AEXY01`, or be left out",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings as YAML with credentials in URLs replaced by `***`.
+    pub fn redacted_yaml(&self) -> String {
+        let mut shown = self.clone();
+        shown.amqp.url = redact_url(&shown.amqp.url);
+        shown.redis.url = redact_url(&shown.redis.url);
+        shown.email.smtp_url = redact_url(&shown.email.smtp_url);
+        serde_saphyr::to_string(&shown).unwrap_or_else(|e| format!("# cannot show settings: {e}\n"))
+    }
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+fn check_url(key: &'static str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let parsed = url::Url::parse(value).map_err(|e| {
+        invalid(
+            key,
+            format!("is not a URL ({e}); expected e.g. `{}://…`", schemes[0]),
+        )
+    })?;
+    if !schemes.contains(&parsed.scheme()) {
+        return Err(invalid(
+            key,
+            format!(
+                "has scheme `{}`; expected one of: {}",
+                parsed.scheme(),
+                schemes.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces the password (and a lone user) in a URL with `***`.
+pub fn redact_url(value: &str) -> String {
+    match url::Url::parse(value) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "***".into(),
+    }
+}
+
+/// Secrets, read from the environment only, never printed.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `SLACK_BOT_TOKEN`: single-workspace installs without Redis tokens.
+    pub slack_bot_token: Option<Secret>,
+    /// `SLACK_CLIENT_ID`: token rotation.
+    pub slack_client_id: Option<String>,
+    /// `SLACK_CLIENT_SECRET`: token rotation.
+    pub slack_client_secret: Option<Secret>,
+    /// `SLACK_SIGNING_SECRET`: verifying interactive requests.
+    pub slack_signing_secret: Option<Secret>,
+}
+
+impl Secrets {
+    /// Reads the secrets from the process environment; empty values count as unset.
+    pub fn from_env() -> Secrets {
+        fn var(name: &str) -> Option<String> {
+            std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+        }
+        Secrets {
+            slack_bot_token: var("SLACK_BOT_TOKEN").map(Secret::new),
+            slack_client_id: var("SLACK_CLIENT_ID"),
+            slack_client_secret: var("SLACK_CLIENT_SECRET").map(Secret::new),
+            slack_signing_secret: var("SLACK_SIGNING_SECRET").map(Secret::new),
+        }
+    }
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secrets")
+            .field("slack_bot_token", &self.slack_bot_token.as_ref().map(|_| "***"))
+            .field("slack_client_id", &self.slack_client_id)
+            .field(
+                "slack_client_secret",
+                &self.slack_client_secret.as_ref().map(|_| "***"),
+            )
+            .field(
+                "slack_signing_secret",
+                &self.slack_signing_secret.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
+/// A secret string whose `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A delay spelled the way people write it: `5s`, `2m`, `1h 30m`, `250ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. `5s`, `2m` or `250ms`"))
+}
+
+/// `Duration` ↔ `"30s"` in settings files.
+mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(secs) => Ok(Duration::from_secs(secs)),
+            Raw::Text(text) => super::parse_duration(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `Vec<Duration>` ↔ `["5s", "30s"]` (or `"5s,30s"` from the environment).
+mod human_durations {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            value
+                .iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            Secs(u64),
+            Text(String),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            List(Vec<Item>),
+            Text(String),
+        }
+        let items = match Raw::deserialize(d)? {
+            Raw::List(items) => items,
+            Raw::Text(text) if text.trim().is_empty() => Vec::new(),
+            Raw::Text(text) => text.split(',').map(|t| Item::Text(t.to_string())).collect(),
+        };
+        items
+            .into_iter()
+            .map(|item| match item {
+                Item::Secs(secs) => Ok(Duration::from_secs(secs)),
+                Item::Text(text) => super::parse_duration(&text).map_err(serde::de::Error::custom),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn no_file() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    fn load_with(yaml: Option<&str>, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = no_file();
+        let path = dir.path().join("alert-router.yaml");
+        std::fs::write(&path, yaml.unwrap_or("{}")).unwrap();
+        Settings::load_from(Some(&path), env(vars))
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let s = load_with(None, &[]).unwrap();
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.queue, "alerts.router");
+        assert_eq!(s.amqp.dead_letter_queue, "alerts.dead");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.slack.api_url, "https://slack.com/api");
+        assert_eq!(s.email.smtp_url, "smtp://127.0.0.1:1025");
+        assert_eq!(s.rules.path, PathBuf::from("config/rules.yaml"));
+        assert_eq!(
+            s.delivery.retry_delays,
+            [5, 30, 120, 600, 1800].map(Duration::from_secs)
+        );
+        assert_eq!(s.http.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn the_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        let s = load_with(
+            Some("slack:\n  api_url: http://file.example/api\n  default_workspace: T1\namqp:\n  prefetch: 7\n"),
+            &[
+                ("ALERT_ROUTER__SLACK__API_URL", "http://env.example/api"),
+                ("ALERT_ROUTER__DELIVERY__RETRY_DELAYS", "2s,5s,10s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.slack.api_url, "http://env.example/api");
+        assert_eq!(s.slack.default_workspace.as_deref(), Some("T1"));
+        assert_eq!(s.amqp.prefetch, 7);
+        assert_eq!(s.delivery.retry_delays, [2, 5, 10].map(Duration::from_secs));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = load_with(Some("amqp:\n  prefech: 10\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("prefech"), "{err}");
+        let err = load_with(None, &[("ALERT_ROUTER__SLAK__API_URL", "http://x")]).unwrap_err();
+        assert!(err.to_string().contains("slak"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let err = load_with(Some("amqp:\n  url: http://localhost\n"), &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `amqp.url` has scheme `http`; expected one of: amqp, amqps"
+        );
+        let err = load_with(None, &[("ALERT_ROUTER__AMQP__PREFETCH", "0")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `amqp.prefetch` must be at least 1 (100 to 300 suits most brokers)"
+        );
+        let err = load_with(None, &[("ALERT_ROUTER__DELIVERY__RETRY_DELAYS", "5s,soon")]).unwrap_err();
+        assert!(err.to_string().contains("`soon` is not a duration"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let dir = no_file();
+        let err = Settings::load_from(Some(&dir.path().join("nope.yaml")), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn redacted_settings_hide_passwords() {
+        let s = load_with(
+            Some("email:\n  smtp_url: smtp://mailer:hunter2@mail.example:587\n"),
+            &[("ALERT_ROUTER__AMQP__URL", "amqp://app:s3cret@rabbit:5672/%2f")],
+        )
+        .unwrap();
+        let shown = s.redacted_yaml();
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secrets = Secrets {
+            slack_bot_token: Some(Secret::new("xoxb-test-123")),
+            ..Secrets::default()
+        };
+        assert!(!format!("{secrets:?}").contains("xoxb"));
+        assert_eq!(Secret::new("x").to_string(), "***");
+    }
+}

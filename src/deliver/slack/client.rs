@@ -1,0 +1,287 @@
+//! Slack Web API client: one HTTP call, its response classified, retried while transient.
+//!
+//! Slack reports most errors as HTTP 200 with `{"ok":false,"error":"…"}`, so
+//! success is decided by the body, not the status. Every failure is sorted
+//! into a [`SlackFailure`] class that tells the caller what to do next.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use serde_json::Value;
+
+use crate::config::{Secret, SlackSettings};
+
+/// What kind of failure a Slack error is, which decides the next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlackFailure {
+    /// Try again later: network, timeouts, 5xx, 429, `internal_error`, ….
+    Transient { retry_after: Option<Duration> },
+    /// The rotating access token expired: refresh it and try again.
+    TokenExpired,
+    /// The workspace token cannot be used (`invalid_auth`, `token_revoked`,
+    /// `missing_scope`, …): Slack is unavailable for this workspace.
+    Workspace,
+    /// The destination is wrong (`channel_not_found`, `not_in_channel`,
+    /// `is_archived`, `users_not_found`, …): change the route.
+    Destination,
+    /// Slack refused the message itself (`invalid_blocks`, `no_text`, …).
+    Payload,
+    /// Anything else: permanent, not retried.
+    Other,
+}
+
+/// A failed Slack call. Carries no token: safe to log and to put in headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{method}: {code}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+pub struct SlackError {
+    /// The Web API method called, e.g. `chat.postMessage`.
+    pub method: &'static str,
+    /// Slack's error code, or ours for transport problems (`http_503`, `timeout`).
+    pub code: String,
+    /// Extra context, e.g. the scope `missing_scope` needs.
+    pub detail: Option<String>,
+    pub failure: SlackFailure,
+}
+
+impl SlackError {
+    fn new(method: &'static str, code: impl Into<String>, failure: SlackFailure) -> SlackError {
+        SlackError {
+            method,
+            code: code.into(),
+            detail: None,
+            failure,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self.failure, SlackFailure::Transient { .. })
+    }
+
+    /// The wait a 429 asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.failure {
+            SlackFailure::Transient { retry_after } => retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Sorts a Slack `error` code into its class.
+pub fn classify(code: &str) -> SlackFailure {
+    match code {
+        "ratelimited" | "rate_limited" | "internal_error" | "fatal_error"
+        | "service_unavailable" | "request_timeout" | "team_added_to_org" => {
+            SlackFailure::Transient { retry_after: None }
+        }
+        "token_expired" => SlackFailure::TokenExpired,
+        "invalid_auth" | "not_authed" | "account_inactive" | "token_revoked"
+        | "team_access_not_granted" | "missing_scope" | "not_allowed_token_type"
+        | "no_permission" | "ekm_access_denied" | "enterprise_is_restricted"
+        | "org_login_required" | "access_denied" | "team_not_found" => SlackFailure::Workspace,
+        "channel_not_found" | "not_in_channel" | "is_archived" | "messages_tab_disabled"
+        | "users_not_found" | "user_not_found" | "user_disabled" | "cannot_dm_bot"
+        | "method_not_supported_for_channel_type" => SlackFailure::Destination,
+        code if code.starts_with("restricted_action") => SlackFailure::Destination,
+        "no_text" | "invalid_blocks" | "invalid_blocks_format" | "msg_blocks_too_long"
+        | "too_many_attachments" | "invalid_arguments" | "msg_too_long"
+        | "invalid_metadata_format" | "invalid_metadata_schema" | "metadata_too_large"
+        | "metadata_must_be_sent_from_app" | "invalid_attachments" => SlackFailure::Payload,
+        _ => SlackFailure::Other,
+    }
+}
+
+/// A request body: write methods take JSON, some methods only forms.
+pub enum Body<'a> {
+    Json(&'a Value),
+    Form(&'a [(&'a str, &'a str)]),
+}
+
+/// A thin, cloneable client for the Web API.
+#[derive(Clone)]
+pub struct SlackClient {
+    http: reqwest::Client,
+    api_url: String,
+    max_attempts: u32,
+    retry_base_delay: Duration,
+}
+
+/// Longest `Retry-After` worth waiting for inside one delivery attempt; a
+/// longer one sends the event to a broker retry queue instead of holding it.
+const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+impl SlackClient {
+    pub fn new(settings: &SlackSettings) -> Result<SlackClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("alert-router/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(SlackClient {
+            http,
+            api_url: settings.api_url.trim_end_matches('/').to_string(),
+            max_attempts: settings.max_attempts,
+            retry_base_delay: settings.retry_base_delay,
+        })
+    }
+
+    /// Calls `method` once, without retries.
+    pub async fn call_once(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
+        let url = format!("{}/{method}", self.api_url);
+        let mut request = self.http.post(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token.expose());
+        }
+        request = match body {
+            Body::Json(value) => request.json(value),
+            Body::Form(fields) => request.form(fields),
+        };
+        let response = request.send().await.map_err(|e| transport_error(method, &e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(SlackError::new(
+                method,
+                "ratelimited",
+                SlackFailure::Transient {
+                    retry_after: Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                },
+            ));
+        }
+        if status.is_server_error() {
+            return Err(SlackError::new(
+                method,
+                format!("http_{}", status.as_u16()),
+                SlackFailure::Transient { retry_after },
+            ));
+        }
+        let bytes = response.bytes().await.map_err(|e| transport_error(method, &e))?;
+        let value: Value = match serde_json::from_slice(&bytes) {
+            Ok(value) => value,
+            Err(_) if status.is_success() => {
+                // A proxy or a half-deployed Slack answering HTML: worth another try.
+                return Err(SlackError::new(
+                    method,
+                    "invalid_response",
+                    SlackFailure::Transient { retry_after: None },
+                ));
+            }
+            Err(_) => {
+                return Err(SlackError::new(
+                    method,
+                    format!("http_{}", status.as_u16()),
+                    SlackFailure::Other,
+                ));
+            }
+        };
+        if value.get("ok").and_then(Value::as_bool) == Some(true) {
+            return Ok(value);
+        }
+        let code = value
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown_error")
+            .to_string();
+        let mut error = SlackError::new(method, code.clone(), classify(&code));
+        if let SlackFailure::Transient { retry_after: slot } = &mut error.failure {
+            *slot = retry_after;
+        }
+        if code == "missing_scope" {
+            error.detail = value
+                .get("needed")
+                .and_then(Value::as_str)
+                .map(|needed| format!("needs scope {needed}; reinstall the app with it"));
+        }
+        Err(error)
+    }
+
+    /// Calls `method`, retrying transient failures with exponential backoff and
+    /// full jitter within `slack.max_attempts`, honouring short `Retry-After`s.
+    pub async fn call(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry_base_delay)
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .with_jitter();
+        (|| self.call_once(method, token, body))
+            .retry(backoff)
+            .when(|e: &SlackError| {
+                e.is_transient() && e.retry_after().is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER)
+            })
+            .adjust(|e: &SlackError, delay| match delay {
+                // Only replace a planned delay: returning Some for None would retry forever.
+                Some(delay) => Some(e.retry_after().map_or(delay, |ra| ra.max(delay))),
+                None => None,
+            })
+            .notify(|e: &SlackError, delay| {
+                tracing::debug!(error = %e, ?delay, "slack call failed; retrying");
+            })
+            .await
+    }
+}
+
+fn transport_error(method: &'static str, error: &reqwest::Error) -> SlackError {
+    let code = if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connect_error"
+    } else {
+        "network_error"
+    };
+    SlackError::new(method, code, SlackFailure::Transient { retry_after: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_error_codes_fall_into_the_right_class() {
+        let cases = [
+            ("internal_error", "transient"),
+            ("fatal_error", "transient"),
+            ("service_unavailable", "transient"),
+            ("request_timeout", "transient"),
+            ("ratelimited", "transient"),
+            ("token_expired", "token_expired"),
+            ("invalid_auth", "workspace"),
+            ("token_revoked", "workspace"),
+            ("account_inactive", "workspace"),
+            ("missing_scope", "workspace"),
+            ("channel_not_found", "destination"),
+            ("not_in_channel", "destination"),
+            ("is_archived", "destination"),
+            ("users_not_found", "destination"),
+            ("restricted_action_read_only_channel", "destination"),
+            ("invalid_blocks", "payload"),
+            ("no_text", "payload"),
+            ("msg_blocks_too_long", "payload"),
+            ("something_new", "other"),
+        ];
+        for (code, class) in cases {
+            let got = match classify(code) {
+                SlackFailure::Transient { .. } => "transient",
+                SlackFailure::TokenExpired => "token_expired",
+                SlackFailure::Workspace => "workspace",
+                SlackFailure::Destination => "destination",
+                SlackFailure::Payload => "payload",
+                SlackFailure::Other => "other",
+            };
+            assert_eq!(got, class, "{code}");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Slack: the Web API client, message rendering and workspace tokens.
+
+pub mod client;
+pub mod message;
+pub mod tokens;
+
+pub use client::{Body, SlackClient, SlackError, SlackFailure};

@@ -1,0 +1,158 @@
+//! Settles a delivery: ack, republish to a delayed-retry queue, or dead-letter — the only stage that answers the broker.
+//!
+//! Every republish waits for the broker's confirm before the original is
+//! acked, so a crash at any point leaves the event in the work queue, a retry
+//! queue or the dead-letter queue — never nowhere.
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use tracing::{info, warn};
+
+use crate::broker::{
+    self, BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
+    HEADER_ROUTING_KEY, Publisher, Topology,
+};
+
+/// What should become of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: every target settled, or nothing to do (`why` is for the log).
+    Ack { why: &'static str },
+    /// Some target could not be reached now; try the whole event again later
+    /// (targets already served are skipped then).
+    RetryLater { detail: String },
+    /// Never going to work as it is: park it for an operator.
+    DeadLetter { reason: &'static str, detail: String },
+}
+
+/// What was done with a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Acked,
+    Retried { queue: String, attempt: u64 },
+    DeadLettered { reason: &'static str },
+}
+
+/// Longest `x-alert-router-detail` header: headers travel with every copy.
+const DETAIL_LIMIT: usize = 1000;
+
+/// Turns outcomes into broker actions.
+#[derive(Clone)]
+pub struct Settler {
+    publisher: Publisher,
+    topology: Topology,
+}
+
+impl Settler {
+    pub fn new(publisher: Publisher, topology: Topology) -> Settler {
+        Settler { publisher, topology }
+    }
+
+    /// Applies `outcome` to `delivery`. On error the delivery is left unacked
+    /// (and nacked back to the queue when possible) so nothing is lost.
+    pub async fn settle(&self, delivery: &Delivery, outcome: Outcome) -> Result<Settled, BrokerError> {
+        let result = self.apply(delivery, outcome).await;
+        if result.is_err() {
+            // Requeue for another try; the quorum queue's delivery limit stops a loop.
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+        }
+        result
+    }
+
+    async fn apply(&self, delivery: &Delivery, outcome: Outcome) -> Result<Settled, BrokerError> {
+        let attempts_so_far = broker::header_u64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
+        let routing_key = original_routing_key(delivery);
+        match outcome {
+            Outcome::Ack { why } => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                info!(why, "acked");
+                Ok(Settled::Acked)
+            }
+            Outcome::RetryLater { detail } => {
+                let attempt = attempts_so_far + 1;
+                let queue = usize::try_from(attempts_so_far)
+                    .ok()
+                    .and_then(|i| self.topology.retry_queues.get(i));
+                let Some(queue) = queue else {
+                    let detail = format!(
+                        "gave up after {attempt} attempts; last errors: {detail}"
+                    );
+                    return self.dead_letter(delivery, "undeliverable", &detail, attempt, &routing_key).await;
+                };
+                let properties = broker::with_headers(
+                    &persistent(&delivery.properties),
+                    [
+                        (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempt))),
+                        (HEADER_ROUTING_KEY, broker::long_string(&routing_key)),
+                        (HEADER_DETAIL, broker::long_string(&clip(&detail))),
+                    ],
+                );
+                self.publisher.publish("", &queue.name, &delivery.data, properties).await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                warn!(attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
+                Ok(Settled::Retried {
+                    queue: queue.name.clone(),
+                    attempt,
+                })
+            }
+            Outcome::DeadLetter { reason, detail } => {
+                self.dead_letter(delivery, reason, &detail, attempts_so_far + 1, &routing_key).await
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &'static str,
+        detail: &str,
+        attempts: u64,
+        routing_key: &str,
+    ) -> Result<Settled, BrokerError> {
+        let properties = broker::with_headers(
+            &persistent(&delivery.properties),
+            [
+                (HEADER_REASON, broker::long_string(reason)),
+                (HEADER_DETAIL, broker::long_string(&clip(detail))),
+                (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempts))),
+                (
+                    HEADER_FAILED_AT,
+                    broker::long_string(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                ),
+                (HEADER_ROUTING_KEY, broker::long_string(routing_key)),
+            ],
+        );
+        self.publisher
+            .publish(&self.topology.dead_letter_exchange, routing_key, &delivery.data, properties)
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        warn!(reason, detail, "dead-lettered");
+        Ok(Settled::DeadLettered { reason })
+    }
+}
+
+/// The routing key the producer used: kept in a header once the message has
+/// been through a retry queue (whose dead-lettering rewrites the key).
+fn original_routing_key(delivery: &Delivery) -> String {
+    broker::header_str(&delivery.properties, HEADER_ROUTING_KEY)
+        .unwrap_or_else(|| delivery.routing_key.as_str().to_string())
+}
+
+fn persistent(properties: &lapin::BasicProperties) -> lapin::BasicProperties {
+    properties.clone().with_delivery_mode(2)
+}
+
+fn clip(detail: &str) -> String {
+    crate::deliver::slack::message::truncate(detail, DETAIL_LIMIT)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

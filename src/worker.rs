@@ -1,0 +1,303 @@
+//! The `run` loop: connect, declare, consume, process deliveries concurrently, drain on stop.
+//!
+//! Like mini-redis, the whole worker is one function that takes a shutdown
+//! token, so tests drive it in-process. Losing the broker is not fatal: the
+//! loop reconnects with backoff and readiness says "not ready" meanwhile.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::broker::{self, BrokerError, Publisher, Topology};
+use crate::config::{Secrets, Settings};
+use crate::deliver::Deliverer;
+use crate::deliver::idempotency::Idempotency;
+use crate::deliver::slack::SlackClient;
+use crate::deliver::slack::tokens::TokenStore;
+use crate::event::{Event, sniff_id};
+use crate::rules::{Disposition, Rules, RulesErrors};
+use crate::settle::{Outcome, Settled, Settler};
+
+/// Why the worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("routing rules are invalid:\n{0}")]
+    Rules(#[from] RulesErrors),
+    #[error("cannot set up Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("cannot build the Slack HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("cannot listen for health checks on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shared by every in-flight delivery.
+struct Context {
+    /// Swapped whole on reload; each event keeps the rules it started with.
+    rules: ArcSwap<Rules>,
+    deliverer: Deliverer,
+    max_body_bytes: usize,
+}
+
+/// What `/readyz` reports.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains and returns.
+pub async fn run(settings: Settings, secrets: Secrets, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let loaded = Rules::load(&settings.rules.path)?;
+    for warning in &loaded.warnings {
+        warn!(%warning, "rules warning");
+    }
+    info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
+
+    let redis = redis::Client::open(settings.redis.url.as_str())
+        .and_then(|client| {
+            client.get_connection_manager_lazy(
+                redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(2),
+            )
+        })
+        .map_err(|source| WorkerError::Redis {
+            url: crate::config::redact_url(&settings.redis.url),
+            source,
+        })?;
+    let slack = SlackClient::new(&settings.slack)?;
+    let tokens = TokenStore::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        secrets.slack_bot_token.clone(),
+        settings.slack.default_workspace.clone(),
+        settings.slack.token_cache_ttl,
+    );
+    // The claim lease covers one send with all its in-process retries.
+    let lease = settings.slack.request_timeout * (settings.slack.max_attempts + 1) + Duration::from_secs(30);
+    let idempotency = Idempotency::new(redis, &settings.redis.key_prefix, settings.delivery.idempotency_ttl, lease);
+    let context = Arc::new(Context {
+        rules: ArcSwap::from_pointee(loaded.rules),
+        deliverer: Deliverer::new(slack, tokens, idempotency),
+        max_body_bytes: settings.amqp.max_body_bytes,
+    });
+
+    let readiness = Readiness::default();
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .map_err(|source| WorkerError::Listen { addr: settings.http.listen, source })?;
+    let http = tokio::spawn(serve_health(listener, readiness.clone(), shutdown.clone()));
+
+    let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
+    let mut backoff = Duration::from_millis(500);
+    while !shutdown.is_cancelled() {
+        match consume(&settings, &topology, &context, &readiness, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                readiness.set(false);
+                error!(error = %e, retry_in = ?backoff, "lost RabbitMQ; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(jitter(backoff)) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    readiness.set(false);
+    let _ = http.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// One connection's life: returns `Ok` after a requested stop, `Err` when the broker is lost.
+async fn consume(
+    settings: &Settings,
+    topology: &Topology,
+    context: &Arc<Context>,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let connection = broker::connect(&settings.amqp.url, "alert-router worker").await?;
+    let publisher = Publisher::open(&connection).await?;
+    topology.declare(publisher.channel()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer_tag = format!("alert-router-{}", uuid::Uuid::new_v4());
+    let mut deliveries = channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let settler = Settler::new(publisher, topology.clone());
+    let in_flight = TaskTracker::new();
+    readiness.set(true);
+    info!(queue = %topology.queue, prefetch = settings.amqp.prefetch, "consuming");
+
+    let lost = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            next = deliveries.next() => match next {
+                Some(Ok(delivery)) => {
+                    let context = Arc::clone(context);
+                    let settler = settler.clone();
+                    in_flight.spawn(async move { process(&context, &settler, delivery).await });
+                }
+                Some(Err(e)) => break Some(BrokerError::from(e)),
+                None => break Some(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                    lapin::ChannelState::Closed, "consumer cancelled by the broker".into(),
+                )))),
+            }
+        }
+    };
+    readiness.set(false);
+    in_flight.close();
+    if let Some(error) = lost {
+        // In-flight work cannot ack on a dead channel; the broker redelivers it.
+        in_flight.wait().await;
+        return Err(error);
+    }
+
+    info!(in_flight = in_flight.len(), "stopping: no new deliveries; draining");
+    let _ = channel
+        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    if tokio::time::timeout(settings.delivery.drain_timeout, in_flight.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            unfinished = in_flight.len(),
+            "drain timeout reached; unfinished events stay unacked and will be redelivered"
+        );
+    }
+    let _ = connection.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+/// One delivery through the whole pipeline.
+async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
+    let event_id = sniff_id(&delivery.data).unwrap_or_else(|| "?".into());
+    let span = info_span!("event", id = %event_id, redelivered = delivery.redelivered);
+    async {
+        let outcome = handle(context, &delivery).await;
+        match settler.settle(&delivery, outcome).await {
+            Ok(Settled::Acked | Settled::Retried { .. } | Settled::DeadLettered { .. }) => {}
+            Err(e) => error!(error = %e, "could not settle; left for redelivery"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// decode → route → deliver, as an [`Outcome`].
+async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
+    let event = match Event::decode(&delivery.data, context.max_body_bytes) {
+        Ok(event) => event,
+        Err(e) => {
+            return Outcome::DeadLetter {
+                reason: e.reason_code(),
+                detail: e.to_string(),
+            };
+        }
+    };
+    let rules = context.rules.load_full();
+    let routing = rules.route(&event);
+    match &routing.disposition {
+        Disposition::Dropped => return Outcome::Ack { why: "unmatched and rules say drop" },
+        Disposition::Silenced { .. } => return Outcome::Ack { why: "silenced by a rule with notify: []" },
+        Disposition::DeadLetter => {
+            return Outcome::DeadLetter {
+                reason: "no_route",
+                detail: format!(
+                    "no rule matches event type `{}` (severity {}) and it names no targets",
+                    event.kind, event.severity
+                ),
+            };
+        }
+        Disposition::Deliver => {}
+    }
+    let report = context.deliverer.deliver(&event, &routing).await;
+    if report.all_settled() {
+        Outcome::Ack { why: "delivered" }
+    } else {
+        let unsettled: Vec<String> = report
+            .unsettled()
+            .map(|t| match &t.status {
+                crate::deliver::TargetStatus::Failed { detail, .. } => format!("{}: {detail}", t.target),
+                _ => t.target.clone(),
+            })
+            .collect();
+        Outcome::RetryLater {
+            detail: unsettled.join("; "),
+        }
+    }
+}
+
+async fn serve_health(listener: tokio::net::TcpListener, readiness: Readiness, shutdown: CancellationToken) {
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not consuming from RabbitMQ\n")
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        error!(error = %e, "health endpoint failed");
+    }
+}
+
+/// ±25 % so replicas that lost the broker together do not return together.
+fn jitter(delay: Duration) -> Duration {
+    let spread = delay.as_millis() as u64 / 4;
+    if spread == 0 {
+        return delay;
+    }
+    let offset = u64::from(uuid::Uuid::new_v4().as_u128() as u32) % (2 * spread);
+    delay - Duration::from_millis(spread) + Duration::from_millis(offset)
+}

@@ -106,9 +106,22 @@ pub struct SlackSettings {
     /// First backoff between attempts; doubles with full jitter.
     #[serde(with = "human_duration")]
     pub retry_base_delay: Duration,
+    /// Most time spent waiting between attempts of one call (backoff and
+    /// short `Retry-After`s); beyond it the event goes to a broker retry queue.
+    #[serde(with = "human_duration")]
+    pub retry_budget: Duration,
     /// How long a token read from Redis is reused before it is read again.
     #[serde(with = "human_duration")]
     pub token_cache_ttl: Duration,
+}
+
+impl SlackSettings {
+    /// How long one send may take with all its retries: the lease of an
+    /// idempotency claim must outlast it, and should not outlast it by much,
+    /// because a crashed worker's claim blocks that target until it lapses.
+    pub fn longest_send(&self) -> Duration {
+        self.request_timeout * self.max_attempts + self.retry_budget + Duration::from_secs(2)
+    }
 }
 
 impl Default for SlackSettings {
@@ -119,6 +132,7 @@ impl Default for SlackSettings {
             request_timeout: Duration::from_secs(10),
             max_attempts: 3,
             retry_base_delay: Duration::from_millis(250),
+            retry_budget: Duration::from_secs(10),
             token_cache_ttl: Duration::from_secs(30),
         }
     }
@@ -325,7 +339,10 @@ impl Settings {
             return Err(invalid("slack.max_attempts", "must be at least 1"));
         }
         if self.slack.request_timeout.is_zero() {
-            return Err(invalid("slack.request_timeout", "must be longer than 0s, e.g. `10s`"));
+            return Err(invalid(
+                "slack.request_timeout",
+                "must be longer than 0s, e.g. `10s`",
+            ));
         }
         if self.delivery.retry_delays.iter().any(Duration::is_zero) {
             return Err(invalid(
@@ -423,7 +440,10 @@ impl Secrets {
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Secrets")
-            .field("slack_bot_token", &self.slack_bot_token.as_ref().map(|_| "***"))
+            .field(
+                "slack_bot_token",
+                &self.slack_bot_token.as_ref().map(|_| "***"),
+            )
             .field("slack_client_id", &self.slack_client_id)
             .field(
                 "slack_client_secret",
@@ -615,8 +635,12 @@ mod tests {
             err.to_string(),
             "setting `amqp.prefetch` must be at least 1 (100 to 300 suits most brokers)"
         );
-        let err = load_with(None, &[("ALERT_ROUTER__DELIVERY__RETRY_DELAYS", "5s,soon")]).unwrap_err();
-        assert!(err.to_string().contains("`soon` is not a duration"), "{err}");
+        let err =
+            load_with(None, &[("ALERT_ROUTER__DELIVERY__RETRY_DELAYS", "5s,soon")]).unwrap_err();
+        assert!(
+            err.to_string().contains("`soon` is not a duration"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -630,11 +654,17 @@ mod tests {
     fn redacted_settings_hide_passwords() {
         let s = load_with(
             Some("email:\n  smtp_url: smtp://mailer:hunter2@mail.example:587\n"),
-            &[("ALERT_ROUTER__AMQP__URL", "amqp://app:s3cret@rabbit:5672/%2f")],
+            &[(
+                "ALERT_ROUTER__AMQP__URL",
+                "amqp://app:s3cret@rabbit:5672/%2f",
+            )],
         )
         .unwrap();
         let shown = s.redacted_yaml();
-        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
         assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
     }
 

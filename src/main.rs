@@ -16,7 +16,11 @@ use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "alert-router", version, about = "Routes escalation and issue events from RabbitMQ to Slack, with email fallback")]
+#[command(
+    name = "alert-router",
+    version,
+    about = "Routes escalation and issue events from RabbitMQ to Slack, with email fallback"
+)]
 struct Cli {
     /// Settings file (default: config/alert-router.yaml when it exists).
     #[arg(long, global = true, value_name = "PATH")]
@@ -96,7 +100,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Publish { file } => publish(&settings, file).await,
-        Command::Rules { command: RulesCommand::Check { path } } => {
+        Command::Rules {
+            command: RulesCommand::Check { path },
+        } => {
             let path = path.unwrap_or_else(|| settings.rules.path.clone());
             rules_check(&path)
         }
@@ -167,8 +173,12 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
 /// all of them and awaits the confirms together.
 async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failure> {
     let (source, text) = read_input(file).map_err(bad_input)?;
-    let events = parse_events(&text, settings.amqp.max_body_bytes)
-        .map_err(|problems| bad_input(anyhow::anyhow!("{source}: nothing published:\n{}", problems.join("\n"))))?;
+    let events = parse_events(&text, settings.amqp.max_body_bytes).map_err(|problems| {
+        bad_input(anyhow::anyhow!(
+            "{source}: nothing published:\n{}",
+            problems.join("\n")
+        ))
+    })?;
     if events.is_empty() {
         return Err(bad_input(anyhow::anyhow!("{source}: no events to publish")));
     }
@@ -176,7 +186,9 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
     let connection = broker::connect(&settings.amqp.url, "alert-router publish")
         .await
         .context("cannot publish")?;
-    let publisher = Publisher::open(&connection).await.context("cannot open a channel")?;
+    let publisher = Publisher::open(&connection)
+        .await
+        .context("cannot open a channel")?;
     // Declaring is idempotent; it makes "publish before the first run" safe.
     Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays)
         .declare(publisher.channel())
@@ -199,7 +211,10 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
         .collect();
     let _ = connection.close(200, "done".into()).await;
     let published = events.len() - failed.len();
-    println!("published {published} of {} events to exchange `{exchange}`", events.len());
+    println!(
+        "published {published} of {} events to exchange `{exchange}`",
+        events.len()
+    );
     if failed.is_empty() {
         Ok(())
     } else {
@@ -210,12 +225,15 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
 fn read_input(file: Option<PathBuf>) -> anyhow::Result<(String, String)> {
     match file {
         Some(path) if path.as_os_str() != "-" => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             Ok((path.display().to_string(), text))
         }
         _ => {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read standard input")?;
             Ok(("stdin".into(), text))
         }
     }
@@ -237,5 +255,9 @@ fn parse_events(text: &str, max_bytes: usize) -> Result<Vec<(Event, Vec<u8>)>, V
             Err(e) => problems.push(format!("line {}: {e}", number + 1)),
         }
     }
-    if problems.is_empty() { Ok(events) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(events)
+    } else {
+        Err(problems)
+    }
 }

@@ -23,7 +23,10 @@ pub enum Outcome {
     /// (targets already served are skipped then).
     RetryLater { detail: String },
     /// Never going to work as it is: park it for an operator.
-    DeadLetter { reason: &'static str, detail: String },
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// What was done with a delivery.
@@ -46,12 +49,19 @@ pub struct Settler {
 
 impl Settler {
     pub fn new(publisher: Publisher, topology: Topology) -> Settler {
-        Settler { publisher, topology }
+        Settler {
+            publisher,
+            topology,
+        }
     }
 
     /// Applies `outcome` to `delivery`. On error the delivery is left unacked
     /// (and nacked back to the queue when possible) so nothing is lost.
-    pub async fn settle(&self, delivery: &Delivery, outcome: Outcome) -> Result<Settled, BrokerError> {
+    pub async fn settle(
+        &self,
+        delivery: &Delivery,
+        outcome: Outcome,
+    ) -> Result<Settled, BrokerError> {
         let result = self.apply(delivery, outcome).await;
         if result.is_err() {
             // Requeue for another try; the quorum queue's delivery limit stops a loop.
@@ -67,7 +77,8 @@ impl Settler {
     }
 
     async fn apply(&self, delivery: &Delivery, outcome: Outcome) -> Result<Settled, BrokerError> {
-        let attempts_so_far = broker::header_u64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
+        let attempts_so_far =
+            broker::header_u64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
         let routing_key = original_routing_key(delivery);
         match outcome {
             Outcome::Ack { why } => {
@@ -81,10 +92,10 @@ impl Settler {
                     .ok()
                     .and_then(|i| self.topology.retry_queues.get(i));
                 let Some(queue) = queue else {
-                    let detail = format!(
-                        "gave up after {attempt} attempts; last errors: {detail}"
-                    );
-                    return self.dead_letter(delivery, "undeliverable", &detail, attempt, &routing_key).await;
+                    let detail = format!("gave up after {attempt} attempts; last errors: {detail}");
+                    return self
+                        .dead_letter(delivery, "undeliverable", &detail, attempt, &routing_key)
+                        .await;
                 };
                 let properties = broker::with_headers(
                     &persistent(&delivery.properties),
@@ -94,7 +105,9 @@ impl Settler {
                         (HEADER_DETAIL, broker::long_string(&clip(&detail))),
                     ],
                 );
-                self.publisher.publish("", &queue.name, &delivery.data, properties).await?;
+                self.publisher
+                    .publish("", &queue.name, &delivery.data, properties)
+                    .await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 warn!(attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
                 Ok(Settled::Retried {
@@ -103,7 +116,8 @@ impl Settler {
                 })
             }
             Outcome::DeadLetter { reason, detail } => {
-                self.dead_letter(delivery, reason, &detail, attempts_so_far + 1, &routing_key).await
+                self.dead_letter(delivery, reason, &detail, attempts_so_far + 1, &routing_key)
+                    .await
             }
         }
     }
@@ -124,13 +138,20 @@ impl Settler {
                 (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempts))),
                 (
                     HEADER_FAILED_AT,
-                    broker::long_string(&chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                    broker::long_string(
+                        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    ),
                 ),
                 (HEADER_ROUTING_KEY, broker::long_string(routing_key)),
             ],
         );
         self.publisher
-            .publish(&self.topology.dead_letter_exchange, routing_key, &delivery.data, properties)
+            .publish(
+                &self.topology.dead_letter_exchange,
+                routing_key,
+                &delivery.data,
+                properties,
+            )
             .await?;
         delivery.acker.ack(BasicAckOptions::default()).await?;
         warn!(reason, detail, "dead-lettered");

@@ -70,7 +70,11 @@ impl Readiness {
 }
 
 /// Runs the worker until `shutdown` is cancelled, then drains and returns.
-pub async fn run(settings: Settings, secrets: Secrets, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run(
+    settings: Settings,
+    secrets: Secrets,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let loaded = Rules::load(&settings.rules.path)?;
     for warning in &loaded.warnings {
         warn!(%warning, "rules warning");
@@ -99,8 +103,13 @@ pub async fn run(settings: Settings, secrets: Secrets, shutdown: CancellationTok
         settings.slack.token_cache_ttl,
     );
     // The claim lease covers one send with all its in-process retries.
-    let lease = settings.slack.request_timeout * (settings.slack.max_attempts + 1) + Duration::from_secs(30);
-    let idempotency = Idempotency::new(redis, &settings.redis.key_prefix, settings.delivery.idempotency_ttl, lease);
+    let lease = settings.slack.longest_send();
+    let idempotency = Idempotency::new(
+        redis,
+        &settings.redis.key_prefix,
+        settings.delivery.idempotency_ttl,
+        lease,
+    );
     let context = Arc::new(Context {
         rules: ArcSwap::from_pointee(loaded.rules),
         deliverer: Deliverer::new(slack, tokens, idempotency),
@@ -110,7 +119,10 @@ pub async fn run(settings: Settings, secrets: Secrets, shutdown: CancellationTok
     let readiness = Readiness::default();
     let listener = tokio::net::TcpListener::bind(settings.http.listen)
         .await
-        .map_err(|source| WorkerError::Listen { addr: settings.http.listen, source })?;
+        .map_err(|source| WorkerError::Listen {
+            addr: settings.http.listen,
+            source,
+        })?;
     let http = tokio::spawn(serve_health(listener, readiness.clone(), shutdown.clone()));
 
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
@@ -175,7 +187,7 @@ async fn consume(
                 }
                 Some(Err(e)) => break Some(BrokerError::from(e)),
                 None => break Some(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                    lapin::ChannelState::Closed, "consumer cancelled by the broker".into(),
+                    lapin::ChannelState::Closed, "consumer cancelled by the broker",
                 )))),
             }
         }
@@ -188,7 +200,10 @@ async fn consume(
         return Err(error);
     }
 
-    info!(in_flight = in_flight.len(), "stopping: no new deliveries; draining");
+    info!(
+        in_flight = in_flight.len(),
+        "stopping: no new deliveries; draining"
+    );
     let _ = channel
         .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
         .await;
@@ -234,8 +249,16 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
     let rules = context.rules.load_full();
     let routing = rules.route(&event);
     match &routing.disposition {
-        Disposition::Dropped => return Outcome::Ack { why: "unmatched and rules say drop" },
-        Disposition::Silenced { .. } => return Outcome::Ack { why: "silenced by a rule with notify: []" },
+        Disposition::Dropped => {
+            return Outcome::Ack {
+                why: "unmatched and rules say drop",
+            };
+        }
+        Disposition::Silenced { .. } => {
+            return Outcome::Ack {
+                why: "silenced by a rule with notify: []",
+            };
+        }
         Disposition::DeadLetter => {
             return Outcome::DeadLetter {
                 reason: "no_route",
@@ -254,7 +277,9 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
         let unsettled: Vec<String> = report
             .unsettled()
             .map(|t| match &t.status {
-                crate::deliver::TargetStatus::Failed { detail, .. } => format!("{}: {detail}", t.target),
+                crate::deliver::TargetStatus::Failed { detail, .. } => {
+                    format!("{}: {detail}", t.target)
+                }
                 _ => t.target.clone(),
             })
             .collect();
@@ -264,7 +289,11 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
     }
 }
 
-async fn serve_health(listener: tokio::net::TcpListener, readiness: Readiness, shutdown: CancellationToken) {
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
     use axum::Router;
     use axum::http::StatusCode;
     use axum::routing::get;
@@ -279,7 +308,10 @@ async fn serve_health(listener: tokio::net::TcpListener, readiness: Readiness, s
                     if ready {
                         (StatusCode::OK, "ready\n")
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not consuming from RabbitMQ\n")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: not consuming from RabbitMQ\n",
+                        )
                     }
                 }
             }),

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -37,12 +37,16 @@ pub enum BrokerError {
     },
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("RabbitMQ refused (nack) a message published to exchange `{exchange}` with key `{routing_key}`")]
+    #[error(
+        "RabbitMQ refused (nack) a message published to exchange `{exchange}` with key `{routing_key}`"
+    )]
     Nacked {
         exchange: String,
         routing_key: String,
     },
-    #[error("no queue is bound to exchange `{exchange}` for key `{routing_key}`; has the worker declared its topology?")]
+    #[error(
+        "no queue is bound to exchange `{exchange}` for key `{routing_key}`; has the worker declared its topology?"
+    )]
     Unroutable {
         exchange: String,
         routing_key: String,
@@ -145,7 +149,10 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             long_string(&self.dead_letter_exchange),
         );
-        work_args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+        work_args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
         work_args.insert("x-overflow".into(), long_string("reject-publish"));
         work_args.insert(
             "x-delivery-limit".into(),
@@ -182,7 +189,9 @@ impl Topology {
 
 /// `Duration::from_secs(120)` → `2m`, `Duration::from_secs(90)` → `1m30s`.
 pub fn delay_label(delay: Duration) -> String {
-    humantime::format_duration(delay).to_string().replace(' ', "")
+    humantime::format_duration(delay)
+        .to_string()
+        .replace(' ', "")
 }
 
 /// Opens a connection named after this process, so `rabbitmqctl list_connections` tells who is who.
@@ -308,7 +317,11 @@ mod tests {
             &AmqpSettings::default(),
             &[5, 30, 90, 120, 1800].map(Duration::from_secs),
         );
-        let names: Vec<_> = topology.retry_queues.iter().map(|q| q.name.as_str()).collect();
+        let names: Vec<_> = topology
+            .retry_queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .collect();
         assert_eq!(
             names,
             [
@@ -331,7 +344,10 @@ mod tests {
             ],
         );
         assert_eq!(header_u64(&props, HEADER_ATTEMPTS), Some(3));
-        assert_eq!(header_str(&props, HEADER_REASON).as_deref(), Some("no_route"));
+        assert_eq!(
+            header_str(&props, HEADER_REASON).as_deref(),
+            Some("no_route")
+        );
         assert_eq!(header_str(&props, "absent"), None);
     }
 }

@@ -39,7 +39,12 @@ const DONE: &str = "done";
 
 impl Idempotency {
     /// `lease` must outlast one send with its retries, so it is not stolen mid-send.
-    pub fn new(redis: ConnectionManager, key_prefix: &str, done_ttl: Duration, lease: Duration) -> Idempotency {
+    pub fn new(
+        redis: ConnectionManager,
+        key_prefix: &str,
+        done_ttl: Duration,
+        lease: Duration,
+    ) -> Idempotency {
         Idempotency {
             redis,
             key_prefix: key_prefix.to_string(),
@@ -53,7 +58,11 @@ impl Idempotency {
         format!("{}:sent:{}:{}", self.key_prefix, event_id, target_key)
     }
 
-    pub async fn claim(&self, event_id: &str, target_key: &str) -> Result<Claim, redis::RedisError> {
+    pub async fn claim(
+        &self,
+        event_id: &str,
+        target_key: &str,
+    ) -> Result<Claim, redis::RedisError> {
         let key = self.key(event_id, target_key);
         let value = format!("claim:{}", uuid::Uuid::new_v4());
         let mut redis = self.redis.clone();
@@ -103,5 +112,7 @@ impl Idempotency {
 }
 
 fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }

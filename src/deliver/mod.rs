@@ -113,7 +113,9 @@ impl Deliverer {
             Ok(None) => Err((
                 format!(
                     "no Slack token for workspace {}; store one with `alert-router tokens set` or set SLACK_BOT_TOKEN",
-                    workspace.unwrap_or("(none: the event names no workspace and slack.default_workspace is unset)")
+                    workspace.unwrap_or(
+                        "(none: the event names no workspace and slack.default_workspace is unset)"
+                    )
                 ),
                 true,
             )),
@@ -144,7 +146,9 @@ impl Deliverer {
         }
 
         if let Ok(token) = &token {
-            let sends = resolved.iter().map(|target| self.send_once(event, target, token));
+            let sends = resolved
+                .iter()
+                .map(|target| self.send_once(event, target, token));
             reports.extend(join_all(sends).await);
         }
         DeliveryReport { targets: reports }
@@ -182,14 +186,21 @@ impl Deliverer {
                 "the event's assignee has neither slack_user nor email".into(),
                 false,
             )),
-            Target::Email(_) => Err(("email delivery is not available in this version".into(), true)),
+            Target::Email(_) => Err((
+                "email delivery is not available in this version".into(),
+                true,
+            )),
         }
     }
 
     async fn lookup_user(&self, token: &Secret, email: &str) -> Result<String, SlackError> {
         let reply = self
             .slack
-            .call("users.lookupByEmail", Some(token), &Body::Form(&[("email", email)]))
+            .call(
+                "users.lookupByEmail",
+                Some(token),
+                &Body::Form(&[("email", email)]),
+            )
             .await?;
         reply
             .pointer("/user/id")
@@ -204,19 +215,35 @@ impl Deliverer {
     }
 
     /// Claims, sends and records one target.
-    async fn send_once(&self, event: &Event, target: &Resolved<'_>, token: &WorkspaceToken) -> TargetReport {
+    async fn send_once(
+        &self,
+        event: &Event,
+        target: &Resolved<'_>,
+        token: &WorkspaceToken,
+    ) -> TargetReport {
         let name = target.routed.target.to_string();
         let ticket = match self.idempotency.claim(&event.id, &target.key).await {
             Ok(Claim::Acquired(ticket)) => ticket,
             Ok(Claim::AlreadyDone) => {
                 info!(target = %name, "already delivered; not sending again");
-                return TargetReport { target: name, status: TargetStatus::AlreadyDelivered };
+                return TargetReport {
+                    target: name,
+                    status: TargetStatus::AlreadyDelivered,
+                };
             }
             Ok(Claim::HeldElsewhere) => {
-                return failed(name, "another worker is sending this right now".into(), true);
+                return failed(
+                    name,
+                    "another worker is sending this right now".into(),
+                    true,
+                );
             }
             Err(e) => {
-                return failed(name, format!("cannot check idempotency in Redis: {e}"), true);
+                return failed(
+                    name,
+                    format!("cannot check idempotency in Redis: {e}"),
+                    true,
+                );
             }
         };
 
@@ -228,7 +255,11 @@ impl Deliverer {
         payload["channel"] = Value::String(target.channel.clone());
         match self
             .slack
-            .call("chat.postMessage", Some(&token.access_token), &Body::Json(&payload))
+            .call(
+                "chat.postMessage",
+                Some(&token.access_token),
+                &Body::Json(&payload),
+            )
             .await
         {
             Ok(reply) => {
@@ -243,7 +274,9 @@ impl Deliverer {
                 info!(target = %name, channel = %to, "delivered to slack");
                 TargetReport {
                     target: name,
-                    status: TargetStatus::Delivered { to: format!("slack:{to}") },
+                    status: TargetStatus::Delivered {
+                        to: format!("slack:{to}"),
+                    },
                 }
             }
             Err(e) => {
@@ -251,7 +284,10 @@ impl Deliverer {
                     warn!(target = %name, error = %release, "could not release the idempotency claim; it expires by itself");
                 }
                 warn!(target = %name, error = %e, "slack delivery failed");
-                if matches!(e.failure, slack::SlackFailure::Workspace | slack::SlackFailure::TokenExpired) {
+                if matches!(
+                    e.failure,
+                    slack::SlackFailure::Workspace | slack::SlackFailure::TokenExpired
+                ) {
                     self.tokens.invalidate(&token.workspace);
                 }
                 failed(name, e.to_string(), e.is_transient())
@@ -259,7 +295,10 @@ impl Deliverer {
         }
     }
 
-    async fn complete_with_retry(&self, ticket: &idempotency::ClaimTicket) -> Result<(), redis::RedisError> {
+    async fn complete_with_retry(
+        &self,
+        ticket: &idempotency::ClaimTicket,
+    ) -> Result<(), redis::RedisError> {
         let mut last = None;
         for pause in [0, 50, 200] {
             tokio::time::sleep(Duration::from_millis(pause)).await;

@@ -31,7 +31,11 @@ pub struct Diagnostic {
 }
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
     }
 }
 #[derive(Debug, thiserror::Error)]
@@ -48,22 +52,50 @@ pub struct Loaded {
 impl Rules {
     pub fn load(path: &std::path::Path) -> Result<Loaded, RulesErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            RulesErrors(vec![Diagnostic { file: path.display().to_string(), line: 0, column: 0, message: e.to_string() }])
+            RulesErrors(vec![Diagnostic {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: e.to_string(),
+            }])
         })?;
         let channel = text
             .lines()
             .find_map(|l| l.trim().strip_prefix("slack_channel:"))
             .map(|c| c.trim().trim_matches('"').to_string())
             .unwrap_or_default();
-        Ok(Loaded { rules: Rules { channel }, warnings: vec![] })
+        Ok(Loaded {
+            rules: Rules { channel },
+            warnings: vec![],
+        })
     }
     pub fn route(&self, event: &Event) -> Routing {
-        let mut targets = vec![RoutedTarget { target: Target::SlackChannel(self.channel.clone()), rule: None, fallback_emails: vec![] }];
-        targets.extend(event.own_targets().iter().map(|t| RoutedTarget { target: t.clone(), rule: None, fallback_emails: vec![] }));
-        Routing { targets, matched_rules: vec![], disposition: Disposition::Deliver }
+        let mut targets = vec![RoutedTarget {
+            target: Target::SlackChannel(self.channel.clone()),
+            rule: None,
+            fallback_emails: vec![],
+        }];
+        targets.extend(event.own_targets().iter().map(|t| RoutedTarget {
+            target: t.clone(),
+            rule: None,
+            fallback_emails: vec![],
+        }));
+        Routing {
+            targets,
+            matched_rules: vec![],
+            disposition: Disposition::Deliver,
+        }
     }
-    pub fn rule_count(&self) -> usize { 0 }
-    pub fn target_count(&self) -> usize { 0 }
-    pub fn default_channel(&self) -> Option<&str> { Some(&self.channel) }
-    pub fn default_emails(&self) -> &[String] { &[] }
+    pub fn rule_count(&self) -> usize {
+        0
+    }
+    pub fn target_count(&self) -> usize {
+        0
+    }
+    pub fn default_channel(&self) -> Option<&str> {
+        Some(&self.channel)
+    }
+    pub fn default_emails(&self) -> &[String] {
+        &[]
+    }
 }

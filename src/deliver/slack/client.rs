@@ -69,23 +69,49 @@ impl SlackError {
 /// Sorts a Slack `error` code into its class.
 pub fn classify(code: &str) -> SlackFailure {
     match code {
-        "ratelimited" | "rate_limited" | "internal_error" | "fatal_error"
-        | "service_unavailable" | "request_timeout" | "team_added_to_org" => {
-            SlackFailure::Transient { retry_after: None }
-        }
+        "ratelimited"
+        | "rate_limited"
+        | "internal_error"
+        | "fatal_error"
+        | "service_unavailable"
+        | "request_timeout"
+        | "team_added_to_org" => SlackFailure::Transient { retry_after: None },
         "token_expired" => SlackFailure::TokenExpired,
-        "invalid_auth" | "not_authed" | "account_inactive" | "token_revoked"
-        | "team_access_not_granted" | "missing_scope" | "not_allowed_token_type"
-        | "no_permission" | "ekm_access_denied" | "enterprise_is_restricted"
-        | "org_login_required" | "access_denied" | "team_not_found" => SlackFailure::Workspace,
-        "channel_not_found" | "not_in_channel" | "is_archived" | "messages_tab_disabled"
-        | "users_not_found" | "user_not_found" | "user_disabled" | "cannot_dm_bot"
+        "invalid_auth"
+        | "not_authed"
+        | "account_inactive"
+        | "token_revoked"
+        | "team_access_not_granted"
+        | "missing_scope"
+        | "not_allowed_token_type"
+        | "no_permission"
+        | "ekm_access_denied"
+        | "enterprise_is_restricted"
+        | "org_login_required"
+        | "access_denied"
+        | "team_not_found" => SlackFailure::Workspace,
+        "channel_not_found"
+        | "not_in_channel"
+        | "is_archived"
+        | "messages_tab_disabled"
+        | "users_not_found"
+        | "user_not_found"
+        | "user_disabled"
+        | "cannot_dm_bot"
         | "method_not_supported_for_channel_type" => SlackFailure::Destination,
         code if code.starts_with("restricted_action") => SlackFailure::Destination,
-        "no_text" | "invalid_blocks" | "invalid_blocks_format" | "msg_blocks_too_long"
-        | "too_many_attachments" | "invalid_arguments" | "msg_too_long"
-        | "invalid_metadata_format" | "invalid_metadata_schema" | "metadata_too_large"
-        | "metadata_must_be_sent_from_app" | "invalid_attachments" => SlackFailure::Payload,
+        "no_text"
+        | "invalid_blocks"
+        | "invalid_blocks_format"
+        | "msg_blocks_too_long"
+        | "too_many_attachments"
+        | "invalid_arguments"
+        | "msg_too_long"
+        | "invalid_metadata_format"
+        | "invalid_metadata_schema"
+        | "metadata_too_large"
+        | "metadata_must_be_sent_from_app"
+        | "invalid_attachments" => SlackFailure::Payload,
         _ => SlackFailure::Other,
     }
 }
@@ -103,6 +129,7 @@ pub struct SlackClient {
     api_url: String,
     max_attempts: u32,
     retry_base_delay: Duration,
+    retry_budget: Duration,
 }
 
 /// Longest `Retry-After` worth waiting for inside one delivery attempt; a
@@ -121,6 +148,7 @@ impl SlackClient {
             api_url: settings.api_url.trim_end_matches('/').to_string(),
             max_attempts: settings.max_attempts,
             retry_base_delay: settings.retry_base_delay,
+            retry_budget: settings.retry_budget,
         })
     }
 
@@ -137,10 +165,16 @@ impl SlackClient {
             request = request.bearer_auth(token.expose());
         }
         request = match body {
-            Body::Json(value) => request.json(value),
+            // Slack warns `missing_charset` without an explicit charset.
+            Body::Json(value) => request
+                .header(reqwest::header::CONTENT_TYPE, "application/json; charset=utf-8")
+                .body(serde_json::to_vec(value).unwrap_or_default()),
             Body::Form(fields) => request.form(fields),
         };
-        let response = request.send().await.map_err(|e| transport_error(method, &e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(method, &e))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -164,7 +198,10 @@ impl SlackClient {
                 SlackFailure::Transient { retry_after },
             ));
         }
-        let bytes = response.bytes().await.map_err(|e| transport_error(method, &e))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(method, &e))?;
         let value: Value = match serde_json::from_slice(&bytes) {
             Ok(value) => value,
             Err(_) if status.is_success() => {
@@ -216,16 +253,18 @@ impl SlackClient {
             .with_min_delay(self.retry_base_delay)
             .with_max_delay(Duration::from_secs(5))
             .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .with_total_delay(Some(self.retry_budget))
             .with_jitter();
         (|| self.call_once(method, token, body))
             .retry(backoff)
             .when(|e: &SlackError| {
-                e.is_transient() && e.retry_after().is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER)
+                e.is_transient()
+                    && e.retry_after()
+                        .is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER.min(self.retry_budget))
             })
-            .adjust(|e: &SlackError, delay| match delay {
-                // Only replace a planned delay: returning Some for None would retry forever.
-                Some(delay) => Some(e.retry_after().map_or(delay, |ra| ra.max(delay))),
-                None => None,
+            // Only replace a planned delay: returning Some for None would retry forever.
+            .adjust(|e: &SlackError, delay| {
+                delay.map(|delay| e.retry_after().map_or(delay, |ra| ra.max(delay)))
             })
             .notify(|e: &SlackError, delay| {
                 tracing::debug!(error = %e, ?delay, "slack call failed; retrying");

@@ -112,7 +112,12 @@ pub fn render(event: &Event, context: &RenderContext<'_>) -> Value {
         "style": "primary",
         "value": truncate(&event.id, BUTTON_VALUE_LIMIT),
     })];
-    if let Some(url) = event.ticket.as_ref().and_then(|t| t.url.as_deref()).filter(|u| is_web_url(u) && u.len() <= 3000) {
+    if let Some(url) = event
+        .ticket
+        .as_ref()
+        .and_then(|t| t.url.as_deref())
+        .filter(|u| is_web_url(u) && u.len() <= 3000)
+    {
         actions.push(json!({
             "type": "button",
             "action_id": "alert_router_open_ticket",
@@ -189,7 +194,8 @@ fn field(label: &str, value: &str) -> Value {
 }
 
 fn is_web_url(url: &str) -> bool {
-    (url.starts_with("https://") || url.starts_with("http://")) && !url.contains(char::is_whitespace)
+    (url.starts_with("https://") || url.starts_with("http://"))
+        && !url.contains(char::is_whitespace)
 }
 
 fn severity_label(severity: Severity) -> String {
@@ -252,7 +258,14 @@ mod tests {
         all_mrkdwn(&message, &mut texts);
         texts.push(message["text"].as_str().unwrap().to_string());
         for text in texts {
-            for live in ["<!channel>", "<!here>", "<@U123>", "<!everyone>", "<@U999>", "<https://evil"] {
+            for live in [
+                "<!channel>",
+                "<!here>",
+                "<@U123>",
+                "<!everyone>",
+                "<@U999>",
+                "<https://evil",
+            ] {
                 assert!(!text.contains(live), "{live} is live in {text}");
             }
         }
@@ -266,15 +279,32 @@ mod tests {
                 "ticket":{"number":"TCK-2041","form":"Incident report","url":"https://support.example.com/t/2041"},
                 "assignee":{"name":"Ana Ruiz","email":"ana@example.com"},"level":2}"#,
         );
-        let message = render(&e, &RenderContext { rule: Some("payments-critical"), rerouted_from: None });
+        let message = render(
+            &e,
+            &RenderContext {
+                rule: Some("payments-critical"),
+                rerouted_from: None,
+            },
+        );
         let rendered = message.to_string();
-        for expected in ["TCK-2041", "Incident report", "Ana Ruiz", "Level", "Acknowledge", ACK_ACTION_ID, "https://support.example.com/t/2041"] {
+        for expected in [
+            "TCK-2041",
+            "Incident report",
+            "Ana Ruiz",
+            "Level",
+            "Acknowledge",
+            ACK_ACTION_ID,
+            "https://support.example.com/t/2041",
+        ] {
             assert!(rendered.contains(expected), "{expected} missing");
         }
         assert_eq!(message["attachments"][0]["color"], "#E01E5A");
         assert_eq!(message["metadata"]["event_type"], METADATA_EVENT_TYPE);
         assert_eq!(message["metadata"]["event_payload"]["event_id"], "esc-1");
-        assert_eq!(message["metadata"]["event_payload"]["rule"], "payments-critical");
+        assert_eq!(
+            message["metadata"]["event_payload"]["rule"],
+            "payments-critical"
+        );
         assert_eq!(message["text"], "[CRITICAL] Checkout down (TCK-2041)");
     }
 
@@ -282,19 +312,30 @@ mod tests {
     fn long_text_is_cut_to_slack_limits() {
         let long = "x".repeat(1000);
         let summary = "&".repeat(5000);
-        let e = event(&format!(r#"{{"id":"x","type":"t","severity":"info","title":"{long}","summary":"{summary}"}}"#));
+        let e = event(&format!(
+            r#"{{"id":"x","type":"t","severity":"info","title":"{long}","summary":"{summary}"}}"#
+        ));
         let message = render(&e, &RenderContext::default());
         let header = message["blocks"][0]["text"]["text"].as_str().unwrap();
         assert_eq!(header.chars().count(), HEADER_LIMIT);
         assert!(header.ends_with('…'));
         let summary = message["blocks"][2]["text"]["text"].as_str().unwrap();
         assert!(summary.chars().count() <= SECTION_LIMIT);
-        assert!(summary.trim_end_matches('…').ends_with("&amp;"), "no half entity");
+        assert!(
+            summary.trim_end_matches('…').ends_with("&amp;"),
+            "no half entity"
+        );
     }
 
     #[test]
     fn a_ticket_url_that_is_not_a_web_link_is_not_linked() {
-        let e = event(r#"{"id":"x","type":"t","severity":"info","title":"t","ticket":{"number":"1","url":"javascript:alert(1)"}}"#);
-        assert!(!render(&e, &RenderContext::default()).to_string().contains("javascript"));
+        let e = event(
+            r#"{"id":"x","type":"t","severity":"info","title":"t","ticket":{"number":"1","url":"javascript:alert(1)"}}"#,
+        );
+        assert!(
+            !render(&e, &RenderContext::default())
+                .to_string()
+                .contains("javascript")
+        );
     }
 }

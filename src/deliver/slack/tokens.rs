@@ -48,7 +48,9 @@ pub enum TokenError {
         #[source]
         source: redis::RedisError,
     },
-    #[error("the token record of workspace {workspace} in Redis is malformed ({problem}); write it again with `alert-router tokens set`")]
+    #[error(
+        "the token record of workspace {workspace} in Redis is malformed ({problem}); write it again with `alert-router tokens set`"
+    )]
     Malformed { workspace: String, problem: String },
 }
 

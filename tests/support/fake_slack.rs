@@ -1,0 +1,1886 @@
+//! A stateful fake of the Slack Web API for tests.
+//!
+//! It serves `http://127.0.0.1:PORT/api/<method>` from an axum server spawned
+//! on the current tokio runtime and behaves like Slack as documented:
+//! errors are HTTP 200 with `{"ok":false,"error":"…"}`, rate limiting is HTTP
+//! 429 with `Retry-After`, unknown methods are HTTP 404 `unknown_method`.
+//!
+//! Everything is programmable from the test (tokens, channels, users, OAuth
+//! refresh tokens, rate limits, faults) and every request is recorded.
+//! Waiting helpers use a `tokio::sync::watch` channel with a timeout, never
+//! sleeps.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+/// Scopes given to tokens created by [`TokenSpec::bot`] and to access tokens
+/// minted by `oauth.v2.access` unless configured otherwise.
+pub const DEFAULT_BOT_SCOPES: &[&str] = &[
+    "chat:write",
+    "chat:write.public",
+    "channels:join",
+    "im:write",
+    "users:read",
+    "users:read.email",
+];
+
+/// Serialized length of `blocks` above which `chat.postMessage` answers
+/// `msg_blocks_too_long` (Slack rejects somewhere near 13k characters).
+pub const MAX_BLOCKS_CHARS: usize = 13_000;
+/// Maximum number of blocks in one message.
+pub const MAX_BLOCKS: usize = 50;
+/// Maximum number of attachments in one message.
+pub const MAX_ATTACHMENTS: usize = 100;
+/// `chat.postMessage` truncates text above this with warning `message_truncated`.
+pub const MAX_POST_TEXT_CHARS: usize = 40_000;
+/// `chat.update` answers `msg_too_long` above this.
+pub const MAX_UPDATE_TEXT_CHARS: usize = 4_000;
+/// Lifetime of access tokens minted by `oauth.v2.access` (seconds).
+pub const ACCESS_TOKEN_EXPIRES_IN: u64 = 43_200;
+
+/// Methods the fake implements; anything else is `unknown_method` (HTTP 404).
+pub const KNOWN_METHODS: &[&str] = &[
+    "chat.postMessage",
+    "chat.update",
+    "users.lookupByEmail",
+    "conversations.join",
+    "conversations.open",
+    "auth.test",
+    "oauth.v2.access",
+];
+
+// ---------------------------------------------------------------------------
+// Public configuration types
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Valid,
+    /// `token_revoked`
+    Revoked,
+    /// `token_expired`
+    Expired,
+    /// `account_inactive`
+    AccountInactive,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenSpec {
+    pub team_id: String,
+    pub bot_user_id: String,
+    pub scopes: Vec<String>,
+    pub state: TokenState,
+}
+
+impl TokenSpec {
+    /// A valid bot token with [`DEFAULT_BOT_SCOPES`].
+    pub fn bot(team_id: &str, bot_user_id: &str) -> Self {
+        TokenSpec {
+            team_id: team_id.to_string(),
+            bot_user_id: bot_user_id.to_string(),
+            scopes: DEFAULT_BOT_SCOPES.iter().map(|s| s.to_string()).collect(),
+            state: TokenState::Valid,
+        }
+    }
+
+    /// Same token with exactly these scopes.
+    pub fn with_scopes(mut self, scopes: &[&str]) -> Self {
+        self.scopes = scopes.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn with_state(mut self, state: TokenState) -> Self {
+        self.state = state;
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelSpec {
+    pub bot_is_member: bool,
+    pub archived: bool,
+    pub private: bool,
+}
+
+impl Default for ChannelSpec {
+    /// A public, unarchived channel the bot is a member of.
+    fn default() -> Self {
+        ChannelSpec {
+            bot_is_member: true,
+            archived: false,
+            private: false,
+        }
+    }
+}
+
+impl ChannelSpec {
+    pub fn member() -> Self {
+        Self::default()
+    }
+    pub fn not_member() -> Self {
+        ChannelSpec {
+            bot_is_member: false,
+            ..Self::default()
+        }
+    }
+    pub fn archived() -> Self {
+        ChannelSpec {
+            archived: true,
+            ..Self::default()
+        }
+    }
+    pub fn private(bot_is_member: bool) -> Self {
+        ChannelSpec {
+            bot_is_member,
+            archived: false,
+            private: true,
+        }
+    }
+}
+
+/// A failure to inject.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// HTTP `status` with an HTML body (what a load balancer in front of
+    /// Slack answers), e.g. `Http(500)`, `Http(503)`.
+    Http(u16),
+    /// HTTP `status` with a JSON body `{"ok":false,"error":error}`, e.g.
+    /// `HttpJson(503, "service_unavailable")`.
+    HttpJson(u16, String),
+    /// HTTP 200 `{"ok":false,"error":code}`.
+    Api(String),
+    /// HTTP 429, `Retry-After: retry_after_secs`, `{"ok":false,"error":"ratelimited"}`.
+    RateLimited { retry_after_secs: u64 },
+    /// Never answers; the request is recorded in `requests()` with
+    /// `status: None` and is not a post.
+    Hang,
+    /// Waits, then processes the request normally.
+    Delay(Duration),
+}
+
+impl Fault {
+    pub fn api(code: &str) -> Self {
+        Fault::Api(code.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recorded data
+// ---------------------------------------------------------------------------
+
+/// A successful `chat.postMessage` (in `posts()`) or `chat.update` (in `updates()`).
+#[derive(Clone, Debug)]
+pub struct RecordedPost {
+    pub method: String,
+    /// `channel` as the client sent it (`C…`, `#name`, `name`, `U…`, `D…`).
+    pub channel: String,
+    /// The resolved conversation id (`C…`, `G…`, `D…`).
+    pub channel_id: String,
+    pub team_id: String,
+    pub text: Option<String>,
+    pub blocks: Option<Value>,
+    pub attachments: Option<Value>,
+    pub metadata: Option<Value>,
+    pub thread_ts: Option<String>,
+    pub token: String,
+    /// The message's ts (for updates: the ts of the updated message).
+    pub ts: String,
+    /// All arguments as received (form values are strings).
+    pub body: Value,
+    pub received_at: Instant,
+}
+
+/// Every request the fake answered (or is hanging on).
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// HTTP status returned; `None` for a hanging request.
+    pub status: Option<u16>,
+    /// The `error` code for `ok:false` answers (and `ratelimited` for 429s).
+    pub error: Option<String>,
+    pub token: Option<String>,
+    pub content_type: Option<String>,
+    /// Arguments as parsed (form values are strings); `Null` when unparsed.
+    pub params: Value,
+    pub received_at: Instant,
+}
+
+/// Tokens minted by a successful `oauth.v2.access` refresh.
+#[derive(Clone, Debug)]
+pub struct IssuedTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub team_id: String,
+    pub bot_user_id: String,
+    pub expires_in: u64,
+    /// The refresh token that was exchanged.
+    pub used_refresh_token: String,
+}
+
+// ---------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Channel {
+    id: String,
+    name: String,
+    spec: ChannelSpec,
+}
+
+#[derive(Clone, Debug)]
+struct User {
+    id: String,
+    email: String,
+    deleted: bool,
+}
+
+#[derive(Clone, Debug)]
+struct RefreshEntry {
+    team_id: String,
+    bot_user_id: String,
+    scopes: Vec<String>,
+    /// When the token stops being accepted (set when it is used).
+    revoked_at: Option<Instant>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    tokens: HashMap<String, TokenSpec>,
+    channels: Vec<Channel>,
+    users: HashMap<String, User>,
+    dms: HashMap<String, String>,
+    oauth_client: Option<(String, String)>,
+    refresh_tokens: HashMap<String, RefreshEntry>,
+    refresh_grace: Duration,
+    refresh_count: usize,
+    issued: Vec<IssuedTokens>,
+    channel_rate: Option<(f64, u32)>,
+    workspace_rate: Option<(f64, u32)>,
+    buckets: HashMap<(String, String), Bucket>,
+    rate_limited: usize,
+    fail_next: HashMap<String, VecDeque<Fault>>,
+    channel_faults: HashMap<String, Fault>,
+    outage: bool,
+    posts: Vec<RecordedPost>,
+    updates: Vec<RecordedPost>,
+    requests: Vec<RecordedRequest>,
+    last_ts_micros: u64,
+    id_counter: u64,
+}
+
+impl Inner {
+    fn next_ts(&mut self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let v = now.max(self.last_ts_micros + 1);
+        self.last_ts_micros = v;
+        format!("{}.{:06}", v / 1_000_000, v % 1_000_000)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.id_counter += 1;
+        self.id_counter
+    }
+
+    fn random_suffix(&mut self) -> String {
+        let n = self.next_id();
+        format!("{n}-{}", uuid::Uuid::new_v4().simple())
+    }
+
+    fn channel_by_id(&self, id: &str) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.id == id)
+    }
+
+    fn channel_by_name(&self, name: &str) -> Option<&Channel> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// Looks a conversation up by id or name, not applying permissions.
+    fn lookup_channel(&self, given: &str) -> Option<&Channel> {
+        if let Some(name) = given.strip_prefix('#') {
+            return self.channel_by_name(name);
+        }
+        self.channel_by_id(given)
+            .or_else(|| self.channel_by_name(given))
+    }
+
+    fn dm_for_user(&mut self, user_id: &str) -> String {
+        if let Some(d) = self.dms.get(user_id) {
+            return d.clone();
+        }
+        let n = self.next_id();
+        let d = format!("D{:010X}", 0xF0_0000_0000_u64 + n);
+        self.dms.insert(user_id.to_string(), d.clone());
+        d
+    }
+
+    fn is_dm_id(&self, id: &str) -> bool {
+        self.dms.values().any(|d| d == id)
+    }
+
+    /// The channel id a `channel` argument resolves to, if any, for fault matching.
+    fn resolve_for_match(&self, given: &str) -> Option<String> {
+        if let Some(c) = self.lookup_channel(given) {
+            return Some(c.id.clone());
+        }
+        if is_user_id(given) {
+            return self.dms.get(given).cloned();
+        }
+        self.is_dm_id(given).then(|| given.to_string())
+    }
+
+    fn channel_fault(&self, given: &str) -> Option<Fault> {
+        if let Some(f) = self.channel_faults.get(given) {
+            return Some(f.clone());
+        }
+        let resolved = self.resolve_for_match(given)?;
+        self.channel_faults
+            .iter()
+            .find(|(k, _)| self.resolve_for_match(k).as_deref() == Some(resolved.as_str()))
+            .map(|(_, f)| f.clone())
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// Handle to a running fake Slack. Cheap to clone.
+#[derive(Clone)]
+pub struct FakeSlack {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl FakeSlack {
+    /// Binds `127.0.0.1:0` and serves on the current tokio runtime.
+    pub async fn start() -> FakeSlack {
+        let (changed, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner::default()),
+            changed,
+        });
+        let app = Router::new()
+            .route("/api/{method}", any(handle))
+            .fallback(|| async {
+                json_reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"ok":false,"error":"unknown_method"}),
+                )
+            })
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake slack");
+        let addr = listener.local_addr().expect("local addr");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).into_future().await;
+        });
+        FakeSlack {
+            shared,
+            addr,
+            server: Arc::new(server),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT/api` (methods at `/api/<method>`).
+    pub fn api_url(&self) -> String {
+        format!("http://{}/api", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT/api/<method>`
+    pub fn method_url(&self, method: &str) -> String {
+        format!("{}/{method}", self.api_url())
+    }
+
+    /// Stops accepting connections (Slack unreachable). Requests already
+    /// being served on open connections may still complete.
+    pub fn shutdown(&self) {
+        self.server.abort();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.lock()
+    }
+
+    // ----- tokens -----
+
+    pub fn add_token(&self, token: &str, spec: TokenSpec) {
+        self.lock().tokens.insert(token.to_string(), spec);
+    }
+
+    /// Adds a valid bot token with [`DEFAULT_BOT_SCOPES`].
+    pub fn add_bot_token(&self, token: &str, team_id: &str, bot_user_id: &str) {
+        self.add_token(token, TokenSpec::bot(team_id, bot_user_id));
+    }
+
+    pub fn set_token_state(&self, token: &str, state: TokenState) {
+        if let Some(t) = self.lock().tokens.get_mut(token) {
+            t.state = state;
+        }
+    }
+
+    pub fn revoke(&self, token: &str) {
+        self.set_token_state(token, TokenState::Revoked);
+    }
+
+    pub fn expire(&self, token: &str) {
+        self.set_token_state(token, TokenState::Expired);
+    }
+
+    pub fn token(&self, token: &str) -> Option<TokenSpec> {
+        self.lock().tokens.get(token).cloned()
+    }
+
+    // ----- channels & users -----
+
+    pub fn add_channel(&self, id: &str, name: &str, spec: ChannelSpec) {
+        let mut g = self.lock();
+        g.channels.retain(|c| c.id != id);
+        g.channels.push(Channel {
+            id: id.to_string(),
+            name: name.trim_start_matches('#').to_string(),
+            spec,
+        });
+    }
+
+    pub fn set_channel(&self, id: &str, spec: ChannelSpec) {
+        if let Some(c) = self.lock().channels.iter_mut().find(|c| c.id == id) {
+            c.spec = spec;
+        }
+    }
+
+    pub fn archive_channel(&self, id: &str) {
+        if let Some(c) = self.lock().channels.iter_mut().find(|c| c.id == id) {
+            c.spec.archived = true;
+        }
+    }
+
+    pub fn bot_is_member(&self, id: &str) -> bool {
+        self.lock()
+            .channel_by_id(id)
+            .map(|c| c.spec.bot_is_member)
+            .unwrap_or(false)
+    }
+
+    pub fn add_user(&self, id: &str, email: &str) {
+        self.lock().users.insert(
+            id.to_string(),
+            User {
+                id: id.to_string(),
+                email: email.to_string(),
+                deleted: false,
+            },
+        );
+    }
+
+    pub fn deactivate_user(&self, id: &str) {
+        if let Some(u) = self.lock().users.get_mut(id) {
+            u.deleted = true;
+        }
+    }
+
+    /// The stable `D…` id of the DM with this user (created on first use).
+    pub fn dm_channel_id(&self, user_id: &str) -> String {
+        self.lock().dm_for_user(user_id)
+    }
+
+    // ----- OAuth -----
+
+    pub fn set_oauth_client(&self, client_id: &str, client_secret: &str) {
+        self.lock().oauth_client = Some((client_id.to_string(), client_secret.to_string()));
+    }
+
+    pub fn add_refresh_token(&self, refresh_token: &str, team_id: &str, bot_user_id: &str) {
+        let scopes = DEFAULT_BOT_SCOPES.iter().map(|s| s.to_string()).collect();
+        self.add_refresh_token_with_scopes(refresh_token, team_id, bot_user_id, scopes);
+    }
+
+    pub fn add_refresh_token_with_scopes(
+        &self,
+        refresh_token: &str,
+        team_id: &str,
+        bot_user_id: &str,
+        scopes: Vec<String>,
+    ) {
+        self.lock().refresh_tokens.insert(
+            refresh_token.to_string(),
+            RefreshEntry {
+                team_id: team_id.to_string(),
+                bot_user_id: bot_user_id.to_string(),
+                scopes,
+                revoked_at: None,
+            },
+        );
+    }
+
+    /// How long a used refresh token keeps working (default 0: revoked at once).
+    pub fn set_refresh_grace(&self, grace: Duration) {
+        self.lock().refresh_grace = grace;
+    }
+
+    /// Number of successful refreshes.
+    pub fn refresh_count(&self) -> usize {
+        self.lock().refresh_count
+    }
+
+    /// Tokens minted by successful refreshes, oldest first.
+    pub fn issued_tokens(&self) -> Vec<IssuedTokens> {
+        self.lock().issued.clone()
+    }
+
+    // ----- rate limits -----
+
+    /// Per-(team, channel) token bucket for `chat.postMessage`.
+    pub fn set_channel_rate_limit(&self, per_second: f64, burst: u32) {
+        let mut g = self.lock();
+        g.channel_rate = Some((per_second, burst.max(1)));
+        g.buckets.clear();
+    }
+
+    pub fn clear_channel_rate_limit(&self) {
+        let mut g = self.lock();
+        g.channel_rate = None;
+        g.buckets.clear();
+    }
+
+    /// Per-team token bucket for `chat.postMessage` across all channels
+    /// (Slack: "several hundred per minute"; e.g. `(5.0, 300)`). Default off.
+    pub fn set_workspace_rate_limit(&self, per_second: f64, burst: u32) {
+        let mut g = self.lock();
+        g.workspace_rate = Some((per_second, burst.max(1)));
+        g.buckets.clear();
+    }
+
+    pub fn clear_workspace_rate_limit(&self) {
+        let mut g = self.lock();
+        g.workspace_rate = None;
+        g.buckets.clear();
+    }
+
+    /// Number of HTTP 429 answers so far (rate limit and injected).
+    pub fn rate_limited_count(&self) -> usize {
+        self.lock().rate_limited
+    }
+
+    // ----- faults -----
+
+    /// The next `n` calls of `method` get `fault` (queued after earlier ones).
+    pub fn fail_next(&self, method: &str, n: usize, fault: Fault) {
+        let mut g = self.lock();
+        let q = g.fail_next.entry(method.to_string()).or_default();
+        for _ in 0..n {
+            q.push_back(fault.clone());
+        }
+    }
+
+    /// Every `chat.postMessage`/`chat.update` to this channel (id, `#name`,
+    /// name or user id) gets `fault` until `clear_faults()`.
+    pub fn fail_channel(&self, channel: &str, fault: Fault) {
+        self.lock()
+            .channel_faults
+            .insert(channel.to_string(), fault);
+    }
+
+    /// Clears `fail_next`, `fail_channel` and the outage.
+    pub fn clear_faults(&self) {
+        let mut g = self.lock();
+        g.fail_next.clear();
+        g.channel_faults.clear();
+        g.outage = false;
+    }
+
+    /// While on, every method answers HTTP 503 (HTML body).
+    pub fn set_outage(&self, on: bool) {
+        self.lock().outage = on;
+    }
+
+    // ----- inspection -----
+
+    pub fn posts(&self) -> Vec<RecordedPost> {
+        self.lock().posts.clone()
+    }
+
+    pub fn posts_to(&self, channel_id: &str) -> Vec<RecordedPost> {
+        self.lock()
+            .posts
+            .iter()
+            .filter(|p| p.channel_id == channel_id)
+            .cloned()
+            .collect()
+    }
+
+    /// The largest number of posts to `channel_id` whose `received_at` fall
+    /// within any span of `window` (to assert a client's own rate limiting).
+    pub fn max_posts_in_window(&self, channel_id: &str, window: Duration) -> usize {
+        let times: Vec<Instant> = self
+            .posts_to(channel_id)
+            .iter()
+            .map(|p| p.received_at)
+            .collect();
+        let mut best = 0;
+        let mut start = 0;
+        for end in 0..times.len() {
+            while times[end].duration_since(times[start]) >= window {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    pub fn updates(&self) -> Vec<RecordedPost> {
+        self.lock().updates.clone()
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    pub fn requests_for(&self, method: &str) -> Vec<RecordedRequest> {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == method)
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets recorded posts, updates and requests (not the configuration).
+    pub fn clear_records(&self) {
+        let mut g = self.lock();
+        g.posts.clear();
+        g.updates.clear();
+        g.requests.clear();
+        g.rate_limited = 0;
+    }
+
+    /// Returns once at least `n` posts are recorded.
+    pub async fn wait_for_posts(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedPost>, String> {
+        self.wait_until(timeout, |g| (g.posts.len() >= n).then(|| g.posts.clone()))
+            .await
+            .map_err(|g| format!("timed out after {timeout:?} waiting for {n} post(s)\n{g}"))
+    }
+
+    /// Returns once at least `n` posts to `channel_id` are recorded.
+    pub async fn wait_for_posts_to(
+        &self,
+        channel_id: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedPost>, String> {
+        self.wait_until(timeout, |g| {
+            let v: Vec<_> = g
+                .posts
+                .iter()
+                .filter(|p| p.channel_id == channel_id)
+                .cloned()
+                .collect();
+            (v.len() >= n).then_some(v)
+        })
+        .await
+        .map_err(|g| {
+            format!("timed out after {timeout:?} waiting for {n} post(s) to {channel_id}\n{g}")
+        })
+    }
+
+    /// Returns once at least `n` requests of `method` have been answered (or
+    /// are hanging).
+    pub async fn wait_for_requests(
+        &self,
+        method: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedRequest>, String> {
+        self.wait_until(timeout, |g| {
+            let v: Vec<_> = g
+                .requests
+                .iter()
+                .filter(|r| r.method == method)
+                .cloned()
+                .collect();
+            (v.len() >= n).then_some(v)
+        })
+        .await
+        .map_err(|g| {
+            format!("timed out after {timeout:?} waiting for {n} {method} request(s)\n{g}")
+        })
+    }
+
+    pub async fn wait_for_updates(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedPost>, String> {
+        self.wait_until(timeout, |g| {
+            (g.updates.len() >= n).then(|| g.updates.clone())
+        })
+        .await
+        .map_err(|g| format!("timed out after {timeout:?} waiting for {n} update(s)\n{g}"))
+    }
+
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&Inner) -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.shared.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let g = self.lock();
+                if let Some(v) = check(&g) {
+                    return Ok(v);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    let g = self.lock();
+                    if let Some(v) = check(&g) {
+                        return Ok(v);
+                    }
+                    return Err(describe(&g));
+                }
+            }
+        }
+    }
+
+    /// A human-readable summary of what the fake received.
+    pub fn describe(&self) -> String {
+        describe(&self.lock())
+    }
+}
+
+fn describe(g: &Inner) -> String {
+    let mut s = format!("posts received ({}):\n", g.posts.len());
+    for p in &g.posts {
+        let text: String = p
+            .text
+            .clone()
+            .unwrap_or_default()
+            .chars()
+            .take(100)
+            .collect();
+        s.push_str(&format!(
+            "  - {} channel={} ({}) ts={} text={:?}\n",
+            p.method, p.channel_id, p.channel, p.ts, text
+        ));
+    }
+    s.push_str(&format!("requests ({}):\n", g.requests.len()));
+    for r in g.requests.iter().rev().take(50).rev() {
+        s.push_str(&format!(
+            "  - {} status={} error={}\n",
+            r.method,
+            r.status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "hang".into()),
+            r.error.as_deref().unwrap_or("-")
+        ));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// HTTP handling
+// ---------------------------------------------------------------------------
+
+struct Reply {
+    status: StatusCode,
+    body: String,
+    content_type: &'static str,
+    retry_after: Option<u64>,
+    error: Option<String>,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            body: body.to_string(),
+            content_type: "application/json; charset=utf-8",
+            retry_after: None,
+            error: None,
+        }
+    }
+
+    fn err(code: &str) -> Reply {
+        Reply::err_with(code, Map::new())
+    }
+
+    fn err_with(code: &str, extra: Map<String, Value>) -> Reply {
+        let mut body = Map::new();
+        body.insert("ok".into(), Value::Bool(false));
+        body.insert("error".into(), Value::String(code.into()));
+        body.extend(extra);
+        Reply {
+            status: StatusCode::OK,
+            body: Value::Object(body).to_string(),
+            content_type: "application/json; charset=utf-8",
+            retry_after: None,
+            error: Some(code.into()),
+        }
+    }
+
+    fn http_html(status: u16) -> Reply {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Reply {
+            status,
+            body: format!(
+                "<html><head><title>{s}</title></head><body><h1>{s}</h1></body></html>",
+                s = status
+            ),
+            content_type: "text/html; charset=utf-8",
+            retry_after: None,
+            error: None,
+        }
+    }
+
+    fn http_json(status: u16, code: &str) -> Reply {
+        let mut r = Reply::err(code);
+        r.status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        r
+    }
+
+    fn ratelimited(secs: u64) -> Reply {
+        let mut r = Reply::err("ratelimited");
+        r.status = StatusCode::TOO_MANY_REQUESTS;
+        r.retry_after = Some(secs.max(1));
+        r
+    }
+
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, self.body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type),
+        );
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn json_reply(status: StatusCode, body: Value) -> Response {
+    let mut r = Reply::ok(body);
+    r.status = status;
+    r.into_response()
+}
+
+fn fault_reply(f: &Fault) -> Option<Reply> {
+    match f {
+        Fault::Http(s) => Some(Reply::http_html(*s)),
+        Fault::HttpJson(s, code) => Some(Reply::http_json(*s, code)),
+        Fault::Api(code) => Some(Reply::err(code)),
+        Fault::RateLimited { retry_after_secs } => Some(Reply::ratelimited(*retry_after_secs)),
+        Fault::Hang | Fault::Delay(_) => None,
+    }
+}
+
+/// Parsed request arguments.
+struct Req {
+    method: String,
+    params: Map<String, Value>,
+    /// Token from the `Authorization: Bearer` header.
+    bearer: Option<String>,
+    /// `Authorization: Basic` credentials.
+    basic: Option<(String, String)>,
+    content_type: Option<String>,
+    json_body: bool,
+    warnings: Vec<&'static str>,
+}
+
+impl Req {
+    fn str(&self, key: &str) -> Option<String> {
+        match self.params.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Non-empty string argument.
+    fn nonempty(&self, key: &str) -> Option<String> {
+        self.str(key).filter(|s| !s.is_empty())
+    }
+
+    /// A structured argument (JSON value, or a JSON-encoded string).
+    fn structured(&self, key: &str) -> Result<Option<Value>, ()> {
+        match self.params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => serde_json::from_str(s).map(Some).map_err(|_| ()),
+            Some(v) => Ok(Some(v.clone())),
+        }
+    }
+
+    /// The token: Bearer header, else a `token` form/query argument (never a
+    /// JSON body attribute, as in Slack).
+    fn token(&self) -> Option<String> {
+        self.bearer.clone().or_else(|| {
+            if self.json_body {
+                None
+            } else {
+                self.nonempty("token")
+            }
+        })
+    }
+}
+
+fn accepts_json(method: &str) -> bool {
+    matches!(
+        method,
+        "chat.postMessage" | "chat.update" | "conversations.join" | "conversations.open"
+    )
+}
+
+fn required_scope(method: &str) -> Option<&'static str> {
+    match method {
+        "chat.postMessage" | "chat.update" => Some("chat:write"),
+        "users.lookupByEmail" => Some("users:read.email"),
+        "conversations.join" => Some("channels:join"),
+        "conversations.open" => Some("im:write"),
+        _ => None,
+    }
+}
+
+fn is_user_id(s: &str) -> bool {
+    (s.starts_with('U') || s.starts_with('W'))
+        && s.len() > 1
+        && s[1..].chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+fn parse_form(s: &str, into: &mut Map<String, Value>) {
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        into.insert(percent_decode(k), Value::String(percent_decode(v)));
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.trim().bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'=' => break,
+            _ => return None,
+        } as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn parse_request(
+    method: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Req, Reply> {
+    let mut params = Map::new();
+    if let Some(q) = query {
+        parse_form(q, &mut params);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.to_string());
+    let mut json_body = false;
+    let mut warnings = Vec::new();
+    if !body.is_empty() {
+        let ct = match &content_type {
+            Some(ct) => ct.to_ascii_lowercase(),
+            None => return Err(Reply::err("missing_post_type")),
+        };
+        let mime = ct.split(';').next().unwrap_or("").trim().to_string();
+        match mime.as_str() {
+            "application/json" => {
+                if accepts_json(method) {
+                    json_body = true;
+                    if !ct.contains("charset") {
+                        warnings.push("missing_charset");
+                    }
+                    match serde_json::from_slice::<Value>(body) {
+                        Ok(Value::Object(m)) => params.extend(m),
+                        _ => return Err(Reply::err("invalid_json")),
+                    }
+                }
+                // Methods without JSON support ignore a JSON body, as Slack
+                // does: their arguments are then simply missing.
+            }
+            "application/x-www-form-urlencoded" | "text/plain" => {
+                let s = std::str::from_utf8(body).map_err(|_| Reply::err("invalid_form_data"))?;
+                parse_form(s, &mut params);
+            }
+            _ => return Err(Reply::err("invalid_post_type")),
+        }
+    }
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut bearer = None;
+    let mut basic = None;
+    if let Some(t) = auth.strip_prefix("Bearer ") {
+        let t = t.trim();
+        if !t.is_empty() {
+            bearer = Some(t.to_string());
+        }
+    } else if let Some(b) = auth.strip_prefix("Basic ")
+        && let Some(dec) = base64_decode(b).and_then(|v| String::from_utf8(v).ok())
+        && let Some((id, secret)) = dec.split_once(':')
+    {
+        basic = Some((id.to_string(), secret.to_string()));
+    }
+    Ok(Req {
+        method: method.to_string(),
+        params,
+        bearer,
+        basic,
+        content_type,
+        json_body,
+        warnings,
+    })
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    Path(method): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let received_at = Instant::now();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.to_string());
+    let record = |reply: Option<&Reply>, token: Option<String>, params: Value| {
+        let mut g = shared.lock();
+        if reply.map(|r| r.status) == Some(StatusCode::TOO_MANY_REQUESTS) {
+            g.rate_limited += 1;
+        }
+        g.requests.push(RecordedRequest {
+            method: method.clone(),
+            status: reply.map(|r| r.status.as_u16()),
+            error: reply.and_then(|r| r.error.clone()),
+            token,
+            content_type: content_type.clone(),
+            params,
+            received_at,
+        });
+        drop(g);
+        shared.bump();
+    };
+
+    // 1. outage, unknown method, injected per-method faults.
+    let early = {
+        let mut g = shared.lock();
+        if g.outage {
+            Some(Ok(Reply::http_html(503)))
+        } else if !KNOWN_METHODS.contains(&method.as_str()) {
+            let mut r = Reply::err_with(
+                "unknown_method",
+                Map::from_iter([("req_method".to_string(), Value::String(method.clone()))]),
+            );
+            r.status = StatusCode::NOT_FOUND;
+            Some(Ok(r))
+        } else {
+            g.fail_next
+                .get_mut(&method)
+                .and_then(|q| q.pop_front())
+                .map(Err)
+        }
+    };
+    let mut fault = match early {
+        Some(Ok(reply)) => {
+            record(Some(&reply), None, Value::Null);
+            return reply.into_response();
+        }
+        Some(Err(f)) => Some(f),
+        None => None,
+    };
+
+    // 2. arguments.
+    let req = match parse_request(&method, query.as_deref(), &headers, &body) {
+        Ok(r) => r,
+        Err(reply) => {
+            record(Some(&reply), None, Value::Null);
+            return reply.into_response();
+        }
+    };
+    let params = Value::Object(req.params.clone());
+    let token = req.token();
+
+    // 3. per-channel faults.
+    if fault.is_none()
+        && matches!(method.as_str(), "chat.postMessage" | "chat.update")
+        && let Some(ch) = req.str("channel")
+    {
+        fault = shared.lock().channel_fault(&ch);
+    }
+    match fault {
+        Some(Fault::Hang) => {
+            record(None, token, params);
+            return std::future::pending::<Response>().await;
+        }
+        Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(f) => {
+            let reply = fault_reply(&f).expect("replying fault");
+            record(Some(&reply), token, params);
+            return reply.into_response();
+        }
+        None => {}
+    }
+
+    // 4. the method itself.
+    let reply = {
+        let mut g = shared.lock();
+        process(&mut g, &req, received_at)
+    };
+    record(Some(&reply), token, params);
+    reply.into_response()
+}
+
+fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
+    if req.method == "oauth.v2.access" {
+        return oauth_v2_access(g, req);
+    }
+    let token = match req.token() {
+        Some(t) => t,
+        None => return Reply::err("not_authed"),
+    };
+    let spec = match g.tokens.get(&token) {
+        Some(s) => s.clone(),
+        None => return Reply::err("invalid_auth"),
+    };
+    match spec.state {
+        TokenState::Valid => {}
+        TokenState::Revoked => return Reply::err("token_revoked"),
+        TokenState::Expired => return Reply::err("token_expired"),
+        TokenState::AccountInactive => return Reply::err("account_inactive"),
+    }
+    if let Some(needed) = required_scope(&req.method)
+        && !spec.scopes.iter().any(|s| s == needed)
+    {
+        return Reply::err_with(
+            "missing_scope",
+            Map::from_iter([
+                ("needed".to_string(), Value::String(needed.into())),
+                ("provided".to_string(), Value::String(spec.scopes.join(","))),
+            ]),
+        );
+    }
+    let mut reply = match req.method.as_str() {
+        "auth.test" => auth_test(&spec),
+        "chat.postMessage" => post_message(g, req, &spec, &token, received_at),
+        "chat.update" => chat_update(g, req, &spec, &token, received_at),
+        "users.lookupByEmail" => lookup_by_email(g, req, &spec),
+        "conversations.join" => conversations_join(g, req),
+        "conversations.open" => conversations_open(g, req),
+        _ => Reply::err("unknown_method"),
+    };
+    if !req.warnings.is_empty() && reply.error.is_none() {
+        add_warnings(&mut reply, &req.warnings);
+    }
+    reply
+}
+
+fn add_warnings(reply: &mut Reply, warnings: &[&str]) {
+    if let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(&reply.body) {
+        let mut all: Vec<String> = m
+            .get("response_metadata")
+            .and_then(|r| r.get("warnings"))
+            .and_then(|w| w.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        all.extend(warnings.iter().map(|w| w.to_string()));
+        m.insert("warning".into(), Value::String(all.join(",")));
+        let rm = m.entry("response_metadata").or_insert_with(|| json!({}));
+        if let Value::Object(rm) = rm {
+            rm.insert("warnings".into(), json!(all));
+        }
+        reply.body = Value::Object(m).to_string();
+    }
+}
+
+fn bot_id(spec: &TokenSpec) -> String {
+    format!("B{}", spec.bot_user_id.get(1..).unwrap_or(""))
+}
+
+fn auth_test(spec: &TokenSpec) -> Reply {
+    let team_domain = spec.team_id.to_ascii_lowercase();
+    Reply::ok(json!({
+        "ok": true,
+        "url": format!("https://{team_domain}.slack.com/"),
+        "team": format!("Team {}", spec.team_id),
+        "user": "alert-router",
+        "team_id": spec.team_id,
+        "user_id": spec.bot_user_id,
+        "bot_id": bot_id(spec),
+        "is_enterprise_install": false,
+    }))
+}
+
+/// Resolves a `channel` argument for posting.
+fn resolve_post_channel(g: &mut Inner, given: &str, spec: &TokenSpec) -> Result<String, Reply> {
+    if is_user_id(given) {
+        return match g.users.get(given) {
+            Some(u) if !u.deleted => Ok(g.dm_for_user(given)),
+            _ => Err(Reply::err("channel_not_found")),
+        };
+    }
+    if given.starts_with('D') && g.is_dm_id(given) {
+        return Ok(given.to_string());
+    }
+    let ch = match g.lookup_channel(given) {
+        Some(c) => c.clone(),
+        None => return Err(Reply::err("channel_not_found")),
+    };
+    if ch.spec.private && !ch.spec.bot_is_member {
+        return Err(Reply::err("channel_not_found"));
+    }
+    if ch.spec.archived {
+        return Err(Reply::err("is_archived"));
+    }
+    if !ch.spec.bot_is_member && !spec.scopes.iter().any(|s| s == "chat:write.public") {
+        return Err(Reply::err("not_in_channel"));
+    }
+    Ok(ch.id)
+}
+
+struct Content {
+    text: Option<String>,
+    blocks: Option<Value>,
+    attachments: Option<Value>,
+    metadata: Option<Value>,
+}
+
+fn invalid_blocks(msg: String) -> Reply {
+    Reply::err_with(
+        "invalid_blocks",
+        Map::from_iter([(
+            "response_metadata".to_string(),
+            json!({ "messages": [format!("[ERROR] {msg}")] }),
+        )]),
+    )
+}
+
+fn text_len(v: &Value, pointer: &str) -> usize {
+    v.pointer(pointer)
+        .and_then(|t| t.as_str())
+        .map(|s| s.chars().count())
+        .unwrap_or(0)
+}
+
+fn validate_blocks(blocks: &Value) -> Result<(), Reply> {
+    let arr = match blocks {
+        Value::Array(a) => a,
+        _ => return Err(Reply::err("invalid_blocks_format")),
+    };
+    if arr.len() > MAX_BLOCKS {
+        return Err(invalid_blocks(format!(
+            "no more than {MAX_BLOCKS} items allowed [json-pointer:/blocks]"
+        )));
+    }
+    for (i, b) in arr.iter().enumerate() {
+        let ty = match b.get("type").and_then(|t| t.as_str()) {
+            Some(t) if b.is_object() => t,
+            _ => {
+                return Err(invalid_blocks(format!(
+                    "missing required field: type [json-pointer:/blocks/{i}]"
+                )));
+            }
+        };
+        match ty {
+            "section" if text_len(b, "/text/text") > 3000 => {
+                return Err(invalid_blocks(format!(
+                    "must be less than 3001 characters [json-pointer:/blocks/{i}/text/text]"
+                )));
+            }
+            "header" if text_len(b, "/text/text") > 150 => {
+                return Err(invalid_blocks(format!(
+                    "must be less than 151 characters [json-pointer:/blocks/{i}/text/text]"
+                )));
+            }
+            "actions" => {
+                let elements = b.get("elements").and_then(|e| e.as_array());
+                for (j, e) in elements.into_iter().flatten().enumerate() {
+                    if e.get("type").and_then(|t| t.as_str()) != Some("button") {
+                        continue;
+                    }
+                    let p = format!("/blocks/{i}/elements/{j}");
+                    if text_len(e, "/text/text") > 75 {
+                        return Err(invalid_blocks(format!(
+                            "must be less than 76 characters [json-pointer:{p}/text/text]"
+                        )));
+                    }
+                    if text_len(e, "/value") > 2000 {
+                        return Err(invalid_blocks(format!(
+                            "must be less than 2001 characters [json-pointer:{p}/value]"
+                        )));
+                    }
+                    if text_len(e, "/action_id") > 255 {
+                        return Err(invalid_blocks(format!(
+                            "must be less than 256 characters [json-pointer:{p}/action_id]"
+                        )));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if blocks.to_string().chars().count() > MAX_BLOCKS_CHARS {
+        return Err(Reply::err("msg_blocks_too_long"));
+    }
+    Ok(())
+}
+
+fn parse_content(req: &Req) -> Result<Content, Reply> {
+    let text = req.str("text");
+    let blocks = req
+        .structured("blocks")
+        .map_err(|_| Reply::err("invalid_blocks_format"))?;
+    let attachments = req
+        .structured("attachments")
+        .map_err(|_| Reply::err("invalid_attachments"))?;
+    let metadata = req
+        .structured("metadata")
+        .map_err(|_| Reply::err("invalid_metadata_format"))?;
+    if let Some(b) = &blocks {
+        validate_blocks(b)?;
+    }
+    if let Some(a) = &attachments {
+        match a {
+            Value::Array(arr) if arr.len() > MAX_ATTACHMENTS => {
+                return Err(Reply::err("too_many_attachments"));
+            }
+            Value::Array(_) => {}
+            _ => return Err(Reply::err("invalid_attachments")),
+        }
+    }
+    if let Some(m) = &metadata {
+        if !m.is_object() {
+            return Err(Reply::err("invalid_metadata_format"));
+        }
+        let type_ok = m.get("event_type").map(|t| t.is_string()).unwrap_or(false);
+        let payload_ok = m
+            .get("event_payload")
+            .map(|p| p.is_object())
+            .unwrap_or(false);
+        if !type_ok || !payload_ok {
+            return Err(Reply::err("invalid_metadata_schema"));
+        }
+    }
+    let has_text = text.as_deref().map(|t| !t.is_empty()).unwrap_or(false);
+    let has_blocks = blocks
+        .as_ref()
+        .and_then(|b| b.as_array())
+        .map(|a| !a.is_empty())
+        .unwrap_or(false);
+    let has_attachments = attachments
+        .as_ref()
+        .and_then(|a| a.as_array())
+        .map(|a| !a.is_empty())
+        .unwrap_or(false);
+    if !has_text && !has_blocks && !has_attachments {
+        return Err(Reply::err("no_text"));
+    }
+    Ok(Content {
+        text,
+        blocks,
+        attachments,
+        metadata,
+    })
+}
+
+/// Refills the bucket and returns its tokens and the seconds until one is available.
+fn refill(g: &mut Inner, key: (String, String), (per_second, burst): (f64, u32)) -> f64 {
+    let now = Instant::now();
+    let b = g.buckets.entry(key).or_insert(Bucket {
+        tokens: burst as f64,
+        last: now,
+    });
+    let elapsed = now.duration_since(b.last).as_secs_f64();
+    b.tokens = (b.tokens + elapsed * per_second).min(burst as f64);
+    b.last = now;
+    b.tokens
+}
+
+fn wait_secs(tokens: f64, per_second: f64) -> u64 {
+    let wait = (1.0 - tokens) / per_second.max(f64::MIN_POSITIVE);
+    (wait.ceil() as u64).max(1)
+}
+
+/// Takes one token from the (team, channel) bucket and the workspace bucket,
+/// or returns the Retry-After seconds.
+fn take_rate_token(g: &mut Inner, team: &str, channel_id: &str) -> Result<(), u64> {
+    let mut keys = Vec::new();
+    let mut retry = 0;
+    if let Some(rate) = g.channel_rate {
+        let key = (team.to_string(), channel_id.to_string());
+        let tokens = refill(g, key.clone(), rate);
+        if tokens < 1.0 {
+            retry = retry.max(wait_secs(tokens, rate.0));
+        }
+        keys.push(key);
+    }
+    if let Some(rate) = g.workspace_rate {
+        let key = (team.to_string(), String::new());
+        let tokens = refill(g, key.clone(), rate);
+        if tokens < 1.0 {
+            retry = retry.max(wait_secs(tokens, rate.0));
+        }
+        keys.push(key);
+    }
+    if retry > 0 {
+        return Err(retry);
+    }
+    for k in keys {
+        if let Some(b) = g.buckets.get_mut(&k) {
+            b.tokens -= 1.0;
+        }
+    }
+    Ok(())
+}
+
+fn message_json(spec: &TokenSpec, ts: &str, c: &Content, thread_ts: Option<&str>) -> Value {
+    let mut m = json!({
+        "type": "message",
+        "user": spec.bot_user_id,
+        "bot_id": bot_id(spec),
+        "app_id": "A0FAKESLACK",
+        "team": spec.team_id,
+        "ts": ts,
+        "text": c.text.clone().unwrap_or_default(),
+    });
+    if let Some(b) = &c.blocks {
+        m["blocks"] = b.clone();
+    }
+    if let Some(a) = &c.attachments {
+        m["attachments"] = a.clone();
+    }
+    if let Some(md) = &c.metadata {
+        m["metadata"] = md.clone();
+    }
+    if let Some(t) = thread_ts {
+        m["thread_ts"] = Value::String(t.to_string());
+    }
+    m
+}
+
+fn post_message(
+    g: &mut Inner,
+    req: &Req,
+    spec: &TokenSpec,
+    token: &str,
+    received_at: Instant,
+) -> Reply {
+    let Some(given) = req.nonempty("channel") else {
+        return Reply::err("channel_not_found");
+    };
+    let channel_id = match resolve_post_channel(g, &given, spec) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if let Err(secs) = take_rate_token(g, &spec.team_id, &channel_id) {
+        return Reply::ratelimited(secs);
+    }
+    let mut content = match parse_content(req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let mut warnings = Vec::new();
+    let recorded_text = content.text.clone();
+    if let Some(t) = &content.text
+        && t.chars().count() > MAX_POST_TEXT_CHARS
+    {
+        content.text = Some(t.chars().take(MAX_POST_TEXT_CHARS).collect());
+        warnings.push("message_truncated");
+    }
+    let thread_ts = req.nonempty("thread_ts");
+    let ts = g.next_ts();
+    g.posts.push(RecordedPost {
+        method: req.method.clone(),
+        channel: given,
+        channel_id: channel_id.clone(),
+        team_id: spec.team_id.clone(),
+        text: recorded_text,
+        blocks: content.blocks.clone(),
+        attachments: content.attachments.clone(),
+        metadata: content.metadata.clone(),
+        thread_ts: thread_ts.clone(),
+        token: token.to_string(),
+        ts: ts.clone(),
+        body: Value::Object(req.params.clone()),
+        received_at,
+    });
+    let mut reply = Reply::ok(json!({
+        "ok": true,
+        "channel": channel_id,
+        "ts": ts,
+        "message": message_json(spec, &ts, &content, thread_ts.as_deref()),
+    }));
+    if !warnings.is_empty() {
+        add_warnings(&mut reply, &warnings);
+    }
+    reply
+}
+
+fn chat_update(
+    g: &mut Inner,
+    req: &Req,
+    spec: &TokenSpec,
+    token: &str,
+    received_at: Instant,
+) -> Reply {
+    let Some(channel) = req.nonempty("channel") else {
+        return Reply::err("channel_not_found");
+    };
+    let known = g.channel_by_id(&channel).is_some() || g.is_dm_id(&channel);
+    if !known {
+        return Reply::err("channel_not_found");
+    }
+    if let Some(c) = g.channel_by_id(&channel)
+        && c.spec.archived
+    {
+        return Reply::err("is_archived");
+    }
+    let Some(ts) = req.nonempty("ts") else {
+        return Reply::err("message_not_found");
+    };
+    let Some(original) = g
+        .posts
+        .iter()
+        .find(|p| p.channel_id == channel && p.ts == ts)
+        .cloned()
+    else {
+        return Reply::err("message_not_found");
+    };
+    if original.team_id != spec.team_id {
+        return Reply::err("cant_update_message");
+    }
+    let content = match parse_content(req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if content
+        .text
+        .as_ref()
+        .map(|t| t.chars().count() > MAX_UPDATE_TEXT_CHARS)
+        .unwrap_or(false)
+    {
+        return Reply::err("msg_too_long");
+    }
+    g.updates.push(RecordedPost {
+        method: req.method.clone(),
+        channel: channel.clone(),
+        channel_id: channel.clone(),
+        team_id: spec.team_id.clone(),
+        text: content.text.clone(),
+        blocks: content.blocks.clone(),
+        attachments: content.attachments.clone(),
+        metadata: content.metadata.clone(),
+        thread_ts: original.thread_ts.clone(),
+        token: token.to_string(),
+        ts: ts.clone(),
+        body: Value::Object(req.params.clone()),
+        received_at,
+    });
+    Reply::ok(json!({
+        "ok": true,
+        "channel": channel,
+        "ts": ts,
+        "text": content.text.clone().unwrap_or_default(),
+        "message": message_json(spec, &ts, &content, original.thread_ts.as_deref()),
+    }))
+}
+
+fn lookup_by_email(g: &mut Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let Some(email) = req.nonempty("email") else {
+        return Reply::err("invalid_arguments");
+    };
+    let user = g
+        .users
+        .values()
+        .find(|u| u.email.eq_ignore_ascii_case(&email) && !u.deleted);
+    match user {
+        Some(u) => {
+            let name = u.email.split('@').next().unwrap_or("").to_string();
+            Reply::ok(json!({
+                "ok": true,
+                "user": {
+                    "id": u.id,
+                    "team_id": spec.team_id,
+                    "name": name,
+                    "deleted": false,
+                    "real_name": name,
+                    "is_bot": false,
+                    "profile": {
+                        "email": u.email,
+                        "real_name": name,
+                        "display_name": name,
+                    },
+                },
+            }))
+        }
+        None => Reply::err("users_not_found"),
+    }
+}
+
+fn channel_json(c: &Channel) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "is_channel": !c.spec.private,
+        "is_group": c.spec.private,
+        "is_im": false,
+        "is_mpim": false,
+        "is_private": c.spec.private,
+        "is_archived": c.spec.archived,
+        "is_member": c.spec.bot_is_member,
+        "name_normalized": c.name,
+    })
+}
+
+fn conversations_join(g: &mut Inner, req: &Req) -> Reply {
+    let Some(given) = req.nonempty("channel") else {
+        return Reply::err("channel_not_found");
+    };
+    if g.is_dm_id(&given) {
+        return Reply::err("method_not_supported_for_channel_type");
+    }
+    // conversations.join takes an id, not a name.
+    let Some(idx) = g.channels.iter().position(|c| c.id == given) else {
+        return Reply::err("channel_not_found");
+    };
+    let ch = g.channels[idx].clone();
+    if ch.spec.private {
+        return Reply::err(if ch.spec.bot_is_member {
+            "method_not_supported_for_channel_type"
+        } else {
+            "channel_not_found"
+        });
+    }
+    if ch.spec.archived {
+        return Reply::err("is_archived");
+    }
+    let already = ch.spec.bot_is_member;
+    g.channels[idx].spec.bot_is_member = true;
+    let mut body = json!({"ok": true, "channel": channel_json(&g.channels[idx])});
+    if already {
+        body["warning"] = json!("already_in_channel");
+        body["response_metadata"] = json!({"warnings": ["already_in_channel"]});
+    }
+    Reply::ok(body)
+}
+
+fn conversations_open(g: &mut Inner, req: &Req) -> Reply {
+    if let Some(ch) = req.nonempty("channel") {
+        if g.is_dm_id(&ch) {
+            return Reply::ok(json!({"ok": true, "channel": {"id": ch}}));
+        }
+        return Reply::err("channel_not_found");
+    }
+    let Some(users) = req.nonempty("users") else {
+        return Reply::err("users_list_not_supplied");
+    };
+    let list: Vec<&str> = users
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if list.len() != 1 {
+        // Multi-person DMs are not modelled by the fake.
+        return Reply::err("invalid_arguments");
+    }
+    let user = list[0];
+    match g.users.get(user) {
+        None => Reply::err("user_not_found"),
+        Some(u) if u.deleted => Reply::err("user_disabled"),
+        Some(_) => {
+            let existed = g.dms.contains_key(user);
+            let d = g.dm_for_user(user);
+            let mut body = json!({"ok": true, "channel": {"id": d}});
+            if existed {
+                body["no_op"] = json!(true);
+                body["already_open"] = json!(true);
+            }
+            Reply::ok(body)
+        }
+    }
+}
+
+fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
+    let (client_id, client_secret) = match &req.basic {
+        Some((id, secret)) => (Some(id.clone()), Some(secret.clone())),
+        None => (req.nonempty("client_id"), req.nonempty("client_secret")),
+    };
+    let Some((want_id, want_secret)) = g.oauth_client.clone() else {
+        return Reply::err("invalid_client_id");
+    };
+    if client_id.as_deref() != Some(want_id.as_str()) {
+        return Reply::err("invalid_client_id");
+    }
+    if client_secret.as_deref() != Some(want_secret.as_str()) {
+        return Reply::err("bad_client_secret");
+    }
+    match req.str("grant_type").as_deref() {
+        Some("refresh_token") => {}
+        // The authorization-code flow is not modelled: no code is valid.
+        None | Some("authorization_code") => return Reply::err("invalid_code"),
+        Some(_) => return Reply::err("invalid_grant_type"),
+    }
+    let Some(used) = req.nonempty("refresh_token") else {
+        return Reply::err("invalid_refresh_token");
+    };
+    let now = Instant::now();
+    let grace = g.refresh_grace;
+    let entry = match g.refresh_tokens.get_mut(&used) {
+        Some(e) => e,
+        None => return Reply::err("invalid_refresh_token"),
+    };
+    if let Some(at) = entry.revoked_at
+        && now >= at
+    {
+        return Reply::err("invalid_refresh_token");
+    }
+    if entry.revoked_at.is_none() {
+        entry.revoked_at = Some(now + grace);
+    }
+    let entry = entry.clone();
+    let scopes = entry.scopes.clone();
+    let suffix = g.random_suffix();
+    let access = format!("xoxe.xoxb-1-{suffix}");
+    let suffix = g.random_suffix();
+    let refresh = format!("xoxe-1-{suffix}");
+    g.tokens.insert(
+        access.clone(),
+        TokenSpec {
+            team_id: entry.team_id.clone(),
+            bot_user_id: entry.bot_user_id.clone(),
+            scopes: scopes.clone(),
+            state: TokenState::Valid,
+        },
+    );
+    g.refresh_tokens.insert(
+        refresh.clone(),
+        RefreshEntry {
+            team_id: entry.team_id.clone(),
+            bot_user_id: entry.bot_user_id.clone(),
+            scopes: scopes.clone(),
+            revoked_at: None,
+        },
+    );
+    g.refresh_count += 1;
+    g.issued.push(IssuedTokens {
+        access_token: access.clone(),
+        refresh_token: refresh.clone(),
+        team_id: entry.team_id.clone(),
+        bot_user_id: entry.bot_user_id.clone(),
+        expires_in: ACCESS_TOKEN_EXPIRES_IN,
+        used_refresh_token: used,
+    });
+    Reply::ok(json!({
+        "ok": true,
+        "app_id": "A0FAKESLACK",
+        "scope": scopes.join(","),
+        "token_type": "bot",
+        "access_token": access,
+        "bot_user_id": entry.bot_user_id,
+        "refresh_token": refresh,
+        "expires_in": ACCESS_TOKEN_EXPIRES_IN,
+        "team": {"id": entry.team_id, "name": format!("Team {}", entry.team_id)},
+        "enterprise": null,
+        "is_enterprise_install": false,
+    }))
+}

@@ -1,0 +1,382 @@
+//! Test support: an isolated broker/Redis namespace per test, a fake Slack, and workers to drive.
+//!
+//! Every test gets its own exchange, queues and Redis key prefix (suffixed
+//! with a random id) so tests run in parallel against the one real RabbitMQ
+//! and Redis, and `cleanup` removes what the test created.
+#![allow(dead_code)]
+
+pub mod fake_slack;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use alert_router::broker::{self, Publisher, Topology};
+use alert_router::config::{Secrets, Settings};
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use fake_slack::{ChannelSpec, FakeSlack};
+
+/// How long a test waits for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The default escalation channel in the fake workspace.
+pub const ESCALATIONS: &str = "C0ESCALATE";
+/// A second channel, for rules that route elsewhere.
+pub const PAYMENTS: &str = "C0PAYMENTS";
+
+/// Rules that send everything to the escalations channel, and payments to its own.
+pub const BASIC_RULES: &str = r#"version: 1
+defaults:
+  slack_channel: "C0ESCALATE"
+unmatched: default
+rules:
+  - name: payments
+    matchers:
+      - team="payments"
+    notify:
+      - slack_channel: C0PAYMENTS
+"#;
+
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub slack: FakeSlack,
+    pub workspace: String,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+    connection: lapin::Connection,
+    publisher: Publisher,
+    redis: redis::aio::MultiplexedConnection,
+}
+
+impl TestEnv {
+    /// A fresh namespace with `rules` as the rules file, a fake Slack with
+    /// a valid token for the workspace, and the topology declared.
+    pub async fn start(rules: &str) -> TestEnv {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let rules_path = dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules).unwrap();
+
+        let slack = FakeSlack::start().await;
+        let workspace = format!("T{}", id.to_uppercase());
+        let token = format!("xoxb-test-{id}");
+        slack.add_bot_token(&token, &workspace, "U0BOT");
+        slack.add_channel(ESCALATIONS, "escalations", ChannelSpec::member());
+        slack.add_channel(PAYMENTS, "payments", ChannelSpec::member());
+
+        let mut settings = Settings::default();
+        let ns = format!("test-{id}");
+        settings.amqp.exchange = format!("{ns}.alerts");
+        settings.amqp.queue = format!("{ns}.router");
+        settings.amqp.dead_letter_exchange = format!("{ns}.dlx");
+        settings.amqp.dead_letter_queue = format!("{ns}.dead");
+        settings.amqp.retry_queue_prefix = format!("{ns}.retry");
+        settings.redis.key_prefix = ns.clone();
+        settings.slack.api_url = slack.api_url();
+        settings.slack.default_workspace = Some(workspace.clone());
+        settings.slack.request_timeout = Duration::from_secs(2);
+        settings.slack.retry_base_delay = Duration::from_millis(20);
+        settings.slack.retry_budget = Duration::from_secs(1);
+        settings.rules.path = rules_path;
+        settings.http.listen = "127.0.0.1:0".parse().unwrap();
+        settings.delivery.retry_delays = vec![Duration::from_millis(500); 3];
+        settings.delivery.drain_timeout = Duration::from_secs(10);
+
+        let connection = broker::connect(&settings.amqp.url, "alert-router tests")
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        topology(&settings)
+            .declare(publisher.channel())
+            .await
+            .unwrap();
+        let redis = redis::Client::open(settings.redis.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+
+        let env = TestEnv {
+            id,
+            settings,
+            slack,
+            workspace,
+            token,
+            dir,
+            connection,
+            publisher,
+            redis,
+        };
+        env.store_token(&env.workspace.clone(), &env.token.clone())
+            .await;
+        env
+    }
+
+    /// Writes a workspace token record the way an OAuth install flow would.
+    pub async fn store_token(&self, workspace: &str, token: &str) {
+        let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
+                            "team_id": workspace, "bot_user_id": "U0BOT"});
+        let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(record.to_string())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    /// A valid event in this test's workspace, with `extra` fields merged in.
+    pub fn event(&self, id: &str, extra: Value) -> Value {
+        let mut event = json!({"id": id, "type": "escalation.triggered", "severity": "high",
+                               "title": format!("Test event {id}"), "workspace": self.workspace});
+        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+            base.extend(extra);
+        }
+        event
+    }
+
+    /// Publishes raw bytes to the test's exchange, persistent, with confirms.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.publisher
+            .publish(
+                &self.settings.amqp.exchange,
+                routing_key,
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, event: &Value) {
+        let key = event["type"].as_str().unwrap_or("unknown").to_string();
+        self.publish_raw(&key, event.to_string().as_bytes()).await;
+    }
+
+    /// Messages ready in a queue (not counting unacked ones).
+    pub async fn ready_count(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Starts consuming the dead-letter queue; take messages with `next`.
+    pub async fn dead_letters(&self) -> DeadLetters {
+        let channel = self.connection.create_channel().await.unwrap();
+        let consumer = channel
+            .basic_consume(
+                self.settings.amqp.dead_letter_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        DeadLetters {
+            consumer,
+            _channel: channel,
+        }
+    }
+
+    /// Runs a worker in this process until the handle is stopped.
+    pub fn spawn_worker(&self) -> InProcessWorker {
+        let shutdown = CancellationToken::new();
+        let secrets = Secrets {
+            slack_bot_token: None,
+            ..Secrets::default()
+        };
+        let task = tokio::spawn(alert_router::worker::run(
+            self.settings.clone(),
+            secrets,
+            shutdown.clone(),
+        ));
+        InProcessWorker { shutdown, task }
+    }
+
+    /// The settings as `ALERT_ROUTER__…` variables, for worker processes.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let delays: Vec<String> = s
+            .delivery
+            .retry_delays
+            .iter()
+            .map(|d| format!("{}ms", d.as_millis()))
+            .collect();
+        [
+            ("AMQP__EXCHANGE", s.amqp.exchange.clone()),
+            ("AMQP__QUEUE", s.amqp.queue.clone()),
+            (
+                "AMQP__DEAD_LETTER_EXCHANGE",
+                s.amqp.dead_letter_exchange.clone(),
+            ),
+            ("AMQP__DEAD_LETTER_QUEUE", s.amqp.dead_letter_queue.clone()),
+            (
+                "AMQP__RETRY_QUEUE_PREFIX",
+                s.amqp.retry_queue_prefix.clone(),
+            ),
+            ("REDIS__KEY_PREFIX", s.redis.key_prefix.clone()),
+            ("SLACK__API_URL", s.slack.api_url.clone()),
+            ("SLACK__DEFAULT_WORKSPACE", self.workspace.clone()),
+            (
+                "SLACK__REQUEST_TIMEOUT",
+                format!("{}ms", s.slack.request_timeout.as_millis()),
+            ),
+            (
+                "SLACK__RETRY_BASE_DELAY",
+                format!("{}ms", s.slack.retry_base_delay.as_millis()),
+            ),
+            (
+                "SLACK__RETRY_BUDGET",
+                format!("{}ms", s.slack.retry_budget.as_millis()),
+            ),
+            ("RULES__PATH", s.rules.path.display().to_string()),
+            ("HTTP__LISTEN", "127.0.0.1:0".to_string()),
+            ("DELIVERY__RETRY_DELAYS", delays.join(",")),
+            (
+                "DELIVERY__DRAIN_TIMEOUT",
+                format!("{}ms", s.delivery.drain_timeout.as_millis()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("ALERT_ROUTER__{k}"), v))
+        .collect()
+    }
+
+    /// The `alert-router` binary with this test's settings in its environment.
+    pub fn command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_alert-router"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(self.env_vars())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts `alert-router run` as a child process.
+    pub fn spawn_worker_process(&self) -> tokio::process::Child {
+        self.command()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn rules_path(&self) -> PathBuf {
+        self.settings.rules.path.clone()
+    }
+
+    /// Deletes the test's queues, exchanges and Redis keys.
+    pub async fn cleanup(self) {
+        let channel = self.connection.create_channel().await.unwrap();
+        let topology = topology(&self.settings);
+        let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+        queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
+        for queue in queues {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let mut redis = self.redis.clone();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.settings.redis.key_prefix))
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+        }
+        let _ = self.connection.close(200, "".into()).await;
+        self.slack.shutdown();
+    }
+}
+
+pub fn topology(settings: &Settings) -> Topology {
+    Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays)
+}
+
+/// A worker task in the test process.
+pub struct InProcessWorker {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), alert_router::worker::WorkerError>>,
+}
+
+impl InProcessWorker {
+    /// Asks for a graceful stop and waits for the drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A consumer on the dead-letter queue.
+pub struct DeadLetters {
+    consumer: lapin::Consumer,
+    _channel: lapin::Channel,
+}
+
+/// A dead-lettered message as the test sees it.
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl DeadLetter {
+    pub fn header(&self, name: &str) -> Option<String> {
+        broker::header_str(&self.properties, name)
+    }
+    pub fn attempts(&self) -> Option<u64> {
+        broker::header_u64(&self.properties, broker::HEADER_ATTEMPTS)
+    }
+}
+
+impl DeadLetters {
+    /// The next dead letter, acked; panics after [`WAIT`].
+    pub async fn next(&mut self) -> DeadLetter {
+        let delivery = tokio::time::timeout(WAIT, self.consumer.next())
+            .await
+            .expect("no dead letter arrived in time")
+            .expect("dead-letter consumer ended")
+            .expect("dead-letter consumer failed");
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+        DeadLetter {
+            body: delivery.data,
+            properties: delivery.properties,
+        }
+    }
+}

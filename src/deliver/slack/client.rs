@@ -167,7 +167,10 @@ impl SlackClient {
         request = match body {
             // Slack warns `missing_charset` without an explicit charset.
             Body::Json(value) => request
-                .header(reqwest::header::CONTENT_TYPE, "application/json; charset=utf-8")
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/json; charset=utf-8",
+                )
                 .body(serde_json::to_vec(value).unwrap_or_default()),
             Body::Form(fields) => request.form(fields),
         };

@@ -247,3 +247,35 @@ fn send_sigterm(child: &tokio::process::Child) {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn rules_route_by_label_and_unmatched_events_go_to_the_default_channel() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("pay-1", json!({"labels": {"team": "payments"}})))
+        .await;
+    env.slack
+        .wait_for_posts_to(support::PAYMENTS, 1, WAIT)
+        .await
+        .unwrap();
+    env.publish(&env.event("other-1", json!({"labels": {"team": "search"}})))
+        .await;
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+
+    worker.stop().await;
+    let posts = env.slack.posts();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(
+        posts[0].metadata.as_ref().unwrap()["event_payload"]["rule"],
+        "payments"
+    );
+    assert_eq!(
+        posts[1].metadata.as_ref().unwrap()["event_payload"]["rule"],
+        serde_json::Value::Null
+    );
+    env.cleanup().await;
+}

@@ -1,101 +1,106 @@
-//! TEMPORARY stand-in for the rules engine being built on branch wt-rules (same public API).
+//! Routing rules: the YAML rules file, its validation with positioned
+//! diagnostics, and the router that turns an event into targets.
+//!
+//! Load once with [`Rules::load`] (or [`Rules::from_yaml`]), share the result in
+//! an `Arc`, and call [`Rules::route`] per event; [`Rules::explain`] backs
+//! `alert-router rules test`.
+
+mod file;
+mod matcher;
+mod router;
+
+use std::fmt;
+
 use serde::Serialize;
 
-use crate::event::{Event, Target};
+pub use file::json_schema;
+pub use matcher::{MatchOp, Matcher, MatcherError};
+pub use router::{Disposition, Explanation, RoutedTarget, Routing, RuleStep, Rules, Unmatched};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Routing {
-    pub targets: Vec<RoutedTarget>,
-    pub matched_rules: Vec<String>,
-    pub disposition: Disposition,
-}
-#[derive(Debug, Clone, Serialize)]
-pub enum Disposition {
-    Deliver,
-    Silenced { rule: String },
-    Dropped,
-    DeadLetter,
-}
-#[derive(Debug, Clone, Serialize)]
-pub struct RoutedTarget {
-    pub target: Target,
-    pub rule: Option<String>,
-    pub fallback_emails: Vec<String>,
-}
-#[derive(Debug, Clone, Serialize)]
-pub struct Diagnostic {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-impl std::fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.message
-        )
-    }
-}
-#[derive(Debug, thiserror::Error)]
-#[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
-pub struct RulesErrors(pub Vec<Diagnostic>);
+/// A compiled rules file together with the warnings found while loading it.
 #[derive(Debug)]
-pub struct Rules {
-    channel: String,
-}
 pub struct Loaded {
     pub rules: Rules,
     pub warnings: Vec<Diagnostic>,
 }
-impl Rules {
-    pub fn load(path: &std::path::Path) -> Result<Loaded, RulesErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            RulesErrors(vec![Diagnostic {
-                file: path.display().to_string(),
-                line: 0,
-                column: 0,
-                message: e.to_string(),
-            }])
-        })?;
-        let channel = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("slack_channel:"))
-            .map(|c| c.trim().trim_matches('"').to_string())
-            .unwrap_or_default();
-        Ok(Loaded {
-            rules: Rules { channel },
-            warnings: vec![],
+
+/// How serious a diagnostic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// The file is rejected.
+    Error,
+    /// The file loads, but probably does not do what its author meant.
+    Warning,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Error => "error",
+            Level::Warning => "warning",
         })
     }
-    pub fn route(&self, event: &Event) -> Routing {
-        let mut targets = vec![RoutedTarget {
-            target: Target::SlackChannel(self.channel.clone()),
-            rule: None,
-            fallback_emails: vec![],
-        }];
-        targets.extend(event.own_targets().iter().map(|t| RoutedTarget {
-            target: t.clone(),
-            rule: None,
-            fallback_emails: vec![],
-        }));
-        Routing {
-            targets,
-            matched_rules: vec![],
-            disposition: Disposition::Deliver,
+}
+
+/// One problem in a rules file, at a 1-based line and column (0 when the
+/// problem is with the file as a whole, such as a read error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub level: Level,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub(crate) fn error(file: &str, line: usize, column: usize, message: String) -> Self {
+        Diagnostic {
+            file: file.to_string(),
+            line,
+            column,
+            level: Level::Error,
+            message,
         }
     }
-    pub fn rule_count(&self) -> usize {
-        0
+
+    pub(crate) fn warning(file: &str, line: usize, column: usize, message: String) -> Self {
+        Diagnostic {
+            level: Level::Warning,
+            ..Diagnostic::error(file, line, column, message)
+        }
     }
-    pub fn target_count(&self) -> usize {
-        0
+}
+
+/// `rules.yaml:12:7: error: duplicate rule name ...`, the format editors and
+/// CI annotations understand; without a position when there is none.
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}: {}", self.file, self.level, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}: {}",
+                self.file, self.line, self.column, self.level, self.message
+            )
+        }
     }
-    pub fn default_channel(&self) -> Option<&str> {
-        Some(&self.channel)
-    }
-    pub fn default_emails(&self) -> &[String] {
-        &[]
+}
+
+/// Every error found in a rules file (never only the first), in file order.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct RulesErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for RulesErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
     }
 }

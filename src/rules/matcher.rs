@@ -1,0 +1,498 @@
+//! Prometheus Alertmanager label matchers (`team="payments"`, `type=~"escalation\..*"`):
+//! parsing with the classic Alertmanager grammar, and matching against events.
+
+use std::fmt;
+use std::str::FromStr;
+
+use regex::Regex;
+
+use crate::event::Event;
+
+/// The comparison a matcher makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum MatchOp {
+    /// `=`: the value equals.
+    Equal,
+    /// `!=`: the value differs.
+    NotEqual,
+    /// `=~`: the value matches the fully anchored regex.
+    Regex,
+    /// `!~`: the value does not match the fully anchored regex.
+    NotRegex,
+}
+
+impl MatchOp {
+    /// The operator as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchOp::Equal => "=",
+            MatchOp::NotEqual => "!=",
+            MatchOp::Regex => "=~",
+            MatchOp::NotRegex => "!~",
+        }
+    }
+}
+
+impl fmt::Display for MatchOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a matcher does not parse. Each message is a plain sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatcherError {
+    #[error("the matcher is empty")]
+    Empty,
+    #[error("a label name is missing before the operator")]
+    MissingLabelName,
+    #[error(
+        "`{0}` is not a valid label name (letters, digits, `_` and `:`, not starting with a digit)"
+    )]
+    BadLabelName(String),
+    #[error("an operator is missing after `{0}`: expected `=`, `!=`, `=~` or `!~`")]
+    MissingOperator(String),
+    #[error("expected `=`, `!=`, `=~` or `!~` after `{name}`, found `{found}`")]
+    BadOperator { name: String, found: String },
+    #[error(
+        "the value is missing after `{name}{op}` (write `{name}{op}\"\"` to match an empty or missing label)"
+    )]
+    MissingValue { name: String, op: MatchOp },
+    #[error(
+        "the value `{0}` contains an unescaped double quote (write `\\\"` for a literal quote)"
+    )]
+    UnescapedQuote(String),
+    #[error("invalid regex `{regex}`: {reason}")]
+    BadRegex { regex: String, reason: String },
+}
+
+/// One compiled matcher. Regexes are compiled once, here, never on the hot path.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    name: String,
+    op: MatchOp,
+    value: String,
+    /// `^(?:value)$`, present for `=~` and `!~`.
+    regex: Option<Regex>,
+}
+
+impl Matcher {
+    /// Builds a matcher from its parts, compiling the regex for `=~` and `!~`.
+    pub fn new(name: &str, op: MatchOp, value: &str) -> Result<Matcher, MatcherError> {
+        if !is_label_name(name) {
+            return Err(MatcherError::BadLabelName(name.to_string()));
+        }
+        let regex = match op {
+            MatchOp::Equal | MatchOp::NotEqual => None,
+            MatchOp::Regex | MatchOp::NotRegex => Some(compile_anchored(value)?),
+        };
+        Ok(Matcher {
+            name: name.to_string(),
+            op,
+            value: value.to_string(),
+            regex,
+        })
+    }
+
+    /// Parses one matcher in Alertmanager's classic syntax: a label name, an
+    /// operator and a value, each optionally surrounded by whitespace. The value
+    /// may be double-quoted; `\"`, `\\` and `\n` are escapes, and any other
+    /// backslash is literal, as in Alertmanager.
+    pub fn parse(input: &str) -> Result<Matcher, MatcherError> {
+        let s = input.trim_ascii_start();
+        if s.trim_ascii_end().is_empty() {
+            return Err(MatcherError::Empty);
+        }
+        // The name runs up to whitespace or an operator character, so that a
+        // bad name is reported as such rather than as a missing operator.
+        let name_end = s
+            .find(|c: char| c.is_ascii_whitespace() || matches!(c, '=' | '!' | '~'))
+            .unwrap_or(s.len());
+        let name = &s[..name_end];
+        if name.is_empty() {
+            return Err(MatcherError::MissingLabelName);
+        }
+        if !is_label_name(name) {
+            return Err(MatcherError::BadLabelName(name.to_string()));
+        }
+        let rest = s[name_end..].trim_ascii_start();
+        // `=~` must be tried before `=`, or `a=~b` would be `a` = `~b`.
+        let (op, rest) = if let Some(r) = rest.strip_prefix("=~") {
+            (MatchOp::Regex, r)
+        } else if let Some(r) = rest.strip_prefix("!=") {
+            (MatchOp::NotEqual, r)
+        } else if let Some(r) = rest.strip_prefix("!~") {
+            (MatchOp::NotRegex, r)
+        } else if let Some(r) = rest.strip_prefix('=') {
+            (MatchOp::Equal, r)
+        } else if rest.trim_ascii_end().is_empty() {
+            return Err(MatcherError::MissingOperator(name.to_string()));
+        } else {
+            return Err(MatcherError::BadOperator {
+                name: name.to_string(),
+                found: rest.trim_ascii_end().to_string(),
+            });
+        };
+        let raw = rest.trim_ascii();
+        if raw.is_empty() {
+            return Err(MatcherError::MissingValue {
+                name: name.to_string(),
+                op,
+            });
+        }
+        let value = unescape(raw)?;
+        Matcher::new(name, op, &value)
+    }
+
+    /// The label name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The operator.
+    pub fn op(&self) -> MatchOp {
+        self.op
+    }
+
+    /// The unescaped value (the regex source for `=~` and `!~`).
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// Whether a label value satisfies this matcher.
+    pub fn matches_value(&self, value: &str) -> bool {
+        match (&self.op, &self.regex) {
+            (MatchOp::Equal, _) => value == self.value,
+            (MatchOp::NotEqual, _) => value != self.value,
+            (MatchOp::Regex, Some(re)) => re.is_match(value),
+            (MatchOp::NotRegex, Some(re)) => !re.is_match(value),
+            // Unreachable by construction: `new` always compiles regex operators.
+            (MatchOp::Regex | MatchOp::NotRegex, None) => false,
+        }
+    }
+
+    /// Whether the event's label (missing = empty string) satisfies this matcher.
+    pub fn matches(&self, event: &Event) -> bool {
+        self.matches_value(&event.label(&self.name))
+    }
+
+    /// True when the matcher holds for every event: `x=~".*"` and friends.
+    /// Used to warn about rules hidden behind a catch-all rule.
+    pub fn matches_anything(&self) -> bool {
+        self.op == MatchOp::Regex && matches!(self.value.as_str(), ".*" | "(?s).*" | "(?s:.*)")
+    }
+}
+
+impl FromStr for Matcher {
+    type Err = MatcherError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Matcher::parse(s)
+    }
+}
+
+impl PartialEq for Matcher {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.op == other.op && self.value == other.value
+    }
+}
+
+impl Eq for Matcher {}
+
+/// The canonical form, `name="value"` with OpenMetrics escaping, which parses back
+/// to the same matcher.
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}\"", self.name, self.op)?;
+        for c in self.value.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => write!(f, "{c}")?,
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`, Prometheus' classic label name.
+fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Alertmanager's value unescaping: an optional pair of surrounding quotes, and
+/// `\"`, `\\`, `\n` escapes; a backslash before anything else stays literal.
+fn unescape(raw: &str) -> Result<String, MatcherError> {
+    let (body, mut expect_closing_quote) = match raw.strip_prefix('"') {
+        Some(body) => (body, true),
+        None => (raw, false),
+    };
+    let mut value = String::with_capacity(body.len());
+    let mut escaped = false;
+    let mut chars = body.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        let is_last = chars.peek().is_none();
+        if escaped {
+            escaped = false;
+            match c {
+                'n' => value.push('\n'),
+                '"' | '\\' => value.push(c),
+                other => {
+                    value.push('\\');
+                    value.push(other);
+                }
+            }
+            continue;
+        }
+        match c {
+            '\\' if !is_last => escaped = true,
+            '\\' => value.push('\\'),
+            '"' if expect_closing_quote && is_last => expect_closing_quote = false,
+            '"' => return Err(MatcherError::UnescapedQuote(raw.to_string())),
+            other => value.push(other),
+        }
+    }
+    if expect_closing_quote {
+        return Err(MatcherError::UnescapedQuote(raw.to_string()));
+    }
+    Ok(value)
+}
+
+/// Compiles `^(?:pattern)$`. The bare pattern is checked first so that input
+/// like `a)|(b` cannot escape the anchors, and so errors quote what the user wrote.
+fn compile_anchored(pattern: &str) -> Result<Regex, MatcherError> {
+    let bad = |e: regex::Error| MatcherError::BadRegex {
+        regex: pattern.to_string(),
+        reason: regex_reason(&e),
+    };
+    Regex::new(pattern).map_err(bad)?;
+    Regex::new(&format!("^(?:{pattern})$")).map_err(bad)
+}
+
+/// The regex crate's error is a multi-line drawing; keep its final sentence.
+fn regex_reason(err: &regex::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix("error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| text.replace('\n', " "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Severity};
+
+    #[test]
+    fn valid_matchers_parse_like_alertmanager() {
+        use MatchOp::*;
+        let cases: &[(&str, &str, MatchOp, &str)] = &[
+            (r#"team="payments""#, "team", Equal, "payments"),
+            ("team=payments", "team", Equal, "payments"),
+            (r#"team!="payments""#, "team", NotEqual, "payments"),
+            (
+                r#"type=~"escalation\..*""#,
+                "type",
+                Regex,
+                r"escalation\..*",
+            ),
+            (r#"env!~"dev|test""#, "env", NotRegex, "dev|test"),
+            ("statuscode=~5..", "statuscode", Regex, "5.."),
+            (r#"team="""#, "team", Equal, ""),
+            (r#"  team  =  "payments"  "#, "team", Equal, "payments"),
+            ("team = two words ", "team", Equal, "two words"),
+            (r#"foo="bar,quux""#, "foo", Equal, "bar,quux"),
+            ("tricky=~~~", "tricky", Regex, "~~"),
+            (r#"trickier==\\=\=\""#, "trickier", Equal, r#"=\=\=""#),
+            (r#"q="She said: \"hi\"""#, "q", Equal, r#"She said: "hi""#),
+            (r#"path="C:\\temp""#, "path", Equal, r"C:\temp"),
+            (r#"text="a\nb""#, "text", Equal, "a\nb"),
+            (r"dot=a\.b", "dot", Equal, r"a\.b"),
+            (r"end=a\", "end", Equal, r"a\"),
+            ("_private:x=1", "_private:x", Equal, "1"),
+            (r#"team="côdé""#, "team", Equal, "côdé"),
+        ];
+        for &(input, name, op, value) in cases {
+            let m = Matcher::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!((m.name(), m.op(), m.value()), (name, op, value), "{input}");
+        }
+    }
+
+    #[test]
+    fn invalid_matchers_are_rejected_with_a_plain_reason() {
+        let cases = [
+            ("", "the matcher is empty"),
+            ("   ", "the matcher is empty"),
+            (r#"="x""#, "a label name is missing before the operator"),
+            (
+                r#"invalid-name="x""#,
+                "`invalid-name` is not a valid label name (letters, digits, `_` and `:`, not starting with a digit)",
+            ),
+            (
+                r#"1team="x""#,
+                "`1team` is not a valid label name (letters, digits, `_` and `:`, not starting with a digit)",
+            ),
+            (
+                r#""team"="x""#,
+                "`\"team\"` is not a valid label name (letters, digits, `_` and `:`, not starting with a digit)",
+            ),
+            (
+                "team",
+                "an operator is missing after `team`: expected `=`, `!=`, `=~` or `!~`",
+            ),
+            (
+                "team payments",
+                "expected `=`, `!=`, `=~` or `!~` after `team`, found `payments`",
+            ),
+            (
+                r#"team~="x""#,
+                "expected `=`, `!=`, `=~` or `!~` after `team`, found `~=\"x\"`",
+            ),
+            (
+                "team=",
+                "the value is missing after `team=` (write `team=\"\"` to match an empty or missing label)",
+            ),
+            (
+                "team=~  ",
+                "the value is missing after `team=~` (write `team=~\"\"` to match an empty or missing label)",
+            ),
+            (
+                r#"job="value"#,
+                "the value `\"value` contains an unescaped double quote (write `\\\"` for a literal quote)",
+            ),
+            (
+                r#"job=value""#,
+                "the value `value\"` contains an unescaped double quote (write `\\\"` for a literal quote)",
+            ),
+            (
+                r#"job="a"b""#,
+                "the value `\"a\"b\"` contains an unescaped double quote (write `\\\"` for a literal quote)",
+            ),
+            (
+                r#"job=""#,
+                "the value `\"` contains an unescaped double quote (write `\\\"` for a literal quote)",
+            ),
+            (
+                r#"foo=~"invalid[regexp""#,
+                "invalid regex `invalid[regexp`: unclosed character class",
+            ),
+            (r#"foo=~"a)|(b""#, "invalid regex `a)|(b`: unopened group"),
+            (r#"foo!~"(x""#, "invalid regex `(x`: unclosed group"),
+        ];
+        for (input, expected) in cases {
+            match Matcher::parse(input) {
+                Ok(m) => panic!("{input:?} parsed as {m}"),
+                Err(e) => assert_eq!(e.to_string(), expected, "{input:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn display_gives_a_canonical_form_that_parses_back() {
+        for input in [r#"q="She said: \"hi\"""#, r#"p=~"a\\b\nc""#, "x!=plain"] {
+            let m = Matcher::parse(input).unwrap();
+            let again = Matcher::parse(&m.to_string()).unwrap();
+            assert_eq!(m, again, "{input} -> {m}");
+        }
+        assert_eq!(
+            Matcher::parse("team = pay").unwrap().to_string(),
+            r#"team="pay""#
+        );
+    }
+
+    #[test]
+    fn regexes_are_fully_anchored() {
+        let m = Matcher::parse(r#"code=~"5..""#).unwrap();
+        assert!(m.matches_value("503"));
+        assert!(!m.matches_value("5033"));
+        assert!(!m.matches_value("1503"));
+        let m = Matcher::parse(r#"sev=~"critical|high""#).unwrap();
+        assert!(m.matches_value("high"));
+        assert!(!m.matches_value("highest"));
+        assert!(!m.matches_value("critical|high"));
+    }
+
+    #[test]
+    fn negative_regex_is_the_exact_complement() {
+        let m = Matcher::parse(r#"env!~"dev|test""#).unwrap();
+        assert!(!m.matches_value("dev"));
+        assert!(m.matches_value("devel"));
+        assert!(m.matches_value(""));
+    }
+
+    fn event(labels: &[(&str, &str)]) -> Event {
+        Event {
+            id: "e1".into(),
+            kind: "escalation.triggered".into(),
+            severity: Severity::High,
+            title: "t".into(),
+            workspace: None,
+            occurred_at: None,
+            source: None,
+            summary: None,
+            ticket: None,
+            assignee: None,
+            level: Some(2),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            comment: None,
+            targets: None,
+        }
+    }
+
+    #[test]
+    fn a_missing_label_is_the_empty_string() {
+        let no_team = event(&[]);
+        let with_team = event(&[("team", "payments")]);
+        let empty = Matcher::parse(r#"team="""#).unwrap();
+        let present = Matcher::parse(r#"team!="""#).unwrap();
+        assert!(empty.matches(&no_team));
+        assert!(!empty.matches(&with_team));
+        assert!(!present.matches(&no_team));
+        assert!(present.matches(&with_team));
+        // `!=` on a missing label holds, as in Alertmanager.
+        assert!(Matcher::parse("team!=ops").unwrap().matches(&no_team));
+        assert!(Matcher::parse(r#"team=~"x*""#).unwrap().matches(&no_team));
+    }
+
+    #[test]
+    fn built_in_fields_are_matchable_and_win_over_labels() {
+        let e = event(&[("severity", "critical"), ("team", "payments")]);
+        assert!(Matcher::parse("severity=high").unwrap().matches(&e));
+        assert!(!Matcher::parse("severity=critical").unwrap().matches(&e));
+        assert!(Matcher::parse("level=2").unwrap().matches(&e));
+        assert!(
+            Matcher::parse(r#"type=~"escalation\..*""#)
+                .unwrap()
+                .matches(&e)
+        );
+        assert!(Matcher::parse(r#"source="""#).unwrap().matches(&e));
+    }
+
+    #[test]
+    fn escapes_in_values_are_matched_literally() {
+        let m = Matcher::parse(r#"msg="say \"hi\"\n""#).unwrap();
+        assert!(m.matches_value("say \"hi\"\n"));
+        let m = Matcher::parse(r#"type=~"escalation\.triggered""#).unwrap();
+        assert!(m.matches_value("escalation.triggered"));
+        assert!(!m.matches_value("escalationXtriggered"));
+    }
+
+    #[test]
+    fn only_catch_all_regexes_match_anything() {
+        for s in [r#"x=~".*""#, "x=~(?s).*"] {
+            assert!(Matcher::parse(s).unwrap().matches_anything(), "{s}");
+        }
+        for s in [r#"x=~".+""#, r#"x!~".*""#, r#"x="""#, "x!=y"] {
+            assert!(!Matcher::parse(s).unwrap().matches_anything(), "{s}");
+        }
+    }
+}

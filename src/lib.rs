@@ -15,14 +15,16 @@
 //! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
 //! | [`broker`] | RabbitMQ: topology, consumer, publisher with confirms |
 //! | [`deliver`] | one event's delivery: targets, idempotency, Slack, fallback |
+//! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
-//! | [`telemetry`] | logging setup |
+//! | [`telemetry`] | logging, Prometheus metrics, one function per counted fact |
 
 pub mod broker;
 pub mod config;
 pub mod deliver;
 pub mod event;
+pub mod reload;
 pub mod rules;
 pub mod settle;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use alert_router::broker::{self, Publisher, Topology};
 use alert_router::config::{Secrets, Settings};
 use alert_router::event::Event;
-use alert_router::rules::Rules;
+use alert_router::rules::{Disposition, Rules};
 use alert_router::{telemetry, worker};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -55,6 +55,28 @@ enum RulesCommand {
         #[arg(value_name = "PATH")]
         path: Option<PathBuf>,
     },
+    /// Show which rules match an event and where it would go; sends nothing.
+    Test {
+        /// Rules file (default: rules.path from settings).
+        #[arg(long, value_name = "PATH")]
+        rules: Option<PathBuf>,
+        /// The event: a JSON file, or `-` for standard input.
+        #[arg(value_name = "EVENT.json|-")]
+        event: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of the rules file, for editors.
+    Schema,
+}
+
+/// `println!` that does not panic when stdout is a closed pipe (`… | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 /// A failure with the exit code it deserves.
@@ -96,7 +118,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run => run(settings).await,
         Command::Settings => {
-            print!("{}", settings.redacted_yaml());
+            outln!("{}", settings.redacted_yaml().trim_end());
             Ok(())
         }
         Command::Publish { file } => publish(&settings, file).await,
@@ -105,6 +127,20 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => {
             let path = path.unwrap_or_else(|| settings.rules.path.clone());
             rules_check(&path)
+        }
+        Command::Rules {
+            command: RulesCommand::Test { rules, event, json },
+        } => {
+            let path = rules.unwrap_or_else(|| settings.rules.path.clone());
+            rules_test(&path, event, json, settings.amqp.max_body_bytes)
+        }
+        Command::Rules {
+            command: RulesCommand::Schema,
+        } => {
+            let schema = serde_json::to_string_pretty(&Rules::json_schema())
+                .context("cannot render the schema")?;
+            outln!("{schema}");
+            Ok(())
         }
     }
 }
@@ -154,7 +190,7 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
             for warning in &loaded.warnings {
                 eprintln!("{warning}");
             }
-            println!(
+            outln!(
                 "{}: ok, {} rules, {} targets",
                 path.display(),
                 loaded.rules.rule_count(),
@@ -167,6 +203,106 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
             path.display()
         ))),
     }
+}
+
+/// Explains the routing of one event without sending anything.
+fn rules_test(
+    path: &std::path::Path,
+    event_file: PathBuf,
+    json: bool,
+    max_bytes: usize,
+) -> Result<(), Failure> {
+    let loaded = Rules::load(path).map_err(|errors| {
+        bad_input(anyhow::anyhow!(
+            "{} is not valid:\n{errors}",
+            path.display()
+        ))
+    })?;
+    let (source, text) = read_input(Some(event_file)).map_err(bad_input)?;
+    let event = Event::decode(text.trim().as_bytes(), max_bytes)
+        .map_err(|e| bad_input(anyhow::anyhow!("{source}: {e}")))?;
+    let explanation = loaded.rules.explain(&event);
+    if json {
+        let out = serde_json::json!({
+            "rules_file": path.display().to_string(),
+            "event_id": event.id,
+            "steps": explanation.steps,
+            "routing": explanation.routing,
+        });
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("cannot render JSON")?
+        );
+        return Ok(());
+    }
+    for warning in &loaded.warnings {
+        eprintln!("{warning}");
+    }
+    outln!(
+        "rules: {} ({} rules)",
+        path.display(),
+        loaded.rules.rule_count()
+    );
+    outln!("event: {} ({}, {})", event.id, event.kind, event.severity);
+    outln!();
+    let width = explanation
+        .steps
+        .iter()
+        .map(|s| s.rule.len())
+        .max()
+        .unwrap_or(0);
+    let mut stopped_by: Option<&str> = None;
+    for step in &explanation.steps {
+        let verdict = if !step.evaluated {
+            format!(
+                "not evaluated (stopped by {})",
+                stopped_by.unwrap_or("an earlier rule")
+            )
+        } else if step.matched {
+            "matched".to_string()
+        } else {
+            match &step.failed_matcher {
+                Some(matcher) => format!("not matched: {matcher} failed"),
+                None => "not matched".to_string(),
+            }
+        };
+        let mark = match (step.evaluated, step.matched) {
+            (true, true) => "✓",
+            (true, false) => "✗",
+            (false, _) => "-",
+        };
+        outln!("  {mark} {:width$}  {verdict}", step.rule);
+        if step.evaluated && step.matched {
+            stopped_by = Some(&step.rule);
+        }
+    }
+    outln!();
+    let routing = &explanation.routing;
+    match &routing.disposition {
+        Disposition::Deliver => {
+            outln!("targets:");
+            for routed in &routing.targets {
+                let from = routed
+                    .rule
+                    .as_deref()
+                    .map_or("event or default".to_string(), |r| format!("rule {r}"));
+                let fallback = if routed.fallback_emails.is_empty() {
+                    "no fallback email".to_string()
+                } else {
+                    format!("fallback email: {}", routed.fallback_emails.join(", "))
+                };
+                outln!("  {}  ({from}; {fallback})", routed.target);
+            }
+        }
+        Disposition::Silenced { rule } => {
+            outln!("silenced by rule {rule} (notify: []): nothing is sent")
+        }
+        Disposition::Dropped => outln!("no rule matches and unmatched: drop: nothing is sent"),
+        Disposition::DeadLetter => {
+            outln!("no rule matches: the event would be dead-lettered (no_route)")
+        }
+    }
+    Ok(())
 }
 
 /// Validates every event first, so a bad line publishes nothing; then publishes
@@ -211,7 +347,7 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
         .collect();
     let _ = connection.close(200, "done".into()).await;
     let published = events.len() - failed.len();
-    println!(
+    outln!(
         "published {published} of {} events to exchange `{exchange}`",
         events.len()
     );

@@ -26,6 +26,7 @@ use crate::deliver::slack::tokens::TokenStore;
 use crate::event::{Event, sniff_id};
 use crate::rules::{Disposition, Rules, RulesErrors};
 use crate::settle::{Outcome, Settled, Settler};
+use crate::telemetry;
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum WorkerError {
 /// Shared by every in-flight delivery.
 struct Context {
     /// Swapped whole on reload; each event keeps the rules it started with.
-    rules: ArcSwap<Rules>,
+    rules: Arc<ArcSwap<Rules>>,
     deliverer: Deliverer,
     max_body_bytes: usize,
 }
@@ -80,6 +81,7 @@ pub async fn run(
         warn!(%warning, "rules warning");
     }
     info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
+    telemetry::record_rules_load(true, Some(loaded.rules.rule_count()));
 
     let redis = redis::Client::open(settings.redis.url.as_str())
         .and_then(|client| {
@@ -111,7 +113,7 @@ pub async fn run(
         lease,
     );
     let context = Arc::new(Context {
-        rules: ArcSwap::from_pointee(loaded.rules),
+        rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
         deliverer: Deliverer::new(slack, tokens, idempotency),
         max_body_bytes: settings.amqp.max_body_bytes,
     });
@@ -124,6 +126,11 @@ pub async fn run(
             source,
         })?;
     let http = tokio::spawn(serve_health(listener, readiness.clone(), shutdown.clone()));
+    let watcher = tokio::spawn(crate::reload::watch(
+        settings.rules.path.clone(),
+        Arc::clone(&context.rules),
+        shutdown.clone(),
+    ));
 
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
     let mut backoff = Duration::from_millis(500);
@@ -142,7 +149,10 @@ pub async fn run(
         }
     }
     readiness.set(false);
+    // Stop the side tasks even when the loop ended without a requested stop.
+    shutdown.cancel();
     let _ = http.await;
+    let _ = watcher.await;
     info!("stopped");
     Ok(())
 }
@@ -174,6 +184,7 @@ async fn consume(
     let settler = Settler::new(publisher, topology.clone());
     let in_flight = TaskTracker::new();
     readiness.set(true);
+    telemetry::record_broker_connected(true);
     info!(queue = %topology.queue, prefetch = settings.amqp.prefetch, "consuming");
 
     let lost = loop {
@@ -193,6 +204,7 @@ async fn consume(
         }
     };
     readiness.set(false);
+    telemetry::record_broker_connected(false);
     in_flight.close();
     if let Some(error) = lost {
         // In-flight work cannot ack on a dead channel; the broker redelivers it.
@@ -225,9 +237,16 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
     let event_id = sniff_id(&delivery.data).unwrap_or_else(|| "?".into());
     let span = info_span!("event", id = %event_id, redelivered = delivery.redelivered);
     async {
+        let started = std::time::Instant::now();
         let outcome = handle(context, &delivery).await;
         match settler.settle(&delivery, outcome).await {
-            Ok(Settled::Acked | Settled::Retried { .. } | Settled::DeadLettered { .. }) => {}
+            Ok(Settled::Acked) => telemetry::record_event("acked", "", started.elapsed()),
+            Ok(Settled::Retried { .. }) => {
+                telemetry::record_event("retried", "unsettled_targets", started.elapsed())
+            }
+            Ok(Settled::DeadLettered { reason }) => {
+                telemetry::record_event("dead_lettered", reason, started.elapsed())
+            }
             Err(e) => error!(error = %e, "could not settle; left for redelivery"),
         }
     }
@@ -298,8 +317,21 @@ async fn serve_health(
     use axum::http::StatusCode;
     use axum::routing::get;
 
+    let metrics = telemetry::metrics();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    metrics.render(),
+                )
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

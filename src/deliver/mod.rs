@@ -39,6 +39,8 @@ pub enum TargetStatus {
 pub struct TargetReport {
     /// The target as routed, e.g. `slack_channel:C0PAY`.
     pub target: String,
+    /// The target's kind (`slack_channel`, `email`, …), for metrics.
+    pub kind: &'static str,
     pub status: TargetStatus,
 }
 
@@ -126,7 +128,7 @@ impl Deliverer {
         let mut resolved = Vec::with_capacity(routing.targets.len());
         let mut seen = HashSet::new();
         for routed in &routing.targets {
-            let name = routed.target.to_string();
+            let name = &routed.target;
             let token = match &token {
                 Ok(token) => token,
                 Err((detail, retryable)) => {
@@ -221,15 +223,12 @@ impl Deliverer {
         target: &Resolved<'_>,
         token: &WorkspaceToken,
     ) -> TargetReport {
-        let name = target.routed.target.to_string();
+        let name = &target.routed.target;
         let ticket = match self.idempotency.claim(&event.id, &target.key).await {
             Ok(Claim::Acquired(ticket)) => ticket,
             Ok(Claim::AlreadyDone) => {
                 info!(target = %name, "already delivered; not sending again");
-                return TargetReport {
-                    target: name,
-                    status: TargetStatus::AlreadyDelivered,
-                };
+                return report(name, TargetStatus::AlreadyDelivered);
             }
             Ok(Claim::HeldElsewhere) => {
                 return failed(
@@ -272,12 +271,12 @@ impl Deliverer {
                     warn!(target = %name, error = %e, "sent, but could not record it in Redis; a redelivery after the claim lease may send it again");
                 }
                 info!(target = %name, channel = %to, "delivered to slack");
-                TargetReport {
-                    target: name,
-                    status: TargetStatus::Delivered {
+                report(
+                    name,
+                    TargetStatus::Delivered {
                         to: format!("slack:{to}"),
                     },
-                }
+                )
             }
             Err(e) => {
                 if let Err(release) = self.idempotency.release(&ticket).await {
@@ -314,9 +313,25 @@ impl Deliverer {
     }
 }
 
-fn failed(target: String, detail: String, retryable: bool) -> TargetReport {
+fn failed(target: &Target, detail: String, retryable: bool) -> TargetReport {
+    report(target, TargetStatus::Failed { detail, retryable })
+}
+
+fn report(target: &Target, status: TargetStatus) -> TargetReport {
+    let result = match &status {
+        TargetStatus::Delivered { .. } => "delivered",
+        TargetStatus::AlreadyDelivered => "already_delivered",
+        TargetStatus::Failed {
+            retryable: true, ..
+        } => "failed_retryable",
+        TargetStatus::Failed {
+            retryable: false, ..
+        } => "failed",
+    };
+    crate::telemetry::record_target(target.kind(), result);
     TargetReport {
-        target,
-        status: TargetStatus::Failed { detail, retryable },
+        target: target.to_string(),
+        kind: target.kind(),
+        status,
     }
 }

@@ -288,6 +288,35 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Starts `alert-router run` as a child process whose log lines the test can wait for.
+    pub fn start_worker_process(&self) -> WorkerProcess {
+        let mut child = self
+            .command()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines) = tokio::sync::watch::channel(Vec::<String>::new());
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("[worker] {line}");
+                lines_tx.send_modify(|all| all.push(line));
+            }
+        });
+        WorkerProcess { child, lines }
+    }
+
+    /// Replaces the rules file the way editors do: write a new file, rename it over.
+    pub fn replace_rules(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".rules.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.rules_path()).unwrap();
+    }
+
     pub fn rules_path(&self) -> PathBuf {
         self.settings.rules.path.clone()
     }
@@ -324,6 +353,52 @@ impl TestEnv {
 
 pub fn topology(settings: &Settings) -> Topology {
     Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays)
+}
+
+/// A worker child process and its log lines.
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    lines: tokio::sync::watch::Receiver<Vec<String>>,
+}
+
+impl WorkerProcess {
+    /// Waits for the `n`-th log line (counting from 1) that contains `needle`.
+    pub async fn wait_for_log(&mut self, needle: &str, n: usize) -> String {
+        let found = tokio::time::timeout(
+            WAIT,
+            self.lines
+                .wait_for(|lines| lines.iter().filter(|l| l.contains(needle)).count() >= n),
+        )
+        .await;
+        match found {
+            Ok(Ok(lines)) => lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .cloned()
+                .unwrap_or_default(),
+            _ => panic!("the worker did not log {needle:?} (x{n}) in time"),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("worker is running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("worker did not stop in time")
+            .unwrap()
+    }
 }
 
 /// A worker task in the test process.

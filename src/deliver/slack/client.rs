@@ -159,6 +159,20 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
+        let result = self.request(method, token, body).await;
+        match &result {
+            Ok(_) => crate::telemetry::record_slack_call(method, "ok"),
+            Err(e) => crate::telemetry::record_slack_call(method, &e.code),
+        }
+        result
+    }
+
+    async fn request(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
         let url = format!("{}/{method}", self.api_url);
         let mut request = self.http.post(url);
         if let Some(token) = token {

@@ -1,0 +1,179 @@
+//! Hot reload of the rules file: on a change in its directory, or on SIGHUP, validate and swap — or keep the last good rules.
+//!
+//! The directory is watched rather than the file because editors and
+//! Kubernetes ConfigMaps replace files (rename, symlink swap) instead of
+//! writing in place. Events are debounced, and a reload whose content did not
+//! change is skipped. Events in flight keep the `Arc<Rules>` they started with.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::rules::Rules;
+use crate::telemetry;
+
+/// Quiet time after the last file event before reloading.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Reloads `path` into `current` if it is valid and changed; returns whether it swapped.
+pub fn reload(path: &Path, current: &ArcSwap<Rules>, last_hash: &mut Option<u64>) -> bool {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            error!(path = %path.display(), error = %e, "cannot read the rules file; keeping the last good rules");
+            telemetry::record_rules_load(false, None);
+            return false;
+        }
+    };
+    let hash = content_hash(&text);
+    if *last_hash == Some(hash) {
+        return false;
+    }
+    match Rules::from_yaml(&text, &path.display().to_string()) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                warn!(%warning, "rules warning");
+            }
+            let count = loaded.rules.rule_count();
+            current.store(Arc::new(loaded.rules));
+            *last_hash = Some(hash);
+            telemetry::record_rules_load(true, Some(count));
+            info!(path = %path.display(), rules = count, "rules reloaded");
+            true
+        }
+        Err(errors) => {
+            for diagnostic in &errors.0 {
+                error!(%diagnostic, "rules error");
+            }
+            // Remember the bad content so the same broken file is not re-reported on every touch.
+            *last_hash = Some(hash);
+            telemetry::record_rules_load(false, None);
+            error!(
+                path = %path.display(),
+                errors = errors.0.len(),
+                "rules file is invalid; keeping the last good rules"
+            );
+            false
+        }
+    }
+}
+
+/// Hash of the file as loaded at start, so the first no-op event is skipped.
+pub fn initial_hash(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok().map(|t| content_hash(&t))
+}
+
+fn content_hash(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Watches `path` until `shutdown`, reloading into `current` on changes and SIGHUP.
+pub async fn watch(path: PathBuf, current: Arc<ArcSwap<Rules>>, shutdown: CancellationToken) {
+    let mut last_hash = initial_hash(&path);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let directory = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .and_then(|mut watcher| {
+        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+        Ok(watcher)
+    });
+    // Keep the watcher alive for the whole loop; without it, only SIGHUP reloads.
+    let _watcher = match watcher {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            warn!(directory = %directory.display(), error = %e, "cannot watch the rules directory; reload with SIGHUP");
+            None
+        }
+    };
+    let mut hangups = hangup_signals();
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(()) = rx.recv() => {
+                // Let a burst of events (write, rename, chmod) settle first.
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                reload(&path, &current, &mut last_hash);
+            }
+            _ = next_hangup(&mut hangups) => {
+                info!("SIGHUP: reloading rules");
+                last_hash = None;
+                reload(&path, &current, &mut last_hash);
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+#[cfg(unix)]
+fn hangup_signals() -> Hangups {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signals() -> Hangups {}
+
+#[cfg(unix)]
+async fn next_hangup(hangups: &mut Hangups) {
+    match hangups {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangups) {
+    std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "version: 1\ndefaults:\n  slack_channel: C1\nrules: []\n";
+    const OTHER: &str = "version: 1\ndefaults:\n  slack_channel: C2\nrules:\n  - name: a\n    matchers: []\n    notify: []\n";
+
+    #[test]
+    fn a_valid_change_swaps_and_an_invalid_one_keeps_the_last_good_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let current = ArcSwap::from_pointee(Rules::load(&path).unwrap().rules);
+        let mut hash = initial_hash(&path);
+
+        assert!(
+            !reload(&path, &current, &mut hash),
+            "unchanged content is not reloaded"
+        );
+
+        std::fs::write(&path, OTHER).unwrap();
+        assert!(reload(&path, &current, &mut hash));
+        assert_eq!(current.load().rule_count(), 1);
+
+        std::fs::write(&path, "version: 1\nrules: [\n").unwrap();
+        assert!(!reload(&path, &current, &mut hash));
+        assert_eq!(current.load().rule_count(), 1, "the last good rules stay");
+        assert_eq!(current.load().default_channel(), Some("C2"));
+    }
+}

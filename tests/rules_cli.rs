@@ -194,3 +194,15 @@ async fn a_running_worker_takes_a_valid_rules_change_and_refuses_an_invalid_one(
     assert_eq!(env.slack.posts().len(), 4);
     env.cleanup().await;
 }
+
+#[test]
+fn the_committed_schema_file_matches_the_command() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = alert_router(&["rules", "schema"], root);
+    let committed = std::fs::read_to_string(root.join("config/rules.schema.json")).unwrap();
+    assert_eq!(
+        text(&output.stdout),
+        committed,
+        "regenerate it: alert-router rules schema > config/rules.schema.json"
+    );
+}

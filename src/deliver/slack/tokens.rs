@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 
-/// The Redis record for one workspace, as the SPEC fixes it.
+/// The Redis record for one workspace; other systems (an OAuth install flow) write it too, so its shape is fixed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub access_token: String,

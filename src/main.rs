@@ -4,6 +4,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use alert_router::broker::dlq::{DeadLetterQueue, Selector};
 use alert_router::broker::{self, Publisher, Topology};
 use alert_router::config::{Secrets, Settings};
 use alert_router::event::Event;
@@ -45,6 +46,49 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+    /// Inspect and replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        /// Print JSON for scripts.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Messages in the dead-letter queue, by reason, and the oldest one's age.
+    Stats,
+    /// List dead letters (id, type, reason, detail, attempts, age) without removing them.
+    List {
+        /// Show at most this many, from the head of the queue.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one dead letter in full: headers and body.
+    Show {
+        /// Event id, or `#N` for the N-th message as listed.
+        id: String,
+    },
+    /// Republish dead letters to the exchange with their original routing key, then remove them.
+    Replay {
+        /// Event id, or `#N` for the N-th message as listed.
+        #[arg(required_unless_present_any = ["all", "reason"], conflicts_with_all = ["all", "reason"])]
+        id: Option<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "reason")]
+        all: bool,
+        /// Replay the dead letters with this reason code (e.g. `undeliverable`).
+        #[arg(long, value_name = "REASON")]
+        reason: Option<String>,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -122,6 +166,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Publish { file } => publish(&settings, file).await,
+        Command::Dlq { command, json } => dlq(&settings, command, json).await,
         Command::Rules {
             command: RulesCommand::Check { path },
         } => {
@@ -202,6 +247,190 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
             "{} is not valid:\n{errors}",
             path.display()
         ))),
+    }
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(), Failure> {
+    let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
+    let connection = broker::connect(&settings.amqp.url, "alert-router dlq")
+        .await
+        .context("cannot reach the dead-letter queue")?;
+    let queue = DeadLetterQueue::new(&connection, &topology);
+    let result = dlq_command(&queue, &topology, command, json).await;
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
+async fn dlq_command(
+    queue: &DeadLetterQueue<'_>,
+    topology: &Topology,
+    command: DlqCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    let name = &topology.dead_letter_queue;
+    match command {
+        DlqCommand::Stats => {
+            let stats = queue
+                .stats()
+                .await
+                .context("cannot read the dead-letter queue")?;
+            if json {
+                outln!("{}", to_json(&stats)?);
+            } else {
+                outln!("{}: {} messages", stats.queue, stats.messages);
+                for (reason, count) in &stats.by_reason {
+                    outln!("  {reason:<16} {count}");
+                }
+                if let Some(age) = stats.oldest_age_seconds {
+                    outln!("oldest: {}", human_age(age));
+                }
+            }
+        }
+        DlqCommand::List { limit } => {
+            let letters = queue
+                .list(limit)
+                .await
+                .context("cannot read the dead-letter queue")?;
+            if json {
+                outln!("{}", to_json(&letters)?);
+            } else if letters.is_empty() {
+                outln!("{name} is empty");
+            } else {
+                outln!(
+                    "{:>4}  {:<24} {:<24} {:<14} {:>8} {:>8}  DETAIL",
+                    "#",
+                    "ID",
+                    "TYPE",
+                    "REASON",
+                    "ATTEMPTS",
+                    "AGE"
+                );
+                for l in &letters {
+                    outln!(
+                        "{:>4}  {:<24} {:<24} {:<14} {:>8} {:>8}  {}",
+                        l.position,
+                        clip(l.id.as_deref().unwrap_or("-"), 24),
+                        clip(&l.routing_key, 24),
+                        clip(&l.reason, 14),
+                        l.attempts.map_or("-".to_string(), |a| a.to_string()),
+                        l.age_seconds.map_or("-".to_string(), human_age),
+                        clip(&l.detail, 120)
+                    );
+                }
+            }
+        }
+        DlqCommand::Show { id } => {
+            let selector = Selector::Id(id.clone());
+            let letters = queue
+                .list(usize::MAX)
+                .await
+                .context("cannot read the dead-letter queue")?;
+            let Some(letter) = letters.iter().find(|l| selector.matches(l)) else {
+                return Err(bad_input(anyhow::anyhow!(
+                    "no dead letter with id {id} in {name}"
+                )));
+            };
+            if json {
+                let body: serde_json::Value = serde_json::from_slice(&letter.body)
+                    .unwrap_or_else(|_| serde_json::Value::String(letter.body_text()));
+                outln!(
+                    "{}",
+                    to_json(
+                        &serde_json::json!({"message": letter, "headers": letter.headers(), "body": body})
+                    )?
+                );
+            } else {
+                outln!("position: {}", letter.position);
+                for (header, value) in letter.headers() {
+                    outln!("{header}: {value}");
+                }
+                outln!();
+                outln!("{}", letter.body_text());
+            }
+        }
+        DlqCommand::Replay { id, all, reason } => {
+            let selector = match (id, all, reason) {
+                (Some(id), _, _) => Selector::Id(id),
+                (None, _, Some(reason)) => Selector::Reason(reason),
+                _ => Selector::All,
+            };
+            let replayed = queue.replay(&selector).await.context("replay stopped")?;
+            if json {
+                outln!("{}", to_json(&replayed)?);
+            } else {
+                for l in &replayed {
+                    outln!(
+                        "replayed {} ({}, was {})",
+                        l.id.as_deref().unwrap_or("-"),
+                        l.routing_key,
+                        l.reason
+                    );
+                }
+                outln!(
+                    "replayed {} messages to exchange `{}`",
+                    replayed.len(),
+                    topology.exchange
+                );
+            }
+            if replayed.is_empty() && matches!(selector, Selector::Id(_)) {
+                return Err(bad_input(anyhow::anyhow!("no dead letter matched")));
+            }
+        }
+        DlqCommand::Purge { yes } => {
+            let count = queue
+                .count()
+                .await
+                .context("cannot read the dead-letter queue")?;
+            if !yes
+                && !confirm(&format!(
+                    "Delete all {count} messages in {name}? Type `yes` to confirm: "
+                ))?
+            {
+                return Err(bad_input(anyhow::anyhow!("not confirmed; nothing deleted")));
+            }
+            let purged = queue.purge().await.context("cannot purge")?;
+            if json {
+                outln!("{}", to_json(&serde_json::json!({"purged": purged}))?);
+            } else {
+                outln!("purged {purged} messages from {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn confirm(prompt: &str) -> Result<bool, Failure> {
+    use std::io::Write as _;
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("cannot read the answer")?;
+    Ok(answer.trim() == "yes")
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Failure> {
+    Ok(serde_json::to_string_pretty(value).context("cannot render JSON")?)
+}
+
+fn clip(text: &str, width: usize) -> String {
+    let single_line = text.replace(['\n', '\r'], " ");
+    if single_line.chars().count() <= width {
+        single_line
+    } else {
+        let mut out: String = single_line.chars().take(width.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+fn human_age(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
     }
 }
 

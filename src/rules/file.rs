@@ -28,6 +28,7 @@ const TARGET_KINDS: &[&str] = &[
     "assignee",
     "email",
 ];
+const SEVERITIES: &[&str] = &["critical", "high", "medium", "low", "info"];
 const UNMATCHED_VALUES: &[&str] = &["default", "drop", "dead-letter"];
 
 /// A validated rules file, ready to compile into a router.
@@ -62,6 +63,9 @@ pub(crate) fn parse(
         warnings: Vec::new(),
     };
     let spec = checker.file(&root);
+    // Checks run key by key; report in file order, as editors and people read.
+    checker.errors.sort_by_key(|d| (d.line, d.column));
+    checker.warnings.sort_by_key(|d| (d.line, d.column));
     if checker.errors.is_empty() {
         Ok((spec, checker.warnings))
     } else {
@@ -390,10 +394,21 @@ impl Checker<'_> {
     }
 
     fn email_list(&mut self, node: &Node, what: &str) -> Vec<String> {
-        self.list(node, what)
-            .iter()
-            .filter_map(|item| self.email_address(item, &format!("an address in {what}")))
-            .collect()
+        let mut addresses = Vec::new();
+        for item in self.list(node, what) {
+            let Some(address) = self.string(item, &format!("an entry of {what}")) else {
+                continue;
+            };
+            if looks_like_email(&address) {
+                addresses.push(address);
+            } else {
+                self.error(
+                    item,
+                    format!("`{address}` in {what} is not an email address"),
+                );
+            }
+        }
+        addresses
     }
 
     fn file(&mut self, root: &Node) -> FileSpec {
@@ -417,9 +432,13 @@ impl Checker<'_> {
         if let Some(version) = self.required(&top, "version", "the rules file") {
             match &version.value {
                 Value::Number(v) if v == VERSION => {}
-                Value::Number(v) | Value::Str(v) => self.error(
+                Value::Number(v) => self.error(
                     version,
                     format!("unsupported `version: {v}`; this alert-router reads version 1"),
+                ),
+                Value::Str(v) => self.error(
+                    version,
+                    format!("`version` must be the number 1, found the string `{v}`"),
                 ),
                 other => self.error(
                     version,
@@ -522,6 +541,23 @@ impl Checker<'_> {
                 let text = match &item.value {
                     Value::Str(s) => s.clone(),
                     Value::Null => String::new(),
+                    // `- team: payments` is a YAML mapping, not a matcher.
+                    Value::Map(entries) if entries.len() == 1 => {
+                        let (key, value) = &entries[0];
+                        let (Value::Str(k), Value::Str(v) | Value::Number(v)) =
+                            (&key.value, &value.value)
+                        else {
+                            self.error(item, "a matcher must be a string, found a mapping".into());
+                            continue;
+                        };
+                        self.error(
+                            item,
+                            format!(
+                                "a matcher must be a string, found a mapping (`: ` makes YAML read `{k}: {v}` as key and value); write `{k}=\"{v}\"`, or quote the whole matcher"
+                            ),
+                        );
+                        continue;
+                    }
                     other => {
                         self.error(
                             item,
@@ -531,7 +567,10 @@ impl Checker<'_> {
                     }
                 };
                 match Matcher::parse(&text) {
-                    Ok(m) => matchers.push((text, m)),
+                    Ok(m) => {
+                        self.check_severity(item, &text, &m);
+                        matchers.push((text, m));
+                    }
                     Err(e) => self.error(item, format!("invalid matcher `{text}`: {e}")),
                 }
             }
@@ -587,6 +626,20 @@ impl Checker<'_> {
             email,
             continue_,
         })
+    }
+
+    /// Every event has one of five severities: a severity matcher that accepts
+    /// none of them (`severity="urgent"`) silently disables its rule.
+    fn check_severity(&mut self, node: &Node, text: &str, matcher: &Matcher) {
+        if matcher.name() == "severity" && !SEVERITIES.iter().any(|s| matcher.matches_value(s)) {
+            self.warn(
+                node,
+                format!(
+                    "matcher `{text}` can never match: severity is one of {}",
+                    SEVERITIES.join(", ")
+                ),
+            );
+        }
     }
 
     /// `- assignee` or a one-key mapping such as `- slack_channel: C0PAY`.
@@ -903,6 +956,17 @@ rules:
     }
 
     #[test]
+    fn a_matcher_that_yaml_read_as_a_mapping_gets_a_hint() {
+        let yaml = "version: 1\nrules:\n  - name: a\n    matchers:\n      - team: payments\n    notify: []\n";
+        assert_eq!(
+            errors(yaml),
+            [
+                "5:9: a matcher must be a string, found a mapping (`: ` makes YAML read `team: payments` as key and value); write `team=\"payments\"`, or quote the whole matcher"
+            ]
+        );
+    }
+
+    #[test]
     fn missing_required_keys_and_wrong_types_are_errors() {
         let yaml = "\
 rules:
@@ -916,11 +980,11 @@ unmatched: ignore
             errors(yaml),
             [
                 "1:1: the rules file is missing required key `version`",
-                "6:12: `unmatched` must be one of default, drop, dead-letter, found `ignore`",
                 "2:5: a rule is missing required key `name`",
                 "2:5: a rule is missing required key `notify` (write `notify: []` to silence what it matches)",
                 "4:13: `notify` of rule `b` must be a list, found a mapping",
                 "5:15: `continue` must be true or false, found `yes`",
+                "6:12: `unmatched` must be one of default, drop, dead-letter, found `ignore`",
             ]
         );
     }
@@ -930,6 +994,10 @@ unmatched: ignore
         assert_eq!(
             errors("version: 2\nrules: []\n"),
             ["1:10: unsupported `version: 2`; this alert-router reads version 1"]
+        );
+        assert_eq!(
+            errors("version: '1'\nrules: []\n"),
+            ["1:10: `version` must be the number 1, found the string `1`"]
         );
         assert_eq!(
             errors(""),
@@ -951,7 +1019,25 @@ rules:
     notify: []
     extra: 1
 ";
-        assert_eq!(errors(yaml).len(), 5, "{:?}", errors(yaml));
+        assert_eq!(
+            errors(yaml),
+            [
+                "3:11: `oncall` in `defaults.email` is not an email address",
+                "6:16: invalid matcher `severity=~\"(\"`: invalid regex `(`: unclosed group",
+                "7:30: the `slack_channel` target is empty",
+                "8:11: duplicate rule name `a` (first defined at line 5)",
+                "10:5: unknown key `extra` in a rule; allowed keys: name, matchers, notify, email, continue",
+            ]
+        );
+        let shown = Rules::from_yaml(yaml, "rules.yaml")
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<_> = shown.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(
+            lines[0],
+            "rules.yaml:3:11: error: `oncall` in `defaults.email` is not an email address"
+        );
     }
 
     #[test]
@@ -972,6 +1058,23 @@ rules:
             warnings(yaml),
             [
                 "9:5: rule `payments` can never match: the earlier rule `catch-all` (line 6) matches every event and has no `continue: true`"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_severity_matcher_that_accepts_no_severity_is_a_warning() {
+        let yaml = "\
+version: 1
+rules:
+  - name: urgent
+    matchers: [severity=urgent, 'severity=~\"crit.*|high\"']
+    notify: []
+";
+        assert_eq!(
+            warnings(yaml),
+            [
+                "4:16: matcher `severity=urgent` can never match: severity is one of critical, high, medium, low, info"
             ]
         );
     }

@@ -1,6 +1,7 @@
 //! The compiled rules and the router: which rules match an event, which
 //! targets result, and what happens when nothing does.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -26,6 +27,8 @@ pub enum Unmatched {
 #[derive(Debug)]
 pub struct Rules {
     rules: Vec<Rule>,
+    /// Distinct (label, regex) pairs across all rules.
+    memo_slots: usize,
     default_channel: Option<String>,
     default_emails: Vec<String>,
     unmatched: Unmatched,
@@ -35,19 +38,52 @@ pub struct Rules {
 #[derive(Debug)]
 struct Rule {
     name: String,
+    /// As written, in file order (for explanations).
     matchers: Vec<(String, Matcher)>,
+    /// The order `route` tests them in: cheapest first, regexes last,
+    /// each regex with its slot in the per-call memo.
+    plan: Vec<Check>,
     notify: Vec<Target>,
     /// The rule's `email`, else `defaults.email`, resolved once at load.
     fallback_emails: Vec<String>,
     continue_: bool,
 }
 
+#[derive(Debug)]
+struct Check {
+    matcher: usize,
+    memo_slot: Option<usize>,
+}
+
 impl Rule {
-    /// The index of the first matcher that fails, `None` when all hold.
+    /// The index of the first matcher (as written) that fails, `None` when all hold.
     fn first_failure(&self, event: &Event) -> Option<usize> {
         self.matchers.iter().position(|(_, m)| !m.matches(event))
     }
+
+    /// Whether all matchers hold, remembering regex results in `memo` (0 =
+    /// unknown, 1 = no match, 2 = match): rules tend to repeat the same
+    /// regexes (`type=~"escalation\..*"`), and each is then run once per event.
+    fn matches(&self, event: &Event, memo: &mut [u8]) -> bool {
+        self.plan.iter().all(|check| {
+            let matcher = &self.matchers[check.matcher].1;
+            let hit = match check.memo_slot.and_then(|slot| memo.get_mut(slot)) {
+                Some(&mut 1) => false,
+                Some(&mut 2) => true,
+                Some(known) => {
+                    let hit = matcher.hit(&event.label(matcher.name()));
+                    *known = 1 + u8::from(hit);
+                    hit
+                }
+                None => matcher.hit(&event.label(matcher.name())),
+            };
+            hit != matcher.is_negated()
+        })
+    }
 }
+
+/// Regex memo slots up to this count live on the stack.
+const STACK_MEMO: usize = 128;
 
 /// Where an event goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -133,10 +169,30 @@ impl Rules {
     }
 
     fn compile(spec: FileSpec, origin: &str) -> Rules {
-        let rules = spec
-            .rules
-            .into_iter()
-            .map(|r| Rule {
+        let mut slots: HashMap<(String, String), usize> = HashMap::new();
+        let mut rules = Vec::with_capacity(spec.rules.len());
+        for r in spec.rules {
+            let mut plan: Vec<Check> = r
+                .matchers
+                .iter()
+                .enumerate()
+                .map(|(i, (_, m))| {
+                    let memo_slot = m.uses_regex().then(|| {
+                        let next = slots.len();
+                        *slots
+                            .entry((m.name().to_string(), m.value().to_string()))
+                            .or_insert(next)
+                    });
+                    Check {
+                        matcher: i,
+                        memo_slot,
+                    }
+                })
+                .collect();
+            // Stable: exact compares first, then alternations, then regexes;
+            // file order within each. All must hold, so order cannot change the result.
+            plan.sort_by_key(|c| r.matchers[c.matcher].1.cost());
+            rules.push(Rule {
                 fallback_emails: if r.email.is_empty() {
                     spec.default_emails.clone()
                 } else {
@@ -144,12 +200,14 @@ impl Rules {
                 },
                 name: r.name,
                 matchers: r.matchers,
+                plan,
                 notify: r.notify,
                 continue_: r.continue_,
-            })
-            .collect();
+            });
+        }
         Rules {
             rules,
+            memo_slots: slots.len(),
             default_channel: spec.default_channel,
             default_emails: spec.default_emails,
             unmatched: spec.unmatched,
@@ -171,6 +229,14 @@ impl Rules {
     }
 
     fn evaluate(&self, event: &Event, mut steps: Option<&mut Vec<RuleStep>>) -> Routing {
+        let mut stack_memo = [0u8; STACK_MEMO];
+        let mut heap_memo = Vec::new();
+        let memo: &mut [u8] = if self.memo_slots <= STACK_MEMO {
+            &mut stack_memo[..self.memo_slots]
+        } else {
+            heap_memo.resize(self.memo_slots, 0);
+            &mut heap_memo
+        };
         let mut targets: Vec<RoutedTarget> = Vec::new();
         let mut matched_rules: Vec<String> = Vec::new();
         let mut stopped = false;
@@ -188,16 +254,20 @@ impl Rules {
                 }
                 continue;
             }
-            let failure = rule.first_failure(event);
-            if let Some(steps) = steps.as_deref_mut() {
-                steps.push(RuleStep {
-                    rule: rule.name.clone(),
-                    evaluated: true,
-                    matched: failure.is_none(),
-                    failed_matcher: failure.map(|i| rule.matchers[i].0.clone()),
-                });
-            }
-            if failure.is_some() {
+            let matched = match steps.as_deref_mut() {
+                None => rule.matches(event, memo),
+                Some(steps) => {
+                    let failure = rule.first_failure(event);
+                    steps.push(RuleStep {
+                        rule: rule.name.clone(),
+                        evaluated: true,
+                        matched: failure.is_none(),
+                        failed_matcher: failure.map(|i| rule.matchers[i].0.clone()),
+                    });
+                    failure.is_none()
+                }
+            };
+            if !matched {
                 continue;
             }
             matched_rules.push(rule.name.clone());
@@ -722,6 +792,30 @@ rules:
                 &[("team", "payments")]
             ))
         );
+    }
+
+    #[test]
+    fn a_regex_shared_by_rules_gives_each_rule_its_own_answer() {
+        // `=~` and `!~` on the same label and regex share one memo slot.
+        let r = rules(
+            r#"
+version: 1
+unmatched: drop
+rules:
+  - name: not-escalation
+    matchers: ['type!~"escalation\..*"']
+    notify: [{slack_channel: C1}]
+    continue: true
+  - name: escalation
+    matchers: [team=web, 'type=~"escalation\..*"']
+    notify: [{slack_channel: C2}]
+"#,
+        );
+        let e = event("escalation.triggered", Severity::Info, &[("team", "web")]);
+        assert_eq!(r.route(&e).matched_rules, ["escalation"]);
+        assert_eq!(r.explain(&e).routing, r.route(&e));
+        let e = event("issue.created", Severity::Info, &[("team", "web")]);
+        assert_eq!(r.route(&e).matched_rules, ["not-escalation"]);
     }
 
     #[test]

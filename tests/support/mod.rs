@@ -437,6 +437,16 @@ impl DeadLetter {
 }
 
 impl DeadLetters {
+    /// Waits for the next dead letter without acking it: it goes back to the
+    /// queue when this consumer is dropped.
+    pub async fn next_unacked(&mut self) -> lapin::message::Delivery {
+        tokio::time::timeout(WAIT, self.consumer.next())
+            .await
+            .expect("no dead letter arrived in time")
+            .expect("dead-letter consumer ended")
+            .expect("dead-letter consumer failed")
+    }
+
     /// The next dead letter, acked; panics after [`WAIT`].
     pub async fn next(&mut self) -> DeadLetter {
         let delivery = tokio::time::timeout(WAIT, self.consumer.next())

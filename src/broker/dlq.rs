@@ -1,0 +1,317 @@
+//! The dead-letter queue as operators work it: stats, list, show, replay, purge.
+//!
+//! Browsing takes messages with `basic.get` without acking them and returns
+//! them by closing the channel, so messages that are only looked at stay in
+//! the queue, in order. A replay publishes the original body to the main
+//! exchange with the producer's routing key, waits for the confirm, and only
+//! then acks the dead letter: a crash mid-replay duplicates, never loses.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+use super::{
+    BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
+    HEADER_ROUTING_KEY, Publisher, Topology, header_str, header_u64,
+};
+use crate::event::sniff_id;
+
+/// One dead letter, as shown to an operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// 1-based position in the queue when it was browsed.
+    pub position: usize,
+    /// The event id, when the body has one.
+    pub id: Option<String>,
+    /// The routing key the producer used (normally the event type).
+    pub routing_key: String,
+    /// `x-alert-router-reason`, or the broker's own reason (e.g. `delivery_limit`).
+    pub reason: String,
+    pub detail: String,
+    pub attempts: Option<u64>,
+    pub failed_at: Option<String>,
+    /// Seconds since `failed_at`.
+    pub age_seconds: Option<i64>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    #[serde(skip)]
+    pub properties: BasicProperties,
+}
+
+impl DeadLetter {
+    /// The body as text (lossy), for `show`.
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Every header as text, for `show`.
+    pub fn headers(&self) -> BTreeMap<String, String> {
+        self.properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), value_text(v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Counts for `dlq stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub queue: String,
+    pub messages: u32,
+    pub by_reason: BTreeMap<String, usize>,
+    /// Age of the oldest dead letter, in seconds.
+    pub oldest_age_seconds: Option<i64>,
+}
+
+/// Which dead letters a replay takes.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    /// Event id, or `#N` for the N-th message as listed.
+    Id(String),
+    Reason(String),
+    All,
+}
+
+impl Selector {
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        match self {
+            Selector::All => true,
+            Selector::Reason(reason) => &letter.reason == reason,
+            Selector::Id(id) => match id.strip_prefix('#').and_then(|n| n.parse::<usize>().ok()) {
+                Some(position) => letter.position == position,
+                None => letter.id.as_deref() == Some(id.as_str()),
+            },
+        }
+    }
+}
+
+/// The dead-letter queue of one topology.
+pub struct DeadLetterQueue<'a> {
+    connection: &'a Connection,
+    topology: &'a Topology,
+}
+
+impl<'a> DeadLetterQueue<'a> {
+    pub fn new(connection: &'a Connection, topology: &'a Topology) -> DeadLetterQueue<'a> {
+        DeadLetterQueue {
+            connection,
+            topology,
+        }
+    }
+
+    /// Messages in the queue, by reason, and the oldest one's age.
+    pub async fn stats(&self) -> Result<Stats, BrokerError> {
+        let letters = self.list(usize::MAX).await?;
+        let mut by_reason = BTreeMap::new();
+        for letter in &letters {
+            *by_reason.entry(letter.reason.clone()).or_insert(0) += 1;
+        }
+        Ok(Stats {
+            queue: self.topology.dead_letter_queue.clone(),
+            messages: u32::try_from(letters.len()).unwrap_or(u32::MAX),
+            by_reason,
+            oldest_age_seconds: letters.iter().filter_map(|l| l.age_seconds).max(),
+        })
+    }
+
+    /// Up to `limit` dead letters, in queue order, leaving them all in place.
+    pub async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let channel = self.connection.create_channel().await?;
+        let letters = self.browse(&channel, limit).await;
+        // Closing the channel returns every unacked message to the queue, in order.
+        let _ = channel.close(200, "browsed".into()).await;
+        Ok(letters?.into_iter().map(|(_, letter)| letter).collect())
+    }
+
+    /// Republishes the selected dead letters and removes them from the queue.
+    /// Returns what was replayed.
+    pub async fn replay(&self, selector: &Selector) -> Result<Vec<DeadLetter>, BrokerError> {
+        let publisher = Publisher::open(self.connection).await?;
+        let channel = self.connection.create_channel().await?;
+        let result = async {
+            let mut replayed = Vec::new();
+            for (tag, letter) in self.browse(&channel, usize::MAX).await? {
+                if !selector.matches(&letter) {
+                    continue;
+                }
+                publisher
+                    .publish(
+                        &self.topology.exchange,
+                        &letter.routing_key,
+                        &letter.body,
+                        replay_properties(&letter.properties),
+                    )
+                    .await?;
+                channel.basic_ack(tag, BasicAckOptions::default()).await?;
+                replayed.push(letter);
+            }
+            Ok(replayed)
+        }
+        .await;
+        let _ = channel.close(200, "replayed".into()).await;
+        let _ = publisher.channel().close(200, "replayed".into()).await;
+        result
+    }
+
+    /// Deletes every dead letter; returns how many there were.
+    pub async fn purge(&self) -> Result<u32, BrokerError> {
+        let channel = self.connection.create_channel().await?;
+        let count = channel
+            .queue_purge(
+                self.topology.dead_letter_queue.as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(count)
+    }
+
+    /// Messages in the queue right now (a passive declare: nothing is created).
+    pub async fn count(&self) -> Result<u32, BrokerError> {
+        let channel = self.connection.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.topology.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "counted".into()).await;
+        Ok(queue.message_count())
+    }
+
+    async fn browse(
+        &self,
+        channel: &Channel,
+        limit: usize,
+    ) -> Result<Vec<(u64, DeadLetter)>, BrokerError> {
+        let now = Utc::now();
+        let mut letters = Vec::new();
+        while letters.len() < limit {
+            let Some(message) = channel
+                .basic_get(
+                    self.topology.dead_letter_queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let properties = delivery.properties;
+            let failed_at = header_str(&properties, HEADER_FAILED_AT).or_else(|| {
+                properties
+                    .timestamp()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(i64::try_from(t).ok()?, 0))
+                    .map(|t| t.to_rfc3339())
+            });
+            let age_seconds = failed_at
+                .as_deref()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| (now - t.with_timezone(&Utc)).num_seconds());
+            let (reason, detail) = match header_str(&properties, HEADER_REASON) {
+                Some(reason) => (
+                    reason,
+                    header_str(&properties, HEADER_DETAIL).unwrap_or_default(),
+                ),
+                None => broker_death(&properties),
+            };
+            let letter = DeadLetter {
+                position: letters.len() + 1,
+                id: sniff_id(&delivery.data),
+                routing_key: header_str(&properties, HEADER_ROUTING_KEY)
+                    .unwrap_or_else(|| delivery.routing_key.as_str().to_string()),
+                reason,
+                detail,
+                attempts: header_u64(&properties, HEADER_ATTEMPTS),
+                failed_at,
+                age_seconds,
+                body: delivery.data,
+                properties,
+            };
+            letters.push((delivery.delivery_tag, letter));
+        }
+        Ok(letters)
+    }
+}
+
+/// The original properties without the dead-letter bookkeeping, so the
+/// replayed event starts again with a fresh attempt count.
+fn replay_properties(properties: &BasicProperties) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let mut kept = FieldTable::default();
+    for (name, value) in headers.inner() {
+        let name = name.as_str();
+        if name.starts_with("x-alert-router-")
+            || name == "x-death"
+            || name.starts_with("x-first-death")
+            || name.starts_with("x-last-death")
+        {
+            continue;
+        }
+        kept.insert(ShortString::from(name), value.clone());
+    }
+    headers = kept;
+    properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
+
+/// The reason the broker itself gave when it dead-lettered a message (no
+/// header of ours): e.g. `delivery_limit` when a message kept failing.
+fn broker_death(properties: &BasicProperties) -> (String, String) {
+    let death = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&ShortString::from("x-death")).cloned());
+    if let Some(AMQPValue::FieldArray(entries)) = death
+        && let Some(AMQPValue::FieldTable(first)) = entries.as_slice().first()
+    {
+        let field = |name: &str| first.inner().get(&ShortString::from(name)).map(value_text);
+        let reason = field("reason").unwrap_or_else(|| "unknown".into());
+        let detail = format!(
+            "dead-lettered by RabbitMQ from queue {} ({reason}, count {}){}",
+            field("queue").unwrap_or_default(),
+            field("count").unwrap_or_default(),
+            if reason == "delivery_limit" {
+                ": it was redelivered too often, probably because processing it crashed or stalled a worker"
+            } else {
+                ""
+            }
+        );
+        return (reason, detail);
+    }
+    ("unknown".into(), "no reason recorded".into())
+}
+
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Boolean(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        other => format!("{other:?}"),
+    }
+}

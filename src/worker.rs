@@ -20,6 +20,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
 use crate::deliver::Deliverer;
+use crate::deliver::email::EmailSender;
 use crate::deliver::idempotency::Idempotency;
 use crate::deliver::slack::SlackClient;
 use crate::deliver::slack::tokens::TokenStore;
@@ -41,6 +42,8 @@ pub enum WorkerError {
     },
     #[error("cannot build the Slack HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("cannot set up email: {0}")]
+    Email(#[from] crate::deliver::email::EmailError),
     #[error("cannot listen for health checks on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -112,9 +115,10 @@ pub async fn run(
         settings.delivery.idempotency_ttl,
         lease,
     );
+    let email = EmailSender::new(&settings.email)?;
     let context = Arc::new(Context {
         rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
-        deliverer: Deliverer::new(slack, tokens, idempotency),
+        deliverer: Deliverer::new(slack, tokens, idempotency, email),
         max_body_bytes: settings.amqp.max_body_bytes,
     });
 
@@ -289,7 +293,10 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
         }
         Disposition::Deliver => {}
     }
-    let report = context.deliverer.deliver(&event, &routing).await;
+    let report = context
+        .deliverer
+        .deliver(&event, &routing, rules.default_channel())
+        .await;
     if report.all_settled() {
         Outcome::Ack { why: "delivered" }
     } else {

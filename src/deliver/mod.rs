@@ -1,13 +1,20 @@
-//! One event's delivery: resolve each routed target, skip what was already sent, send the rest.
+//! One event's delivery: resolve each routed target, skip what was already sent, send the rest, fall back to email.
+//!
+//! The order for a Slack target is: post → (destination error) reroute to the
+//! default channel, or join the channel and post again → (payload error) post
+//! once more as plain text → (Slack unavailable: no usable token, or still
+//! failing after the short retry budget) email the target's own address, else
+//! the rule's `email`, else `defaults.email`.
 //!
 //! The result is a [`DeliveryReport`] saying, per target, whether it is
 //! settled. Nothing here touches the broker: [`crate::settle`] turns the
 //! report into ack, delayed retry or dead-letter.
 
+pub mod email;
 pub mod idempotency;
 pub mod slack;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -18,15 +25,16 @@ use tracing::{info, warn};
 use crate::config::Secret;
 use crate::event::{Event, Target};
 use crate::rules::{RoutedTarget, Routing};
-use idempotency::{Claim, Idempotency};
+use email::EmailSender;
+use idempotency::{Claim, ClaimTicket, Idempotency};
 use slack::message::{RenderContext, render};
 use slack::tokens::{TokenStore, WorkspaceToken};
-use slack::{Body, SlackClient, SlackError};
+use slack::{Body, SlackClient, SlackError, SlackFailure};
 
 /// The outcome of one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetStatus {
-    /// Sent now; `to` says where (e.g. `slack:C0PAY`).
+    /// Sent now; `to` says where (e.g. `slack:C0PAY`, `email:oncall@example.com`).
     Delivered { to: String },
     /// An earlier attempt already sent it (redelivery, retry, another replica).
     AlreadyDelivered,
@@ -67,7 +75,7 @@ impl DeliveryReport {
 }
 
 impl fmt::Display for DeliveryReport {
-    /// `slack_channel:C1 failed: chat.postMessage: http_503; slack_user:U1 delivered`
+    /// `slack_channel:C1 failed: chat.postMessage: http_503; slack_user:U1 delivered to slack:D1`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self
             .targets
@@ -87,111 +95,205 @@ pub struct Deliverer {
     slack: SlackClient,
     tokens: TokenStore,
     idempotency: Idempotency,
+    email: EmailSender,
 }
 
-/// A target after lookups: where exactly it goes.
+/// A target after lookups: what to do with it.
 struct Resolved<'a> {
     routed: &'a RoutedTarget,
     /// Identity for idempotency and de-duplication, e.g. `slack:T1:C0PAY`.
     key: String,
-    /// The `channel` argument of `chat.postMessage` (channel id, `#name` or user id).
-    channel: String,
+    action: Action,
+}
+
+enum Action {
+    /// Post with `chat.postMessage` to this `channel` (channel id, `#name` or user id).
+    Slack { channel: String },
+    /// Email these addresses; `reason` says why it is not Slack (None: routed to email).
+    Email {
+        addresses: Vec<String>,
+        reason: Option<String>,
+    },
+    /// Cannot be sent now.
+    Fail { detail: String, retryable: bool },
+}
+
+/// Why Slack could not take a target, and whether it may work later.
+struct SlackUnavailable {
+    reason: String,
+    transient: bool,
+}
+
+/// A target waiting for the email phase.
+struct PendingEmail<'a> {
+    routed: &'a RoutedTarget,
+    /// The target's own claim, held until the email is settled (None for email targets).
+    ticket: Option<ClaimTicket>,
+    addresses: Vec<String>,
+    reason: Option<String>,
+    /// Whether the Slack failure behind this fallback may pass by itself.
+    transient: bool,
+}
+
+/// What the Slack phase did with one target.
+enum SlackResult<'a> {
+    Done(TargetReport),
+    NeedsEmail(PendingEmail<'a>),
 }
 
 impl Deliverer {
-    pub fn new(slack: SlackClient, tokens: TokenStore, idempotency: Idempotency) -> Deliverer {
+    pub fn new(
+        slack: SlackClient,
+        tokens: TokenStore,
+        idempotency: Idempotency,
+        email: EmailSender,
+    ) -> Deliverer {
         Deliverer {
             slack,
             tokens,
             idempotency,
+            email,
         }
     }
 
-    /// Delivers `event` to every target of `routing`.
-    pub async fn deliver(&self, event: &Event, routing: &Routing) -> DeliveryReport {
+    /// Delivers `event` to every target of `routing`; `default_channel` takes
+    /// posts whose channel is gone or archived.
+    pub async fn deliver(
+        &self,
+        event: &Event,
+        routing: &Routing,
+        default_channel: Option<&str>,
+    ) -> DeliveryReport {
         let workspace = self.tokens.workspace_for(event.workspace.as_deref());
         let token = match self.tokens.get(workspace).await {
             Ok(Some(token)) => Ok(token),
-            Ok(None) => Err((
-                format!(
+            Ok(None) => Err(SlackUnavailable {
+                reason: format!(
                     "no Slack token for workspace {}; store one with `alert-router tokens set` or set SLACK_BOT_TOKEN",
-                    workspace.unwrap_or(
-                        "(none: the event names no workspace and slack.default_workspace is unset)"
-                    )
+                    workspace.unwrap_or("(none named, and slack.default_workspace is unset)")
                 ),
-                true,
-            )),
-            Err(e) => Err((e.to_string(), e.is_transient())),
+                // An operator may add the token: worth retrying if email fails too.
+                transient: true,
+            }),
+            Err(e) if e.is_transient() => {
+                // Without Redis there is no idempotency either: wait for it.
+                let detail = e.to_string();
+                let reports = routing
+                    .targets
+                    .iter()
+                    .map(|r| failed(&r.target, detail.clone(), true))
+                    .collect();
+                return DeliveryReport { targets: reports };
+            }
+            Err(e) => Err(SlackUnavailable {
+                reason: e.to_string(),
+                transient: false,
+            }),
         };
 
-        let mut reports = Vec::with_capacity(routing.targets.len());
         let mut resolved = Vec::with_capacity(routing.targets.len());
         let mut seen = HashSet::new();
         for routed in &routing.targets {
-            let name = &routed.target;
-            let token = match &token {
-                Ok(token) => token,
-                Err((detail, retryable)) => {
-                    reports.push(failed(name, detail.clone(), *retryable));
-                    continue;
-                }
-            };
-            match self.resolve(routed, token).await {
-                Ok(target) => {
-                    // Two routes to one person or channel notify once.
-                    if seen.insert(target.key.clone()) {
-                        resolved.push(target);
-                    }
-                }
-                Err((detail, retryable)) => reports.push(failed(name, detail, retryable)),
+            let target = self.resolve(event, routed, &token).await;
+            // Two routes to one person or channel notify once.
+            if seen.insert(target.key.clone()) {
+                resolved.push(target);
             }
         }
 
-        if let Ok(token) = &token {
-            let sends = resolved
+        let results = join_all(
+            resolved
                 .iter()
-                .map(|target| self.send_once(event, target, token));
-            reports.extend(join_all(sends).await);
+                .map(|target| self.slack_phase(event, target, &token, default_channel)),
+        )
+        .await;
+        let mut reports = Vec::with_capacity(results.len());
+        let mut pending = Vec::new();
+        for result in results {
+            match result {
+                SlackResult::Done(report) => reports.push(report),
+                SlackResult::NeedsEmail(email) => pending.push(email),
+            }
         }
+        reports.extend(self.email_phase(event, pending).await);
         DeliveryReport { targets: reports }
     }
 
     async fn resolve<'a>(
         &self,
+        event: &Event,
         routed: &'a RoutedTarget,
-        token: &WorkspaceToken,
-    ) -> Result<Resolved<'a>, (String, bool)> {
-        let ws = &token.workspace;
-        match &routed.target {
-            Target::SlackChannel(channel) => Ok(Resolved {
-                routed,
-                key: format!("slack:{ws}:{channel}"),
-                channel: channel.clone(),
-            }),
-            Target::SlackUser(user) => Ok(Resolved {
-                routed,
-                key: format!("slack:{ws}:{user}"),
-                channel: user.clone(),
-            }),
-            Target::SlackEmail(email) => {
-                let user = self
-                    .lookup_user(&token.access_token, email)
-                    .await
-                    .map_err(|e| (e.to_string(), e.is_transient()))?;
-                Ok(Resolved {
-                    routed,
-                    key: format!("slack:{ws}:{user}"),
-                    channel: user,
-                })
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+    ) -> Resolved<'a> {
+        let fallback = |reason: String| Action::Email {
+            addresses: fallback_addresses(event, routed),
+            reason: Some(reason),
+        };
+        let ws = token.as_ref().map_or("-", |t| t.workspace.as_str());
+        let (key, action) = match &routed.target {
+            Target::Email(address) => (
+                format!("email:{}", address.to_lowercase()),
+                Action::Email {
+                    addresses: vec![address.clone()],
+                    reason: None,
+                },
+            ),
+            Target::Assignee => (
+                "assignee:unresolved".to_string(),
+                fallback("the event's assignee has no Slack user id or email".into()),
+            ),
+            Target::SlackChannel(channel) | Target::SlackUser(channel) => {
+                let key = format!("slack:{ws}:{channel}");
+                match token {
+                    Ok(_) => (
+                        key,
+                        Action::Slack {
+                            channel: channel.clone(),
+                        },
+                    ),
+                    Err(unavailable) => (key, fallback(unavailable.reason.clone())),
+                }
             }
-            Target::Assignee => Err((
-                "the event's assignee has neither slack_user nor email".into(),
-                false,
-            )),
-            Target::Email(_) => Err((
-                "email delivery is not available in this version".into(),
-                true,
-            )),
+            Target::SlackEmail(address) => match token {
+                Err(unavailable) => (
+                    format!("slack:{ws}:{address}"),
+                    fallback(unavailable.reason.clone()),
+                ),
+                Ok(token) => match self.lookup_user(&token.access_token, address).await {
+                    Ok(user) => (
+                        format!("slack:{ws}:{user}"),
+                        Action::Slack { channel: user },
+                    ),
+                    Err(e) if e.code == "users_not_found" => (
+                        format!("slack:{ws}:{address}"),
+                        Action::Email {
+                            addresses: vec![address.clone()],
+                            reason: Some(format!("no Slack user has the email {address}")),
+                        },
+                    ),
+                    Err(e) => {
+                        if matches!(e.failure, SlackFailure::Workspace) {
+                            self.tokens.invalidate(&token.workspace);
+                        }
+                        (
+                            format!("slack:{ws}:{address}"),
+                            fallback(format!("Slack is unavailable: {e}")),
+                        )
+                    }
+                },
+            },
+        };
+        let action = match action {
+            Action::Email { addresses, .. } if addresses.is_empty() => Action::Fail {
+                detail: "Slack cannot take it and there is no email address to fall back to; set `email` on the rule or `defaults.email`".into(),
+                retryable: true,
+            },
+            other => other,
+        };
+        Resolved {
+            routed,
+            key,
+            action,
         }
     }
 
@@ -212,104 +314,371 @@ impl Deliverer {
                 method: "users.lookupByEmail",
                 code: "invalid_response".into(),
                 detail: Some("no user.id in the reply".into()),
-                failure: slack::SlackFailure::Transient { retry_after: None },
+                failure: SlackFailure::Transient { retry_after: None },
             })
     }
 
-    /// Claims, sends and records one target.
-    async fn send_once(
+    /// Claims a Slack target and posts it, rerouting as Slack's answer says.
+    async fn slack_phase<'a>(
         &self,
         event: &Event,
-        target: &Resolved<'_>,
-        token: &WorkspaceToken,
-    ) -> TargetReport {
-        let name = &target.routed.target;
-        let ticket = match self.idempotency.claim(&event.id, &target.key).await {
-            Ok(Claim::Acquired(ticket)) => ticket,
-            Ok(Claim::AlreadyDone) => {
-                info!(target = %name, "already delivered; not sending again");
-                return report(name, TargetStatus::AlreadyDelivered);
+        target: &Resolved<'a>,
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+        default_channel: Option<&str>,
+    ) -> SlackResult<'a> {
+        let routed = target.routed;
+        let (channel, token) = match (&target.action, token) {
+            (Action::Fail { detail, retryable }, _) => {
+                return SlackResult::Done(failed(&routed.target, detail.clone(), *retryable));
             }
-            Ok(Claim::HeldElsewhere) => {
-                return failed(
-                    name,
-                    "another worker is sending this right now".into(),
-                    true,
-                );
+            (Action::Email { addresses, reason }, _) => {
+                let ticket = if matches!(routed.target, Target::Email(_)) {
+                    None
+                } else {
+                    match self.claim(&event.id, &target.key).await {
+                        Ok(ticket) => Some(ticket),
+                        Err(status) => return SlackResult::Done(report(&routed.target, status)),
+                    }
+                };
+                return SlackResult::NeedsEmail(PendingEmail {
+                    routed,
+                    ticket,
+                    addresses: addresses.clone(),
+                    reason: reason.clone(),
+                    transient: true,
+                });
             }
-            Err(e) => {
-                return failed(
-                    name,
-                    format!("cannot check idempotency in Redis: {e}"),
-                    true,
-                );
+            (Action::Slack { channel }, Ok(token)) => (channel, token),
+            (Action::Slack { .. }, Err(unavailable)) => {
+                return SlackResult::Done(failed(
+                    &routed.target,
+                    unavailable.reason.clone(),
+                    unavailable.transient,
+                ));
             }
         };
 
+        let ticket = match self.claim(&event.id, &target.key).await {
+            Ok(ticket) => ticket,
+            Err(status) => return SlackResult::Done(report(&routed.target, status)),
+        };
+        match self
+            .post(event, routed, channel, token, default_channel)
+            .await
+        {
+            Ok(to) => {
+                self.complete(&ticket, &routed.target).await;
+                info!(target = %routed.target, to = %to, "delivered");
+                SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
+            }
+            Err(unavailable) => {
+                warn!(target = %routed.target, reason = %unavailable.reason, "slack cannot take it; falling back to email");
+                SlackResult::NeedsEmail(PendingEmail {
+                    routed,
+                    ticket: Some(ticket),
+                    addresses: fallback_addresses(event, routed),
+                    reason: Some(unavailable.reason),
+                    transient: unavailable.transient,
+                })
+            }
+        }
+    }
+
+    /// Posts to `channel`, handling destination and payload errors; returns
+    /// where it landed, or why Slack as a whole cannot take it.
+    async fn post(
+        &self,
+        event: &Event,
+        routed: &RoutedTarget,
+        channel: &str,
+        token: &WorkspaceToken,
+        default_channel: Option<&str>,
+    ) -> Result<String, SlackUnavailable> {
         let context = RenderContext {
-            rule: target.routed.rule.as_deref(),
+            rule: routed.rule.as_deref(),
             rerouted_from: None,
         };
-        let mut payload = render(event, &context);
-        payload["channel"] = Value::String(target.channel.clone());
-        match self
+        let first = self.post_once(event, &context, channel, token, false).await;
+        let error = match first {
+            Ok(to) => return Ok(to),
+            Err(e) => e,
+        };
+        match error.failure {
+            SlackFailure::Destination => {
+                if error.code == "not_in_channel" && self.join(channel, token).await {
+                    match self.post_once(event, &context, channel, token, false).await {
+                        Ok(to) => return Ok(to),
+                        Err(e) => warn!(channel, error = %e, "posting after joining failed"),
+                    }
+                }
+                let Some(default) = default_channel.filter(|d| *d != channel) else {
+                    return Err(unavailable(&error));
+                };
+                let intended = format!("{} ({})", routed.target, error.code);
+                let rerouted = RenderContext {
+                    rule: routed.rule.as_deref(),
+                    rerouted_from: Some(&intended),
+                };
+                warn!(channel, default, error = %error, "rerouting to the default channel");
+                self.post_once(event, &rerouted, default, token, false)
+                    .await
+                    .map_err(|e| unavailable(&e))
+            }
+            SlackFailure::Payload => {
+                warn!(channel, error = %error, "slack refused the message layout; posting plain text");
+                self.post_once(event, &context, channel, token, true)
+                    .await
+                    .map_err(|e| unavailable(&e))
+            }
+            SlackFailure::Workspace | SlackFailure::TokenExpired => {
+                self.tokens.invalidate(&token.workspace);
+                Err(unavailable(&error))
+            }
+            SlackFailure::Transient { .. } | SlackFailure::Other => Err(unavailable(&error)),
+        }
+    }
+
+    async fn post_once(
+        &self,
+        event: &Event,
+        context: &RenderContext<'_>,
+        channel: &str,
+        token: &WorkspaceToken,
+        plain_text: bool,
+    ) -> Result<String, SlackError> {
+        let mut payload = render(event, context);
+        if plain_text {
+            payload = serde_json::json!({
+                "text": payload["text"],
+                "metadata": payload["metadata"],
+            });
+        }
+        payload["channel"] = Value::String(channel.to_string());
+        let reply = self
             .slack
             .call(
                 "chat.postMessage",
                 Some(&token.access_token),
                 &Body::Json(&payload),
             )
+            .await?;
+        let landed = reply
+            .get("channel")
+            .and_then(Value::as_str)
+            .unwrap_or(channel);
+        Ok(format!("slack:{landed}"))
+    }
+
+    /// `conversations.join` for a public channel id; false when it cannot.
+    async fn join(&self, channel: &str, token: &WorkspaceToken) -> bool {
+        let body = serde_json::json!({ "channel": channel });
+        match self
+            .slack
+            .call(
+                "conversations.join",
+                Some(&token.access_token),
+                &Body::Json(&body),
+            )
             .await
         {
-            Ok(reply) => {
-                let to = reply
-                    .get("channel")
-                    .and_then(Value::as_str)
-                    .unwrap_or(&target.channel)
-                    .to_string();
-                if let Err(e) = self.complete_with_retry(&ticket).await {
-                    warn!(target = %name, error = %e, "sent, but could not record it in Redis; a redelivery after the claim lease may send it again");
-                }
-                info!(target = %name, channel = %to, "delivered to slack");
-                report(
-                    name,
-                    TargetStatus::Delivered {
-                        to: format!("slack:{to}"),
-                    },
-                )
+            Ok(_) => {
+                info!(channel, "joined the channel to post in it");
+                true
             }
             Err(e) => {
-                if let Err(release) = self.idempotency.release(&ticket).await {
-                    warn!(target = %name, error = %release, "could not release the idempotency claim; it expires by itself");
-                }
-                warn!(target = %name, error = %e, "slack delivery failed");
-                if matches!(
-                    e.failure,
-                    slack::SlackFailure::Workspace | slack::SlackFailure::TokenExpired
-                ) {
-                    self.tokens.invalidate(&token.workspace);
-                }
-                failed(name, e.to_string(), e.is_transient())
+                warn!(channel, error = %e, "cannot join the channel");
+                false
             }
         }
     }
 
-    async fn complete_with_retry(
+    /// Sends one email per distinct address, naming every target it stands in for.
+    async fn email_phase(
         &self,
-        ticket: &idempotency::ClaimTicket,
-    ) -> Result<(), redis::RedisError> {
-        let mut last = None;
+        event: &Event,
+        pending: Vec<PendingEmail<'_>>,
+    ) -> Vec<TargetReport> {
+        if pending.is_empty() {
+            return Vec::new();
+        }
+        // address → indexes of the pending targets that want it.
+        let mut by_address: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, p) in pending.iter().enumerate() {
+            for address in &p.addresses {
+                by_address
+                    .entry(address.to_lowercase())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        // Per pending target: Ok(delivered-to list) or the first failure.
+        let mut outcomes: Vec<Result<Vec<String>, (String, bool)>> = pending
+            .iter()
+            .map(|p| {
+                if p.addresses.is_empty() {
+                    Err((
+                        format!(
+                            "{}; no email address to fall back to (set `email` on the rule or `defaults.email`)",
+                            p.reason.as_deref().unwrap_or("Slack cannot take it")
+                        ),
+                        p.transient,
+                    ))
+                } else {
+                    Ok(Vec::new())
+                }
+            })
+            .collect();
+        for (address, wanted_by) in &by_address {
+            let result = self
+                .email_one(event, address, wanted_by.iter().map(|&i| &pending[i]))
+                .await;
+            for &i in wanted_by {
+                match (&mut outcomes[i], &result) {
+                    (Ok(sent), Ok(())) => sent.push(address.clone()),
+                    (slot @ Ok(_), Err((detail, email_transient))) => {
+                        let slack_reason =
+                            pending[i].reason.as_deref().unwrap_or("routed to email");
+                        *slot = Err((
+                            format!("{slack_reason}; email to {address} failed too: {detail}"),
+                            *email_transient || pending[i].transient,
+                        ));
+                    }
+                    (Err(_), _) => {}
+                }
+            }
+        }
+        let mut reports = Vec::with_capacity(pending.len());
+        for (p, outcome) in pending.iter().zip(outcomes) {
+            match outcome {
+                Ok(sent) => {
+                    if let Some(ticket) = &p.ticket {
+                        self.complete(ticket, &p.routed.target).await;
+                    }
+                    info!(target = %p.routed.target, to = ?sent, "delivered by email");
+                    reports.push(report(
+                        &p.routed.target,
+                        TargetStatus::Delivered {
+                            to: format!("email:{}", sent.join(",")),
+                        },
+                    ));
+                }
+                Err((detail, retryable)) => {
+                    if let Some(ticket) = &p.ticket {
+                        self.release(ticket).await;
+                    }
+                    warn!(target = %p.routed.target, %detail, "not delivered");
+                    reports.push(failed(&p.routed.target, detail, retryable));
+                }
+            }
+        }
+        reports
+    }
+
+    /// Claims, sends and records one email to `address`.
+    async fn email_one<'p, 'a: 'p>(
+        &self,
+        event: &Event,
+        address: &str,
+        wanted_by: impl Iterator<Item = &'p PendingEmail<'a>>,
+    ) -> Result<(), (String, bool)> {
+        let key = format!("email:{address}");
+        let ticket = match self.idempotency.claim(&event.id, &key).await {
+            Ok(Claim::Acquired(ticket)) => ticket,
+            Ok(Claim::AlreadyDone) => return Ok(()),
+            Ok(Claim::HeldElsewhere) => {
+                return Err((
+                    "another worker is sending this email right now".into(),
+                    true,
+                ));
+            }
+            Err(e) => return Err((format!("cannot check idempotency in Redis: {e}"), true)),
+        };
+        let wanted: Vec<&PendingEmail<'a>> = wanted_by.collect();
+        let rule = wanted.iter().find_map(|p| p.routed.rule.as_deref());
+        let reasons: Vec<String> = wanted
+            .iter()
+            .map(|p| match &p.reason {
+                Some(reason) => format!("{}: {reason}", p.routed.target),
+                None => format!("{}", p.routed.target),
+            })
+            .collect();
+        let mut message = email::render(event, rule, &reasons.join("; "));
+        message.to = vec![address.to_string()];
+        match self.email.send(&message).await {
+            Ok(()) => {
+                if let Err(e) = self.idempotency.complete(&ticket).await {
+                    warn!(%address, error = %e, "emailed, but could not record it in Redis");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.release(&ticket).await;
+                Err((e.to_string(), e.is_transient()))
+            }
+        }
+    }
+
+    /// Claims `(event, key)`; without the claim, the status the target ends with.
+    async fn claim(&self, event_id: &str, key: &str) -> Result<ClaimTicket, TargetStatus> {
+        match self.idempotency.claim(event_id, key).await {
+            Ok(Claim::Acquired(ticket)) => Ok(ticket),
+            Ok(Claim::AlreadyDone) => {
+                info!(key, "already delivered; not sending again");
+                Err(TargetStatus::AlreadyDelivered)
+            }
+            Ok(Claim::HeldElsewhere) => Err(TargetStatus::Failed {
+                detail: "another worker is sending this right now".into(),
+                retryable: true,
+            }),
+            Err(e) => Err(TargetStatus::Failed {
+                detail: format!("cannot check idempotency in Redis: {e}"),
+                retryable: true,
+            }),
+        }
+    }
+
+    async fn complete(&self, ticket: &ClaimTicket, target: &Target) {
         for pause in [0, 50, 200] {
             tokio::time::sleep(Duration::from_millis(pause)).await;
             match self.idempotency.complete(ticket).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = Some(e),
+                Ok(()) => return,
+                Err(e) if pause == 200 => {
+                    warn!(%target, error = %e, "sent, but could not record it in Redis; a redelivery after the claim lease may send it again");
+                }
+                Err(_) => {}
             }
         }
-        match last {
-            Some(e) => Err(e),
-            None => Ok(()),
+    }
+
+    async fn release(&self, ticket: &ClaimTicket) {
+        if let Err(e) = self.idempotency.release(ticket).await {
+            warn!(error = %e, "could not release an idempotency claim; it expires by itself");
         }
+    }
+}
+
+/// Where a target's email goes: its own address, else the rule's `email`,
+/// else `defaults.email` (the router already merged those two).
+fn fallback_addresses(event: &Event, routed: &RoutedTarget) -> Vec<String> {
+    let own = match &routed.target {
+        Target::Email(address) | Target::SlackEmail(address) => Some(address.clone()),
+        Target::SlackUser(user) => event
+            .assignee
+            .as_ref()
+            .filter(|a| a.slack_user.as_deref() == Some(user.as_str()))
+            .and_then(|a| a.email.clone()),
+        Target::SlackChannel(_) | Target::Assignee => None,
+    };
+    match own {
+        Some(address) => vec![address],
+        None => routed.fallback_emails.clone(),
+    }
+}
+
+fn unavailable(error: &SlackError) -> SlackUnavailable {
+    SlackUnavailable {
+        reason: format!("Slack cannot take it: {error}"),
+        transient: error.is_transient(),
     }
 }
 
@@ -319,6 +688,7 @@ fn failed(target: &Target, detail: String, retryable: bool) -> TargetReport {
 
 fn report(target: &Target, status: TargetStatus) -> TargetReport {
     let result = match &status {
+        TargetStatus::Delivered { to } if to.starts_with("email:") => "emailed",
         TargetStatus::Delivered { .. } => "delivered",
         TargetStatus::AlreadyDelivered => "already_delivered",
         TargetStatus::Failed {

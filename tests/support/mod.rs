@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_slack;
+pub mod smtp_sink;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use fake_slack::{ChannelSpec, FakeSlack};
+use smtp_sink::SmtpSink;
 
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -50,6 +52,7 @@ pub struct TestEnv {
     pub id: String,
     pub settings: Settings,
     pub slack: FakeSlack,
+    pub smtp: SmtpSink,
     pub workspace: String,
     pub token: String,
     pub dir: tempfile::TempDir,
@@ -68,6 +71,7 @@ impl TestEnv {
         std::fs::write(&rules_path, rules).unwrap();
 
         let slack = FakeSlack::start().await;
+        let smtp = SmtpSink::start().await;
         let workspace = format!("T{}", id.to_uppercase());
         let token = format!("xoxb-test-{id}");
         slack.add_bot_token(&token, &workspace, "U0BOT");
@@ -83,6 +87,7 @@ impl TestEnv {
         settings.amqp.retry_queue_prefix = format!("{ns}.retry");
         settings.redis.key_prefix = ns.clone();
         settings.slack.api_url = slack.api_url();
+        settings.email.smtp_url = smtp.url();
         settings.slack.default_workspace = Some(workspace.clone());
         settings.slack.request_timeout = Duration::from_secs(2);
         settings.slack.retry_base_delay = Duration::from_millis(20);
@@ -110,6 +115,7 @@ impl TestEnv {
             id,
             settings,
             slack,
+            smtp,
             workspace,
             token,
             dir,
@@ -238,6 +244,7 @@ impl TestEnv {
             ),
             ("REDIS__KEY_PREFIX", s.redis.key_prefix.clone()),
             ("SLACK__API_URL", s.slack.api_url.clone()),
+            ("EMAIL__SMTP_URL", s.email.smtp_url.clone()),
             ("SLACK__DEFAULT_WORKSPACE", self.workspace.clone()),
             (
                 "SLACK__REQUEST_TIMEOUT",
@@ -348,6 +355,7 @@ impl TestEnv {
         }
         let _ = self.connection.close(200, "".into()).await;
         self.slack.shutdown();
+        self.smtp.shutdown();
     }
 }
 
@@ -463,5 +471,18 @@ impl DeadLetters {
             body: delivery.data,
             properties: delivery.properties,
         }
+    }
+}
+
+impl TestEnv {
+    /// Deletes the workspace's token record, as if the app were never installed.
+    pub async fn delete_token(&self, workspace: &str) {
+        let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
     }
 }

@@ -169,7 +169,9 @@ async fn consume(
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let connection = broker::connect(&settings.amqp.url, "alert-router worker").await?;
+    // Named after its queue, so `rabbitmqctl list_connections name` tells deployments apart.
+    let name = format!("alert-router worker {}", topology.queue);
+    let connection = broker::connect(&settings.amqp.url, &name).await?;
     let publisher = Publisher::open(&connection).await?;
     topology.declare(publisher.channel()).await?;
     let channel = connection.create_channel().await?;

@@ -1,0 +1,156 @@
+//! Failure paths through the real broker: SIGTERM with work in flight, kill -9 mid-batch, a dropped broker connection.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use support::fake_slack::{ChannelSpec, Fault};
+use support::{TestEnv, WAIT};
+
+const TWO_TEAMS: &str = r#"version: 1
+defaults:
+  slack_channel: C0ESCALATE
+rules:
+  - name: team-a
+    matchers: ['team="a"']
+    notify: [{slack_channel: C0TEAMA}]
+  - name: team-b
+    matchers: ['team="b"']
+    notify: [{slack_channel: C0TEAMB}]
+"#;
+
+fn event_ids(posts: &[support::fake_slack::RecordedPost]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for post in posts {
+        let id = post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn sigterm_with_events_in_flight_drains_them_and_exits_0() {
+    let env = TestEnv::start(TWO_TEAMS).await;
+    env.slack
+        .add_channel("C0TEAMA", "team-a", ChannelSpec::member());
+    // Slow answers keep the events in flight while the stop arrives.
+    env.slack.fail_next(
+        "chat.postMessage",
+        3,
+        Fault::Delay(Duration::from_millis(800)),
+    );
+    let mut worker = env.start_worker_process();
+
+    for i in 0..3 {
+        env.publish(&env.event(&format!("inflight-{i}"), json!({"labels": {"team": "a"}})))
+            .await;
+    }
+    env.slack
+        .wait_for_requests("chat.postMessage", 3, WAIT)
+        .await
+        .unwrap();
+    worker.signal("TERM");
+    worker
+        .wait_for_log("stopping: no new deliveries; draining", 1)
+        .await;
+    let status = worker.stop().await;
+
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(env.slack.posts().len(), 3, "every in-flight event finished");
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.queue).await,
+        0,
+        "and was acked"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_batch_delivers_every_event_exactly_once_after_restart() {
+    let mut env = TestEnv::start(TWO_TEAMS).await;
+    env.settings.slack.request_timeout = Duration::from_millis(500);
+    env.settings.delivery.retry_delays = vec![Duration::from_secs(1); 30];
+    env.slack
+        .add_channel("C0TEAMA", "team-a", ChannelSpec::member());
+    env.slack
+        .add_channel("C0TEAMB", "team-b", ChannelSpec::member());
+    // Team A's channel never answers while the first worker lives.
+    env.slack.fail_channel("C0TEAMA", Fault::Hang);
+
+    let mut first = env.start_worker_process();
+    for i in 0..40 {
+        let team = if i % 2 == 0 { "a" } else { "b" };
+        env.publish(&env.event(&format!("batch-{i}"), json!({"labels": {"team": team}})))
+            .await;
+    }
+    env.slack
+        .wait_for_posts_to("C0TEAMB", 20, WAIT)
+        .await
+        .unwrap();
+    // Kill once team A's posts have timed out and been retried (>= 500 ms
+    // later), so no team B post sits in the crash window between Slack
+    // accepting it and the worker recording it (see README, "Delivery").
+    env.slack
+        .wait_for_requests("chat.postMessage", 60, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap(); // SIGKILL: nothing drained, nothing acked after this
+    env.slack.clear_faults();
+
+    let second = env.start_worker_process();
+    env.slack
+        .wait_for_posts_to("C0TEAMA", 20, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(second.stop().await.success());
+
+    let delivered = event_ids(&env.slack.posts());
+    assert_eq!(delivered.len(), 40, "every event arrived: {delivered:?}");
+    assert!(
+        delivered.values().all(|&n| n == 1),
+        "none twice: {delivered:?}"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
+/// The broker-side id of the worker connection serving `queue`.
+fn connection_pid(queue: &str) -> Option<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.contains(&format!("alert-router worker {queue}")))
+        .and_then(|line| line.split_whitespace().next().map(str::to_string))
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_after_the_broker_drops_its_connection() {
+    let env = TestEnv::start(TWO_TEAMS).await;
+    let mut worker = env.start_worker_process();
+    worker.wait_for_log("consuming", 1).await;
+    env.publish(&env.event("before-drop", json!({}))).await;
+    env.slack.wait_for_posts(1, WAIT).await.unwrap();
+
+    let pid = connection_pid(&env.settings.amqp.queue).expect("the worker's connection is listed");
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "test: simulated broker restart"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    worker.wait_for_log("lost RabbitMQ; reconnecting", 1).await;
+    worker.wait_for_log("consuming", 2).await;
+
+    env.publish(&env.event("after-drop", json!({}))).await;
+    env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    assert!(worker.stop().await.success());
+    assert_eq!(env.slack.posts().len(), 2);
+    env.cleanup().await;
+}

@@ -113,6 +113,18 @@ pub struct SlackSettings {
     /// How long a token read from Redis is reused before it is read again.
     #[serde(with = "human_duration")]
     pub token_cache_ttl: Duration,
+    /// Posts per second to one channel, across all replicas (Slack allows about 1).
+    pub channel_rate_per_second: f64,
+    /// Posts to one channel that may go out at once before the rate applies.
+    pub channel_burst: u32,
+    /// Posts per minute to one workspace, across all replicas.
+    pub workspace_rate_per_minute: u32,
+    /// Posts to one workspace that may go out at once before the rate applies.
+    pub workspace_burst: u32,
+    /// Longest wait for a rate-limit slot while holding a delivery; a longer
+    /// wait sends the event to a delay queue without counting an attempt.
+    #[serde(with = "human_duration")]
+    pub max_rate_limit_wait: Duration,
 }
 
 impl SlackSettings {
@@ -134,6 +146,11 @@ impl Default for SlackSettings {
             retry_base_delay: Duration::from_millis(250),
             retry_budget: Duration::from_secs(10),
             token_cache_ttl: Duration::from_secs(30),
+            channel_rate_per_second: 1.0,
+            channel_burst: 3,
+            workspace_rate_per_minute: 300,
+            workspace_burst: 10,
+            max_rate_limit_wait: Duration::from_secs(2),
         }
     }
 }
@@ -342,6 +359,26 @@ impl Settings {
             return Err(invalid(
                 "slack.request_timeout",
                 "must be longer than 0s, e.g. `10s`",
+            ));
+        }
+        if !(self.slack.channel_rate_per_second > 0.0
+            && self.slack.channel_rate_per_second.is_finite())
+        {
+            return Err(invalid(
+                "slack.channel_rate_per_second",
+                "must be a positive number, e.g. `1` (Slack allows about one post a second per channel)",
+            ));
+        }
+        if self.slack.channel_burst == 0 || self.slack.workspace_burst == 0 {
+            return Err(invalid(
+                "slack.channel_burst",
+                "and slack.workspace_burst must be at least 1",
+            ));
+        }
+        if self.slack.workspace_rate_per_minute == 0 {
+            return Err(invalid(
+                "slack.workspace_rate_per_minute",
+                "must be at least 1, e.g. `300`",
             ));
         }
         if self.delivery.retry_delays.iter().any(Duration::is_zero) {

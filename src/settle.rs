@@ -14,6 +14,9 @@ use crate::broker::{
     HEADER_ROUTING_KEY, Publisher, Topology,
 };
 
+/// Header: how often the event waited for rate-limit slots (no attempt spent).
+pub const HEADER_DEFERRALS: &str = "x-alert-router-deferrals";
+
 /// What should become of a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -22,6 +25,12 @@ pub enum Outcome {
     /// Some target could not be reached now; try the whole event again later
     /// (targets already served are skipped then).
     RetryLater { detail: String },
+    /// Only waiting for rate-limit slots: come back after about `wait`
+    /// without spending an attempt.
+    Defer {
+        wait: std::time::Duration,
+        detail: String,
+    },
     /// Never going to work as it is: park it for an operator.
     DeadLetter {
         reason: &'static str,
@@ -34,6 +43,7 @@ pub enum Outcome {
 pub enum Settled {
     Acked,
     Retried { queue: String, attempt: u64 },
+    Deferred { queue: String },
     DeadLettered { reason: &'static str },
 }
 
@@ -113,6 +123,47 @@ impl Settler {
                 Ok(Settled::Retried {
                     queue: queue.name.clone(),
                     attempt,
+                })
+            }
+            Outcome::Defer { wait, detail } => {
+                // The shortest delay queue that covers the wait (else the longest there is).
+                let Some(queue) = self
+                    .topology
+                    .retry_queues
+                    .iter()
+                    .filter(|q| q.delay >= wait)
+                    .min_by_key(|q| q.delay)
+                    .or_else(|| self.topology.retry_queues.iter().max_by_key(|q| q.delay))
+                else {
+                    // No delay queues configured: put it back and let the broker redeliver.
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await?;
+                    return Ok(Settled::Deferred {
+                        queue: String::new(),
+                    });
+                };
+                let deferrals =
+                    broker::header_u64(&delivery.properties, HEADER_DEFERRALS).unwrap_or(0) + 1;
+                let properties = broker::with_headers(
+                    &persistent(&delivery.properties),
+                    [
+                        (HEADER_DEFERRALS, AMQPValue::LongLongInt(to_i64(deferrals))),
+                        (HEADER_ROUTING_KEY, broker::long_string(&routing_key)),
+                        (HEADER_DETAIL, broker::long_string(&clip(&detail))),
+                    ],
+                );
+                self.publisher
+                    .publish("", &queue.name, &delivery.data, properties)
+                    .await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                info!(queue = %queue.name, ?wait, deferrals, "rate limited; deferred");
+                Ok(Settled::Deferred {
+                    queue: queue.name.clone(),
                 })
             }
             Outcome::DeadLetter { reason, detail } => {

@@ -22,6 +22,7 @@ use crate::config::{Secrets, Settings};
 use crate::deliver::Deliverer;
 use crate::deliver::email::EmailSender;
 use crate::deliver::idempotency::Idempotency;
+use crate::deliver::limit::RateLimiter;
 use crate::deliver::slack::SlackClient;
 use crate::deliver::slack::tokens::TokenStore;
 use crate::event::{Event, sniff_id};
@@ -109,6 +110,7 @@ pub async fn run(
     );
     // The claim lease covers one send with all its in-process retries.
     let lease = settings.slack.longest_send();
+    let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
@@ -118,7 +120,14 @@ pub async fn run(
     let email = EmailSender::new(&settings.email)?;
     let context = Arc::new(Context {
         rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
-        deliverer: Deliverer::new(slack, tokens, idempotency, email),
+        deliverer: Deliverer::new(
+            slack,
+            tokens,
+            idempotency,
+            email,
+            limiter,
+            settings.slack.max_rate_limit_wait,
+        ),
         max_body_bytes: settings.amqp.max_body_bytes,
     });
 
@@ -250,6 +259,9 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
             Ok(Settled::Retried { .. }) => {
                 telemetry::record_event("retried", "unsettled_targets", started.elapsed())
             }
+            Ok(Settled::Deferred { .. }) => {
+                telemetry::record_event("deferred", "rate_limited", started.elapsed())
+            }
             Ok(Settled::DeadLettered { reason }) => {
                 telemetry::record_event("dead_lettered", reason, started.elapsed())
             }
@@ -300,20 +312,28 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
         .deliver(&event, &routing, rules.default_channel())
         .await;
     if report.all_settled() {
-        Outcome::Ack { why: "delivered" }
-    } else {
-        let unsettled: Vec<String> = report
-            .unsettled()
-            .map(|t| match &t.status {
-                crate::deliver::TargetStatus::Failed { detail, .. } => {
-                    format!("{}: {detail}", t.target)
-                }
-                _ => t.target.clone(),
-            })
-            .collect();
-        Outcome::RetryLater {
-            detail: unsettled.join("; "),
-        }
+        return Outcome::Ack { why: "delivered" };
+    }
+    if !report.any_failed()
+        && let Some(wait) = report.longest_deferral()
+    {
+        // Only waiting for rate-limit slots: not a failure, no attempt spent.
+        return Outcome::Defer {
+            wait,
+            detail: report.to_string(),
+        };
+    }
+    let unsettled: Vec<String> = report
+        .unsettled()
+        .map(|t| match &t.status {
+            crate::deliver::TargetStatus::Failed { detail, .. } => {
+                format!("{}: {detail}", t.target)
+            }
+            _ => t.target.clone(),
+        })
+        .collect();
+    Outcome::RetryLater {
+        detail: unsettled.join("; "),
     }
 }
 

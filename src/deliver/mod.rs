@@ -12,6 +12,7 @@
 
 pub mod email;
 pub mod idempotency;
+pub mod limit;
 pub mod slack;
 
 use std::collections::{BTreeMap, HashSet};
@@ -27,6 +28,7 @@ use crate::event::{Event, Target};
 use crate::rules::{RoutedTarget, Routing};
 use email::EmailSender;
 use idempotency::{Claim, ClaimTicket, Idempotency};
+use limit::RateLimiter;
 use slack::message::{RenderContext, render};
 use slack::tokens::{TokenStore, WorkspaceToken};
 use slack::{Body, SlackClient, SlackError, SlackFailure};
@@ -40,6 +42,8 @@ pub enum TargetStatus {
     AlreadyDelivered,
     /// Not sent. `retryable` is false when trying again cannot help.
     Failed { detail: String, retryable: bool },
+    /// Not sent yet: the channel's rate limit has no slot for `wait`.
+    Deferred { wait: Duration },
 }
 
 /// One target and what happened to it.
@@ -54,7 +58,10 @@ pub struct TargetReport {
 
 impl TargetReport {
     pub fn is_settled(&self) -> bool {
-        !matches!(self.status, TargetStatus::Failed { .. })
+        !matches!(
+            self.status,
+            TargetStatus::Failed { .. } | TargetStatus::Deferred { .. }
+        )
     }
 }
 
@@ -72,6 +79,24 @@ impl DeliveryReport {
     pub fn all_settled(&self) -> bool {
         self.targets.iter().all(TargetReport::is_settled)
     }
+
+    /// Whether some target failed (as opposed to only waiting for a rate-limit slot).
+    pub fn any_failed(&self) -> bool {
+        self.targets
+            .iter()
+            .any(|t| matches!(t.status, TargetStatus::Failed { .. }))
+    }
+
+    /// The longest rate-limit wait among deferred targets.
+    pub fn longest_deferral(&self) -> Option<Duration> {
+        self.targets
+            .iter()
+            .filter_map(|t| match t.status {
+                TargetStatus::Deferred { wait } => Some(wait),
+                _ => None,
+            })
+            .max()
+    }
 }
 
 impl fmt::Display for DeliveryReport {
@@ -84,6 +109,9 @@ impl fmt::Display for DeliveryReport {
                 TargetStatus::Delivered { to } => format!("{} delivered to {to}", t.target),
                 TargetStatus::AlreadyDelivered => format!("{} already delivered", t.target),
                 TargetStatus::Failed { detail, .. } => format!("{} failed: {detail}", t.target),
+                TargetStatus::Deferred { wait } => {
+                    format!("{} waits {wait:?} for a rate-limit slot", t.target)
+                }
             })
             .collect();
         f.write_str(&parts.join("; "))
@@ -96,6 +124,9 @@ pub struct Deliverer {
     tokens: TokenStore,
     idempotency: Idempotency,
     email: EmailSender,
+    limiter: RateLimiter,
+    /// Longest inline wait for a rate-limit slot before deferring through the broker.
+    max_rate_limit_wait: Duration,
 }
 
 /// A target after lookups: what to do with it.
@@ -124,6 +155,20 @@ struct SlackUnavailable {
     transient: bool,
 }
 
+/// Why a post did not go out.
+enum PostFailure {
+    /// Slack cannot take it: fall back to email.
+    Unavailable(SlackUnavailable),
+    /// The rate limit has no slot soon enough: try the event again later.
+    Deferred(Duration),
+}
+
+/// One post attempt's failure.
+enum AttemptFailure {
+    Slack(SlackError),
+    Deferred(Duration),
+}
+
 /// A target waiting for the email phase.
 struct PendingEmail<'a> {
     routed: &'a RoutedTarget,
@@ -147,12 +192,16 @@ impl Deliverer {
         tokens: TokenStore,
         idempotency: Idempotency,
         email: EmailSender,
+        limiter: RateLimiter,
+        max_rate_limit_wait: Duration,
     ) -> Deliverer {
         Deliverer {
             slack,
             tokens,
             idempotency,
             email,
+            limiter,
+            max_rate_limit_wait,
         }
     }
 
@@ -371,7 +420,12 @@ impl Deliverer {
                 info!(target = %routed.target, to = %to, "delivered");
                 SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
             }
-            Err(unavailable) => {
+            Err(PostFailure::Deferred(wait)) => {
+                self.release(&ticket).await;
+                info!(target = %routed.target, ?wait, "rate limited; deferring");
+                SlackResult::Done(report(&routed.target, TargetStatus::Deferred { wait }))
+            }
+            Err(PostFailure::Unavailable(unavailable)) => {
                 warn!(target = %routed.target, reason = %unavailable.reason, "slack cannot take it; falling back to email");
                 SlackResult::NeedsEmail(PendingEmail {
                     routed,
@@ -385,7 +439,7 @@ impl Deliverer {
     }
 
     /// Posts to `channel`, handling destination and payload errors; returns
-    /// where it landed, or why Slack as a whole cannot take it.
+    /// where it landed, or why it did not.
     async fn post(
         &self,
         event: &Event,
@@ -393,22 +447,27 @@ impl Deliverer {
         channel: &str,
         token: &WorkspaceToken,
         default_channel: Option<&str>,
-    ) -> Result<String, SlackUnavailable> {
+    ) -> Result<String, PostFailure> {
         let context = RenderContext {
             rule: routed.rule.as_deref(),
             rerouted_from: None,
         };
-        let first = self.post_once(event, &context, channel, token, false).await;
-        let error = match first {
+        let error = match self.post_once(event, &context, channel, token, false).await {
             Ok(to) => return Ok(to),
-            Err(e) => e,
+            Err(AttemptFailure::Deferred(wait)) => return Err(PostFailure::Deferred(wait)),
+            Err(AttemptFailure::Slack(e)) => e,
         };
         match error.failure {
             SlackFailure::Destination => {
                 if error.code == "not_in_channel" && self.join(channel, token).await {
                     match self.post_once(event, &context, channel, token, false).await {
                         Ok(to) => return Ok(to),
-                        Err(e) => warn!(channel, error = %e, "posting after joining failed"),
+                        Err(AttemptFailure::Deferred(wait)) => {
+                            return Err(PostFailure::Deferred(wait));
+                        }
+                        Err(AttemptFailure::Slack(e)) => {
+                            warn!(channel, error = %e, "posting after joining failed");
+                        }
                     }
                 }
                 let Some(default) = default_channel.filter(|d| *d != channel) else {
@@ -422,13 +481,13 @@ impl Deliverer {
                 warn!(channel, default, error = %error, "rerouting to the default channel");
                 self.post_once(event, &rerouted, default, token, false)
                     .await
-                    .map_err(|e| unavailable(&e))
+                    .map_err(give_up)
             }
             SlackFailure::Payload => {
                 warn!(channel, error = %error, "slack refused the message layout; posting plain text");
                 self.post_once(event, &context, channel, token, true)
                     .await
-                    .map_err(|e| unavailable(&e))
+                    .map_err(give_up)
             }
             SlackFailure::Workspace | SlackFailure::TokenExpired => {
                 self.tokens.invalidate(&token.workspace);
@@ -438,6 +497,9 @@ impl Deliverer {
         }
     }
 
+    /// One `chat.postMessage` through the shared rate limit. Waits inline up
+    /// to `max_rate_limit_wait` in all; a 429 pauses the channel for every
+    /// replica and goes back to waiting for a slot.
     async fn post_once(
         &self,
         event: &Event,
@@ -445,7 +507,7 @@ impl Deliverer {
         channel: &str,
         token: &WorkspaceToken,
         plain_text: bool,
-    ) -> Result<String, SlackError> {
+    ) -> Result<String, AttemptFailure> {
         let mut payload = render(event, context);
         if plain_text {
             payload = serde_json::json!({
@@ -454,19 +516,52 @@ impl Deliverer {
             });
         }
         payload["channel"] = Value::String(channel.to_string());
-        let reply = self
-            .slack
-            .call(
-                "chat.postMessage",
-                Some(&token.access_token),
-                &Body::Json(&payload),
-            )
-            .await?;
-        let landed = reply
-            .get("channel")
-            .and_then(Value::as_str)
-            .unwrap_or(channel);
-        Ok(format!("slack:{landed}"))
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.limiter.try_acquire(&token.workspace, channel).await {
+                Ok(None) => {}
+                Ok(Some(wait)) if waited + wait <= self.max_rate_limit_wait => {
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    continue;
+                }
+                Ok(Some(wait)) => return Err(AttemptFailure::Deferred(wait)),
+                // Slack's own 429 still protects the channel; do not stall on Redis.
+                Err(e) => warn!(error = %e, "cannot check the shared rate limit; posting anyway"),
+            }
+            let result = self
+                .slack
+                .call_leaving_rate_limits(
+                    "chat.postMessage",
+                    Some(&token.access_token),
+                    &Body::Json(&payload),
+                )
+                .await;
+            match result {
+                Ok(reply) => {
+                    let landed = reply
+                        .get("channel")
+                        .and_then(Value::as_str)
+                        .unwrap_or(channel);
+                    return Ok(format!("slack:{landed}"));
+                }
+                Err(e) if e.code == "ratelimited" => {
+                    let pause = e.retry_after().unwrap_or(Duration::from_secs(1));
+                    warn!(
+                        channel,
+                        ?pause,
+                        "slack rate-limited the channel; pausing it for every replica"
+                    );
+                    if let Err(redis) = self.limiter.pause(&token.workspace, channel, pause).await {
+                        warn!(error = %redis, "cannot record the pause in Redis");
+                    }
+                    if waited + pause > self.max_rate_limit_wait {
+                        return Err(AttemptFailure::Deferred(pause));
+                    }
+                }
+                Err(e) => return Err(AttemptFailure::Slack(e)),
+            }
+        }
     }
 
     /// `conversations.join` for a public channel id; false when it cannot.
@@ -675,10 +770,17 @@ fn fallback_addresses(event: &Event, routed: &RoutedTarget) -> Vec<String> {
     }
 }
 
-fn unavailable(error: &SlackError) -> SlackUnavailable {
-    SlackUnavailable {
+fn unavailable(error: &SlackError) -> PostFailure {
+    PostFailure::Unavailable(SlackUnavailable {
         reason: format!("Slack cannot take it: {error}"),
         transient: error.is_transient(),
+    })
+}
+
+fn give_up(failure: AttemptFailure) -> PostFailure {
+    match failure {
+        AttemptFailure::Slack(e) => unavailable(&e),
+        AttemptFailure::Deferred(wait) => PostFailure::Deferred(wait),
     }
 }
 
@@ -697,6 +799,7 @@ fn report(target: &Target, status: TargetStatus) -> TargetReport {
         TargetStatus::Failed {
             retryable: false, ..
         } => "failed",
+        TargetStatus::Deferred { .. } => "deferred",
     };
     crate::telemetry::record_target(target.kind(), result);
     TargetReport {

@@ -92,6 +92,11 @@ impl TestEnv {
         settings.slack.request_timeout = Duration::from_secs(2);
         settings.slack.retry_base_delay = Duration::from_millis(20);
         settings.slack.retry_budget = Duration::from_secs(1);
+        // Functional tests are not about rate limits (tests/rate_limits.rs is).
+        settings.slack.channel_rate_per_second = 1000.0;
+        settings.slack.channel_burst = 1000;
+        settings.slack.workspace_rate_per_minute = 1_000_000;
+        settings.slack.workspace_burst = 1000;
         settings.rules.path = rules_path;
         settings.http.listen = "127.0.0.1:0".parse().unwrap();
         settings.delivery.retry_delays = vec![Duration::from_millis(500); 3];
@@ -257,6 +262,19 @@ impl TestEnv {
             (
                 "SLACK__RETRY_BUDGET",
                 format!("{}ms", s.slack.retry_budget.as_millis()),
+            ),
+            (
+                "SLACK__CHANNEL_RATE_PER_SECOND",
+                s.slack.channel_rate_per_second.to_string(),
+            ),
+            ("SLACK__CHANNEL_BURST", s.slack.channel_burst.to_string()),
+            (
+                "SLACK__WORKSPACE_RATE_PER_MINUTE",
+                s.slack.workspace_rate_per_minute.to_string(),
+            ),
+            (
+                "SLACK__WORKSPACE_BURST",
+                s.slack.workspace_burst.to_string(),
             ),
             ("RULES__PATH", s.rules.path.display().to_string()),
             ("HTTP__LISTEN", "127.0.0.1:0".to_string()),

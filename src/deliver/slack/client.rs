@@ -266,6 +266,27 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
+        self.call_retrying(method, token, body, true).await
+    }
+
+    /// Like [`SlackClient::call`], but a 429 comes straight back: the caller
+    /// owns rate limiting (shared across replicas) for this method.
+    pub async fn call_leaving_rate_limits(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
+        self.call_retrying(method, token, body, false).await
+    }
+
+    async fn call_retrying(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+        retry_rate_limited: bool,
+    ) -> Result<Value, SlackError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry_base_delay)
             .with_max_delay(Duration::from_secs(5))
@@ -276,6 +297,7 @@ impl SlackClient {
             .retry(backoff)
             .when(|e: &SlackError| {
                 e.is_transient()
+                    && (retry_rate_limited || e.code != "ratelimited")
                     && e.retry_after()
                         .is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER.min(self.retry_budget))
             })

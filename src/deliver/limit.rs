@@ -1,0 +1,166 @@
+//! Slack rate limits shared by every replica: GCRA buckets per channel and per workspace, in Redis.
+//!
+//! A per-process limiter (such as `governor`) cannot keep three replicas under
+//! one channel's one-message-a-second limit, so the state lives in Redis and
+//! one Lua script checks both buckets (and any `Retry-After` pause) and takes
+//! a slot from both atomically, on Redis's clock. A 429's `Retry-After` is
+//! written as a pause that every replica honours.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::config::SlackSettings;
+
+/// Sending slightly under the configured rate keeps network jitter (two posts
+/// granted 1 s apart arriving 995 ms apart) from tripping Slack's own limiter.
+const SAFETY_MARGIN: f64 = 0.95;
+
+/// Checks both buckets and the pause; takes a slot from both only if all allow.
+/// Returns 0 when granted, else the milliseconds to wait before asking again.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
+if paused_until > now then return paused_until - now end
+local wait = 0
+local tats = {}
+for i = 1, 2 do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local allowed_at = tat - tolerance
+  if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
+  tats[i] = {tat + interval, tolerance}
+end
+if wait > 0 then return wait end
+for i = 1, 2 do
+  local new_tat = tats[i][1]
+  redis.call('SET', KEYS[i], new_tat, 'PX', math.max(1, new_tat - now + tats[i][2]) + 1000)
+end
+return 0
+"#;
+
+/// Records a `Retry-After` pause, never shortening a longer one.
+const PAUSE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ms > current then
+  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
+end
+return 0
+"#;
+
+/// One GCRA bucket: a slot every `interval`, up to `burst` at once.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    interval_ms: u64,
+    tolerance_ms: u64,
+}
+
+impl Bucket {
+    fn new(per_second: f64, burst: u32) -> Bucket {
+        let interval_ms = (1000.0 / (per_second * SAFETY_MARGIN)).ceil().max(1.0) as u64;
+        Bucket {
+            interval_ms,
+            tolerance_ms: interval_ms * u64::from(burst.max(1) - 1),
+        }
+    }
+}
+
+/// Shared rate limits for `chat.postMessage`.
+#[derive(Clone)]
+pub struct RateLimiter {
+    redis: ConnectionManager,
+    key_prefix: String,
+    channel: Bucket,
+    workspace: Bucket,
+    gcra: redis::Script,
+    pause: redis::Script,
+}
+
+impl RateLimiter {
+    pub fn new(
+        redis: ConnectionManager,
+        key_prefix: &str,
+        settings: &SlackSettings,
+    ) -> RateLimiter {
+        RateLimiter {
+            redis,
+            key_prefix: key_prefix.to_string(),
+            channel: Bucket::new(settings.channel_rate_per_second, settings.channel_burst),
+            workspace: Bucket::new(
+                f64::from(settings.workspace_rate_per_minute) / 60.0,
+                settings.workspace_burst,
+            ),
+            gcra: redis::Script::new(GCRA),
+            pause: redis::Script::new(PAUSE),
+        }
+    }
+
+    /// Takes a slot to post to `channel`, or says how long to wait before asking again.
+    pub async fn try_acquire(
+        &self,
+        workspace: &str,
+        channel: &str,
+    ) -> Result<Option<Duration>, redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let wait_ms: u64 = self
+            .gcra
+            .key(self.key(workspace, Some(channel), "rate"))
+            .key(self.key(workspace, None, "rate"))
+            .key(self.key(workspace, Some(channel), "pause"))
+            .arg(self.channel.interval_ms)
+            .arg(self.channel.tolerance_ms)
+            .arg(self.workspace.interval_ms)
+            .arg(self.workspace.tolerance_ms)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
+    /// Makes every replica hold off `channel` for `retry_after` (after a 429).
+    pub async fn pause(
+        &self,
+        workspace: &str,
+        channel: &str,
+        retry_after: Duration,
+    ) -> Result<(), redis::RedisError> {
+        let mut redis = self.redis.clone();
+        self.pause
+            .key(self.key(workspace, Some(channel), "pause"))
+            .arg(
+                u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .invoke_async::<i64>(&mut redis)
+            .await
+            .map(|_| ())
+    }
+
+    fn key(&self, workspace: &str, channel: Option<&str>, kind: &str) -> String {
+        match channel {
+            Some(channel) => format!("{}:slack:{kind}:{workspace}:{channel}", self.key_prefix),
+            None => format!("{}:slack:{kind}:{workspace}", self.key_prefix),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_run_a_little_under_the_configured_rate() {
+        let one_per_second = Bucket::new(1.0, 3);
+        assert_eq!(one_per_second.interval_ms, 1053);
+        assert_eq!(one_per_second.tolerance_ms, 2 * 1053);
+        let per_minute = Bucket::new(300.0 / 60.0, 1);
+        assert_eq!(per_minute.interval_ms, 211);
+        assert_eq!(per_minute.tolerance_ms, 0);
+    }
+}

@@ -1,0 +1,120 @@
+//! Slack's per-channel limit, held across replicas through Redis; 429s pause the channel for everyone.
+
+mod support;
+
+use std::time::Duration;
+
+use alert_router::config::SlackSettings;
+use serde_json::json;
+use support::fake_slack::Fault;
+use support::{BASIC_RULES, ESCALATIONS, TestEnv};
+
+/// A test namespace with the worker's default (Slack-sized) rate limits.
+async fn env_with_default_limits() -> TestEnv {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    let defaults = SlackSettings::default();
+    env.settings.slack.channel_rate_per_second = defaults.channel_rate_per_second;
+    env.settings.slack.channel_burst = defaults.channel_burst;
+    env.settings.slack.workspace_rate_per_minute = defaults.workspace_rate_per_minute;
+    env.settings.slack.workspace_burst = defaults.workspace_burst;
+    env
+}
+
+#[tokio::test]
+async fn three_workers_on_one_hot_channel_stay_under_its_limit() {
+    let env = env_with_default_limits().await;
+    // Slack's documented limit: about one post a second per channel, short bursts.
+    env.slack.set_channel_rate_limit(1.0, 3);
+    let workers = [env.spawn_worker(), env.spawn_worker(), env.spawn_worker()];
+
+    for i in 0..8 {
+        env.publish(&env.event(&format!("hot-{i}"), json!({})))
+            .await;
+    }
+    let posts = env
+        .slack
+        .wait_for_posts_to(ESCALATIONS, 8, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for worker in workers {
+        worker.stop().await;
+    }
+
+    assert_eq!(env.slack.rate_limited_count(), 0, "no 429 from Slack");
+    assert!(
+        env.slack
+            .max_posts_in_window(ESCALATIONS, Duration::from_millis(999))
+            <= 3
+    );
+    // Still close to the allowed rate: 3 at once, then about one a second.
+    let span = posts[7].received_at - posts[0].received_at;
+    assert!(span < Duration::from_secs(8), "took {span:?}");
+    assert_eq!(env.slack.posts().len(), 8, "each once");
+    assert!(
+        env.smtp.mails().is_empty(),
+        "waiting for a slot is not a reason to email"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_429_pauses_the_channel_and_the_event_still_arrives_once_on_slack() {
+    let env = env_with_default_limits().await;
+    env.slack.fail_next(
+        "chat.postMessage",
+        1,
+        Fault::RateLimited {
+            retry_after_secs: 1,
+        },
+    );
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("limited", json!({}))).await;
+    let posts = env
+        .slack
+        .wait_for_posts(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    worker.stop().await;
+
+    let requests = env.slack.requests_for("chat.postMessage");
+    assert_eq!(requests.len(), 2);
+    let gap = posts[0].received_at - requests[0].received_at;
+    assert!(
+        gap >= Duration::from_millis(900),
+        "Retry-After obeyed, waited {gap:?}"
+    );
+    assert!(env.smtp.mails().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_long_retry_after_defers_the_event_through_the_broker_without_spending_attempts() {
+    let env = env_with_default_limits().await;
+    // Longer than the 2 s the worker may wait while holding a delivery.
+    env.slack.fail_next(
+        "chat.postMessage",
+        1,
+        Fault::RateLimited {
+            retry_after_secs: 3,
+        },
+    );
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("deferred", json!({}))).await;
+    let posts = env
+        .slack
+        .wait_for_posts(1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    worker.stop().await;
+
+    let first = env.slack.requests_for("chat.postMessage")[0].received_at;
+    assert!(posts[0].received_at - first >= Duration::from_secs(3));
+    assert_eq!(env.slack.posts().len(), 1);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0
+    );
+    env.cleanup().await;
+}

@@ -24,7 +24,7 @@ use crate::deliver::email::EmailSender;
 use crate::deliver::idempotency::Idempotency;
 use crate::deliver::limit::RateLimiter;
 use crate::deliver::slack::SlackClient;
-use crate::deliver::slack::tokens::TokenStore;
+use crate::deliver::slack::tokens::{Rotation, TokenStore};
 use crate::event::{Event, sniff_id};
 use crate::rules::{Disposition, Rules, RulesErrors};
 use crate::settle::{Outcome, Settled, Settler};
@@ -101,13 +101,23 @@ pub async fn run(
             source,
         })?;
     let slack = SlackClient::new(&settings.slack)?;
-    let tokens = TokenStore::new(
+    let mut tokens = TokenStore::new(
         redis.clone(),
         &settings.redis.key_prefix,
         secrets.slack_bot_token.clone(),
         settings.slack.default_workspace.clone(),
         settings.slack.token_cache_ttl,
     );
+    if let (Some(client_id), Some(client_secret)) =
+        (&secrets.slack_client_id, &secrets.slack_client_secret)
+    {
+        tokens = tokens.with_rotation(Rotation {
+            slack: slack.clone(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+        });
+        info!("token rotation enabled");
+    }
     // The claim lease covers one send with all its in-process retries.
     let lease = settings.slack.longest_send();
     let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);

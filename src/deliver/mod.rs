@@ -489,7 +489,20 @@ impl Deliverer {
                     .await
                     .map_err(give_up)
             }
-            SlackFailure::Workspace | SlackFailure::TokenExpired => {
+            SlackFailure::TokenExpired => {
+                // Rotation: refresh once (one replica at a time) and post again.
+                match self.tokens.refresh(token).await {
+                    Ok(fresh) => self
+                        .post_once(event, &context, channel, &fresh, false)
+                        .await
+                        .map_err(give_up),
+                    Err(e) => Err(PostFailure::Unavailable(SlackUnavailable {
+                        reason: format!("Slack cannot take it: {error}, and {e}"),
+                        transient: e.is_transient(),
+                    })),
+                }
+            }
+            SlackFailure::Workspace => {
                 self.tokens.invalidate(&token.workspace);
                 Err(unavailable(&error))
             }

@@ -493,6 +493,41 @@ impl DeadLetters {
 }
 
 impl TestEnv {
+    /// Writes a whole token record (e.g. with a refresh token and an expiry).
+    pub async fn store_token_record(&self, workspace: &str, record: &Value) {
+        let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(record.to_string())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    /// Reads the workspace's token record back.
+    pub async fn token_record(&self, workspace: &str) -> Value {
+        let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        let raw: String = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        serde_json::from_str(&raw).unwrap()
+    }
+
+    /// Runs a worker in this process with the given secrets.
+    pub fn spawn_worker_with(&self, secrets: Secrets) -> InProcessWorker {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(alert_router::worker::run(
+            self.settings.clone(),
+            secrets,
+            shutdown.clone(),
+        ));
+        InProcessWorker { shutdown, task }
+    }
+
     /// Deletes the workspace's token record, as if the app were never installed.
     pub async fn delete_token(&self, workspace: &str) {
         let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);

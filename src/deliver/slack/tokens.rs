@@ -12,6 +12,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use super::SlackClient;
 use crate::config::Secret;
 
 /// The Redis record for one workspace; other systems (an OAuth install flow) write it too, so its shape is fixed.
@@ -37,6 +38,8 @@ pub struct WorkspaceToken {
     pub expires_at: Option<i64>,
     /// Where it came from, for logs: `redis` or `env`.
     pub source: &'static str,
+    /// Whether a refresh token is stored with it (token rotation).
+    pub rotating: bool,
 }
 
 /// Why a token could not be read. Never contains the token.
@@ -52,12 +55,25 @@ pub enum TokenError {
         "the token record of workspace {workspace} in Redis is malformed ({problem}); write it again with `alert-router tokens set`"
     )]
     Malformed { workspace: String, problem: String },
+    #[error("cannot refresh the token of workspace {workspace}: {reason}")]
+    Refresh {
+        workspace: String,
+        reason: String,
+        transient: bool,
+    },
 }
 
 impl TokenError {
     /// Redis trouble passes; a malformed record needs an operator.
     pub fn is_transient(&self) -> bool {
-        matches!(self, TokenError::Redis { .. })
+        matches!(
+            self,
+            TokenError::Redis { .. }
+                | TokenError::Refresh {
+                    transient: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -69,7 +85,37 @@ pub struct TokenStore {
     default_workspace: Option<String>,
     cache_ttl: Duration,
     cache: Mutex<HashMap<String, (Instant, Option<WorkspaceToken>)>>,
+    /// Set when token rotation is configured (`SLACK_CLIENT_ID`/`SECRET`).
+    rotation: Option<Rotation>,
 }
+
+/// What refreshing a rotating token needs.
+pub struct Rotation {
+    pub slack: SlackClient,
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+/// Refresh this long before `expires_at`, as Slack's SDKs do.
+const REFRESH_AHEAD_SECS: i64 = 2 * 3600;
+/// A refresh lock outlives one `oauth.v2.access` call with its retries.
+const REFRESH_LOCK: Duration = Duration::from_secs(60);
+/// How long a replica waits for another one's refresh before giving up for now.
+const REFRESH_WAIT: Duration = Duration::from_secs(15);
+
+/// Writes the new record only while the lock is still ours (the fencing check).
+const WRITE_IF_LOCKED: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+const RELEASE_LOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
 
 impl TokenStore {
     pub fn new(
@@ -86,7 +132,15 @@ impl TokenStore {
             default_workspace,
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
+            rotation: None,
         }
+    }
+
+    /// Enables token rotation: tokens near expiry (or reported expired) are
+    /// refreshed through `oauth.v2.access`.
+    pub fn with_rotation(mut self, rotation: Rotation) -> TokenStore {
+        self.rotation = Some(rotation);
+        self
     }
 
     /// The Redis key of a workspace's token.
@@ -108,6 +162,7 @@ impl TokenStore {
                 access_token: token,
                 expires_at: None,
                 source: "env",
+                rotating: false,
             }));
         };
         if let Ok(cache) = self.cache.lock()
@@ -116,7 +171,27 @@ impl TokenStore {
         {
             return Ok(token.clone());
         }
-        let token = self.read(workspace).await?;
+        let mut token = self.read(workspace).await?;
+        if let Some(current) = &token
+            && current.rotating
+            && self.rotation.is_some()
+            && current
+                .expires_at
+                .is_some_and(|at| at - chrono::Utc::now().timestamp() < REFRESH_AHEAD_SECS)
+        {
+            match self.refresh(current).await {
+                Ok(fresh) => token = Some(fresh),
+                // Still valid for a while: use it, and try again on the next read.
+                Err(e)
+                    if current
+                        .expires_at
+                        .is_some_and(|at| at > chrono::Utc::now().timestamp()) =>
+                {
+                    tracing::warn!(workspace, error = %e, "token refresh failed; using the current token until it expires");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(workspace.to_string(), (Instant::now(), token.clone()));
         }
@@ -149,6 +224,7 @@ impl TokenStore {
                 access_token: Secret::new(record.access_token),
                 expires_at: record.expires_at,
                 source: "redis",
+                rotating: record.refresh_token.is_some(),
             }));
         }
         // SLACK_BOT_TOKEN serves the default workspace, or every workspace when no default is set.
@@ -165,7 +241,169 @@ impl TokenStore {
                 access_token: token,
                 expires_at: None,
                 source: "env",
+                rotating: false,
             }))
+    }
+
+    /// Replaces `stale` (expired, or about to) with a fresh token. One replica
+    /// refreshes at a time under a Redis lock; the others wait and read what
+    /// it wrote. Every refresh returns a new refresh token and revokes the
+    /// old one, so the new pair is written back before anything else.
+    pub async fn refresh(&self, stale: &WorkspaceToken) -> Result<WorkspaceToken, TokenError> {
+        let workspace = stale.workspace.as_str();
+        let refresh_error = |reason: String, transient: bool| TokenError::Refresh {
+            workspace: workspace.to_string(),
+            reason,
+            transient,
+        };
+        let Some(rotation) = &self.rotation else {
+            return Err(refresh_error(
+                "token rotation is not configured (set SLACK_CLIENT_ID and SLACK_CLIENT_SECRET)"
+                    .into(),
+                false,
+            ));
+        };
+        let lock_key = format!("{}:slack:token-lock:{workspace}", self.key_prefix);
+        let record_key = Self::key(&self.key_prefix, workspace);
+        let lock_value = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let mut redis = self.redis.clone();
+        let redis_error = |source| TokenError::Redis {
+            workspace: workspace.to_string(),
+            source,
+        };
+        loop {
+            let locked: Option<String> = redis::cmd("SET")
+                .arg(&lock_key)
+                .arg(&lock_value)
+                .arg("NX")
+                .arg("PX")
+                .arg(REFRESH_LOCK.as_millis() as u64)
+                .query_async(&mut redis)
+                .await
+                .map_err(redis_error)?;
+            if locked.is_some() {
+                break;
+            }
+            // Another replica is refreshing: its result is what we want.
+            if let Some(fresh) = self.fresher_than(stale).await? {
+                return Ok(fresh);
+            }
+            if started.elapsed() > REFRESH_WAIT {
+                return Err(refresh_error(
+                    "another replica has been refreshing it for too long".into(),
+                    true,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let result = async {
+            if let Some(fresh) = self.fresher_than(stale).await? {
+                return Ok(fresh);
+            }
+            let raw: Option<String> = redis.get(&record_key).await.map_err(redis_error)?;
+            let record = raw
+                .as_deref()
+                .map(parse_record)
+                .transpose()
+                .map_err(|problem| TokenError::Malformed {
+                    workspace: workspace.to_string(),
+                    problem,
+                })?
+                .ok_or_else(|| refresh_error("its token record is gone".into(), false))?;
+            let Some(refresh_token) = record.refresh_token.clone() else {
+                return Err(refresh_error(
+                    "its record has no refresh_token".into(),
+                    false,
+                ));
+            };
+            let form = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.as_str()),
+                ("client_id", rotation.client_id.as_str()),
+                ("client_secret", rotation.client_secret.expose()),
+            ];
+            let reply = rotation
+                .slack
+                .call("oauth.v2.access", None, &super::Body::Form(&form))
+                .await
+                .map_err(|e| refresh_error(e.to_string(), e.is_transient()))?;
+            let text = |name: &str| {
+                reply
+                    .get(name)
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string)
+            };
+            let (Some(access_token), Some(new_refresh)) =
+                (text("access_token"), text("refresh_token"))
+            else {
+                return Err(refresh_error(
+                    "oauth.v2.access answered without a token pair".into(),
+                    true,
+                ));
+            };
+            let expires_at = reply
+                .get("expires_in")
+                .and_then(serde_json::Value::as_i64)
+                .map(|secs| chrono::Utc::now().timestamp() + secs);
+            let fresh_record = TokenRecord {
+                access_token,
+                refresh_token: Some(new_refresh),
+                expires_at,
+                team_id: reply
+                    .pointer("/team/id")
+                    .and_then(serde_json::Value::as_str)
+                    .map_or(record.team_id.clone(), str::to_string),
+                bot_user_id: text("bot_user_id").or(record.bot_user_id.clone()),
+            };
+            let json = serde_json::to_string(&fresh_record)
+                .map_err(|e| refresh_error(format!("cannot encode the new record: {e}"), false))?;
+            let written: i64 = redis::Script::new(WRITE_IF_LOCKED)
+                .key(&lock_key)
+                .key(&record_key)
+                .arg(&lock_value)
+                .arg(json)
+                .invoke_async(&mut redis)
+                .await
+                .map_err(redis_error)?;
+            if written == 0 {
+                // Our lock lapsed mid-refresh; whoever holds it now writes the record.
+                tracing::warn!(workspace, "refresh lock lapsed; not overwriting the record");
+            }
+            tracing::info!(workspace, expires_at, "token refreshed");
+            Ok(WorkspaceToken {
+                workspace: workspace.to_string(),
+                access_token: Secret::new(fresh_record.access_token),
+                expires_at: fresh_record.expires_at,
+                source: "redis",
+                rotating: true,
+            })
+        }
+        .await;
+        let _: Result<i64, _> = redis::Script::new(RELEASE_LOCK)
+            .key(&lock_key)
+            .arg(&lock_value)
+            .invoke_async(&mut redis)
+            .await;
+        self.invalidate(workspace);
+        if let Err(e) = &result {
+            tracing::error!(workspace, error = %e, "token refresh failed; Slack is unavailable for this workspace until it works");
+        }
+        result
+    }
+
+    /// The stored token, if it is no longer `stale` and not about to expire.
+    async fn fresher_than(
+        &self,
+        stale: &WorkspaceToken,
+    ) -> Result<Option<WorkspaceToken>, TokenError> {
+        let current = self.read(&stale.workspace).await?;
+        Ok(current.filter(|t| {
+            t.access_token != stale.access_token
+                && t.expires_at
+                    .is_none_or(|at| at - chrono::Utc::now().timestamp() >= REFRESH_AHEAD_SECS)
+        }))
     }
 }
 

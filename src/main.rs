@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use alert_router::broker::dlq::{DeadLetterQueue, Selector};
 use alert_router::broker::{self, Publisher, Topology};
-use alert_router::config::{Secrets, Settings};
+use alert_router::config::{Secret, Secrets, Settings, redact_url};
+use alert_router::deliver::slack::tokens::{TokenRecord, admin};
+use alert_router::deliver::slack::{Body, SlackClient};
 use alert_router::event::Event;
 use alert_router::rules::{Disposition, Rules};
 use alert_router::{telemetry, worker};
@@ -47,6 +49,14 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Manage workspace tokens in Redis.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+        /// Print JSON for scripts.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Inspect and replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -54,6 +64,38 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long, global = true)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Store a workspace's bot token, read from standard input (never from the command line).
+    Set {
+        /// Workspace (team) id, e.g. T0AEXY01.
+        #[arg(long)]
+        workspace: String,
+        /// Read a refresh token from the second line of standard input (token rotation).
+        #[arg(long)]
+        refresh_token_stdin: bool,
+        /// Seconds until the access token expires (rotating tokens: 43200).
+        #[arg(long, value_name = "SECONDS")]
+        expires_in: Option<i64>,
+        /// Bot user id, e.g. U0BOT (optional).
+        #[arg(long)]
+        bot_user_id: Option<String>,
+    },
+    /// List stored workspaces: team, bot user, expiry. No secrets.
+    List,
+    /// Ask Slack (`auth.test`) whether stored tokens work.
+    Check {
+        /// Only this workspace (default: every stored one, and SLACK_BOT_TOKEN).
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Delete a workspace's token.
+    Delete {
+        #[arg(long)]
+        workspace: String,
     },
 }
 
@@ -167,6 +209,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish { file } => publish(&settings, file).await,
         Command::Dlq { command, json } => dlq(&settings, command, json).await,
+        Command::Tokens { command, json } => tokens(&settings, command, json).await,
         Command::Rules {
             command: RulesCommand::Check { path },
         } => {
@@ -393,6 +436,182 @@ async fn dlq_command(
                 outln!("{}", to_json(&serde_json::json!({"purged": purged}))?);
             } else {
                 outln!("purged {purged} messages from {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Result<(), Failure> {
+    let mut redis = redis::Client::open(settings.redis.url.as_str())
+        .context("bad redis.url")?
+        .get_connection_manager()
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", redact_url(&settings.redis.url)))?;
+    let prefix = settings.redis.key_prefix.as_str();
+    match command {
+        TokensCommand::Set {
+            workspace,
+            refresh_token_stdin,
+            expires_in,
+            bot_user_id,
+        } => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .context("cannot read the token from standard input")?;
+            let mut lines = input.lines().map(str::trim).filter(|l| !l.is_empty());
+            let access_token = lines
+                .next()
+                .ok_or_else(|| bad_input(anyhow::anyhow!("no token on standard input")))?
+                .to_string();
+            let refresh_token = if refresh_token_stdin {
+                Some(
+                    lines
+                        .next()
+                        .ok_or_else(|| {
+                            bad_input(anyhow::anyhow!(
+                                "--refresh-token-stdin: no second line with the refresh token"
+                            ))
+                        })?
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            if !access_token.starts_with("xox") {
+                eprintln!("warning: that does not look like a Slack token (they start with xox)");
+            }
+            let record = TokenRecord {
+                access_token,
+                refresh_token,
+                expires_at: expires_in.map(|s| chrono::Utc::now().timestamp() + s),
+                team_id: workspace.clone(),
+                bot_user_id,
+            };
+            admin::store(&mut redis, prefix, &workspace, &record)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot store the token: {e}"))?;
+            outln!("stored the token of workspace {workspace}");
+        }
+        TokensCommand::List => {
+            let stored = admin::list(&mut redis, prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot list tokens: {e}"))?;
+            let rows: Vec<serde_json::Value> = stored
+                .iter()
+                .map(|(workspace, record)| match record {
+                    Ok(r) => serde_json::json!({
+                        "workspace": workspace, "team_id": r.team_id, "bot_user_id": r.bot_user_id,
+                        "expires_at": r.expires_at, "rotating": r.refresh_token.is_some(),
+                    }),
+                    Err(problem) => serde_json::json!({"workspace": workspace, "error": problem}),
+                })
+                .collect();
+            if json {
+                outln!("{}", to_json(&rows)?);
+            } else if rows.is_empty() {
+                outln!("no tokens stored under {prefix}:slack:token:*");
+            } else {
+                for (workspace, record) in &stored {
+                    match record {
+                        Ok(r) => outln!(
+                            "{workspace}  team {}  bot {}  {}",
+                            r.team_id,
+                            r.bot_user_id.as_deref().unwrap_or("-"),
+                            match r.expires_at {
+                                Some(at) => format!(
+                                    "expires {}{}",
+                                    chrono::DateTime::<chrono::Utc>::from_timestamp(at, 0)
+                                        .map_or(at.to_string(), |t| t.to_rfc3339()),
+                                    if r.refresh_token.is_some() {
+                                        " (rotating)"
+                                    } else {
+                                        ""
+                                    }
+                                ),
+                                None => "does not expire".to_string(),
+                            }
+                        ),
+                        Err(problem) => outln!("{workspace}  unreadable: {problem}"),
+                    }
+                }
+            }
+        }
+        TokensCommand::Check { workspace } => {
+            let slack =
+                SlackClient::new(&settings.slack).context("cannot build the HTTP client")?;
+            let mut candidates: Vec<(String, Secret)> = Vec::new();
+            for (ws, record) in admin::list(&mut redis, prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot list tokens: {e}"))?
+            {
+                if workspace.as_deref().is_none_or(|w| w == ws)
+                    && let Ok(record) = record
+                {
+                    candidates.push((ws, Secret::new(record.access_token)));
+                }
+            }
+            if let Some(token) = Secrets::from_env().slack_bot_token
+                && workspace.is_none()
+            {
+                candidates.push(("SLACK_BOT_TOKEN".into(), token));
+            }
+            if candidates.is_empty() {
+                return Err(bad_input(anyhow::anyhow!("no token to check")));
+            }
+            let mut results = Vec::new();
+            for (ws, token) in candidates {
+                let verdict = match slack
+                    .call(
+                        "auth.test",
+                        Some(&token),
+                        &Body::Json(&serde_json::json!({})),
+                    )
+                    .await
+                {
+                    Ok(reply) => serde_json::json!({"workspace": ws, "valid": true,
+                        "team": reply.get("team"), "team_id": reply.get("team_id"), "user_id": reply.get("user_id")}),
+                    Err(e) => {
+                        serde_json::json!({"workspace": ws, "valid": false, "error": e.code, "detail": e.to_string()})
+                    }
+                };
+                results.push(verdict);
+            }
+            if json {
+                outln!("{}", to_json(&results)?);
+            } else {
+                for r in &results {
+                    if r["valid"] == true {
+                        outln!(
+                            "{}: valid (team {}, bot user {})",
+                            r["workspace"].as_str().unwrap_or("?"),
+                            r["team_id"].as_str().unwrap_or("?"),
+                            r["user_id"].as_str().unwrap_or("?")
+                        );
+                    } else {
+                        outln!(
+                            "{}: invalid ({})",
+                            r["workspace"].as_str().unwrap_or("?"),
+                            r["detail"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+            if results.iter().any(|r| r["valid"] != true) {
+                return Err(anyhow::anyhow!("some tokens do not work").into());
+            }
+        }
+        TokensCommand::Delete { workspace } => {
+            if admin::delete(&mut redis, prefix, &workspace)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot delete: {e}"))?
+            {
+                outln!("deleted the token of workspace {workspace}");
+            } else {
+                return Err(bad_input(anyhow::anyhow!(
+                    "no token stored for workspace {workspace}"
+                )));
             }
         }
     }

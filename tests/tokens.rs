@@ -131,3 +131,159 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     assert!(!body.contains("xoxe-1-test-unknown") && !body.contains(CLIENT_SECRET));
     env.cleanup().await;
 }
+
+async fn run_cli(env: &TestEnv, args: &[&str], stdin: &str) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = env
+        .command()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .await
+        .unwrap();
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_tokens_command_sets_lists_checks_and_deletes_without_showing_secrets() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let workspace = format!("T2{}", env.id.to_uppercase());
+    let token = format!("xoxb-test-cli-{}", env.id);
+    env.slack.add_bot_token(&token, &workspace, "U0CLI");
+
+    let set = run_cli(
+        &env,
+        &[
+            "tokens",
+            "set",
+            "--workspace",
+            &workspace,
+            "--refresh-token-stdin",
+            "--expires-in",
+            "43200",
+            "--bot-user-id",
+            "U0CLI",
+        ],
+        &format!("{token}\nxoxe-1-test-refresh\n"),
+    )
+    .await;
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+
+    let list = run_cli(&env, &["tokens", "list", "--json"], "").await;
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["workspace"] == workspace.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["bot_user_id"], "U0CLI");
+    assert_eq!(row["rotating"], true);
+    let everything = format!(
+        "{}{}",
+        String::from_utf8_lossy(&list.stdout),
+        String::from_utf8_lossy(&set.stdout)
+    );
+    assert!(!everything.contains(&token) && !everything.contains("xoxe-1-test-refresh"));
+
+    let check = run_cli(&env, &["tokens", "check", "--workspace", &workspace], "").await;
+    assert!(check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("{workspace}: valid")));
+
+    env.slack.revoke(&token);
+    let check = run_cli(&env, &["tokens", "check", "--workspace", &workspace], "").await;
+    assert_eq!(check.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains("invalid (auth.test: token_revoked)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(&token));
+
+    let delete = run_cli(&env, &["tokens", "delete", "--workspace", &workspace], "").await;
+    assert!(delete.status.success());
+    let again = run_cli(&env, &["tokens", "delete", "--workspace", &workspace], "").await;
+    assert_eq!(again.status.code(), Some(2));
+    env.cleanup().await;
+}
+
+/// In the spirit of Alertmanager's AssertNotifyLeaksNoSecret: drive the
+/// failure paths and look for the secrets everywhere an operator can see.
+#[tokio::test]
+async fn tokens_never_leak_into_logs_dead_letters_or_emails() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.retry_delays = vec![std::time::Duration::from_millis(200)];
+    let refresh = expired_rotating_token(&env).await;
+    env.slack.revoke(&env.token);
+    let mut dead = env.dead_letters().await;
+    let mut worker = {
+        let mut command = env.command();
+        command
+            .env("SLACK_CLIENT_ID", CLIENT_ID)
+            .env("SLACK_CLIENT_SECRET", CLIENT_SECRET);
+        command.env("SLACK_BOT_TOKEN", "xoxb-test-env-secret");
+        command
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command.spawn().unwrap()
+    };
+
+    // Token revoked, refresh refused (the refresh token is unknown to Slack
+    // once revoked below), no email address: it ends in the dead-letter queue.
+    env.slack.set_outage(false);
+    env.publish(&env.event("leak-check", json!({}))).await;
+    let letter = dead.next().await;
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(WAIT, async {
+        let mut stderr = worker.stderr.take().unwrap();
+        let mut logs = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs)
+            .await
+            .unwrap();
+        worker.wait().await.unwrap();
+        logs
+    })
+    .await
+    .unwrap();
+
+    let headers = format!("{:?}", letter.properties.headers());
+    for secret in [
+        env.token.as_str(),
+        refresh.as_str(),
+        CLIENT_SECRET,
+        "xoxb-test-env-secret",
+    ] {
+        assert!(
+            !output.contains(secret),
+            "a secret is in the logs:\n{output}"
+        );
+        assert!(
+            !headers.contains(secret),
+            "a secret is in the dead-letter headers: {headers}"
+        );
+    }
+    assert!(
+        output.contains("token"),
+        "the logs do talk about the token problem:\n{output}"
+    );
+    env.cleanup().await;
+}

@@ -442,3 +442,74 @@ mod tests {
         assert!(err.contains("wrong field or type"), "{err}");
     }
 }
+
+/// Token records as the `tokens` command manages them.
+pub mod admin {
+    use redis::AsyncCommands;
+    use redis::aio::ConnectionManager;
+
+    use super::{TokenRecord, TokenStore, parse_record};
+
+    /// Writes (or replaces) a workspace's token record.
+    pub async fn store(
+        redis: &mut ConnectionManager,
+        key_prefix: &str,
+        workspace: &str,
+        record: &TokenRecord,
+    ) -> Result<(), String> {
+        let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+        redis
+            .set::<_, _, ()>(TokenStore::key(key_prefix, workspace), json)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every stored workspace with its record (or why it cannot be read).
+    pub async fn list(
+        redis: &mut ConnectionManager,
+        key_prefix: &str,
+    ) -> Result<Vec<(String, Result<TokenRecord, String>)>, String> {
+        let prefix = TokenStore::key(key_prefix, "");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(500)
+                .query_async(redis)
+                .await
+                .map_err(|e| e.to_string())?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let raw: Option<String> = redis.get(&key).await.map_err(|e| e.to_string())?;
+            if let Some(raw) = raw {
+                let workspace = key.trim_start_matches(&prefix).to_string();
+                out.push((workspace, parse_record(&raw)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a workspace's record; false when there was none.
+    pub async fn delete(
+        redis: &mut ConnectionManager,
+        key_prefix: &str,
+        workspace: &str,
+    ) -> Result<bool, String> {
+        let removed: i64 = redis
+            .del(TokenStore::key(key_prefix, workspace))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(removed > 0)
+    }
+}

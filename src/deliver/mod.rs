@@ -747,7 +747,10 @@ impl Deliverer {
 
     async fn complete(&self, ticket: &ClaimTicket, target: &Target) {
         for pause in [0, 50, 200] {
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            // No sleep before the first try: even a zero sleep waits for the next timer tick.
+            if pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
             match self.idempotency.complete(ticket).await {
                 Ok(()) => return,
                 Err(e) if pause == 200 => {

@@ -1,0 +1,1126 @@
+//! End-to-end throughput and latency of alert-router on the real RabbitMQ and Redis.
+//!
+//! ```text
+//! cargo bench --bench pipeline [-- --events N --rate R --seconds S --channels K --log]
+//! ```
+//!
+//! (or `BENCH_EVENTS`, `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_CHANNELS`, `BENCH_LOG=1`).
+//! One run measures, side by side on the same broker:
+//!
+//! 1. **baseline**: a bare lapin loop on a fresh quorum work queue (a whole
+//!    [`Topology`] with unique names): publish N persistent messages with
+//!    confirms awaited concurrently, then consume with manual acks and the
+//!    worker's prefetch;
+//! 2. **alert-router end to end**: N events pre-published into a fresh
+//!    isolated topology, then `worker::run` in-process against the fake Slack
+//!    (no rate limits, a valid token in Redis); time until the fake has N posts;
+//! 3. **latency**: with the worker idle, events published at a steady rate,
+//!    publish → fake Slack `received_at`, p50/p90/p99/max; next to it (3a) the
+//!    broker alone at the same rate (publish → a bare consumer);
+//! 4. **fake Slack alone**: how many posts/s the in-process fake absorbs from a
+//!    raw reqwest loop with the worker's concurrency, to tell whether the fake
+//!    bounds phase 2; and (2b) the worker against a minimal Slack stub that
+//!    only counts, i.e. the worker without the fake's bookkeeping.
+//!
+//! Each row also shows the CPU time per message of this process (worker,
+//! fake and bench together), RabbitMQ and Redis, read from `/proc`.
+//! `BENCH_IDLE_SECS` (default 0.5) is the pause before phase 3;
+//! `BENCH_LATENCY_DUMP=FILE` writes `index latency_ms` per event of phase 3.
+//!
+//! Everything it creates (exchanges, queues, Redis keys) is deleted at the end.
+
+#[path = "../tests/support/fake_slack.rs"]
+mod fake_slack;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use alert_router::broker::{self, Topology};
+use alert_router::config::{Secrets, Settings};
+use alert_router::deliver::slack::message::{RenderContext, render};
+use alert_router::event::Event;
+use anyhow::{Context as _, bail};
+use fake_slack::{ChannelSpec, FakeSlack};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Most publisher confirms outstanding at once while pre-publishing.
+const CONFIRM_WINDOW: usize = 2_000;
+/// The rules name the channels `C0BENCH0`, `C0BENCH1`, …
+const CHANNEL_PREFIX: &str = "C0BENCH";
+
+struct Options {
+    events: usize,
+    rate: f64,
+    seconds: f64,
+    channels: usize,
+    log: bool,
+}
+
+impl Options {
+    fn parse() -> anyhow::Result<Options> {
+        fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+            std::env::var(name).ok().and_then(|v| v.parse().ok())
+        }
+        let mut options = Options {
+            events: env("BENCH_EVENTS").unwrap_or(20_000),
+            rate: env("BENCH_RATE").unwrap_or(1_000.0),
+            seconds: env("BENCH_SECONDS").unwrap_or(5.0),
+            channels: env("BENCH_CHANNELS").unwrap_or(1),
+            log: std::env::var("BENCH_LOG").is_ok_and(|v| v == "1"),
+        };
+        // `cargo bench` passes `--bench`; anything unknown is ignored likewise.
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (arg.clone(), None),
+            };
+            let mut value = || -> anyhow::Result<String> {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .with_context(|| format!("{name} needs a value"))
+            };
+            match name.as_str() {
+                "--events" => options.events = value()?.parse()?,
+                "--rate" => options.rate = value()?.parse()?,
+                "--seconds" => options.seconds = value()?.parse()?,
+                "--channels" => options.channels = value()?.parse()?,
+                "--log" => options.log = true,
+                _ => {}
+            }
+        }
+        if options.events == 0 || options.channels == 0 || options.rate <= 0.0 {
+            bail!("--events, --channels and --rate must be positive");
+        }
+        Ok(options)
+    }
+}
+
+/// One isolated namespace: settings with unique names, its rules file.
+struct Namespace {
+    settings: Settings,
+    workspace: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Namespace {
+    fn new(tag: &str, rules: &str, slack_api_url: &str) -> anyhow::Result<Namespace> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let dir = tempfile::tempdir()?;
+        let rules_path = dir.path().join("rules.yaml");
+        std::fs::write(&rules_path, rules)?;
+        let ns = format!("bench-{tag}-{id}");
+        let mut settings = Settings::default();
+        settings.amqp.exchange = format!("{ns}.alerts");
+        settings.amqp.queue = format!("{ns}.router");
+        settings.amqp.dead_letter_exchange = format!("{ns}.dlx");
+        settings.amqp.dead_letter_queue = format!("{ns}.dead");
+        settings.amqp.retry_queue_prefix = format!("{ns}.retry");
+        settings.redis.key_prefix = ns;
+        settings.slack.api_url = slack_api_url.to_string();
+        let workspace = format!("T{}", id.to_uppercase());
+        settings.slack.default_workspace = Some(workspace.clone());
+        settings.rules.path = rules_path;
+        settings.http.listen = "127.0.0.1:0".parse()?;
+        settings.delivery.retry_delays = vec![Duration::from_secs(1); 3];
+        settings.delivery.drain_timeout = Duration::from_secs(30);
+        // The fake Slack here is "fast and not rate-limited": measure the
+        // pipeline, not Slack's one-post-a-second channel limit.
+        settings.slack.channel_rate_per_second = 1_000_000.0;
+        settings.slack.channel_burst = 1_000_000;
+        settings.slack.workspace_rate_per_minute = u32::MAX;
+        settings.slack.workspace_burst = 1_000_000;
+        Ok(Namespace {
+            settings,
+            workspace,
+            token: format!("xoxb-bench-{id}"),
+            _dir: dir,
+        })
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::from_settings(&self.settings.amqp, &self.settings.delivery.retry_delays)
+    }
+}
+
+/// Rules routing every event to one of `channels` channels by its `team` label.
+fn rules(channels: usize) -> String {
+    let mut yaml = format!(
+        "version: 1\ndefaults:\n  slack_channel: \"{CHANNEL_PREFIX}0\"\nunmatched: default\nrules:\n"
+    );
+    // A rule that never matches, as real rules files have: it is evaluated for every event.
+    yaml.push_str(
+        "  - name: silence-staging\n    matchers:\n      - env=~\"staging|dev\"\n    notify: []\n",
+    );
+    for k in 1..channels {
+        yaml.push_str(&format!(
+            "  - name: team-{k}\n    matchers:\n      - type=~\"escalation\\\\..*\"\n      - team=\"t{k}\"\n    notify:\n      - slack_channel: {CHANNEL_PREFIX}{k}\n"
+        ));
+    }
+    yaml
+}
+
+/// A valid event of realistic size (≈ 450 bytes).
+fn event_body(id: &str, workspace: &str, seq: usize, channels: usize) -> Vec<u8> {
+    json!({
+        "id": id,
+        "type": "escalation.triggered",
+        "severity": "high",
+        "title": format!("Checkout error rate above 5 % ({id})"),
+        "workspace": workspace,
+        "source": "bench",
+        "occurred_at": "2025-01-01T00:00:00Z",
+        "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
+        "ticket": {"number": format!("TCK-{seq}"), "form": "Incident report",
+                   "url": format!("https://tickets.example.com/TCK-{seq}")},
+        "assignee": {"name": "Dana Lee", "email": "dana@example.com"},
+        "level": 2,
+        "labels": {"team": format!("t{}", seq % channels), "env": "prod"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+const ROUTING_KEY: &str = "escalation.triggered";
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+fn check_confirm(confirmation: Confirmation) -> anyhow::Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => bail!("message returned unroutable"),
+        Confirmation::Nack(_) => bail!("message nacked by the broker"),
+        Confirmation::NotRequested => bail!("channel is not in confirm mode"),
+    }
+}
+
+/// Publishes every body persistently, confirms awaited concurrently (at most
+/// [`CONFIRM_WINDOW`] outstanding). Returns the time it took.
+async fn publish_all(
+    channel: &Channel,
+    exchange: &str,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                ROUTING_KEY.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                persistent(),
+            )
+            .await?;
+        pending.push(confirm);
+        while pending.len() >= CONFIRM_WINDOW {
+            if let Some(confirmation) = pending.next().await {
+                check_confirm(confirmation?)?;
+            }
+        }
+    }
+    while let Some(confirmation) = pending.next().await {
+        check_confirm(confirmation?)?;
+    }
+    Ok(started.elapsed())
+}
+
+async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+struct Baseline {
+    publish: Duration,
+    consume: Duration,
+    consume_cpu: Cpu,
+}
+
+/// Phase 1: bare lapin publish with confirms, then consume + ack with the worker's prefetch.
+async fn baseline(
+    connection: &Connection,
+    ns: &Namespace,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<Baseline> {
+    let channel = confirm_channel(connection).await?;
+    ns.topology().declare(&channel).await?;
+    let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
+
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(ns.settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let cpu = Cpu::now();
+    let started = Instant::now();
+    let mut deliveries = consumer_channel
+        .basic_consume(
+            ns.settings.amqp.queue.as_str().into(),
+            "bench-baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for _ in 0..bodies.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .context("baseline consumer stalled")?
+            .context("baseline consumer cancelled")??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let consume = started.elapsed();
+    let consume_cpu = Cpu::now().since(cpu);
+    consumer_channel
+        .basic_cancel("bench-baseline".into(), BasicCancelOptions::default())
+        .await?;
+    let _ = consumer_channel.close(200, "".into()).await;
+    let _ = channel.close(200, "".into()).await;
+    Ok(Baseline {
+        publish,
+        consume,
+        consume_cpu,
+    })
+}
+
+/// A fake Slack with the namespace's token and the bench channels, no rate limits.
+fn prepare_slack(slack: &FakeSlack, ns: &Namespace, channels: usize) {
+    slack.add_bot_token(&ns.token, &ns.workspace, "U0BOT");
+    for k in 0..channels {
+        slack.add_channel(
+            &format!("{CHANNEL_PREFIX}{k}"),
+            &format!("bench-{k}"),
+            ChannelSpec::member(),
+        );
+    }
+}
+
+async fn store_token(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &Namespace,
+) -> anyhow::Result<()> {
+    let record = json!({"access_token": ns.token, "refresh_token": null, "expires_at": null,
+                        "team_id": ns.workspace, "bot_user_id": "U0BOT"});
+    let key = format!(
+        "{}:slack:token:{}",
+        ns.settings.redis.key_prefix, ns.workspace
+    );
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(record.to_string())
+        .query_async(redis)
+        .await?;
+    Ok(())
+}
+
+struct Worker {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), alert_router::worker::WorkerError>>,
+}
+
+impl Worker {
+    fn spawn(settings: &Settings) -> Worker {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(alert_router::worker::run(
+            settings.clone(),
+            Secrets::default(),
+            shutdown.clone(),
+        ));
+        Worker { shutdown, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+struct EndToEnd {
+    /// Worker start → N-th post.
+    total: Duration,
+    /// First post → N-th post.
+    steady: Duration,
+    /// Worker start → first post (connect, declare, first round trip).
+    first: Duration,
+    distinct_ids: usize,
+    /// Posts the fake holds now (phase 3 counts on from there).
+    recorded: usize,
+}
+
+fn post_event_id(post: &fake_slack::RecordedPost) -> Option<&str> {
+    post.metadata
+        .as_ref()?
+        .pointer("/event_payload/event_id")?
+        .as_str()
+}
+
+/// Phase 2: N events waiting in the queue, then the worker starts; time to N posts.
+async fn end_to_end(
+    slack: &FakeSlack,
+    ns: &Namespace,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<(Worker, EndToEnd)> {
+    let started = Instant::now();
+    let worker = Worker::spawn(&ns.settings);
+    let timeout = Duration::from_secs(120) + Duration::from_millis(bodies.len() as u64 * 10);
+    let posts = slack
+        .wait_for_posts(bodies.len(), timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.lines().next().unwrap_or_default()))?;
+    let first = posts
+        .iter()
+        .map(|p| p.received_at)
+        .min()
+        .context("no posts")?;
+    let last = posts
+        .iter()
+        .map(|p| p.received_at)
+        .max()
+        .context("no posts")?;
+    let distinct_ids = posts
+        .iter()
+        .filter_map(post_event_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    Ok((
+        worker,
+        EndToEnd {
+            total: last.duration_since(started),
+            steady: last.duration_since(first),
+            first: first.duration_since(started),
+            distinct_ids,
+            recorded: posts.len(),
+        },
+    ))
+}
+
+struct Latency {
+    sent: usize,
+    publish_span: Duration,
+    /// Sorted.
+    samples: Vec<Duration>,
+}
+
+impl Latency {
+    fn percentile(&self, p: f64) -> Duration {
+        if self.samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.samples.len() as f64).ceil() as usize;
+        self.samples[rank.clamp(1, self.samples.len()) - 1]
+    }
+}
+
+/// Publishes `bodies` at `rate` per second; returns each publish time and the span.
+async fn paced_publish(
+    channel: &Channel,
+    exchange: &str,
+    bodies: &[Vec<u8>],
+    rate: f64,
+) -> anyhow::Result<(Vec<Instant>, Duration)> {
+    let mut sent_at = Vec::with_capacity(bodies.len());
+    let mut confirms = Vec::with_capacity(bodies.len());
+    let start = tokio::time::Instant::now();
+    for (i, body) in bodies.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        sent_at.push(Instant::now());
+        confirms.push(
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    ROUTING_KEY.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    persistent(),
+                )
+                .await?,
+        );
+    }
+    let span = match (sent_at.first(), sent_at.last()) {
+        (Some(first), Some(last)) => last.duration_since(*first),
+        _ => Duration::ZERO,
+    };
+    for confirm in confirms {
+        check_confirm(confirm.await?)?;
+    }
+    Ok((sent_at, span))
+}
+
+/// Phase 3a: the broker alone at the same rate: publish -> a bare consumer receives
+/// (FIFO: the k-th delivery is the k-th publish), on the baseline's quorum queue.
+async fn broker_latency(
+    connection: &Connection,
+    ns: &Namespace,
+    options: &Options,
+) -> anyhow::Result<Latency> {
+    let count = (options.rate * options.seconds).round().max(1.0) as usize;
+    let bodies: Vec<Vec<u8>> = (0..count)
+        .map(|i| event_body(&format!("blat-{i}"), &ns.workspace, i, options.channels))
+        .collect();
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(ns.settings.amqp.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut deliveries = consumer_channel
+        .basic_consume(
+            ns.settings.amqp.queue.as_str().into(),
+            "bench-broker-latency".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let receiver = tokio::spawn(async move {
+        let mut received = Vec::with_capacity(count);
+        while received.len() < count {
+            let delivery = tokio::time::timeout(Duration::from_secs(60), deliveries.next())
+                .await
+                .context("broker latency consumer stalled")?
+                .context("broker latency consumer cancelled")??;
+            received.push(Instant::now());
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Ok::<_, anyhow::Error>(received)
+    });
+    let channel = confirm_channel(connection).await?;
+    let (sent_at, publish_span) =
+        paced_publish(&channel, &ns.settings.amqp.exchange, &bodies, options.rate).await?;
+    let received = receiver.await??;
+    let mut samples: Vec<Duration> = received
+        .iter()
+        .zip(&sent_at)
+        .map(|(r, s)| r.saturating_duration_since(*s))
+        .collect();
+    samples.sort();
+    let _ = consumer_channel.close(200, "".into()).await;
+    let _ = channel.close(200, "".into()).await;
+    Ok(Latency {
+        sent: count,
+        publish_span,
+        samples,
+    })
+}
+
+/// Phase 3: with the worker idle, publish at `rate` for `seconds`; publish → post latency.
+async fn latency(
+    connection: &Connection,
+    slack: &FakeSlack,
+    ns: &Namespace,
+    options: &Options,
+    recorded: usize,
+) -> anyhow::Result<Latency> {
+    let count = (options.rate * options.seconds).round().max(1.0) as usize;
+    let bodies: Vec<Vec<u8>> = (0..count)
+        .map(|i| event_body(&format!("lat-{i}"), &ns.workspace, i, options.channels))
+        .collect();
+    let channel = confirm_channel(connection).await?;
+    // Not `slack.clear_records()`: freeing tens of thousands of recorded posts
+    // leaves glibc's malloc with consolidation work that stalled the first
+    // few hundred ms of this phase. Count on from the posts already there.
+    let (sent_at, publish_span) =
+        paced_publish(&channel, &ns.settings.amqp.exchange, &bodies, options.rate).await?;
+    let posts = slack
+        .wait_for_posts(recorded + count, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.lines().next().unwrap_or_default()))?;
+    let indexed: Vec<(usize, Duration)> = posts
+        .iter()
+        .filter_map(|post| {
+            let i: usize = post_event_id(post)?.strip_prefix("lat-")?.parse().ok()?;
+            Some((
+                i,
+                post.received_at.saturating_duration_since(*sent_at.get(i)?),
+            ))
+        })
+        .collect();
+    if let Ok(path) = std::env::var("BENCH_LATENCY_DUMP") {
+        // `index latency_ms`, in publish order, to see when the slow ones happen.
+        let mut sorted = indexed.clone();
+        sorted.sort();
+        let lines: Vec<String> = sorted
+            .iter()
+            .map(|(i, d)| format!("{i} {:.3}", d.as_secs_f64() * 1000.0))
+            .collect();
+        std::fs::write(path, lines.join("\n"))?;
+    }
+    let mut samples: Vec<Duration> = indexed.into_iter().map(|(_, d)| d).collect();
+    samples.sort();
+    let _ = channel.close(200, "".into()).await;
+    Ok(Latency {
+        sent: count,
+        publish_span,
+        samples,
+    })
+}
+
+/// Phase 4: the fake Slack alone, fed by `concurrency` reqwest loops with the worker's payload.
+async fn fake_slack_alone(
+    posts: usize,
+    concurrency: usize,
+    sample: &[u8],
+) -> anyhow::Result<Duration> {
+    let slack = FakeSlack::start().await;
+    let token = "xoxb-bench-raw";
+    slack.add_bot_token(token, "TBENCHRAW", "U0BOT");
+    slack.add_channel(
+        &format!("{CHANNEL_PREFIX}0"),
+        "bench-0",
+        ChannelSpec::member(),
+    );
+    let event = Event::decode(sample, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut payload = render(
+        &event,
+        &RenderContext {
+            rule: Some("team-1"),
+            rerouted_from: None,
+        },
+    );
+    payload["channel"] = json!(format!("{CHANNEL_PREFIX}0"));
+    // Cheap to clone per request.
+    let body = axum::body::Bytes::from(serde_json::to_vec(&payload)?);
+    let client = reqwest::Client::new();
+    let url = slack.method_url("chat.postMessage");
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, body, next) = (client.clone(), url.clone(), body.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < posts {
+                let reply: serde_json::Value = client
+                    .post(&url)
+                    .bearer_auth(token)
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/json; charset=utf-8",
+                    )
+                    .body(body.clone())
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if reply["ok"] != true {
+                    bail!("fake Slack answered {reply}");
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed();
+    slack.shutdown();
+    Ok(elapsed)
+}
+
+/// CPU time (user + system) of this process, the broker and Redis, from `/proc`.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    bench: Duration,
+    broker: Duration,
+    redis: Duration,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        Cpu {
+            bench: proc_cpu("self"),
+            broker: pids_named("beam.smp").iter().map(|p| proc_cpu(p)).sum(),
+            redis: pids_named("redis-server").iter().map(|p| proc_cpu(p)).sum(),
+        }
+    }
+
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            bench: self.bench.saturating_sub(earlier.bench),
+            broker: self.broker.saturating_sub(earlier.broker),
+            redis: self.redis.saturating_sub(earlier.redis),
+        }
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in clock ticks of 10 ms (Linux `USER_HZ`).
+fn proc_cpu(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+fn pids_named(name: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+/// A Slack stand-in that does nothing but count `chat.postMessage` calls and
+/// answer `ok` — to measure the worker without the fake's bookkeeping.
+#[derive(Clone)]
+struct MinimalSlack {
+    posts: Arc<AtomicUsize>,
+    target: usize,
+    reached: Arc<tokio::sync::Notify>,
+    addr: std::net::SocketAddr,
+}
+
+impl MinimalSlack {
+    async fn start(target: usize) -> anyhow::Result<MinimalSlack> {
+        use axum::routing::post;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let stub = MinimalSlack {
+            posts: Arc::new(AtomicUsize::new(0)),
+            target,
+            reached: Arc::new(tokio::sync::Notify::new()),
+            addr: listener.local_addr()?,
+        };
+        let app = axum::Router::new()
+            .route(
+                "/api/chat.postMessage",
+                post(
+                    |axum::extract::State(stub): axum::extract::State<MinimalSlack>,
+                     _body: axum::body::Bytes| async move {
+                        if stub.posts.fetch_add(1, Ordering::Relaxed) + 1 == stub.target {
+                            stub.reached.notify_one();
+                        }
+                        (
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            r#"{"ok":true,"channel":"C0BENCH0","ts":"1700000000.000100"}"#,
+                        )
+                    },
+                ),
+            )
+            .with_state(stub.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(stub)
+    }
+
+    fn api_url(&self) -> String {
+        format!("http://{}/api", self.addr)
+    }
+}
+
+/// Phase 2b: the same as phase 2 against [`MinimalSlack`]; returns worker start → N-th post.
+async fn end_to_end_minimal(
+    connection: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &Namespace,
+    stub: &MinimalSlack,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<Duration> {
+    store_token(redis, ns).await?;
+    let channel = confirm_channel(connection).await?;
+    ns.topology().declare(&channel).await?;
+    publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
+    let _ = channel.close(200, "".into()).await;
+    let started = Instant::now();
+    let worker = Worker::spawn(&ns.settings);
+    let timeout = Duration::from_secs(120) + Duration::from_millis(bodies.len() as u64 * 10);
+    tokio::time::timeout(timeout, stub.reached.notified())
+        .await
+        .context("the worker did not post every event to the minimal Slack in time")?;
+    let elapsed = started.elapsed();
+    worker.stop().await?;
+    Ok(elapsed)
+}
+
+/// Deletes the namespace's queues, exchanges and Redis keys.
+async fn cleanup(
+    connection: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &Namespace,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    let topology = ns.topology();
+    let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+    queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
+    for queue in queues {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    let _ = channel.close(200, "".into()).await;
+    let pattern = format!("{}:*", ns.settings.redis.key_prefix);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(keys).query_async(redis).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Messages ready in a queue (not counting unacked ones).
+async fn ready_count(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
+    let channel = connection.create_channel().await?;
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "".into()).await;
+    Ok(q.message_count())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(f64::MIN_POSITIVE)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "MET" } else { "NOT MET" }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse()?;
+    if options.log {
+        // What a deployment pays: every info line formatted as JSON (then discarded).
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::sink)
+            .try_init();
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_before = loadavg();
+
+    let slack = FakeSlack::start().await;
+    let rules = rules(options.channels);
+    let base = Namespace::new("base", &rules, &slack.api_url())?;
+    let e2e = Namespace::new("e2e", &rules, &slack.api_url())?;
+    prepare_slack(&slack, &e2e, options.channels);
+    let stub = MinimalSlack::start(options.events).await?;
+    let min = Namespace::new("min", &rules, &stub.api_url())?;
+
+    let amqp_url = e2e.settings.amqp.url.clone();
+    let connection = broker::connect(&amqp_url, "alert-router bench").await?;
+    let mut redis = redis::Client::open(e2e.settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+
+    let result = run(
+        &options,
+        &connection,
+        &mut redis,
+        &slack,
+        &base,
+        &e2e,
+        (&min, &stub),
+    )
+    .await;
+
+    let mut cleaned = Ok(());
+    for ns in [&base, &e2e, &min] {
+        if let Err(e) = cleanup(&connection, &mut redis, ns).await {
+            cleaned = Err(e);
+        }
+    }
+    slack.shutdown();
+    let _ = connection.close(200, "".into()).await;
+    let report = result?;
+    cleaned.context("cleanup")?;
+
+    let n = options.events;
+    let base_consume = rate(n, report.baseline.consume);
+    let e2e_rate = rate(n, report.e2e.total);
+    let e2e_steady = rate(n.saturating_sub(1), report.e2e.steady);
+    let ratio = e2e_rate / base_consume;
+    let lat = &report.latency;
+    let p99 = lat.percentile(99.0);
+    println!();
+    println!(
+        "alert-router pipeline bench: {n} events, prefetch {}, {} channel(s), logging {}",
+        e2e.settings.amqp.prefetch,
+        options.channels,
+        if options.log { "json→sink" } else { "off" }
+    );
+    println!(
+        "machine: {cpus} CPUs; load average {load_before} (start), {} (end)",
+        loadavg()
+    );
+    println!();
+    println!(
+        "| {:<46} | {:>6} | {:>7} | {:>7} | {:>23} |",
+        "phase", "msgs", "seconds", "msgs/s", "CPU us/msg bench/mq/redis"
+    );
+    println!("|{:-<48}|{:->8}|{:->9}|{:->9}|{:->25}|", "", "", "", "", "");
+    let row = |name: &str, n: usize, d: Duration, cpu: Option<Cpu>| {
+        let per = |c: Duration| c.as_secs_f64() * 1e6 / n.max(1) as f64;
+        let cpu = cpu.map_or(String::new(), |c| {
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                per(c.bench),
+                per(c.broker),
+                per(c.redis)
+            )
+        });
+        println!(
+            "| {:<46} | {:>6} | {:>7.3} | {:>7.0} | {:>23} |",
+            name,
+            n,
+            d.as_secs_f64(),
+            rate(n, d),
+            cpu
+        );
+    };
+    row(
+        "baseline: publish, confirms (concurrent)",
+        n,
+        report.baseline.publish,
+        None,
+    );
+    row(
+        "baseline: consume + ack (bare lapin)",
+        n,
+        report.baseline.consume,
+        Some(report.baseline.consume_cpu),
+    );
+    row("alert-router: pre-publish", n, report.e2e_publish, None);
+    row(
+        "alert-router: worker start -> N-th Slack post",
+        n,
+        report.e2e.total,
+        Some(report.e2e_cpu),
+    );
+    row(
+        "alert-router: 1st -> N-th Slack post",
+        n.saturating_sub(1),
+        report.e2e.steady,
+        None,
+    );
+    row(
+        "alert-router vs minimal Slack stub (start->N)",
+        n,
+        report.minimal,
+        Some(report.minimal_cpu),
+    );
+    row(
+        &format!("fake Slack alone: reqwest x{}", report.raw_concurrency),
+        report.raw_posts,
+        report.raw_slack,
+        Some(report.raw_cpu),
+    );
+    println!();
+    println!(
+        "end to end: {e2e_rate:.0} events/s = {:.1} % of baseline consume+ack ({base_consume:.0}/s); target >= 70 %: {}",
+        ratio * 100.0,
+        verdict(ratio >= 0.70)
+    );
+    let minimal_rate = rate(n, report.minimal);
+    println!(
+        "            against a minimal Slack stub: {minimal_rate:.0} events/s = {:.1} % of baseline",
+        minimal_rate / base_consume * 100.0
+    );
+    println!(
+        "            steady state {e2e_steady:.0} events/s; first post {} after start; {} distinct event ids posted; {} left ready in the work queue, {} dead-lettered",
+        ms(report.e2e.first),
+        report.e2e.distinct_ids,
+        report.left_ready,
+        report.dead
+    );
+    println!(
+        "latency at {:.0} events/s for {:.1} s ({} events, published over {:.3} s = {:.0}/s), publish -> Slack post:",
+        options.rate,
+        options.seconds,
+        lat.sent,
+        lat.publish_span.as_secs_f64(),
+        rate(lat.sent.saturating_sub(1), lat.publish_span)
+    );
+    println!(
+        "            p50 {}  p90 {}  p99 {}  max {}  ({} samples); target p99 < 25 ms: {}",
+        ms(lat.percentile(50.0)),
+        ms(lat.percentile(90.0)),
+        ms(p99),
+        ms(lat.samples.last().copied().unwrap_or_default()),
+        lat.samples.len(),
+        verdict(p99 < Duration::from_millis(25) && lat.samples.len() == lat.sent)
+    );
+    let bl = &report.broker_latency;
+    println!(
+        "            broker alone (publish -> bare consumer, same rate, quorum queue): p50 {}  p90 {}  p99 {}  max {}",
+        ms(bl.percentile(50.0)),
+        ms(bl.percentile(90.0)),
+        ms(bl.percentile(99.0)),
+        ms(bl.samples.last().copied().unwrap_or_default()),
+    );
+    println!(
+        "            (that rate is {:.0} % of the end-to-end capacity measured above, {e2e_steady:.0}/s)",
+        options.rate / e2e_steady * 100.0
+    );
+    Ok(())
+}
+
+struct Report {
+    baseline: Baseline,
+    e2e_publish: Duration,
+    e2e: EndToEnd,
+    latency: Latency,
+    broker_latency: Latency,
+    left_ready: u32,
+    dead: u32,
+    raw_posts: usize,
+    raw_concurrency: usize,
+    raw_slack: Duration,
+    e2e_cpu: Cpu,
+    minimal: Duration,
+    minimal_cpu: Cpu,
+    raw_cpu: Cpu,
+}
+
+async fn run(
+    options: &Options,
+    connection: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+    slack: &FakeSlack,
+    base: &Namespace,
+    e2e: &Namespace,
+    (min, stub): (&Namespace, &MinimalSlack),
+) -> anyhow::Result<Report> {
+    let n = options.events;
+    eprintln!("[bench] phase 1: baseline, {n} messages");
+    let base_bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| event_body(&format!("base-{i}"), &base.workspace, i, options.channels))
+        .collect();
+    let baseline = baseline(connection, base, &base_bodies).await?;
+    eprintln!(
+        "[bench] phase 3a: broker alone at {}/s for {} s",
+        options.rate, options.seconds
+    );
+    let broker_latency = broker_latency(connection, base, options).await?;
+
+    eprintln!("[bench] phase 2: alert-router end to end, {n} events");
+    store_token(redis, e2e).await?;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| event_body(&format!("e2e-{i}"), &e2e.workspace, i, options.channels))
+        .collect();
+    let channel = confirm_channel(connection).await?;
+    e2e.topology().declare(&channel).await?;
+    let e2e_publish = publish_all(&channel, &e2e.settings.amqp.exchange, &bodies).await?;
+    let _ = channel.close(200, "".into()).await;
+    let cpu = Cpu::now();
+    let (worker, e2e_result) = end_to_end(slack, e2e, &bodies).await?;
+    let e2e_cpu = Cpu::now().since(cpu);
+
+    eprintln!(
+        "[bench] phase 3: latency at {}/s for {} s",
+        options.rate, options.seconds
+    );
+    // Let the last acks of phase 2 land so the worker is idle, and the
+    // broker finish what a 20k burst leaves behind (BENCH_IDLE_SECS).
+    let idle: f64 = std::env::var("BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.5);
+    tokio::time::sleep(Duration::from_secs_f64(idle)).await;
+    let latency = latency(connection, slack, e2e, options, e2e_result.recorded).await?;
+    worker.stop().await?;
+    let left_ready = ready_count(connection, &e2e.settings.amqp.queue).await?;
+    let dead = ready_count(connection, &e2e.settings.amqp.dead_letter_queue).await?;
+
+    let raw_posts = n.min(20_000);
+    let raw_concurrency = usize::from(e2e.settings.amqp.prefetch);
+    eprintln!("[bench] phase 4: fake Slack alone, {raw_posts} posts");
+    let cpu = Cpu::now();
+    let raw_slack = fake_slack_alone(raw_posts, raw_concurrency, &bodies[0]).await?;
+    let raw_cpu = Cpu::now().since(cpu);
+
+    eprintln!("[bench] phase 2b: alert-router against a minimal Slack stub, {n} events");
+    let min_bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| event_body(&format!("min-{i}"), &min.workspace, i, options.channels))
+        .collect();
+    let cpu = Cpu::now();
+    let minimal = end_to_end_minimal(connection, redis, min, stub, &min_bodies).await?;
+    let minimal_cpu = Cpu::now().since(cpu);
+
+    Ok(Report {
+        baseline,
+        e2e_publish,
+        e2e: e2e_result,
+        latency,
+        broker_latency,
+        left_ready,
+        dead,
+        raw_posts,
+        raw_concurrency,
+        raw_slack,
+        e2e_cpu,
+        minimal,
+        minimal_cpu,
+        raw_cpu,
+    })
+}

@@ -80,6 +80,8 @@ pub async fn run(
     secrets: Secrets,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    // Install the metrics recorder before anything records.
+    let _ = telemetry::metrics();
     let loaded = Rules::load(&settings.rules.path)?;
     for warning in &loaded.warnings {
         warn!(%warning, "rules warning");
@@ -265,7 +267,7 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
         let started = std::time::Instant::now();
         let outcome = handle(context, &delivery).await;
         match settler.settle(&delivery, outcome).await {
-            Ok(Settled::Acked) => telemetry::record_event("acked", "", started.elapsed()),
+            Ok(Settled::Acked) => telemetry::record_event("acked", "ok", started.elapsed()),
             Ok(Settled::Retried { .. }) => {
                 telemetry::record_event("retried", "unsettled_targets", started.elapsed())
             }

@@ -25,6 +25,7 @@ use crate::deliver::idempotency::Idempotency;
 use crate::deliver::limit::RateLimiter;
 use crate::deliver::slack::SlackClient;
 use crate::deliver::slack::tokens::{Rotation, TokenStore};
+use crate::deliver::slack::users::UserDirectory;
 use crate::event::{Event, sniff_id};
 use crate::rules::{Disposition, Rules, RulesErrors};
 use crate::settle::{Outcome, Settled, Settler};
@@ -122,6 +123,11 @@ pub async fn run(
     }
     // The claim lease covers one send with all its in-process retries.
     let lease = settings.slack.longest_send();
+    let users = UserDirectory::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        crate::deliver::slack::users::DEFAULT_TTL,
+    );
     let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
     let idempotency = Idempotency::new(
         redis,
@@ -139,6 +145,7 @@ pub async fn run(
             email,
             limiter,
             settings.slack.max_rate_limit_wait,
+            users,
         ),
         max_body_bytes: settings.amqp.max_body_bytes,
     });

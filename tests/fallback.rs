@@ -231,3 +231,22 @@ async fn slack_and_smtp_both_down_retry_through_the_broker_then_dead_letter() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_email_is_looked_up_once_and_then_served_from_the_shared_cache() {
+    let env = TestEnv::start(RULES).await;
+    env.slack.add_user("U0CACHED", "cached@example.com");
+    let worker = env.spawn_worker();
+
+    for i in 0..3 {
+        env.publish(&env.event(
+            &format!("cached-{i}"),
+            json!({"targets": [{"slack_email": "Cached@Example.com"}]}),
+        ))
+        .await;
+        env.slack.wait_for_posts(i + 1, WAIT).await.unwrap();
+    }
+    worker.stop().await;
+    assert_eq!(env.slack.requests_for("users.lookupByEmail").len(), 1);
+    env.cleanup().await;
+}

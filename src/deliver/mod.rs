@@ -23,7 +23,6 @@ use futures_util::future::join_all;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::config::Secret;
 use crate::event::{Event, Target};
 use crate::rules::{RoutedTarget, Routing};
 use email::EmailSender;
@@ -31,6 +30,7 @@ use idempotency::{Claim, ClaimTicket, Idempotency};
 use limit::RateLimiter;
 use slack::message::{RenderContext, render};
 use slack::tokens::{TokenStore, WorkspaceToken};
+use slack::users::UserDirectory;
 use slack::{Body, SlackClient, SlackError, SlackFailure};
 
 /// The outcome of one target.
@@ -127,6 +127,7 @@ pub struct Deliverer {
     limiter: RateLimiter,
     /// Longest inline wait for a rate-limit slot before deferring through the broker.
     max_rate_limit_wait: Duration,
+    users: UserDirectory,
 }
 
 /// A target after lookups: what to do with it.
@@ -194,6 +195,7 @@ impl Deliverer {
         email: EmailSender,
         limiter: RateLimiter,
         max_rate_limit_wait: Duration,
+        users: UserDirectory,
     ) -> Deliverer {
         Deliverer {
             slack,
@@ -202,6 +204,7 @@ impl Deliverer {
             email,
             limiter,
             max_rate_limit_wait,
+            users,
         }
     }
 
@@ -308,7 +311,7 @@ impl Deliverer {
                     format!("slack:{ws}:{address}"),
                     fallback(unavailable.reason.clone()),
                 ),
-                Ok(token) => match self.lookup_user(&token.access_token, address).await {
+                Ok(token) => match self.lookup_user(token, address).await {
                     Ok(user) => (
                         format!("slack:{ws}:{user}"),
                         Action::Slack { channel: user },
@@ -346,25 +349,32 @@ impl Deliverer {
         }
     }
 
-    async fn lookup_user(&self, token: &Secret, email: &str) -> Result<String, SlackError> {
+    /// The Slack user with this email: from the shared cache, else `users.lookupByEmail`.
+    async fn lookup_user(&self, token: &WorkspaceToken, email: &str) -> Result<String, SlackError> {
+        if let Some(user) = self.users.get(&token.workspace, email).await {
+            return Ok(user);
+        }
         let reply = self
             .slack
             .call(
                 "users.lookupByEmail",
-                Some(token),
+                Some(&token.access_token),
                 &Body::Form(&[("email", email)]),
             )
             .await?;
-        reply
+        let user = reply
             .pointer("/user/id")
             .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| SlackError {
-                method: "users.lookupByEmail",
-                code: "invalid_response".into(),
-                detail: Some("no user.id in the reply".into()),
-                failure: SlackFailure::Transient { retry_after: None },
-            })
+            .map(str::to_string);
+        if let Some(user) = &user {
+            self.users.put(&token.workspace, email, user).await;
+        }
+        user.ok_or_else(|| SlackError {
+            method: "users.lookupByEmail",
+            code: "invalid_response".into(),
+            detail: Some("no user.id in the reply".into()),
+            failure: SlackFailure::Transient { retry_after: None },
+        })
     }
 
     /// Claims a Slack target and posts it, rerouting as Slack's answer says.

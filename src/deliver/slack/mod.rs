@@ -3,5 +3,6 @@
 pub mod client;
 pub mod message;
 pub mod tokens;
+pub mod users;
 
 pub use client::{Body, SlackClient, SlackError, SlackFailure};

@@ -281,7 +281,12 @@ impl Deliverer {
             addresses: fallback_addresses(event, routed),
             reason: Some(reason),
         };
-        let ws = token.as_ref().map_or("-", |t| t.workspace.as_str());
+        // The same identity with or without a usable token, so a target that
+        // was emailed during an outage is not posted again once Slack is back.
+        let ws = self
+            .tokens
+            .workspace_for(event.workspace.as_deref())
+            .unwrap_or("default");
         let (key, action) = match &routed.target {
             Target::Email(address) => (
                 format!("email:{}", address.to_lowercase()),

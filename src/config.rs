@@ -381,6 +381,12 @@ impl Settings {
                 "must be at least 1, e.g. `300`",
             ));
         }
+        if self.delivery.retry_delays.is_empty() {
+            return Err(invalid(
+                "delivery.retry_delays",
+                "must list at least one delay, e.g. `5s,30s,2m,10m,30m`",
+            ));
+        }
         if self.delivery.retry_delays.iter().any(Duration::is_zero) {
             return Err(invalid(
                 "delivery.retry_delays",
@@ -439,6 +445,9 @@ pub fn redact_url(value: &str) -> String {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
+            } else if !parsed.username().is_empty() {
+                // A lone user part is often a token (`redis://TOKEN@host`).
+                let _ = parsed.set_username("***");
             }
             parsed.to_string()
         }

@@ -245,7 +245,9 @@ async fn run(settings: Settings) -> Result<(), Failure> {
     worker::run(settings, Secrets::from_env(), shutdown)
         .await
         .map_err(|e| match e {
-            worker::WorkerError::Rules(_) | worker::WorkerError::Email(_) => bad_input(e.into()),
+            worker::WorkerError::Rules(_)
+            | worker::WorkerError::Email(_)
+            | worker::WorkerError::Topology(_) => bad_input(e.into()),
             other => Failure::from(anyhow::Error::from(other)),
         })
 }

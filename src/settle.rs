@@ -65,6 +65,12 @@ impl Settler {
         }
     }
 
+    /// False once the confirm channel is closed: nothing can be retried or
+    /// dead-lettered until the connection is rebuilt.
+    pub fn is_usable(&self) -> bool {
+        self.publisher.channel().status().connected()
+    }
+
     /// Applies `outcome` to `delivery`. On error the delivery is left unacked
     /// (and nacked back to the queue when possible) so nothing is lost.
     pub async fn settle(

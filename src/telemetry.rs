@@ -99,7 +99,22 @@ pub fn record_target(kind: &'static str, result: &'static str) {
 
 /// One Slack call's result: `ok` or the error code (a short, bounded set).
 pub fn record_slack_call(method: &'static str, result: &str) {
-    counter!(SLACK_CALLS, "method" => method, "result" => result.to_string()).increment(1);
+    // Only codes we know (or our own transport codes) become label values, so
+    // a misbehaving proxy cannot create unbounded series.
+    let known = result == "ok"
+        || result.starts_with("http_")
+        || crate::deliver::slack::client::classify(result)
+            != crate::deliver::slack::SlackFailure::Other
+        || matches!(
+            result,
+            "timeout" | "connect_error" | "network_error" | "invalid_response"
+        );
+    let label = if known {
+        result.to_string()
+    } else {
+        "other".to_string()
+    };
+    counter!(SLACK_CALLS, "method" => method, "result" => label).increment(1);
 }
 
 /// A rules (re)load: valid ones replace the table in use, invalid ones do not.

@@ -46,6 +46,8 @@ pub enum WorkerError {
     Http(#[from] reqwest::Error),
     #[error("cannot set up email: {0}")]
     Email(#[from] crate::deliver::email::EmailError),
+    #[error("{0}")]
+    Topology(BrokerError),
     #[error("cannot listen for health checks on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -169,6 +171,13 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         match consume(&settings, &topology, &context, &readiness, &shutdown).await {
             Ok(()) => break,
+            Err(e @ BrokerError::Topology(_)) => {
+                error!(error = %e, "cannot run with this topology");
+                shutdown.cancel();
+                let _ = http.await;
+                let _ = watcher.await;
+                return Err(WorkerError::Topology(e));
+            }
             Err(e) => {
                 readiness.set(false);
                 error!(error = %e, retry_in = ?backoff, "lost RabbitMQ; reconnecting");
@@ -217,6 +226,8 @@ async fn consume(
         .await?;
     let settler = Settler::new(publisher, topology.clone());
     let in_flight = TaskTracker::new();
+    // Cancelled by a delivery that finds the publishing channel dead.
+    let publisher_lost = CancellationToken::new();
     readiness.set(true);
     telemetry::record_broker_connected(true);
     info!(queue = %topology.queue, prefetch = settings.amqp.prefetch, "consuming");
@@ -224,11 +235,20 @@ async fn consume(
     let lost = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break None,
+            _ = publisher_lost.cancelled() => break Some(BrokerError::Amqp(lapin::Error::from(
+                lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "the publishing channel closed"),
+            ))),
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let context = Arc::clone(context);
                     let settler = settler.clone();
-                    in_flight.spawn(async move { process(&context, &settler, delivery).await });
+                    let publisher_lost = publisher_lost.clone();
+                    in_flight.spawn(async move {
+                        process(&context, &settler, delivery).await;
+                        if !settler.is_usable() {
+                            publisher_lost.cancel();
+                        }
+                    });
                 }
                 Some(Err(e)) => break Some(BrokerError::from(e)),
                 None => break Some(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
@@ -342,6 +362,15 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
             detail: report.to_string(),
         };
     }
+    let permanent_only = report.unsettled().all(|t| {
+        matches!(
+            t.status,
+            crate::deliver::TargetStatus::Failed {
+                retryable: false,
+                ..
+            }
+        )
+    });
     let unsettled: Vec<String> = report
         .unsettled()
         .map(|t| match &t.status {
@@ -351,6 +380,13 @@ async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
             _ => t.target.clone(),
         })
         .collect();
+    if permanent_only {
+        // Waiting cannot fix these: let an operator see them now.
+        return Outcome::DeadLetter {
+            reason: "undeliverable",
+            detail: unsettled.join("; "),
+        };
+    }
     Outcome::RetryLater {
         detail: unsettled.join("; "),
     }

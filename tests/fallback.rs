@@ -250,3 +250,53 @@ async fn an_email_is_looked_up_once_and_then_served_from_the_shared_cache() {
     assert_eq!(env.slack.requests_for("users.lookupByEmail").len(), 1);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_direct_message_that_cannot_be_delivered_is_emailed_not_posted_in_a_channel() {
+    let env = TestEnv::start(RULES).await;
+    let worker = env.spawn_worker();
+
+    // U0GONE is not a user of the workspace: Slack answers channel_not_found.
+    let event = json!({"targets": [{"slack_user": "U0GONE"}],
+                       "assignee": {"slack_user": "U0GONE", "email": "gone@example.com"}});
+    env.publish(&env.event("private", event)).await;
+    let mails = env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+    worker.stop().await;
+    assert_eq!(
+        mails[0].to,
+        ["gone@example.com"],
+        "the assignee's own address"
+    );
+    assert!(
+        env.slack.posts().is_empty(),
+        "nothing in the default channel"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_address_the_mail_server_refuses_for_good_is_dead_lettered_without_waiting() {
+    let env = TestEnv::start(RULES).await;
+    env.smtp.set_reject_all(550);
+    let mut dead = env.dead_letters().await;
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event(
+        "refused",
+        json!({"targets": [{"email": "nobody@example.com"}]}),
+    ))
+    .await;
+    let letter = dead.next().await;
+    worker.stop().await;
+    assert_eq!(
+        letter.header(HEADER_REASON).as_deref(),
+        Some("undeliverable")
+    );
+    assert_eq!(
+        letter.attempts(),
+        Some(1),
+        "a permanent refusal is not retried"
+    );
+    assert!(letter.header(HEADER_DETAIL).unwrap().contains("550"));
+    env.cleanup().await;
+}

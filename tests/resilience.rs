@@ -154,3 +154,25 @@ async fn the_worker_reconnects_after_the_broker_drops_its_connection() {
     assert_eq!(env.slack.posts().len(), 2);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_stops_the_worker_with_a_clear_error() {
+    let mut env = TestEnv::start(TWO_TEAMS).await;
+    // The topology exists with the default delivery limit; ask for another one.
+    env.settings.amqp.delivery_limit = 7;
+    let result = alert_router::worker::run(
+        env.settings.clone(),
+        alert_router::config::Secrets::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let message = result
+        .expect_err("the worker must not loop on a topology it cannot use")
+        .to_string();
+    assert!(message.contains("x-delivery-limit"), "{message}");
+    assert!(
+        message.contains("declared with other arguments"),
+        "{message}"
+    );
+    env.cleanup().await;
+}

@@ -47,6 +47,10 @@ pub enum BrokerError {
         routing_key: String,
     },
     #[error(
+        "RabbitMQ refused the topology: {0}. An existing queue or exchange was declared with other arguments (e.g. a classic `alerts.router`, or a changed amqp.delivery_limit); delete it (after draining) or keep the old settings"
+    )]
+    Topology(String),
+    #[error(
         "no queue is bound to exchange `{exchange}` for key `{routing_key}`; has the worker declared its topology?"
     )]
     Unroutable {
@@ -104,6 +108,16 @@ impl Topology {
     /// exchange. Retry queues dead-letter through the default exchange straight
     /// to the work queue, so a retry never reaches other consumers of `alerts`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
+        self.declare_all(channel).await.map_err(|e| match e {
+            // 406: an existing entity has other arguments; retrying cannot fix it.
+            BrokerError::Amqp(inner) if inner.to_string().contains("PRECONDITION_FAILED") => {
+                BrokerError::Topology(inner.to_string())
+            }
+            other => other,
+        })
+    }
+
+    async fn declare_all(&self, channel: &Channel) -> Result<(), BrokerError> {
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()

@@ -96,6 +96,21 @@ impl Idempotency {
             .await
     }
 
+    /// Renews the lease of a claim that is still ours, before a step that may take long.
+    pub async fn extend(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+        );
+        let mut redis = self.redis.clone();
+        script
+            .key(&ticket.key)
+            .arg(&ticket.value)
+            .arg(millis(self.lease))
+            .invoke_async::<i64>(&mut redis)
+            .await
+            .map(|_| ())
+    }
+
     /// Gives the claim back (only if still ours), so a later attempt may send.
     pub async fn release(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
         let script = redis::Script::new(

@@ -133,8 +133,11 @@ pub struct Deliverer {
 /// A target after lookups: what to do with it.
 struct Resolved<'a> {
     routed: &'a RoutedTarget,
-    /// Identity for idempotency and de-duplication, e.g. `slack:T1:C0PAY`.
+    /// Identity for idempotency, e.g. `slack:T1:C0PAY`.
     key: String,
+    /// Who it reaches, for de-duplication within the event (a `slack_email`
+    /// and a `slack_user` target can be the same person).
+    dedupe: String,
     action: Action,
 }
 
@@ -248,7 +251,7 @@ impl Deliverer {
         for routed in &routing.targets {
             let target = self.resolve(event, routed, &token).await;
             // Two routes to one person or channel notify once.
-            if seen.insert(target.key.clone()) {
+            if seen.insert(target.dedupe.clone()) {
                 resolved.push(target);
             }
         }
@@ -287,6 +290,8 @@ impl Deliverer {
             .tokens
             .workspace_for(event.workspace.as_deref())
             .unwrap_or("default");
+        // Who the target turns out to be, when that differs from its key.
+        let mut dedupe = None;
         let (key, action) = match &routed.target {
             Target::Email(address) => (
                 format!("email:{}", address.to_lowercase()),
@@ -311,18 +316,23 @@ impl Deliverer {
                     Err(unavailable) => (key, fallback(unavailable.reason.clone())),
                 }
             }
+            // Keyed by the address on every path (lookup or not), so a person
+            // emailed during an outage is not also messaged once Slack is back.
             Target::SlackEmail(address) => match token {
                 Err(unavailable) => (
-                    format!("slack:{ws}:{address}"),
+                    format!("slack:{ws}:email:{}", address.to_lowercase()),
                     fallback(unavailable.reason.clone()),
                 ),
                 Ok(token) => match self.lookup_user(token, address).await {
-                    Ok(user) => (
-                        format!("slack:{ws}:{user}"),
-                        Action::Slack { channel: user },
-                    ),
+                    Ok(user) => {
+                        dedupe = Some(format!("slack:{ws}:{user}"));
+                        (
+                            format!("slack:{ws}:email:{}", address.to_lowercase()),
+                            Action::Slack { channel: user },
+                        )
+                    }
                     Err(e) if e.code == "users_not_found" => (
-                        format!("slack:{ws}:{address}"),
+                        format!("slack:{ws}:email:{}", address.to_lowercase()),
                         Action::Email {
                             addresses: vec![address.clone()],
                             reason: Some(format!("no Slack user has the email {address}")),
@@ -333,7 +343,7 @@ impl Deliverer {
                             self.tokens.invalidate(&token.workspace);
                         }
                         (
-                            format!("slack:{ws}:{address}"),
+                            format!("slack:{ws}:email:{}", address.to_lowercase()),
                             fallback(format!("Slack is unavailable: {e}")),
                         )
                     }
@@ -349,6 +359,7 @@ impl Deliverer {
         };
         Resolved {
             routed,
+            dedupe: dedupe.unwrap_or_else(|| key.clone()),
             key,
             action,
         }
@@ -409,7 +420,9 @@ impl Deliverer {
                     ticket,
                     addresses: addresses.clone(),
                     reason: reason.clone(),
-                    transient: true,
+                    // Only the email can fail an email target; for a Slack
+                    // target that falls back, Slack may come back.
+                    transient: !matches!(routed.target, Target::Email(_)),
                 });
             }
             (Action::Slack { channel }, Ok(token)) => (channel, token),
@@ -427,7 +440,7 @@ impl Deliverer {
             Err(status) => return SlackResult::Done(report(&routed.target, status)),
         };
         match self
-            .post(event, routed, channel, token, default_channel)
+            .post(event, routed, channel, token, default_channel, &ticket)
             .await
         {
             Ok(to) => {
@@ -462,20 +475,32 @@ impl Deliverer {
         channel: &str,
         token: &WorkspaceToken,
         default_channel: Option<&str>,
+        ticket: &ClaimTicket,
     ) -> Result<String, PostFailure> {
         let context = RenderContext {
             rule: routed.rule.as_deref(),
             rerouted_from: None,
         };
-        let error = match self.post_once(event, &context, channel, token, false).await {
+        let error = match self
+            .post_once(event, &context, channel, token, false, ticket)
+            .await
+        {
             Ok(to) => return Ok(to),
             Err(AttemptFailure::Deferred(wait)) => return Err(PostFailure::Deferred(wait)),
             Err(AttemptFailure::Slack(e)) => e,
         };
         match error.failure {
+            // A direct message that cannot be delivered must not land in a
+            // shared channel: the person is emailed instead.
+            SlackFailure::Destination if !matches!(routed.target, Target::SlackChannel(_)) => {
+                Err(unavailable(&error))
+            }
             SlackFailure::Destination => {
                 if error.code == "not_in_channel" && self.join(channel, token).await {
-                    match self.post_once(event, &context, channel, token, false).await {
+                    match self
+                        .post_once(event, &context, channel, token, false, ticket)
+                        .await
+                    {
                         Ok(to) => return Ok(to),
                         Err(AttemptFailure::Deferred(wait)) => {
                             return Err(PostFailure::Deferred(wait));
@@ -494,13 +519,13 @@ impl Deliverer {
                     rerouted_from: Some(&intended),
                 };
                 warn!(channel, default, error = %error, "rerouting to the default channel");
-                self.post_once(event, &rerouted, default, token, false)
+                self.post_once(event, &rerouted, default, token, false, ticket)
                     .await
                     .map_err(give_up)
             }
             SlackFailure::Payload => {
                 warn!(channel, error = %error, "slack refused the message layout; posting plain text");
-                self.post_once(event, &context, channel, token, true)
+                self.post_once(event, &context, channel, token, true, ticket)
                     .await
                     .map_err(give_up)
             }
@@ -508,7 +533,7 @@ impl Deliverer {
                 // Rotation: refresh once (one replica at a time) and post again.
                 match self.tokens.refresh(token).await {
                     Ok(fresh) => self
-                        .post_once(event, &context, channel, &fresh, false)
+                        .post_once(event, &context, channel, &fresh, false, ticket)
                         .await
                         .map_err(give_up),
                     Err(e) => Err(PostFailure::Unavailable(SlackUnavailable {
@@ -535,6 +560,7 @@ impl Deliverer {
         channel: &str,
         token: &WorkspaceToken,
         plain_text: bool,
+        ticket: &ClaimTicket,
     ) -> Result<String, AttemptFailure> {
         let mut payload = render(event, context);
         if plain_text {
@@ -546,6 +572,11 @@ impl Deliverer {
         payload["channel"] = Value::String(channel.to_string());
         let mut waited = Duration::ZERO;
         loop {
+            // Each attempt renews the claim, so a long chain (wait, post,
+            // join, post again, reroute) never outlives its lease.
+            if let Err(e) = self.idempotency.extend(ticket).await {
+                warn!(error = %e, "cannot renew the idempotency claim");
+            }
             match self.limiter.try_acquire(&token.workspace, channel).await {
                 Ok(None) => {}
                 Ok(Some(wait)) if waited + wait <= self.max_rate_limit_wait => {
@@ -586,6 +617,9 @@ impl Deliverer {
                     if waited + pause > self.max_rate_limit_wait {
                         return Err(AttemptFailure::Deferred(pause));
                     }
+                    // Wait here too: the shared pause may not have been recorded.
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
                 }
                 Err(e) => return Err(AttemptFailure::Slack(e)),
             }
@@ -652,6 +686,11 @@ impl Deliverer {
             })
             .collect();
         for (address, wanted_by) in &by_address {
+            for &i in wanted_by {
+                if let Some(ticket) = &pending[i].ticket {
+                    let _ = self.idempotency.extend(ticket).await;
+                }
+            }
             let result = self
                 .email_one(event, address, wanted_by.iter().map(|&i| &pending[i]))
                 .await;

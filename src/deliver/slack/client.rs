@@ -198,7 +198,8 @@ impl SlackClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            // An absurd header must not become an absurd (or overflowing) wait.
+            .map(|secs| Duration::from_secs(secs.min(3600)));
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(SlackError::new(
                 method,

@@ -103,10 +103,15 @@ const REFRESH_LOCK: Duration = Duration::from_secs(60);
 /// How long a replica waits for another one's refresh before giving up for now.
 const REFRESH_WAIT: Duration = Duration::from_secs(15);
 
-/// Writes the new record only while the lock is still ours (the fencing check).
-const WRITE_IF_LOCKED: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[2])
+/// Writes the new record only if the stored one still holds the refresh
+/// token we exchanged (the fencing check): the new pair is then the only
+/// valid one, and it must be stored even if our lock lapsed meanwhile.
+const WRITE_IF_UNCHANGED: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, record = pcall(cjson.decode, current)
+if ok and record['refresh_token'] == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
   return 1
 end
 return 0
@@ -324,9 +329,11 @@ impl TokenStore {
                 ("client_id", rotation.client_id.as_str()),
                 ("client_secret", rotation.client_secret.expose()),
             ];
+            // Once only: a retry after a lost answer would send a refresh
+            // token Slack has already exchanged (and revoked).
             let reply = rotation
                 .slack
-                .call("oauth.v2.access", None, &super::Body::Form(&form))
+                .call_once("oauth.v2.access", None, &super::Body::Form(&form))
                 .await
                 .map_err(|e| refresh_error(e.to_string(), e.is_transient()))?;
             let text = |name: &str| {
@@ -359,17 +366,20 @@ impl TokenStore {
             };
             let json = serde_json::to_string(&fresh_record)
                 .map_err(|e| refresh_error(format!("cannot encode the new record: {e}"), false))?;
-            let written: i64 = redis::Script::new(WRITE_IF_LOCKED)
-                .key(&lock_key)
+            let written: i64 = redis::Script::new(WRITE_IF_UNCHANGED)
                 .key(&record_key)
-                .arg(&lock_value)
+                .arg(&refresh_token)
                 .arg(json)
                 .invoke_async(&mut redis)
                 .await
                 .map_err(redis_error)?;
             if written == 0 {
-                // Our lock lapsed mid-refresh; whoever holds it now writes the record.
-                tracing::warn!(workspace, "refresh lock lapsed; not overwriting the record");
+                // Someone replaced the record meanwhile (a new install, an
+                // operator): theirs wins; ours stays valid until it expires.
+                tracing::warn!(
+                    workspace,
+                    "the token record changed during the refresh; keeping the new record"
+                );
             }
             tracing::info!(workspace, expires_at, "token refreshed");
             Ok(WorkspaceToken {

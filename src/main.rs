@@ -365,12 +365,11 @@ async fn dlq_command(
             }
         }
         DlqCommand::Show { id } => {
-            let selector = Selector::Id(id.clone());
-            let letters = queue
-                .list(usize::MAX)
+            let found = queue
+                .find(&Selector::Id(id.clone()))
                 .await
                 .context("cannot read the dead-letter queue")?;
-            let Some(letter) = letters.iter().find(|l| selector.matches(l)) else {
+            let Some(letter) = found else {
                 return Err(bad_input(anyhow::anyhow!(
                     "no dead letter with id {id} in {name}"
                 )));

@@ -112,17 +112,44 @@ impl<'a> DeadLetterQueue<'a> {
 
     /// Messages in the queue, by reason, and the oldest one's age.
     pub async fn stats(&self) -> Result<Stats, BrokerError> {
-        let letters = self.list(usize::MAX).await?;
+        let channel = self.connection.create_channel().await?;
         let mut by_reason = BTreeMap::new();
-        for letter in &letters {
-            *by_reason.entry(letter.reason.clone()).or_insert(0) += 1;
-        }
+        let mut messages = 0u32;
+        let mut oldest = None;
+        let result = self
+            .visit(&channel, usize::MAX, |_, letter| {
+                messages += 1;
+                *by_reason.entry(letter.reason).or_insert(0) += 1;
+                oldest = oldest.max(letter.age_seconds);
+                true
+            })
+            .await;
+        let _ = channel.close(200, "counted".into()).await;
+        result?;
         Ok(Stats {
             queue: self.topology.dead_letter_queue.clone(),
-            messages: u32::try_from(letters.len()).unwrap_or(u32::MAX),
+            messages,
             by_reason,
-            oldest_age_seconds: letters.iter().filter_map(|l| l.age_seconds).max(),
+            oldest_age_seconds: oldest,
         })
+    }
+
+    /// The first dead letter `selector` matches, leaving the queue as it was.
+    pub async fn find(&self, selector: &Selector) -> Result<Option<DeadLetter>, BrokerError> {
+        let channel = self.connection.create_channel().await?;
+        let mut found = None;
+        let result = self
+            .visit(&channel, usize::MAX, |_, letter| {
+                if selector.matches(&letter) {
+                    found = Some(letter);
+                    return false;
+                }
+                true
+            })
+            .await;
+        let _ = channel.close(200, "browsed".into()).await;
+        result?;
+        Ok(found)
     }
 
     /// Up to `limit` dead letters, in queue order, leaving them all in place.
@@ -199,9 +226,27 @@ impl<'a> DeadLetterQueue<'a> {
         channel: &Channel,
         limit: usize,
     ) -> Result<Vec<(u64, DeadLetter)>, BrokerError> {
-        let now = Utc::now();
         let mut letters = Vec::new();
-        while letters.len() < limit {
+        self.visit(channel, limit, |tag, letter| {
+            letters.push((tag, letter));
+            true
+        })
+        .await?;
+        Ok(letters)
+    }
+
+    /// Takes up to `limit` messages without acking them and hands each to
+    /// `visit` (which returns false to stop). Only what `visit` keeps stays
+    /// in memory; the broker holds the rest until the channel closes.
+    async fn visit(
+        &self,
+        channel: &Channel,
+        limit: usize,
+        mut visit: impl FnMut(u64, DeadLetter) -> bool,
+    ) -> Result<(), BrokerError> {
+        let now = Utc::now();
+        let mut seen = 0usize;
+        while seen < limit {
             let Some(message) = channel
                 .basic_get(
                     self.topology.dead_letter_queue.as_str().into(),
@@ -231,7 +276,7 @@ impl<'a> DeadLetterQueue<'a> {
                 None => broker_death(&properties),
             };
             let letter = DeadLetter {
-                position: letters.len() + 1,
+                position: seen + 1,
                 id: sniff_id(&delivery.data),
                 routing_key: header_str(&properties, HEADER_ROUTING_KEY)
                     .unwrap_or_else(|| delivery.routing_key.as_str().to_string()),
@@ -243,9 +288,12 @@ impl<'a> DeadLetterQueue<'a> {
                 body: delivery.data,
                 properties,
             };
-            letters.push((delivery.delivery_tag, letter));
+            seen += 1;
+            if !visit(delivery.delivery_tag, letter) {
+                break;
+            }
         }
-        Ok(letters)
+        Ok(())
     }
 }
 

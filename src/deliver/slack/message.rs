@@ -140,7 +140,8 @@ pub fn render(event: &Event, context: &RenderContext<'_>) -> Value {
         }],
         "metadata": {
             "event_type": METADATA_EVENT_TYPE,
-            "event_payload": {"event_id": event.id, "rule": context.rule},
+            // Slack metadata values are strings, numbers, booleans or objects (no null): "" is "no rule".
+            "event_payload": {"event_id": event.id, "rule": context.rule.unwrap_or("")},
         },
         "unfurl_links": false,
         "unfurl_media": false,

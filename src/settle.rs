@@ -113,18 +113,9 @@ impl Settler {
                         .dead_letter(delivery, "undeliverable", &detail, attempt, &routing_key)
                         .await;
                 };
-                let properties = broker::with_headers(
-                    &persistent(&delivery.properties),
-                    [
-                        (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempt))),
-                        (HEADER_ROUTING_KEY, broker::long_string(&routing_key)),
-                        (HEADER_DETAIL, broker::long_string(&clip(&detail))),
-                    ],
-                );
-                self.publisher
-                    .publish("", &queue.name, &delivery.data, properties)
+                let counter = (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempt)));
+                self.delay(delivery, &queue.name, counter, &routing_key, &detail)
                     .await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
                 warn!(attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
                 Ok(Settled::Retried {
                     queue: queue.name.clone(),
@@ -141,7 +132,7 @@ impl Settler {
                     .min_by_key(|q| q.delay)
                     .or_else(|| self.topology.retry_queues.iter().max_by_key(|q| q.delay))
                 else {
-                    // No delay queues configured: put it back and let the broker redeliver.
+                    // Settings require at least one delay queue; without one, let the broker redeliver.
                     delivery
                         .acker
                         .nack(BasicNackOptions {
@@ -155,18 +146,9 @@ impl Settler {
                 };
                 let deferrals =
                     broker::header_u64(&delivery.properties, HEADER_DEFERRALS).unwrap_or(0) + 1;
-                let properties = broker::with_headers(
-                    &persistent(&delivery.properties),
-                    [
-                        (HEADER_DEFERRALS, AMQPValue::LongLongInt(to_i64(deferrals))),
-                        (HEADER_ROUTING_KEY, broker::long_string(&routing_key)),
-                        (HEADER_DETAIL, broker::long_string(&clip(&detail))),
-                    ],
-                );
-                self.publisher
-                    .publish("", &queue.name, &delivery.data, properties)
+                let counter = (HEADER_DEFERRALS, AMQPValue::LongLongInt(to_i64(deferrals)));
+                self.delay(delivery, &queue.name, counter, &routing_key, &detail)
                     .await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
                 info!(queue = %queue.name, ?wait, deferrals, "rate limited; deferred");
                 Ok(Settled::Deferred {
                     queue: queue.name.clone(),
@@ -177,6 +159,31 @@ impl Settler {
                     .await
             }
         }
+    }
+
+    /// Republishes the delivery to a delay queue with an updated counter
+    /// header, waits for the confirm, then acks the original.
+    async fn delay(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        counter: (&'static str, AMQPValue),
+        routing_key: &str,
+        detail: &str,
+    ) -> Result<(), BrokerError> {
+        let properties = broker::with_headers(
+            &persistent(&delivery.properties),
+            [
+                counter,
+                (HEADER_ROUTING_KEY, broker::long_string(routing_key)),
+                (HEADER_DETAIL, broker::long_string(&clip(detail))),
+            ],
+        );
+        self.publisher
+            .publish("", queue, &delivery.data, properties)
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
     }
 
     async fn dead_letter(

@@ -17,8 +17,9 @@ fn rotation_secrets() -> Secrets {
     }
 }
 
-/// A rotating token record whose access token Slack now reports expired.
-async fn expired_rotating_token(env: &TestEnv) -> String {
+/// Stores a rotating token that expires in `expires_in` seconds, with a
+/// refresh token Slack knows; returns the refresh token.
+async fn rotating_token(env: &TestEnv, expires_in: i64) -> String {
     let refresh = format!("xoxe-1-test-{}", env.id);
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
     env.slack
@@ -26,10 +27,16 @@ async fn expired_rotating_token(env: &TestEnv) -> String {
     env.store_token_record(
         &env.workspace,
         &json!({"access_token": env.token, "refresh_token": refresh,
-                "expires_at": chrono::Utc::now().timestamp() + 30_000,
+                "expires_at": chrono::Utc::now().timestamp() + expires_in,
                 "team_id": env.workspace, "bot_user_id": "U0BOT"}),
     )
     .await;
+    refresh
+}
+
+/// A rotating token record whose access token Slack now reports expired.
+async fn expired_rotating_token(env: &TestEnv) -> String {
+    let refresh = rotating_token(env, 30_000).await;
     env.slack.expire(&env.token);
     refresh
 }
@@ -84,17 +91,8 @@ async fn three_workers_hitting_an_expired_token_refresh_it_once() {
 #[tokio::test]
 async fn a_token_close_to_expiry_is_refreshed_before_it_is_used() {
     let env = TestEnv::start(BASIC_RULES).await;
-    let refresh = format!("xoxe-1-test-{}", env.id);
-    env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
-    env.slack
-        .add_refresh_token(&refresh, &env.workspace, "U0BOT");
-    env.store_token_record(
-        &env.workspace,
-        &json!({"access_token": env.token, "refresh_token": refresh,
-                "expires_at": chrono::Utc::now().timestamp() + 600,
-                "team_id": env.workspace, "bot_user_id": "U0BOT"}),
-    )
-    .await;
+    // Ten minutes left: inside the two hours before expiry when it is refreshed.
+    rotating_token(&env, 600).await;
     let worker = env.spawn_worker_with(rotation_secrets());
 
     env.publish(&env.event("ahead", json!({}))).await;

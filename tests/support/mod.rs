@@ -137,14 +137,7 @@ impl TestEnv {
     pub async fn store_token(&self, workspace: &str, token: &str) {
         let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
                             "team_id": workspace, "bot_user_id": "U0BOT"});
-        let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);
-        let mut redis = self.redis.clone();
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(record.to_string())
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        self.store_token_record(workspace, &record).await;
     }
 
     /// A valid event in this test's workspace, with `extra` fields merged in.

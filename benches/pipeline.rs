@@ -29,6 +29,10 @@
 //!
 //! Everything it creates (exchanges, queues, Redis keys) is deleted at the end.
 
+// The same allocator as the alert-router binary, so the worker runs here as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/fake_slack.rs"]
 mod fake_slack;
 

@@ -288,11 +288,22 @@ async fn consume(
 
 /// One delivery through the whole pipeline.
 async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
-    let event_id = sniff_id(&delivery.data).unwrap_or_else(|| "?".into());
+    let started = std::time::Instant::now();
+    // Decoded once; a body that fails still gets its id into the log if it has one.
+    let decoded = Event::decode(&delivery.data, context.max_body_bytes);
+    let event_id = match &decoded {
+        Ok(event) => event.id.clone(),
+        Err(_) => sniff_id(&delivery.data).unwrap_or_else(|| "?".into()),
+    };
     let span = info_span!("event", id = %event_id, redelivered = delivery.redelivered);
     async {
-        let started = std::time::Instant::now();
-        let outcome = handle(context, &delivery).await;
+        let outcome = match decoded {
+            Ok(event) => handle(context, event).await,
+            Err(e) => Outcome::DeadLetter {
+                reason: e.reason_code(),
+                detail: e.to_string(),
+            },
+        };
         match settler.settle(&delivery, outcome).await {
             Ok(Settled::Acked) => telemetry::record_event("acked", "ok", started.elapsed()),
             Ok(Settled::Retried { .. }) => {
@@ -311,17 +322,8 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
     .await
 }
 
-/// decode → route → deliver, as an [`Outcome`].
-async fn handle(context: &Context, delivery: &Delivery) -> Outcome {
-    let event = match Event::decode(&delivery.data, context.max_body_bytes) {
-        Ok(event) => event,
-        Err(e) => {
-            return Outcome::DeadLetter {
-                reason: e.reason_code(),
-                detail: e.to_string(),
-            };
-        }
-    };
+/// route → deliver, as an [`Outcome`].
+async fn handle(context: &Context, event: Event) -> Outcome {
     let rules = context.rules.load_full();
     let routing = rules.route(&event);
     match &routing.disposition {

@@ -169,6 +169,7 @@ pub async fn run(
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
     let mut backoff = Duration::from_millis(500);
     while !shutdown.is_cancelled() {
+        let attempt_started = std::time::Instant::now();
         match consume(&settings, &topology, &context, &readiness, &shutdown).await {
             Ok(()) => break,
             Err(e @ BrokerError::Topology(_)) => {
@@ -180,6 +181,10 @@ pub async fn run(
             }
             Err(e) => {
                 readiness.set(false);
+                // A connection that lived a while starts the backoff afresh.
+                if attempt_started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
                 error!(error = %e, retry_in = ?backoff, "lost RabbitMQ; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 const TEAM: &str = "T0TEST";
 const BOT: &str = "U0BOT";
-const TOKEN: &str = "xoxb-1-valid";
+const TOKEN: &str = "xoxb-test-1-valid";
 const WAIT: Duration = Duration::from_secs(5);
 
 struct Resp {
@@ -214,20 +214,20 @@ async fn post_message_form_encoded_with_channel_names() {
 #[tokio::test]
 async fn token_errors() {
     let (s, c) = setup().await;
-    s.add_token("xoxb-revoked", TokenSpec::bot(TEAM, BOT));
-    s.revoke("xoxb-revoked");
-    s.add_token("xoxb-expired", TokenSpec::bot(TEAM, BOT));
-    s.expire("xoxb-expired");
+    s.add_token("xoxb-test-revoked", TokenSpec::bot(TEAM, BOT));
+    s.revoke("xoxb-test-revoked");
+    s.add_token("xoxb-test-expired", TokenSpec::bot(TEAM, BOT));
+    s.expire("xoxb-test-expired");
     s.add_token(
-        "xoxb-inactive",
+        "xoxb-test-inactive",
         TokenSpec::bot(TEAM, BOT).with_state(TokenState::AccountInactive),
     );
     let cases = [
         (None, "not_authed"),
-        (Some("xoxb-unknown"), "invalid_auth"),
-        (Some("xoxb-revoked"), "token_revoked"),
-        (Some("xoxb-expired"), "token_expired"),
-        (Some("xoxb-inactive"), "account_inactive"),
+        (Some("xoxb-test-unknown"), "invalid_auth"),
+        (Some("xoxb-test-revoked"), "token_revoked"),
+        (Some("xoxb-test-expired"), "token_expired"),
+        (Some("xoxb-test-inactive"), "account_inactive"),
     ];
     for (token, code) in cases {
         for method in ["chat.postMessage", "auth.test"] {
@@ -264,10 +264,10 @@ async fn token_errors() {
 async fn missing_scope_names_needed_and_provided() {
     let (s, c) = setup().await;
     s.add_token(
-        "xoxb-noscope",
+        "xoxb-test-noscope",
         TokenSpec::bot(TEAM, BOT).with_scopes(&["users:read", "channels:join"]),
     );
-    let r = post_text(&c, &s, "xoxb-noscope", "C0GENERAL").await;
+    let r = post_text(&c, &s, "xoxb-test-noscope", "C0GENERAL").await;
     assert_eq!(r.error(), Some("missing_scope"));
     assert_eq!(r.body["needed"], "chat:write");
     assert_eq!(r.body["provided"], "users:read,channels:join");
@@ -275,7 +275,7 @@ async fn missing_scope_names_needed_and_provided() {
         &c,
         &s,
         "users.lookupByEmail",
-        Some("xoxb-noscope"),
+        Some("xoxb-test-noscope"),
         &[("email", "ana@example.com")],
     )
     .await;
@@ -287,23 +287,23 @@ async fn missing_scope_names_needed_and_provided() {
 async fn channel_errors() {
     let (s, c) = setup().await;
     s.add_token(
-        "xoxb-nopublic",
+        "xoxb-test-nopublic",
         TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write"]),
     );
     let cases = [
         ("C0NOPE", TOKEN, Some("channel_not_found")),
         ("#nope", TOKEN, Some("channel_not_found")),
         ("C0ARCHIVED", TOKEN, Some("is_archived")),
-        ("C0PUBLIC", "xoxb-nopublic", Some("not_in_channel")),
+        ("C0PUBLIC", "xoxb-test-nopublic", Some("not_in_channel")),
         (
             "#public-not-member",
-            "xoxb-nopublic",
+            "xoxb-test-nopublic",
             Some("not_in_channel"),
         ),
         ("C0PUBLIC", TOKEN, None), // chat:write.public
         ("G0PRIVATE", TOKEN, Some("channel_not_found")),
         ("G0PRIVMEM", TOKEN, None),
-        ("C0GENERAL", "xoxb-nopublic", None),
+        ("C0GENERAL", "xoxb-test-nopublic", None),
     ];
     for (channel, token, want) in cases {
         let r = post_text(&c, &s, token, channel).await;
@@ -484,11 +484,13 @@ async fn chat_update_records_updates() {
 async fn conversations_join() {
     let (s, c) = setup().await;
     s.add_token(
-        "xoxb-nopublic",
+        "xoxb-test-nopublic",
         TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write", "channels:join"]),
     );
     assert_eq!(
-        post_text(&c, &s, "xoxb-nopublic", "C0PUBLIC").await.error(),
+        post_text(&c, &s, "xoxb-test-nopublic", "C0PUBLIC")
+            .await
+            .error(),
         Some("not_in_channel")
     );
     let join = |ch: &'static str| {
@@ -496,7 +498,7 @@ async fn conversations_join() {
             &c,
             &s,
             "conversations.join",
-            Some("xoxb-nopublic"),
+            Some("xoxb-test-nopublic"),
             json!({ "channel": ch }),
         )
     };
@@ -506,7 +508,11 @@ async fn conversations_join() {
     assert_eq!(r.body["channel"]["is_member"], true);
     assert!(r.body.get("warning").is_none());
     assert!(s.bot_is_member("C0PUBLIC"));
-    assert!(post_text(&c, &s, "xoxb-nopublic", "C0PUBLIC").await.ok());
+    assert!(
+        post_text(&c, &s, "xoxb-test-nopublic", "C0PUBLIC")
+            .await
+            .ok()
+    );
 
     let again = join("C0PUBLIC").await;
     assert!(again.ok());
@@ -522,14 +528,14 @@ async fn conversations_join() {
         Some("method_not_supported_for_channel_type")
     );
     s.add_token(
-        "xoxb-nojoin",
+        "xoxb-test-nojoin",
         TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write"]),
     );
     let r = post_json(
         &c,
         &s,
         "conversations.join",
-        Some("xoxb-nojoin"),
+        Some("xoxb-test-nojoin"),
         json!({"channel":"C0OTHER"}),
     )
     .await;
@@ -637,15 +643,15 @@ async fn refresh(
 async fn refresh_token_rotation_revokes_the_used_refresh_token() {
     let (s, c) = setup().await;
     s.set_oauth_client("123.456", "shh");
-    s.add_refresh_token("xoxe-1-first", TEAM, BOT);
+    s.add_refresh_token("xoxe-test-first", TEAM, BOT);
 
-    let r = refresh(&c, &s, "123.456", "shh", "xoxe-1-first").await;
+    let r = refresh(&c, &s, "123.456", "shh", "xoxe-test-first").await;
     assert!(r.ok(), "{}", r.raw);
     let access = r.body["access_token"].as_str().unwrap().to_string();
     let new_refresh = r.body["refresh_token"].as_str().unwrap().to_string();
     assert!(access.starts_with("xoxe.xoxb-"), "{access}");
     assert!(new_refresh.starts_with("xoxe-1-"), "{new_refresh}");
-    assert_ne!(new_refresh, "xoxe-1-first");
+    assert_ne!(new_refresh, "xoxe-test-first");
     assert_eq!(r.body["expires_in"], 43200);
     assert_eq!(r.body["token_type"], "bot");
     assert_eq!(r.body["team"]["id"], TEAM);
@@ -658,7 +664,7 @@ async fn refresh_token_rotation_revokes_the_used_refresh_token() {
     assert!(post_text(&c, &s, &access, "C0GENERAL").await.ok());
 
     // the used refresh token is revoked
-    let again = refresh(&c, &s, "123.456", "shh", "xoxe-1-first").await;
+    let again = refresh(&c, &s, "123.456", "shh", "xoxe-test-first").await;
     assert_eq!(again.error(), Some("invalid_refresh_token"));
     assert_eq!(s.refresh_count(), 1);
 
@@ -673,7 +679,7 @@ async fn refresh_token_rotation_revokes_the_used_refresh_token() {
     assert_eq!(issued[1].used_refresh_token, new_refresh);
 
     assert_eq!(
-        refresh(&c, &s, "123.456", "shh", "xoxe-1-unknown")
+        refresh(&c, &s, "123.456", "shh", "xoxe-test-unknown")
             .await
             .error(),
         Some("invalid_refresh_token")
@@ -709,14 +715,14 @@ async fn refresh_token_rotation_revokes_the_used_refresh_token() {
 async fn refresh_accepts_basic_auth_and_configurable_grace() {
     let (s, c) = setup().await;
     s.set_oauth_client("123.456", "shh");
-    s.add_refresh_token("xoxe-1-first", TEAM, BOT);
+    s.add_refresh_token("xoxe-test-first", TEAM, BOT);
     s.set_refresh_grace(Duration::from_secs(60));
     let call = || {
         c.post(s.method_url("oauth.v2.access"))
             .basic_auth("123.456", Some("shh"))
             .form(&[
                 ("grant_type", "refresh_token"),
-                ("refresh_token", "xoxe-1-first"),
+                ("refresh_token", "xoxe-test-first"),
             ])
             .send()
     };
@@ -732,7 +738,7 @@ async fn refresh_accepts_basic_auth_and_configurable_grace() {
         &s,
         "oauth.v2.access",
         None,
-        json!({"grant_type":"refresh_token","client_id":"123.456","client_secret":"shh","refresh_token":"xoxe-1-first"}),
+        json!({"grant_type":"refresh_token","client_id":"123.456","client_secret":"shh","refresh_token":"xoxe-test-first"}),
     )
     .await;
     assert!(!r.ok());
@@ -741,7 +747,7 @@ async fn refresh_accepts_basic_auth_and_configurable_grace() {
 #[tokio::test]
 async fn channel_rate_limit_is_per_channel_with_retry_after() {
     let (s, c) = setup().await;
-    s.add_token("xoxb-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
+    s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
     s.set_channel_rate_limit(1.0, 2);
     assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
     assert!(post_text(&c, &s, TOKEN, "#general").await.ok());
@@ -752,7 +758,11 @@ async fn channel_rate_limit_is_per_channel_with_retry_after() {
     assert!(retry >= 1);
     // another channel, and the same channel in another workspace, are independent
     assert!(post_text(&c, &s, TOKEN, "C0OTHER").await.ok());
-    assert!(post_text(&c, &s, "xoxb-other-team", "C0GENERAL").await.ok());
+    assert!(
+        post_text(&c, &s, "xoxb-test-other-team", "C0GENERAL")
+            .await
+            .ok()
+    );
     assert_eq!(s.rate_limited_count(), 1);
     assert_eq!(s.posts_to("C0GENERAL").len(), 3);
     let limited: Vec<_> = s
@@ -969,7 +979,7 @@ async fn authorization_header_is_what_slack_reads_first() {
     let r = into_resp(
         c.post(s.method_url("auth.test"))
             .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .form(&[("token", "xoxb-garbage")])
+            .form(&[("token", "xoxb-test-garbage")])
             .send()
             .await
             .unwrap(),
@@ -990,7 +1000,7 @@ async fn authorization_header_is_what_slack_reads_first() {
 #[tokio::test]
 async fn workspace_rate_limit_spans_channels() {
     let (s, c) = setup().await;
-    s.add_token("xoxb-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
+    s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
     s.set_workspace_rate_limit(0.5, 3);
     assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
     assert!(post_text(&c, &s, TOKEN, "C0OTHER").await.ok());
@@ -999,7 +1009,11 @@ async fn workspace_rate_limit_spans_channels() {
     assert_eq!(r.status, 429);
     let retry: u64 = r.headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!(retry >= 1);
-    assert!(post_text(&c, &s, "xoxb-other-team", "C0PUBLIC").await.ok());
+    assert!(
+        post_text(&c, &s, "xoxb-test-other-team", "C0PUBLIC")
+            .await
+            .ok()
+    );
     assert_eq!(
         s.max_posts_in_window("C0GENERAL", Duration::from_secs(1)),
         1

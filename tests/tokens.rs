@@ -20,7 +20,7 @@ fn rotation_secrets() -> Secrets {
 /// Stores a rotating token that expires in `expires_in` seconds, with a
 /// refresh token Slack knows; returns the refresh token.
 async fn rotating_token(env: &TestEnv, expires_in: i64) -> String {
-    let refresh = format!("xoxe-1-test-{}", env.id);
+    let refresh = format!("xoxe-test-{}", env.id);
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
     env.slack
         .add_refresh_token(&refresh, &env.workspace, "U0BOT");
@@ -113,7 +113,7 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
     env.store_token_record(
         &env.workspace,
-        &json!({"access_token": env.token, "refresh_token": "xoxe-1-test-unknown",
+        &json!({"access_token": env.token, "refresh_token": "xoxe-test-unknown",
                 "expires_at": chrono::Utc::now().timestamp() + 30_000,
                 "team_id": env.workspace, "bot_user_id": null}),
     )
@@ -126,7 +126,7 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     worker.stop().await;
     let body = mails[0].text_body().unwrap();
     assert!(body.contains("invalid_refresh_token"), "{body}");
-    assert!(!body.contains("xoxe-1-test-unknown") && !body.contains(CLIENT_SECRET));
+    assert!(!body.contains("xoxe-test-unknown") && !body.contains(CLIENT_SECRET));
     env.cleanup().await;
 }
 
@@ -170,7 +170,7 @@ async fn the_tokens_command_sets_lists_checks_and_deletes_without_showing_secret
             "--bot-user-id",
             "U0CLI",
         ],
-        &format!("{token}\nxoxe-1-test-refresh\n"),
+        &format!("{token}\nxoxe-test-refresh\n"),
     )
     .await;
     assert!(
@@ -195,7 +195,7 @@ async fn the_tokens_command_sets_lists_checks_and_deletes_without_showing_secret
         String::from_utf8_lossy(&list.stdout),
         String::from_utf8_lossy(&set.stdout)
     );
-    assert!(!everything.contains(&token) && !everything.contains("xoxe-1-test-refresh"));
+    assert!(!everything.contains(&token) && !everything.contains("xoxe-test-refresh"));
 
     let check = run_cli(&env, &["tokens", "check", "--workspace", &workspace], "").await;
     assert!(check.status.success());

@@ -35,8 +35,8 @@ use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{EmailSettings, Secret, redact_url};
-use crate::deliver::slack::message::{severity_color, truncate};
-use crate::event::{Event, Severity};
+use crate::deliver::slack::message::{is_web_url, severity_color, severity_label, truncate};
+use crate::event::Event;
 
 /// How long one SMTP step (connect, a command, its reply) may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -487,16 +487,6 @@ fn clean_subject(subject: &str) -> String {
         .collect();
     let collapsed = one_line.split_whitespace().collect::<Vec<_>>().join(" ");
     truncate(&collapsed, SUBJECT_LIMIT)
-}
-
-fn severity_label(severity: Severity) -> String {
-    severity.as_str().to_uppercase()
-}
-
-/// `http(s)` links only: anything else (`javascript:`…) is not offered as a link.
-fn is_web_url(url: &str) -> bool {
-    (url.starts_with("https://") || url.starts_with("http://"))
-        && !url.contains(char::is_whitespace)
 }
 
 /// Escapes text for HTML element content and double- or single-quoted attributes.

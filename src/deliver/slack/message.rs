@@ -194,12 +194,14 @@ fn field(label: &str, value: &str) -> Value {
     json!({"type": "mrkdwn", "text": truncate(&format!("*{label}*\n{value}"), FIELD_LIMIT)})
 }
 
-fn is_web_url(url: &str) -> bool {
+/// Whether `url` is an http(s) link safe to show as one.
+pub(crate) fn is_web_url(url: &str) -> bool {
     (url.starts_with("https://") || url.starts_with("http://"))
         && !url.contains(char::is_whitespace)
 }
 
-fn severity_label(severity: Severity) -> String {
+/// `CRITICAL`, `HIGH`, … for subjects and fallback text.
+pub(crate) fn severity_label(severity: Severity) -> String {
     severity.as_str().to_uppercase()
 }
 

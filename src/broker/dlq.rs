@@ -167,8 +167,15 @@ impl<'a> DeadLetterQueue<'a> {
         let publisher = Publisher::open(self.connection).await?;
         let channel = self.connection.create_channel().await?;
         let result = async {
+            let now = Utc::now();
             let mut replayed = Vec::new();
-            for (tag, letter) in self.browse(&channel, usize::MAX).await? {
+            let mut position = 0;
+            // One message at a time: only what is replayed is held, and only
+            // its summary once it is published.
+            while let Some((tag, mut letter)) =
+                self.next_letter(&channel, position + 1, now).await?
+            {
+                position += 1;
                 if !selector.matches(&letter) {
                     continue;
                 }
@@ -181,6 +188,7 @@ impl<'a> DeadLetterQueue<'a> {
                     )
                     .await?;
                 channel.basic_ack(tag, BasicAckOptions::default()).await?;
+                letter.body = Vec::new();
                 replayed.push(letter);
             }
             Ok(replayed)
@@ -247,53 +255,66 @@ impl<'a> DeadLetterQueue<'a> {
         let now = Utc::now();
         let mut seen = 0usize;
         while seen < limit {
-            let Some(message) = channel
-                .basic_get(
-                    self.topology.dead_letter_queue.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?
-            else {
+            let Some((tag, letter)) = self.next_letter(channel, seen + 1, now).await? else {
                 break;
             };
-            let delivery = message.delivery;
-            let properties = delivery.properties;
-            let failed_at = header_str(&properties, HEADER_FAILED_AT).or_else(|| {
-                properties
-                    .timestamp()
-                    .and_then(|t| DateTime::<Utc>::from_timestamp(i64::try_from(t).ok()?, 0))
-                    .map(|t| t.to_rfc3339())
-            });
-            let age_seconds = failed_at
-                .as_deref()
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| (now - t.with_timezone(&Utc)).num_seconds());
-            let (reason, detail) = match header_str(&properties, HEADER_REASON) {
-                Some(reason) => (
-                    reason,
-                    header_str(&properties, HEADER_DETAIL).unwrap_or_default(),
-                ),
-                None => broker_death(&properties),
-            };
-            let letter = DeadLetter {
-                position: seen + 1,
-                id: sniff_id(&delivery.data),
-                routing_key: header_str(&properties, HEADER_ROUTING_KEY)
-                    .unwrap_or_else(|| delivery.routing_key.as_str().to_string()),
-                reason,
-                detail,
-                attempts: header_u64(&properties, HEADER_ATTEMPTS),
-                failed_at,
-                age_seconds,
-                body: delivery.data,
-                properties,
-            };
             seen += 1;
-            if !visit(delivery.delivery_tag, letter) {
+            if !visit(tag, letter) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Takes the next message without acking it, as the `position`-th letter.
+    async fn next_letter(
+        &self,
+        channel: &Channel,
+        position: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(u64, DeadLetter)>, BrokerError> {
+        let Some(message) = channel
+            .basic_get(
+                self.topology.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let delivery = message.delivery;
+        let properties = delivery.properties;
+        let failed_at = header_str(&properties, HEADER_FAILED_AT).or_else(|| {
+            properties
+                .timestamp()
+                .and_then(|t| DateTime::<Utc>::from_timestamp(i64::try_from(t).ok()?, 0))
+                .map(|t| t.to_rfc3339())
+        });
+        let age_seconds = failed_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| (now - t.with_timezone(&Utc)).num_seconds());
+        let (reason, detail) = match header_str(&properties, HEADER_REASON) {
+            Some(reason) => (
+                reason,
+                header_str(&properties, HEADER_DETAIL).unwrap_or_default(),
+            ),
+            None => broker_death(&properties),
+        };
+        let letter = DeadLetter {
+            position,
+            id: sniff_id(&delivery.data),
+            routing_key: header_str(&properties, HEADER_ROUTING_KEY)
+                .unwrap_or_else(|| delivery.routing_key.as_str().to_string()),
+            reason,
+            detail,
+            attempts: header_u64(&properties, HEADER_ATTEMPTS),
+            failed_at,
+            age_seconds,
+            body: delivery.data,
+            properties,
+        };
+        Ok(Some((delivery.delivery_tag, letter)))
     }
 }
 

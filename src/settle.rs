@@ -2,13 +2,14 @@
 //!
 //! Every republish waits for the broker's confirm before the original is
 //! acked, so a crash at any point leaves the event in the work queue, a retry
-//! queue or the dead-letter queue — never nowhere.
+//! queue or the dead-letter queue — never nowhere. Acks themselves are
+//! batched per channel by [`crate::broker::acks`].
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use tracing::{info, warn};
 
+use crate::broker::acks::Acks;
 use crate::broker::{
     self, BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
     HEADER_ROUTING_KEY, Publisher, Topology,
@@ -55,13 +56,16 @@ const DETAIL_LIMIT: usize = 1000;
 pub struct Settler {
     publisher: Publisher,
     topology: Topology,
+    /// The consumer channel's acks and nacks, batched.
+    acks: Acks,
 }
 
 impl Settler {
-    pub fn new(publisher: Publisher, topology: Topology) -> Settler {
+    pub fn new(publisher: Publisher, topology: Topology, acks: Acks) -> Settler {
         Settler {
             publisher,
             topology,
+            acks,
         }
     }
 
@@ -81,13 +85,7 @@ impl Settler {
         let result = self.apply(delivery, outcome).await;
         if result.is_err() {
             // Requeue for another try; the quorum queue's delivery limit stops a loop.
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            self.acks.nack(delivery, true);
         }
         result
     }
@@ -98,7 +96,7 @@ impl Settler {
         let routing_key = original_routing_key(delivery);
         match outcome {
             Outcome::Ack { why } => {
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                self.acks.ack(delivery);
                 info!(why, "acked");
                 Ok(Settled::Acked)
             }
@@ -133,13 +131,7 @@ impl Settler {
                     .or_else(|| self.topology.retry_queues.iter().max_by_key(|q| q.delay))
                 else {
                     // Settings require at least one delay queue; without one, let the broker redeliver.
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await?;
+                    self.acks.nack(delivery, true);
                     return Ok(Settled::Deferred {
                         queue: String::new(),
                     });
@@ -182,7 +174,7 @@ impl Settler {
         self.publisher
             .publish("", queue, &delivery.data, properties)
             .await?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        self.acks.ack(delivery);
         Ok(())
     }
 
@@ -217,7 +209,7 @@ impl Settler {
                 properties,
             )
             .await?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        self.acks.ack(delivery);
         warn!(reason, detail, "dead-lettered");
         Ok(Settled::DeadLettered { reason })
     }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::broker::acks::Acks;
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
 use crate::deliver::Deliverer;
@@ -229,7 +230,8 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
-    let settler = Settler::new(publisher, topology.clone());
+    let acks = Acks::start(channel.clone());
+    let settler = Settler::new(publisher, topology.clone(), acks.clone());
     let in_flight = TaskTracker::new();
     // Cancelled by a delivery that finds the publishing channel dead.
     let publisher_lost = CancellationToken::new();
@@ -287,6 +289,8 @@ async fn consume(
             "drain timeout reached; unfinished events stay unacked and will be redelivered"
         );
     }
+    // Acks still held back must reach the broker before the connection closes.
+    acks.flush().await;
     let _ = connection.close(200, "shutdown".into()).await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Names come from settings; the defaults are the documented ones (`alerts`,
 //! `alerts.router`, `alerts.retry.<delay>`, `alerts.dlx` → `alerts.dead`).
 
+pub mod acks;
 pub mod dlq;
 
 use std::time::Duration;

@@ -28,6 +28,16 @@ pub struct ClaimTicket {
     taken_at: std::time::Instant,
 }
 
+impl ClaimTicket {
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(crate) fn value(&self) -> &str {
+        &self.value
+    }
+}
+
 /// Idempotency records in Redis.
 #[derive(Clone)]
 pub struct Idempotency {
@@ -35,6 +45,15 @@ pub struct Idempotency {
     key_prefix: String,
     done_ttl: Duration,
     lease: Duration,
+    /// Built once: a script hashes its source when created.
+    scripts: Scripts,
+}
+
+#[derive(Clone)]
+struct Scripts {
+    claim: redis::Script,
+    extend: redis::Script,
+    release: redis::Script,
 }
 
 const DONE: &str = "done";
@@ -52,6 +71,19 @@ impl Idempotency {
             key_prefix: key_prefix.to_string(),
             done_ttl,
             lease,
+            scripts: Scripts {
+                // One round trip whether or not the claim is free.
+                claim: redis::Script::new(
+                    "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end \
+                     if redis.call('GET', KEYS[1]) == ARGV[3] then return -1 end return -2",
+                ),
+                extend: redis::Script::new(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+                ),
+                release: redis::Script::new(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+                ),
+            },
         }
     }
 
@@ -60,32 +92,41 @@ impl Idempotency {
         format!("{}:sent:{}:{}", self.key_prefix, event_id, target_key)
     }
 
+    /// A claim on one event and target, not yet taken: take it with
+    /// [`Idempotency::claim`] or together with a rate-limit slot
+    /// ([`super::limit::RateLimiter::claim_and_acquire`]).
+    pub fn ticket(&self, event_id: &str, target_key: &str) -> ClaimTicket {
+        ClaimTicket {
+            key: self.key(event_id, target_key),
+            value: format!("claim:{}", uuid::Uuid::new_v4()),
+            taken_at: std::time::Instant::now(),
+        }
+    }
+
+    /// How long a claim holds before another worker may take it.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     pub async fn claim(
         &self,
         event_id: &str,
         target_key: &str,
     ) -> Result<Claim, redis::RedisError> {
-        let key = self.key(event_id, target_key);
-        let value = format!("claim:{}", uuid::Uuid::new_v4());
+        let ticket = self.ticket(event_id, target_key);
         let mut redis = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&value)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(self.lease))
-            .query_async(&mut redis)
-            .await?;
-        if set.is_some() {
-            return Ok(Claim::Acquired(ClaimTicket {
-                key,
-                value,
-                taken_at: std::time::Instant::now(),
-            }));
-        }
-        let current: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut redis).await?;
-        Ok(match current.as_deref() {
-            Some(DONE) => Claim::AlreadyDone,
+        let answer: i64 = self
+            .scripts
+            .claim
+            .key(&ticket.key)
+        .arg(&ticket.value)
+        .arg(millis(self.lease))
+        .arg(DONE)
+        .invoke_async(&mut redis)
+        .await?;
+        Ok(match answer {
+            0 => Claim::Acquired(ticket),
+            -1 => Claim::AlreadyDone,
             _ => Claim::HeldElsewhere,
         })
     }
@@ -109,11 +150,9 @@ impl Idempotency {
         if ticket.taken_at.elapsed() < std::time::Duration::from_secs(1) {
             return Ok(());
         }
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
-        );
         let mut redis = self.redis.clone();
-        script
+        self.scripts
+            .extend
             .key(&ticket.key)
             .arg(&ticket.value)
             .arg(millis(self.lease))
@@ -124,11 +163,9 @@ impl Idempotency {
 
     /// Gives the claim back (only if still ours), so a later attempt may send.
     pub async fn release(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-        );
         let mut redis = self.redis.clone();
-        script
+        self.scripts
+            .release
             .key(&ticket.key)
             .arg(&ticket.value)
             .invoke_async::<i64>(&mut redis)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use super::idempotency::{Claim, ClaimTicket};
 use crate::config::SlackSettings;
 
 /// Sending slightly under the configured rate keeps network jitter (two posts
@@ -18,7 +19,19 @@ const SAFETY_MARGIN: f64 = 0.95;
 
 /// Checks both buckets and the pause; takes a slot from both only if all allow.
 /// Returns 0 when granted, else the milliseconds to wait before asking again.
+///
+/// With a fourth key it first claims that idempotency record (`SET NX PX`,
+/// ARGV[5] the claim's value, ARGV[6] its lease), so the first attempt of a
+/// post costs one round trip instead of two: -1 means the record says `done`,
+/// -2 that another worker holds it; otherwise the claim is ours, whatever the
+/// buckets say.
 const GCRA: &str = r#"
+if KEYS[4] then
+  if not redis.call('SET', KEYS[4], ARGV[5], 'NX', 'PX', ARGV[6]) then
+    if redis.call('GET', KEYS[4]) == 'done' then return -1 end
+    return -2
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -120,6 +133,43 @@ impl RateLimiter {
             .invoke_async(&mut redis)
             .await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
+    /// Claims `ticket` (from [`super::idempotency::Idempotency::ticket`]) and,
+    /// if that succeeds, tries to take a slot to post to `channel`, in one
+    /// round trip. The wait is that of [`RateLimiter::try_acquire`]; it is
+    /// `None` unless the claim was acquired.
+    pub async fn claim_and_acquire(
+        &self,
+        workspace: &str,
+        channel: &str,
+        ticket: ClaimTicket,
+        lease: Duration,
+    ) -> Result<(Claim, Option<Duration>), redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let answer: i64 = self
+            .gcra
+            .key(self.key(workspace, Some(channel), "rate"))
+            .key(self.key(workspace, None, "rate"))
+            .key(self.key(workspace, Some(channel), "pause"))
+            .key(ticket.key())
+            .arg(self.channel.interval_ms)
+            .arg(self.channel.tolerance_ms)
+            .arg(self.workspace.interval_ms)
+            .arg(self.workspace.tolerance_ms)
+            .arg(ticket.value())
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(match answer {
+            -1 => (Claim::AlreadyDone, None),
+            -2 => (Claim::HeldElsewhere, None),
+            0 => (Claim::Acquired(ticket), None),
+            ms => (
+                Claim::Acquired(ticket),
+                Some(Duration::from_millis(ms.unsigned_abs())),
+            ),
+        })
     }
 
     /// Makes every replica hold off `channel` for `retry_after` (after a 429).

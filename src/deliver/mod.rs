@@ -167,6 +167,27 @@ enum PostFailure {
     Deferred(Duration),
 }
 
+/// A Slack target, claimed, ready to post.
+struct TargetPost<'a> {
+    channel: &'a str,
+    token: &'a WorkspaceToken,
+    /// Takes posts whose channel is gone or archived.
+    default_channel: Option<&'a str>,
+    ticket: &'a ClaimTicket,
+    /// What the claim's rate-limit check said: `None` when it took a slot.
+    first_wait: Option<Duration>,
+}
+
+/// Whether a post attempt still has to ask for a rate-limit slot.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Ask,
+    /// Taken together with the claim.
+    Taken,
+    /// Asked together with the claim: none free for this long.
+    WaitFor(Duration),
+}
+
 /// One post attempt's failure.
 enum AttemptFailure {
     Slack(SlackError),
@@ -435,13 +456,31 @@ impl Deliverer {
             }
         };
 
-        let ticket = match self.claim(&event.id, &target.key).await {
-            Ok(ticket) => ticket,
-            Err(status) => return SlackResult::Done(report(&routed.target, status)),
+        // The claim and the first rate-limit slot in one round trip.
+        let claimed = self
+            .limiter
+            .claim_and_acquire(
+                &token.workspace,
+                channel,
+                self.idempotency.ticket(&event.id, &target.key),
+                self.idempotency.lease(),
+            )
+            .await;
+        let (ticket, first_wait) = match claimed {
+            Ok((claim, wait)) => match claim_status(claim, &target.key) {
+                Ok(ticket) => (ticket, wait),
+                Err(status) => return SlackResult::Done(report(&routed.target, status)),
+            },
+            Err(e) => return SlackResult::Done(report(&routed.target, redis_failure(&e))),
         };
-        match self
-            .post(event, routed, channel, token, default_channel, &ticket)
-            .await
+        let target_post = TargetPost {
+            channel,
+            token,
+            default_channel,
+            ticket: &ticket,
+            first_wait,
+        };
+        match self.post(event, routed, target_post).await
         {
             Ok(to) => {
                 self.complete(&ticket, &routed.target).await;
@@ -472,17 +511,25 @@ impl Deliverer {
         &self,
         event: &Event,
         routed: &RoutedTarget,
-        channel: &str,
-        token: &WorkspaceToken,
-        default_channel: Option<&str>,
-        ticket: &ClaimTicket,
+        target: TargetPost<'_>,
     ) -> Result<String, PostFailure> {
+        let TargetPost {
+            channel,
+            token,
+            default_channel,
+            ticket,
+            first_wait,
+        } = target;
         let context = RenderContext {
             rule: routed.rule.as_deref(),
             rerouted_from: None,
         };
+        let first_slot = match first_wait {
+            None => Slot::Taken,
+            Some(wait) => Slot::WaitFor(wait),
+        };
         let error = match self
-            .post_once(event, &context, channel, token, false, ticket)
+            .post_once(event, &context, channel, token, false, ticket, first_slot)
             .await
         {
             Ok(to) => return Ok(to),
@@ -498,7 +545,7 @@ impl Deliverer {
             SlackFailure::Destination => {
                 if error.code == "not_in_channel" && self.join(channel, token).await {
                     match self
-                        .post_once(event, &context, channel, token, false, ticket)
+                        .post_once(event, &context, channel, token, false, ticket, Slot::Ask)
                         .await
                     {
                         Ok(to) => return Ok(to),
@@ -519,13 +566,13 @@ impl Deliverer {
                     rerouted_from: Some(&intended),
                 };
                 warn!(channel, default, error = %error, "rerouting to the default channel");
-                self.post_once(event, &rerouted, default, token, false, ticket)
+                self.post_once(event, &rerouted, default, token, false, ticket, Slot::Ask)
                     .await
                     .map_err(give_up)
             }
             SlackFailure::Payload => {
                 warn!(channel, error = %error, "slack refused the message layout; posting plain text");
-                self.post_once(event, &context, channel, token, true, ticket)
+                self.post_once(event, &context, channel, token, true, ticket, Slot::Ask)
                     .await
                     .map_err(give_up)
             }
@@ -533,7 +580,7 @@ impl Deliverer {
                 // Rotation: refresh once (one replica at a time) and post again.
                 match self.tokens.refresh(token).await {
                     Ok(fresh) => self
-                        .post_once(event, &context, channel, &fresh, false, ticket)
+                        .post_once(event, &context, channel, &fresh, false, ticket, Slot::Ask)
                         .await
                         .map_err(give_up),
                     Err(e) => Err(PostFailure::Unavailable(SlackUnavailable {
@@ -561,23 +608,29 @@ impl Deliverer {
         token: &WorkspaceToken,
         plain_text: bool,
         ticket: &ClaimTicket,
+        first_slot: Slot,
     ) -> Result<String, AttemptFailure> {
-        let mut payload = render(event, context);
+        let mut message = render(event, context).to(channel);
         if plain_text {
-            payload = serde_json::json!({
-                "text": payload["text"],
-                "metadata": payload["metadata"],
-            });
+            message = message.plain_text();
         }
-        payload["channel"] = Value::String(channel.to_string());
+        let payload = message.to_json();
         let mut waited = Duration::ZERO;
+        let mut slot = first_slot;
         loop {
-            // Each attempt renews the claim, so a long chain (wait, post,
-            // join, post again, reroute) never outlives its lease.
-            if let Err(e) = self.idempotency.extend(ticket).await {
-                warn!(error = %e, "cannot renew the idempotency claim");
-            }
-            match self.limiter.try_acquire(&token.workspace, channel).await {
+            let acquired = match std::mem::replace(&mut slot, Slot::Ask) {
+                Slot::Taken => Ok(None),
+                Slot::WaitFor(wait) => Ok(Some(wait)),
+                Slot::Ask => {
+                    // Each attempt renews the claim, so a long chain (wait, post,
+                    // join, post again, reroute) never outlives its lease.
+                    if let Err(e) = self.idempotency.extend(ticket).await {
+                        warn!(error = %e, "cannot renew the idempotency claim");
+                    }
+                    self.limiter.try_acquire(&token.workspace, channel).await
+                }
+            };
+            match acquired {
                 Ok(None) => {}
                 Ok(Some(wait)) if waited + wait <= self.max_rate_limit_wait => {
                     tokio::time::sleep(wait).await;
@@ -593,7 +646,7 @@ impl Deliverer {
                 .call_leaving_rate_limits(
                     "chat.postMessage",
                     Some(&token.access_token),
-                    &Body::Json(&payload),
+                    &Body::JsonBytes(&payload),
                 )
                 .await;
             match result {
@@ -783,19 +836,8 @@ impl Deliverer {
     /// Claims `(event, key)`; without the claim, the status the target ends with.
     async fn claim(&self, event_id: &str, key: &str) -> Result<ClaimTicket, TargetStatus> {
         match self.idempotency.claim(event_id, key).await {
-            Ok(Claim::Acquired(ticket)) => Ok(ticket),
-            Ok(Claim::AlreadyDone) => {
-                info!(key, "already delivered; not sending again");
-                Err(TargetStatus::AlreadyDelivered)
-            }
-            Ok(Claim::HeldElsewhere) => Err(TargetStatus::Failed {
-                detail: "another worker is sending this right now".into(),
-                retryable: true,
-            }),
-            Err(e) => Err(TargetStatus::Failed {
-                detail: format!("cannot check idempotency in Redis: {e}"),
-                retryable: true,
-            }),
+            Ok(claim) => claim_status(claim, key),
+            Err(e) => Err(redis_failure(&e)),
         }
     }
 
@@ -819,6 +861,28 @@ impl Deliverer {
         if let Err(e) = self.idempotency.release(ticket).await {
             warn!(error = %e, "could not release an idempotency claim; it expires by itself");
         }
+    }
+}
+
+/// A claim as the target's status: ours to send, or why not.
+fn claim_status(claim: Claim, key: &str) -> Result<ClaimTicket, TargetStatus> {
+    match claim {
+        Claim::Acquired(ticket) => Ok(ticket),
+        Claim::AlreadyDone => {
+            info!(key, "already delivered; not sending again");
+            Err(TargetStatus::AlreadyDelivered)
+        }
+        Claim::HeldElsewhere => Err(TargetStatus::Failed {
+            detail: "another worker is sending this right now".into(),
+            retryable: true,
+        }),
+    }
+}
+
+fn redis_failure(error: &redis::RedisError) -> TargetStatus {
+    TargetStatus::Failed {
+        detail: format!("cannot check idempotency in Redis: {error}"),
+        retryable: true,
     }
 }
 

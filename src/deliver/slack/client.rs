@@ -119,6 +119,8 @@ pub fn classify(code: &str) -> SlackFailure {
 /// A request body: write methods take JSON, some methods only forms.
 pub enum Body<'a> {
     Json(&'a Value),
+    /// JSON already serialised (a message, rendered once for all its attempts).
+    JsonBytes(&'a [u8]),
     Form(&'a [(&'a str, &'a str)]),
 }
 
@@ -178,14 +180,18 @@ impl SlackClient {
         if let Some(token) = token {
             request = request.bearer_auth(token.expose());
         }
-        request = match body {
-            // Slack warns `missing_charset` without an explicit charset.
-            Body::Json(value) => request
+        // Slack warns `missing_charset` without an explicit charset.
+        let json = |request: reqwest::RequestBuilder, bytes: Vec<u8>| {
+            request
                 .header(
                     reqwest::header::CONTENT_TYPE,
                     "application/json; charset=utf-8",
                 )
-                .body(serde_json::to_vec(value).unwrap_or_default()),
+                .body(bytes)
+        };
+        request = match body {
+            Body::Json(value) => json(request, serde_json::to_vec(value).unwrap_or_default()),
+            Body::JsonBytes(bytes) => json(request, bytes.to_vec()),
             Body::Form(fields) => request.form(fields),
         };
         let response = request

@@ -5,7 +5,7 @@
 //! piece is cut to Slack's documented limits so a long event never makes the
 //! post fail.
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::event::{Event, Severity};
 
@@ -35,21 +35,154 @@ pub struct RenderContext<'a> {
     pub rerouted_from: Option<&'a str>,
 }
 
-/// The `chat.postMessage` fields for one event, without `channel`.
-pub fn render(event: &Event, context: &RenderContext<'_>) -> Value {
-    let mut blocks = Vec::new();
-    if let Some(intended) = context.rerouted_from {
-        blocks.push(json!({
-            "type": "context",
-            "elements": [{"type": "mrkdwn", "text": truncate(&format!(
-                ":warning: Meant for {}, which could not take it.", escape(intended)), SECTION_LIMIT)}]
-        }));
+/// The `chat.postMessage` body for one event. Typed rather than a
+/// `serde_json::Value` tree: it is built for every post, and serialising
+/// structs straight to bytes costs a fraction of building a map of maps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<&'a str>,
+    pub text: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<Block<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+    pub metadata: Metadata<'a>,
+    pub unfurl_links: bool,
+    pub unfurl_media: bool,
+}
+
+impl<'a> Message<'a> {
+    /// The same message addressed to `channel` (a channel id, `#name` or user id).
+    pub fn to(mut self, channel: &'a str) -> Message<'a> {
+        self.channel = Some(channel);
+        self
     }
-    blocks.push(json!({
-        "type": "header",
-        "text": {"type": "plain_text", "emoji": true,
-                 "text": truncate(&format!("{} {}", severity_emoji(event.severity), event.title), HEADER_LIMIT)}
-    }));
+
+    /// Only the notification text and metadata: what is left to send when
+    /// Slack refuses the layout (`invalid_blocks` and the like).
+    pub fn plain_text(mut self) -> Message<'a> {
+        self.blocks.clear();
+        self.attachments.clear();
+        self
+    }
+
+    /// The JSON body to send.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain structs and strings to a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One Block Kit block.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Block<'a> {
+    Header {
+        text: TextObject,
+    },
+    Section {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text: Option<TextObject>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        fields: Vec<TextObject>,
+    },
+    Context {
+        elements: Vec<TextObject>,
+    },
+    Actions {
+        elements: Vec<Button<'a>>,
+    },
+}
+
+/// A Block Kit text object.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextObject {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<bool>,
+}
+
+impl TextObject {
+    fn mrkdwn(text: String) -> TextObject {
+        TextObject {
+            kind: "mrkdwn",
+            text,
+            emoji: None,
+        }
+    }
+
+    fn plain(text: String) -> TextObject {
+        TextObject {
+            kind: "plain_text",
+            text,
+            emoji: None,
+        }
+    }
+}
+
+/// A button element.
+#[derive(Debug, Clone, Serialize)]
+pub struct Button<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub action_id: &'static str,
+    pub text: TextObject,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<&'a str>,
+}
+
+/// The colour bar: a legacy attachment holding one context block.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    pub color: &'static str,
+    pub blocks: Vec<Block<'static>>,
+}
+
+/// Message metadata, so a post can be traced back to its event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metadata<'a> {
+    pub event_type: &'static str,
+    pub event_payload: MetadataPayload<'a>,
+}
+
+/// Slack metadata values are strings, numbers, booleans or objects (no null):
+/// `rule` is `""` when no rule routed the event.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetadataPayload<'a> {
+    pub event_id: &'a str,
+    pub rule: &'a str,
+}
+
+/// The `chat.postMessage` fields for one event, without `channel`.
+pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> {
+    let mut blocks = Vec::with_capacity(6);
+    if let Some(intended) = context.rerouted_from {
+        blocks.push(Block::Context {
+            elements: vec![TextObject::mrkdwn(truncate(
+                &format!(
+                    ":warning: Meant for {}, which could not take it.",
+                    escape(intended)
+                ),
+                SECTION_LIMIT,
+            ))],
+        });
+    }
+    blocks.push(Block::Header {
+        text: TextObject {
+            emoji: Some(true),
+            ..TextObject::plain(truncate(
+                &format!("{} {}", severity_emoji(event.severity), event.title),
+                HEADER_LIMIT,
+            ))
+        },
+    });
 
     let mut fields = vec![field("Severity", &severity_label(event.severity))];
     if let Some(ticket) = &event.ticket {
@@ -95,57 +228,73 @@ pub fn render(event: &Event, context: &RenderContext<'_>) -> Value {
     }
     // Slack allows at most 10 fields in a section.
     fields.truncate(10);
-    blocks.push(json!({"type": "section", "fields": fields}));
+    blocks.push(Block::Section { text: None, fields });
 
     if let Some(summary) = event.summary.as_deref().filter(|s| !s.trim().is_empty()) {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": truncate(&escape(summary), SECTION_LIMIT)}}));
+        blocks.push(Block::Section {
+            text: Some(TextObject::mrkdwn(truncate(&escape(summary), SECTION_LIMIT))),
+            fields: Vec::new(),
+        });
     }
     if let Some(comment) = event.comment.as_deref().filter(|s| !s.trim().is_empty()) {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn",
-            "text": truncate(&format!(":speech_balloon: {}", escape(comment)), SECTION_LIMIT)}}));
+        blocks.push(Block::Section {
+            text: Some(TextObject::mrkdwn(truncate(
+                &format!(":speech_balloon: {}", escape(comment)),
+                SECTION_LIMIT,
+            ))),
+            fields: Vec::new(),
+        });
     }
 
-    let mut actions = vec![json!({
-        "type": "button",
-        "action_id": ACK_ACTION_ID,
-        "text": {"type": "plain_text", "text": "Acknowledge"},
-        "style": "primary",
-        "value": truncate(&event.id, BUTTON_VALUE_LIMIT),
-    })];
+    let mut actions = vec![Button {
+        kind: "button",
+        action_id: ACK_ACTION_ID,
+        text: TextObject::plain("Acknowledge".into()),
+        style: Some("primary"),
+        value: Some(truncate(&event.id, BUTTON_VALUE_LIMIT)),
+        url: None,
+    }];
     if let Some(url) = event
         .ticket
         .as_ref()
         .and_then(|t| t.url.as_deref())
         .filter(|u| is_web_url(u) && u.len() <= 3000)
     {
-        actions.push(json!({
-            "type": "button",
-            "action_id": "alert_router_open_ticket",
-            "text": {"type": "plain_text", "text": "Open ticket"},
-            "url": url,
-        }));
+        actions.push(Button {
+            kind: "button",
+            action_id: "alert_router_open_ticket",
+            text: TextObject::plain("Open ticket".into()),
+            style: None,
+            value: None,
+            url: Some(url),
+        });
     }
-    blocks.push(json!({"type": "actions", "elements": actions}));
+    blocks.push(Block::Actions { elements: actions });
 
     let mut context_line = format!("`{}` · event `{}`", escape(&event.kind), escape(&event.id));
     if let Some(rule) = context.rule {
         context_line.push_str(&format!(" · rule `{}`", escape(rule)));
     }
-    json!({
-        "text": fallback_text(event, context),
-        "blocks": blocks,
-        "attachments": [{
-            "color": severity_color(event.severity),
-            "blocks": [{"type": "context", "elements": [{"type": "mrkdwn", "text": truncate(&context_line, SECTION_LIMIT)}]}],
+    Message {
+        channel: None,
+        text: fallback_text(event, context),
+        blocks,
+        attachments: vec![Attachment {
+            color: severity_color(event.severity),
+            blocks: vec![Block::Context {
+                elements: vec![TextObject::mrkdwn(truncate(&context_line, SECTION_LIMIT))],
+            }],
         }],
-        "metadata": {
-            "event_type": METADATA_EVENT_TYPE,
-            // Slack metadata values are strings, numbers, booleans or objects (no null): "" is "no rule".
-            "event_payload": {"event_id": event.id, "rule": context.rule.unwrap_or("")},
+        metadata: Metadata {
+            event_type: METADATA_EVENT_TYPE,
+            event_payload: MetadataPayload {
+                event_id: &event.id,
+                rule: context.rule.unwrap_or(""),
+            },
         },
-        "unfurl_links": false,
-        "unfurl_media": false,
-    })
+        unfurl_links: false,
+        unfurl_media: false,
+    }
 }
 
 /// The notification text: what phones and screen readers show.
@@ -190,8 +339,8 @@ pub fn truncate(text: &str, limit: usize) -> String {
     out
 }
 
-fn field(label: &str, value: &str) -> Value {
-    json!({"type": "mrkdwn", "text": truncate(&format!("*{label}*\n{value}"), FIELD_LIMIT)})
+fn field(label: &str, value: &str) -> TextObject {
+    TextObject::mrkdwn(truncate(&format!("*{label}*\n{value}"), FIELD_LIMIT))
 }
 
 /// Whether `url` is an http(s) link safe to show as one.
@@ -230,6 +379,12 @@ pub fn severity_color(severity: Severity) -> &'static str {
 mod tests {
     use super::*;
     use crate::event::DEFAULT_MAX_BODY_BYTES;
+    use serde_json::Value;
+
+    /// The message as Slack receives it.
+    fn rendered(event: &Event, context: &RenderContext<'_>) -> Value {
+        serde_json::from_slice(&render(event, context).to_json()).unwrap()
+    }
 
     fn event(json: &str) -> Event {
         Event::decode(json.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap()
@@ -256,7 +411,7 @@ mod tests {
             r#"{"id":"x","type":"t","severity":"high","title":"<!channel> down","summary":"<!here> and <@U123>",
                 "comment":"<!everyone> <https://evil|click>","assignee":{"name":"<@U999>"},"source":"a&b"}"#,
         );
-        let message = render(&e, &RenderContext::default());
+        let message = rendered(&e, &RenderContext::default());
         let mut texts = Vec::new();
         all_mrkdwn(&message, &mut texts);
         texts.push(message["text"].as_str().unwrap().to_string());
@@ -282,7 +437,7 @@ mod tests {
                 "ticket":{"number":"TCK-2041","form":"Incident report","url":"https://support.example.com/t/2041"},
                 "assignee":{"name":"Ana Ruiz","email":"ana@example.com"},"level":2}"#,
         );
-        let message = render(
+        let message = rendered(
             &e,
             &RenderContext {
                 rule: Some("payments-critical"),
@@ -318,7 +473,7 @@ mod tests {
         let e = event(&format!(
             r#"{{"id":"x","type":"t","severity":"info","title":"{long}","summary":"{summary}"}}"#
         ));
-        let message = render(&e, &RenderContext::default());
+        let message = rendered(&e, &RenderContext::default());
         let header = message["blocks"][0]["text"]["text"].as_str().unwrap();
         assert_eq!(header.chars().count(), HEADER_LIMIT);
         assert!(header.ends_with('…'));
@@ -336,7 +491,7 @@ mod tests {
             r#"{"id":"x","type":"t","severity":"info","title":"t","ticket":{"number":"1","url":"javascript:alert(1)"}}"#,
         );
         assert!(
-            !render(&e, &RenderContext::default())
+            !rendered(&e, &RenderContext::default())
                 .to_string()
                 .contains("javascript")
         );

@@ -206,6 +206,12 @@ impl Event {
         let text = std::str::from_utf8(body).map_err(|e| {
             EventError::InvalidJson(format!("not UTF-8 at byte {}", e.valid_up_to()))
         })?;
+        // Nearly every body is valid: one plain parse. Only a failure pays for
+        // the passes below, which find the error worth reporting.
+        if let Ok(event) = serde_json::from_str::<Event>(text) {
+            event.validate()?;
+            return Ok(event);
+        }
         // A syntax pass first, so a truncated body is reported as broken JSON
         // rather than as whatever type error the parser happened to hit first.
         serde_json::from_str::<serde::de::IgnoredAny>(text)

@@ -129,6 +129,8 @@ pub enum Body<'a> {
 pub struct SlackClient {
     http: reqwest::Client,
     api_url: String,
+    /// `chat.postMessage`, parsed once: it is called for every post.
+    post_message_url: Option<reqwest::Url>,
     max_attempts: u32,
     retry_base_delay: Duration,
     retry_budget: Duration,
@@ -141,6 +143,9 @@ const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
 impl SlackClient {
     pub fn new(settings: &SlackSettings) -> Result<SlackClient, reqwest::Error> {
         let http = reqwest::Client::builder()
+            // The Web API answers where it is asked; a redirect would be a
+            // misconfigured proxy, and following it would resend the token.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("alert-router/", env!("CARGO_PKG_VERSION")))
@@ -148,6 +153,11 @@ impl SlackClient {
         Ok(SlackClient {
             http,
             api_url: settings.api_url.trim_end_matches('/').to_string(),
+            post_message_url: reqwest::Url::parse(&format!(
+                "{}/chat.postMessage",
+                settings.api_url.trim_end_matches('/')
+            ))
+            .ok(),
             max_attempts: settings.max_attempts,
             retry_base_delay: settings.retry_base_delay,
             retry_budget: settings.retry_budget,
@@ -175,8 +185,10 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
-        let url = format!("{}/{method}", self.api_url);
-        let mut request = self.http.post(url);
+        let mut request = match &self.post_message_url {
+            Some(url) if method == "chat.postMessage" => self.http.post(url.clone()),
+            _ => self.http.post(format!("{}/{method}", self.api_url)),
+        };
         if let Some(token) = token {
             request = request.bearer_auth(token.expose());
         }

@@ -114,7 +114,10 @@ impl Options {
                 _ => {}
             }
         }
-        if options.events == 0 || options.channels == 0 || options.rate <= 0.0 || options.rounds == 0
+        if options.events == 0
+            || options.channels == 0
+            || options.rate <= 0.0
+            || options.rounds == 0
         {
             bail!("--events, --channels, --rate and --rounds must be positive");
         }

@@ -119,11 +119,11 @@ impl Idempotency {
             .scripts
             .claim
             .key(&ticket.key)
-        .arg(&ticket.value)
-        .arg(millis(self.lease))
-        .arg(DONE)
-        .invoke_async(&mut redis)
-        .await?;
+            .arg(&ticket.value)
+            .arg(millis(self.lease))
+            .arg(DONE)
+            .invoke_async(&mut redis)
+            .await?;
         Ok(match answer {
             0 => Claim::Acquired(ticket),
             -1 => Claim::AlreadyDone,

@@ -480,8 +480,7 @@ impl Deliverer {
             ticket: &ticket,
             first_wait,
         };
-        match self.post(event, routed, target_post).await
-        {
+        match self.post(event, routed, target_post).await {
             Ok(to) => {
                 self.complete(&ticket, &routed.target).await;
                 info!(target = %routed.target, to = %to, "delivered");

@@ -232,7 +232,10 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
 
     if let Some(summary) = event.summary.as_deref().filter(|s| !s.trim().is_empty()) {
         blocks.push(Block::Section {
-            text: Some(TextObject::mrkdwn(truncate(&escape(summary), SECTION_LIMIT))),
+            text: Some(TextObject::mrkdwn(truncate(
+                &escape(summary),
+                SECTION_LIMIT,
+            ))),
             fields: Vec::new(),
         });
     }

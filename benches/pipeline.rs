@@ -39,15 +39,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/support/fake_slack.rs"]
 mod fake_slack;
+#[path = "support/fast_slack.rs"]
+mod fast_slack;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use alert_router::broker::{self, Topology};
 use alert_router::config::{Secrets, Settings};
 use anyhow::{Context as _, bail};
 use fake_slack::{ChannelSpec, FakeSlack};
+use fast_slack::FastSlack;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
@@ -671,167 +672,6 @@ impl SlackUnderTest<'_> {
                     .collect())
             }
         }
-    }
-}
-
-/// The issue's "fast, non-rate-limited fake Slack": `chat.postMessage` over
-/// real HTTP/1.1 keep-alive connections, the bot token checked
-/// (`invalid_auth` otherwise), `{"ok":true,"channel":…,"ts":…}` back, and the
-/// arrival time and event id of each post recorded. It parses only what it
-/// needs, so the CPU it takes from the worker on these two cores stays small:
-/// Slack's own servers are not on the worker's machine either.
-#[derive(Clone)]
-struct FastSlack {
-    inner: Arc<FastInner>,
-    addr: std::net::SocketAddr,
-}
-
-struct FastInner {
-    authorization: Vec<u8>,
-    posts: std::sync::Mutex<Vec<(Instant, String)>>,
-    /// Woken when `posts` reaches `wanted`.
-    reached: tokio::sync::Notify,
-    wanted: AtomicUsize,
-    next_ts: AtomicUsize,
-}
-
-impl FastSlack {
-    async fn start(token: &str) -> anyhow::Result<FastSlack> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let inner = Arc::new(FastInner {
-            authorization: format!("Bearer {token}").into_bytes(),
-            posts: std::sync::Mutex::new(Vec::new()),
-            reached: tokio::sync::Notify::new(),
-            wanted: AtomicUsize::new(usize::MAX),
-            next_ts: AtomicUsize::new(1),
-        });
-        let serving = Arc::clone(&inner);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_fast(stream, Arc::clone(&serving)));
-            }
-        });
-        Ok(FastSlack { inner, addr })
-    }
-
-    fn api_url(&self) -> String {
-        format!("http://{}/api", self.addr)
-    }
-
-    fn post_count(&self) -> usize {
-        self.inner.posts.lock().map_or(0, |p| p.len())
-    }
-
-    async fn wait_for_posts(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> anyhow::Result<Vec<(Instant, String)>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let reached = self.inner.reached.notified();
-            tokio::pin!(reached);
-            reached.as_mut().enable();
-            self.inner.wanted.store(n, Ordering::SeqCst);
-            {
-                let posts = self
-                    .inner
-                    .posts
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?;
-                if posts.len() >= n {
-                    return Ok(posts.clone());
-                }
-            }
-            if tokio::time::timeout_at(deadline, reached).await.is_err() {
-                bail!(
-                    "the fast Slack got {} of {n} posts in {timeout:?}",
-                    self.post_count()
-                );
-            }
-        }
-    }
-}
-
-/// The value of `name:` in one header line, if the line is that header.
-fn header_value<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
-    let colon = line.iter().position(|&b| b == b':')?;
-    line[..colon]
-        .eq_ignore_ascii_case(name)
-        .then(|| line[colon + 1..].trim_ascii())
-}
-
-/// The JSON string value following `"key":"` in `body` (no escapes expected).
-fn string_after<'b>(body: &'b [u8], key: &[u8]) -> Option<&'b [u8]> {
-    let start = body.windows(key.len()).position(|w| w == key)? + key.len();
-    let len = body[start..].iter().position(|&b| b == b'"')?;
-    Some(&body[start..start + len])
-}
-
-async fn serve_fast(stream: tokio::net::TcpStream, slack: Arc<FastInner>) -> std::io::Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    stream.set_nodelay(true)?;
-    let (read, mut write) = stream.into_split();
-    let mut read = tokio::io::BufReader::with_capacity(16 * 1024, read);
-    let (mut line, mut body, mut out) = (Vec::new(), Vec::new(), Vec::new());
-    loop {
-        let (mut length, mut authorized, mut post_message) = (0usize, false, false);
-        let mut request_line = true;
-        loop {
-            line.clear();
-            if read.read_until(b'\n', &mut line).await? == 0 {
-                return Ok(());
-            }
-            if request_line {
-                post_message = line.starts_with(b"POST /api/chat.postMessage ");
-                request_line = false;
-            } else if line == b"\r\n" {
-                break;
-            } else if let Some(value) = header_value(&line, b"content-length") {
-                length = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            } else if let Some(value) = header_value(&line, b"authorization") {
-                authorized = value == slack.authorization.as_slice();
-            }
-        }
-        body.resize(length, 0);
-        read.read_exact(&mut body).await?;
-        let reply = if !post_message {
-            r#"{"ok":false,"error":"unknown_method"}"#.to_string()
-        } else if !authorized {
-            r#"{"ok":false,"error":"invalid_auth"}"#.to_string()
-        } else {
-            let channel = string_after(&body, br#""channel":""#).unwrap_or_default();
-            let channel = String::from_utf8_lossy(channel).into_owned();
-            let id = string_after(&body, br#""event_id":""#).unwrap_or_default();
-            let id = String::from_utf8_lossy(id).into_owned();
-            let count = {
-                let mut posts = slack
-                    .posts
-                    .lock()
-                    .map_err(|_| std::io::Error::other("poisoned"))?;
-                posts.push((Instant::now(), id));
-                posts.len()
-            };
-            if count >= slack.wanted.load(Ordering::SeqCst) {
-                slack.reached.notify_waiters();
-            }
-            let ts = slack.next_ts.fetch_add(1, Ordering::Relaxed);
-            format!(r#"{{"ok":true,"channel":"{channel}","ts":"1700000000.{ts:06}"}}"#)
-        };
-        out.clear();
-        out.extend_from_slice(
-            format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n\r\n",
-                reply.len()
-            )
-            .as_bytes(),
-        );
-        out.extend_from_slice(reply.as_bytes());
-        write.write_all(&out).await?;
     }
 }
 

@@ -521,14 +521,14 @@ impl Deliverer {
         } = target;
         let context = RenderContext {
             rule: routed.rule.as_deref(),
-            rerouted_from: None,
+            ..RenderContext::default()
         };
         let first_slot = match first_wait {
             None => Slot::Taken,
             Some(wait) => Slot::WaitFor(wait),
         };
         let error = match self
-            .post_once(event, &context, channel, token, false, ticket, first_slot)
+            .post_once(event, &context, channel, token, ticket, first_slot)
             .await
         {
             Ok(to) => return Ok(to),
@@ -544,7 +544,7 @@ impl Deliverer {
             SlackFailure::Destination => {
                 if error.code == "not_in_channel" && self.join(channel, token).await {
                     match self
-                        .post_once(event, &context, channel, token, false, ticket, Slot::Ask)
+                        .post_once(event, &context, channel, token, ticket, Slot::Ask)
                         .await
                     {
                         Ok(to) => return Ok(to),
@@ -563,15 +563,20 @@ impl Deliverer {
                 let rerouted = RenderContext {
                     rule: routed.rule.as_deref(),
                     rerouted_from: Some(&intended),
+                    plain_text: false,
                 };
                 warn!(channel, default, error = %error, "rerouting to the default channel");
-                self.post_once(event, &rerouted, default, token, false, ticket, Slot::Ask)
+                self.post_once(event, &rerouted, default, token, ticket, Slot::Ask)
                     .await
                     .map_err(give_up)
             }
             SlackFailure::Payload => {
                 warn!(channel, error = %error, "slack refused the message layout; posting plain text");
-                self.post_once(event, &context, channel, token, true, ticket, Slot::Ask)
+                let plain = RenderContext {
+                    plain_text: true,
+                    ..context.clone()
+                };
+                self.post_once(event, &plain, channel, token, ticket, Slot::Ask)
                     .await
                     .map_err(give_up)
             }
@@ -579,7 +584,7 @@ impl Deliverer {
                 // Rotation: refresh once (one replica at a time) and post again.
                 match self.tokens.refresh(token).await {
                     Ok(fresh) => self
-                        .post_once(event, &context, channel, &fresh, false, ticket, Slot::Ask)
+                        .post_once(event, &context, channel, &fresh, ticket, Slot::Ask)
                         .await
                         .map_err(give_up),
                     Err(e) => Err(PostFailure::Unavailable(SlackUnavailable {
@@ -605,15 +610,10 @@ impl Deliverer {
         context: &RenderContext<'_>,
         channel: &str,
         token: &WorkspaceToken,
-        plain_text: bool,
         ticket: &ClaimTicket,
         first_slot: Slot,
     ) -> Result<String, AttemptFailure> {
-        let mut message = render(event, context).to(channel);
-        if plain_text {
-            message = message.plain_text();
-        }
-        let payload = message.to_json();
+        let payload = render(event, context).to(channel).to_json();
         let mut waited = Duration::ZERO;
         let mut slot = first_slot;
         loop {

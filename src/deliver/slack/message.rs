@@ -33,6 +33,9 @@ pub struct RenderContext<'a> {
     /// Set when the post lands somewhere other than intended, e.g. the default
     /// channel standing in for an archived one: said at the top of the message.
     pub rerouted_from: Option<&'a str>,
+    /// Only the notification text and metadata, no layout: for a second try
+    /// after Slack refused the blocks (`invalid_blocks` and the like).
+    pub plain_text: bool,
 }
 
 /// The `chat.postMessage` body for one event. Typed rather than a
@@ -278,7 +281,7 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     if let Some(rule) = context.rule {
         context_line.push_str(&format!(" · rule `{}`", escape(rule)));
     }
-    Message {
+    let message = Message {
         channel: None,
         text: fallback_text(event, context),
         blocks,
@@ -297,6 +300,11 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         },
         unfurl_links: false,
         unfurl_media: false,
+    };
+    if context.plain_text {
+        message.plain_text()
+    } else {
+        message
     }
 }
 
@@ -444,7 +452,7 @@ mod tests {
             &e,
             &RenderContext {
                 rule: Some("payments-critical"),
-                rerouted_from: None,
+                ..RenderContext::default()
             },
         );
         let rendered = message.to_string();
@@ -467,6 +475,22 @@ mod tests {
             "payments-critical"
         );
         assert_eq!(message["text"], "[CRITICAL] Checkout down (TCK-2041)");
+    }
+
+    #[test]
+    fn the_plain_text_retry_keeps_only_text_metadata_and_channel() {
+        let e = event(r#"{"id":"p-1","type":"t","severity":"low","title":"Disk full"}"#);
+        let context = RenderContext {
+            plain_text: true,
+            ..RenderContext::default()
+        };
+        let message: Value =
+            serde_json::from_slice(&render(&e, &context).to("C0OPS").to_json()).unwrap();
+        assert_eq!(message["channel"], "C0OPS");
+        assert_eq!(message["text"], "[LOW] Disk full");
+        assert_eq!(message["metadata"]["event_payload"]["event_id"], "p-1");
+        assert!(message.get("blocks").is_none());
+        assert!(message.get("attachments").is_none());
     }
 
     #[test]

@@ -1,0 +1,341 @@
+//! Memory of the `alert-router` binary while it drains a backlog, for several backlog sizes.
+//!
+//! ```text
+//! cargo bench --bench backlog [-- --events 10000,100000]
+//! ```
+//!
+//! For each size N (default 10,000 and 100,000; `BENCH_BACKLOG` or
+//! `--events` take a comma-separated list): N events are published into a
+//! fresh, isolated topology, then the release `alert-router run` binary is
+//! started as a child process against a fast fake Slack with Slack's rate
+//! limits lifted. Its resident memory is sampled from `/proc` every 20 ms
+//! until the fake has N posts. Prefetch bounds what the worker holds, so the
+//! peak should not grow with N: that is the claim this bench checks.
+//!
+//! Everything it creates (exchanges, queues, Redis keys) is deleted at the end.
+
+// Shared with the pipeline bench, which uses all of it.
+#[allow(dead_code)]
+#[path = "support/fast_slack.rs"]
+mod fast_slack;
+
+use std::time::{Duration, Instant};
+
+use alert_router::broker::{self, Topology};
+use alert_router::config::Settings;
+use anyhow::{Context as _, bail};
+use fast_slack::FastSlack;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Confirmation};
+use serde_json::json;
+
+/// Most publisher confirms outstanding at once.
+const CONFIRM_WINDOW: usize = 2_000;
+
+struct Sample {
+    events: usize,
+    publish: Duration,
+    drain: Duration,
+    /// Resident set when the first post arrived (connected, rules loaded).
+    rss_first_post: u64,
+    /// Highest resident set seen while draining.
+    rss_peak: u64,
+    rss_end: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let sizes = sizes()?;
+    let mut samples = Vec::new();
+    for &events in &sizes {
+        eprintln!("[backlog] {events} events");
+        samples.push(run(events).await?);
+    }
+    println!();
+    println!(
+        "alert-router backlog bench: the release binary draining a backlog, fast fake Slack, prefetch {}",
+        Settings::default().amqp.prefetch
+    );
+    println!(
+        "machine: {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "| {:>8} | {:>9} | {:>9} | {:>8} | {:>18} | {:>13} | {:>12} |",
+        "backlog",
+        "publish s",
+        "drain s",
+        "events/s",
+        "RSS at 1st post MB",
+        "RSS peak MB",
+        "RSS end MB"
+    );
+    println!(
+        "|{:->10}|{:->11}|{:->11}|{:->10}|{:->20}|{:->15}|{:->14}|",
+        "", "", "", "", "", "", ""
+    );
+    for s in &samples {
+        println!(
+            "| {:>8} | {:>9.2} | {:>9.2} | {:>8.0} | {:>18.1} | {:>13.1} | {:>12.1} |",
+            s.events,
+            s.publish.as_secs_f64(),
+            s.drain.as_secs_f64(),
+            s.events as f64 / s.drain.as_secs_f64(),
+            mb(s.rss_first_post),
+            mb(s.rss_peak),
+            mb(s.rss_end)
+        );
+    }
+    if let (Some(small), Some(large)) = (samples.first(), samples.last())
+        && samples.len() > 1
+    {
+        println!();
+        println!(
+            "peak RSS with {} events is {:.2}x the peak with {} ({} times the backlog)",
+            large.events,
+            large.rss_peak as f64 / small.rss_peak.max(1) as f64,
+            small.events,
+            large.events / small.events.max(1)
+        );
+    }
+    Ok(())
+}
+
+fn sizes() -> anyhow::Result<Vec<usize>> {
+    let mut list = std::env::var("BENCH_BACKLOG").ok();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if let Some(value) = arg.strip_prefix("--events=") {
+            list = Some(value.to_string());
+        } else if arg == "--events" {
+            list = Some(args.next().context("--events needs a value")?);
+        }
+    }
+    let sizes: Vec<usize> = list
+        .as_deref()
+        .unwrap_or("10000,100000")
+        .split(',')
+        .map(|n| n.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .context("--events takes numbers separated by commas")?;
+    if sizes.is_empty() || sizes.contains(&0) {
+        bail!("--events must be positive");
+    }
+    Ok(sizes)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// `VmRSS` and `VmHWM` of a process, in bytes.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+async fn run(events: usize) -> anyhow::Result<Sample> {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let ns = format!("backlog-{id}");
+    let workspace = format!("T{}", id.to_uppercase());
+    let token = format!("xoxb-bench-{id}");
+    let dir = tempfile::tempdir()?;
+    let rules_path = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules_path,
+        "version: 1\ndefaults:\n  slack_channel: \"C0BACKLOG\"\nunmatched: default\nrules: []\n",
+    )?;
+    let slack = FastSlack::start(&token).await?;
+
+    let mut settings = Settings::default();
+    settings.amqp.exchange = format!("{ns}.alerts");
+    settings.amqp.queue = format!("{ns}.router");
+    settings.amqp.dead_letter_exchange = format!("{ns}.dlx");
+    settings.amqp.dead_letter_queue = format!("{ns}.dead");
+    settings.amqp.retry_queue_prefix = format!("{ns}.retry");
+    settings.redis.key_prefix = ns.clone();
+    let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
+
+    let connection = broker::connect(&settings.amqp.url, "alert-router backlog bench").await?;
+    let mut redis = redis::Client::open(settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
+                        "team_id": workspace, "bot_user_id": "U0BOT"});
+    let _: () = redis::cmd("SET")
+        .arg(format!("{ns}:slack:token:{workspace}"))
+        .arg(record.to_string())
+        .query_async(&mut redis)
+        .await?;
+
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology.declare(&channel).await?;
+    let started = Instant::now();
+    let mut confirms = FuturesUnordered::new();
+    for i in 0..events {
+        let body = json!({
+            "id": format!("{ns}-{i}"), "type": "escalation.triggered", "severity": "high",
+            "title": format!("Checkout error rate above 5 % ({i})"), "workspace": workspace,
+            "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
+            "ticket": {"number": format!("TCK-{i}"), "url": format!("https://tickets.example.com/TCK-{i}")},
+            "labels": {"team": "checkout", "env": "prod"},
+        })
+        .to_string();
+        confirms.push(
+            channel
+                .basic_publish(
+                    settings.amqp.exchange.as_str().into(),
+                    "escalation.triggered".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+        );
+        while confirms.len() >= CONFIRM_WINDOW {
+            if let Some(confirm) = confirms.next().await
+                && !matches!(confirm?, Confirmation::Ack(_))
+            {
+                bail!("a publish was not confirmed");
+            }
+        }
+    }
+    while let Some(confirm) = confirms.next().await {
+        if !matches!(confirm?, Confirmation::Ack(_)) {
+            bail!("a publish was not confirmed");
+        }
+    }
+    let publish = started.elapsed();
+
+    let limits = [
+        ("SLACK__CHANNEL_RATE_PER_SECOND", "1000000".to_string()),
+        ("SLACK__CHANNEL_BURST", "1000000".to_string()),
+        ("SLACK__WORKSPACE_RATE_PER_MINUTE", u32::MAX.to_string()),
+        ("SLACK__WORKSPACE_BURST", "1000000".to_string()),
+    ];
+    let env = [
+        ("AMQP__EXCHANGE", settings.amqp.exchange.clone()),
+        ("AMQP__QUEUE", settings.amqp.queue.clone()),
+        (
+            "AMQP__DEAD_LETTER_EXCHANGE",
+            settings.amqp.dead_letter_exchange.clone(),
+        ),
+        (
+            "AMQP__DEAD_LETTER_QUEUE",
+            settings.amqp.dead_letter_queue.clone(),
+        ),
+        (
+            "AMQP__RETRY_QUEUE_PREFIX",
+            settings.amqp.retry_queue_prefix.clone(),
+        ),
+        ("REDIS__KEY_PREFIX", ns.clone()),
+        ("SLACK__API_URL", slack.api_url()),
+        ("SLACK__DEFAULT_WORKSPACE", workspace.clone()),
+        ("RULES__PATH", rules_path.display().to_string()),
+        ("HTTP__LISTEN", "127.0.0.1:0".to_string()),
+    ];
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_alert-router"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .envs(
+            env.into_iter()
+                .chain(limits)
+                .map(|(k, v)| (format!("ALERT_ROUTER__{k}"), v)),
+        )
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("the worker exited at once")?;
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60) + Duration::from_millis(events as u64 * 5);
+    let mut rss_first_post = 0;
+    let mut rss_peak = 0;
+    loop {
+        let posts = slack.post_count();
+        if let Some((now, high_water)) = rss(pid) {
+            rss_peak = rss_peak.max(high_water).max(now);
+            if posts > 0 && rss_first_post == 0 {
+                rss_first_post = now;
+            }
+        }
+        if posts >= events {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the worker exited with {status} after {posts} of {events} posts");
+        }
+        if Instant::now() > deadline {
+            bail!("the worker posted {posts} of {events} in time");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain = started.elapsed();
+    let rss_end = rss(pid).map_or(0, |(now, _)| now);
+    child.start_kill()?;
+    let _ = child.wait().await;
+
+    // Clean up the namespace.
+    let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
+    queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
+    for queue in queues {
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    let _ = connection.close(200, "".into()).await;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{ns}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut redis)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(Sample {
+        events,
+        publish,
+        drain,
+        rss_first_post,
+        rss_peak,
+        rss_end,
+    })
+}

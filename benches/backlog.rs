@@ -18,6 +18,8 @@
 #[allow(dead_code)]
 #[path = "support/fast_slack.rs"]
 mod fast_slack;
+#[path = "support/worker_process.rs"]
+mod worker_process;
 
 use std::time::{Duration, Instant};
 
@@ -223,48 +225,17 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     }
     let publish = started.elapsed();
 
-    let limits = [
-        ("SLACK__CHANNEL_RATE_PER_SECOND", "1000000".to_string()),
-        ("SLACK__CHANNEL_BURST", "1000000".to_string()),
-        ("SLACK__WORKSPACE_RATE_PER_MINUTE", u32::MAX.to_string()),
-        ("SLACK__WORKSPACE_BURST", "1000000".to_string()),
-    ];
-    let env = [
-        ("AMQP__EXCHANGE", settings.amqp.exchange.clone()),
-        ("AMQP__QUEUE", settings.amqp.queue.clone()),
-        (
-            "AMQP__DEAD_LETTER_EXCHANGE",
-            settings.amqp.dead_letter_exchange.clone(),
-        ),
-        (
-            "AMQP__DEAD_LETTER_QUEUE",
-            settings.amqp.dead_letter_queue.clone(),
-        ),
-        (
-            "AMQP__RETRY_QUEUE_PREFIX",
-            settings.amqp.retry_queue_prefix.clone(),
-        ),
-        ("REDIS__KEY_PREFIX", ns.clone()),
-        ("SLACK__API_URL", slack.api_url()),
-        ("SLACK__DEFAULT_WORKSPACE", workspace.clone()),
-        ("RULES__PATH", rules_path.display().to_string()),
-        ("HTTP__LISTEN", "127.0.0.1:0".to_string()),
-    ];
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_alert-router"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .envs(
-            env.into_iter()
-                .chain(limits)
-                .map(|(k, v)| (format!("ALERT_ROUTER__{k}"), v)),
-        )
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    settings.slack.api_url = slack.api_url();
+    settings.slack.default_workspace = Some(workspace.clone());
+    settings.rules.path = rules_path.clone();
+    settings.http.listen = "127.0.0.1:0".parse()?;
+    settings.log.level = "warn".into();
+    // A fast Slack without rate limits: measure the worker, not Slack's pace.
+    settings.slack.channel_rate_per_second = 1_000_000.0;
+    settings.slack.channel_burst = 1_000_000;
+    settings.slack.workspace_rate_per_minute = u32::MAX;
+    settings.slack.workspace_burst = 1_000_000;
+    let mut child = worker_process::command(&settings, std::process::Stdio::inherit()).spawn()?;
     let pid = child.id().context("the worker exited at once")?;
 
     let started = Instant::now();
@@ -292,8 +263,7 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     }
     let drain = started.elapsed();
     let rss_end = rss(pid).map_or(0, |(now, _)| now);
-    child.start_kill()?;
-    let _ = child.wait().await;
+    worker_process::stop(child).await?;
 
     // Clean up the namespace.
     let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];

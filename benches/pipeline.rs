@@ -17,7 +17,8 @@
 //! 2. **broker latency**: the broker alone at the latency phase's rate,
 //!    publish → a bare consumer;
 //! 3. **alert-router end to end**: N events pre-published into a fresh
-//!    isolated topology, then `worker::run` in-process against a fast,
+//!    isolated topology, then the release `alert-router run` binary started
+//!    as a child process (as a deployment runs it) against a fast,
 //!    non-rate-limited fake Slack ([`FastSlack`]: real HTTP, the token checked,
 //!    nothing else parsed) with a valid token in Redis and Slack's rate limits
 //!    lifted; time until it has N posts;
@@ -41,11 +42,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod fake_slack;
 #[path = "support/fast_slack.rs"]
 mod fast_slack;
+#[path = "support/worker_process.rs"]
+mod worker_process;
 
 use std::time::{Duration, Instant};
 
 use alert_router::broker::{self, Topology};
-use alert_router::config::{Secrets, Settings};
+use alert_router::config::{LogFormat, Settings};
 use anyhow::{Context as _, bail};
 use fake_slack::{ChannelSpec, FakeSlack};
 use fast_slack::FastSlack;
@@ -58,7 +61,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// Most publisher confirms outstanding at once while pre-publishing.
 const CONFIRM_WINDOW: usize = 2_000;
@@ -351,26 +353,33 @@ async fn store_token(
     Ok(())
 }
 
+/// The release `alert-router` binary, run as a deployment runs it: its own
+/// process and runtime, configured through its environment.
 struct Worker {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), alert_router::worker::WorkerError>>,
+    child: tokio::process::Child,
+    pid: u32,
 }
 
 impl Worker {
-    fn spawn(settings: &Settings) -> Worker {
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(alert_router::worker::run(
-            settings.clone(),
-            Secrets::default(),
-            shutdown.clone(),
-        ));
-        Worker { shutdown, task }
+    fn spawn(settings: &Settings) -> anyhow::Result<Worker> {
+        // `--log`: what a deployment pays, every info line as JSON (to /dev/null).
+        let log = if settings.log.level == "warn" {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
+        let child = worker_process::command(settings, log).spawn()?;
+        let pid = child.id().context("the worker exited at once")?;
+        Ok(Worker { child, pid })
+    }
+
+    /// CPU time the worker process has used so far.
+    fn cpu(&self) -> Duration {
+        proc_cpu(&self.pid.to_string())
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.task.await??;
-        Ok(())
+        worker_process::stop(self.child).await
     }
 }
 
@@ -397,12 +406,15 @@ async fn end_to_end(
 ) -> anyhow::Result<(Worker, EndToEnd)> {
     let cpu = Cpu::now();
     let started = Instant::now();
-    let worker = Worker::spawn(&ns.settings);
+    let worker = Worker::spawn(&ns.settings)?;
     let timeout = Duration::from_secs(120) + Duration::from_millis(bodies.len() as u64 * 10);
     let mut posts = slack
         .wait_for_posts(earlier_posts + bodies.len(), timeout)
         .await?;
-    let cpu = Cpu::now().since(cpu);
+    let cpu = Cpu {
+        worker: worker.cpu(),
+        ..Cpu::now().since(cpu)
+    };
     let recorded = posts.len();
     posts.drain(..earlier_posts.min(recorded));
     let first = posts.iter().map(|p| p.0).min().context("no posts")?;
@@ -582,9 +594,12 @@ async fn latency(
     })
 }
 
-/// CPU time (user + system) of this process, the broker and Redis, from `/proc`.
+/// CPU time (user + system) of the worker, this process, the broker and Redis, from `/proc`.
 #[derive(Clone, Copy, Default)]
 struct Cpu {
+    /// The worker process (zero where there is none).
+    worker: Duration,
+    /// This process: the bench loop, the fake Slack.
     bench: Duration,
     broker: Duration,
     redis: Duration,
@@ -593,6 +608,7 @@ struct Cpu {
 impl Cpu {
     fn now() -> Cpu {
         Cpu {
+            worker: Duration::ZERO,
             bench: proc_cpu("self"),
             broker: pids_named("beam.smp").iter().map(|p| proc_cpu(p)).sum(),
             redis: pids_named("redis-server").iter().map(|p| proc_cpu(p)).sum(),
@@ -601,6 +617,7 @@ impl Cpu {
 
     fn since(self, earlier: Cpu) -> Cpu {
         Cpu {
+            worker: self.worker.saturating_sub(earlier.worker),
             bench: self.bench.saturating_sub(earlier.bench),
             broker: self.broker.saturating_sub(earlier.broker),
             redis: self.redis.saturating_sub(earlier.redis),
@@ -755,16 +772,6 @@ fn verdict(ok: bool) -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse()?;
-    if options.log {
-        // What a deployment pays: every info line formatted as JSON (then discarded).
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .with_writer(std::io::sink)
-            .try_init();
-    }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_before = loadavg();
 
@@ -775,10 +782,15 @@ async fn main() -> anyhow::Result<()> {
     fast_ns.settings.slack.api_url = fast.api_url();
     let full = FakeSlack::start().await;
     let mut full_ns = Namespace::new("full", &rules, &full.api_url())?;
-    if let Some(prefetch) = options.prefetch {
-        for ns in [&mut base, &mut fast_ns, &mut full_ns] {
+    for ns in [&mut base, &mut fast_ns, &mut full_ns] {
+        if let Some(prefetch) = options.prefetch {
             ns.settings.amqp.prefetch = prefetch;
         }
+        (ns.settings.log.format, ns.settings.log.level) = if options.log {
+            (LogFormat::Json, "info".into())
+        } else {
+            (LogFormat::Text, "warn".into())
+        };
     }
     prepare_slack(&full, &full_ns, options.channels);
 
@@ -830,22 +842,23 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| {:<50} | {:>6} | {:>7} | {:>7} | {:>25} |",
-        "phase", "msgs", "seconds", "msgs/s", "CPU us/msg bench/mq/redis"
+        "| {:<50} | {:>6} | {:>7} | {:>7} | {:>32} |",
+        "phase", "msgs", "seconds", "msgs/s", "CPU us/msg worker/bench/mq/redis"
     );
-    println!("|{:-<52}|{:->8}|{:->9}|{:->9}|{:->27}|", "", "", "", "", "");
+    println!("|{:-<52}|{:->8}|{:->9}|{:->9}|{:->34}|", "", "", "", "", "");
     let row = |name: &str, n: usize, d: Duration, cpu: Option<Cpu>| {
         let per = |c: Duration| c.as_secs_f64() * 1e6 / n.max(1) as f64;
         let cpu = cpu.map_or(String::new(), |c| {
             format!(
-                "{:.0} / {:.0} / {:.0}",
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                per(c.worker),
                 per(c.bench),
                 per(c.broker),
                 per(c.redis)
             )
         });
         println!(
-            "| {:<50} | {:>6} | {:>7.3} | {:>7.0} | {:>25} |",
+            "| {:<50} | {:>6} | {:>7.3} | {:>7.0} | {:>32} |",
             name,
             n,
             d.as_secs_f64(),
@@ -893,7 +906,14 @@ async fn main() -> anyhow::Result<()> {
     let rounds: Vec<String> = report
         .round_rates
         .iter()
-        .map(|(b, e)| format!("{e:.0}/{b:.0} = {:.0} %", e / b * 100.0))
+        .map(|(b, e, distinct)| {
+            let short = if *distinct < n {
+                format!(" ({} duplicate posts)", n - distinct)
+            } else {
+                String::new()
+            };
+            format!("{e:.0}/{b:.0} = {:.0} %{short}", e / b * 100.0)
+        })
         .collect();
     println!(
         "            rounds (alert-router/baseline): {}; medians shown",
@@ -940,8 +960,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 struct Report {
-    /// Per round: baseline consume+ack rate, end-to-end rate.
-    round_rates: Vec<(f64, f64)>,
+    /// Per round: baseline consume+ack rate, end-to-end rate, distinct events posted.
+    round_rates: Vec<(f64, f64, usize)>,
     baseline: Baseline,
     broker_latency: Latency,
     fast_publish: Duration,
@@ -1013,7 +1033,7 @@ async fn run(
     let round_rates = baselines
         .iter()
         .zip(&rounds)
-        .map(|(b, r)| (rate(n, b.consume), rate(n, r.total)))
+        .map(|(b, r)| (rate(n, b.consume), rate(n, r.total), r.distinct_ids))
         .collect();
     let fast_result = median_round(&mut rounds);
     let baseline = median_baseline(&mut baselines);

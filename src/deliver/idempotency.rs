@@ -98,7 +98,7 @@ impl Idempotency {
     pub fn ticket(&self, event_id: &str, target_key: &str) -> ClaimTicket {
         ClaimTicket {
             key: self.key(event_id, target_key),
-            value: format!("claim:{}", uuid::Uuid::new_v4()),
+            value: claim_value(),
             taken_at: std::time::Instant::now(),
         }
     }
@@ -172,6 +172,21 @@ impl Idempotency {
             .await
             .map(|_| ())
     }
+}
+
+/// A value no other claim holds: this process's random id and a counter
+/// (a fresh UUID per claim cost a `getrandom` call per post).
+fn claim_value() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROCESS: OnceLock<uuid::Uuid> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let process = PROCESS.get_or_init(uuid::Uuid::new_v4);
+    format!(
+        "claim:{}:{}",
+        process.simple(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn millis(duration: Duration) -> u64 {

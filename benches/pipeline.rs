@@ -5,7 +5,7 @@
 //! ```
 //!
 //! (or `BENCH_EVENTS`, `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_CHANNELS`,
-//! `BENCH_PREFETCH`, `BENCH_ROUNDS`, `BENCH_LOG=1`). Phases 1 and 3 take
+//! `BENCH_PREFETCH`, `BENCH_ROUNDS`, `BENCH_LOG=1`). Phases 1 and 2 take
 //! turns for R rounds (default 5); the verdict is the median of the rounds'
 //! worker/baseline ratios, so a slow spell of a shared machine, which hits
 //! one round, does not decide the comparison.
@@ -15,17 +15,17 @@
 //!    [`Topology`] with unique names): publish N persistent messages with
 //!    confirms awaited concurrently, then consume with manual acks and the
 //!    worker's prefetch;
-//! 2. **broker latency**: the broker alone at the latency phase's rate,
-//!    publish → a bare consumer;
-//! 3. **alert-router end to end**: N events pre-published into a fresh
+//! 2. **alert-router end to end**: N events pre-published into a fresh
 //!    isolated topology, then the release `alert-router run` binary started
 //!    as a child process (as a deployment runs it) against a fast,
 //!    non-rate-limited fake Slack ([`FastSlack`]: real HTTP, the token checked,
 //!    nothing else parsed) with a valid token in Redis and Slack's rate limits
 //!    lifted; time until it has N posts;
-//! 4. **latency**: with that worker idle, events published at a steady rate,
-//!    publish → post arrival, p50/p90/p99/max;
-//! 5. **the test suite's fake Slack**: phase 3 again against the full fake
+//! 3. **latency**: with that worker idle, events published at a steady rate,
+//!    publish → post arrival, p50/p90/p99/max; then, right after, the broker
+//!    alone at the same rate (publish → a bare consumer), to tell the
+//!    broker's share;
+//! 4. **the test suite's fake Slack**: phase 2 again against the full fake
 //!    the tests use (it records and checks every post), for comparison.
 //!
 //! Each row also shows the CPU time per message of this process (worker,
@@ -493,7 +493,7 @@ async fn paced_publish(
     Ok((sent_at, span))
 }
 
-/// Phase 2: the broker alone at the latency phase's rate: publish -> a bare consumer receives
+/// Phase 3b: the broker alone at the latency phase's rate: publish -> a bare consumer receives
 /// (FIFO: the k-th delivery is the k-th publish), on the baseline's quorum queue.
 async fn broker_latency(
     connection: &Connection,
@@ -547,7 +547,7 @@ async fn broker_latency(
     })
 }
 
-/// Phase 4: with the worker idle, publish at `rate` for `seconds`; publish → post latency.
+/// Phase 3: with the worker idle, publish at `rate` for `seconds`; publish → post latency.
 async fn latency(
     connection: &Connection,
     slack: SlackUnderTest<'_>,
@@ -986,7 +986,6 @@ async fn run(
     (full_ns, full): (&Namespace, &FakeSlack),
 ) -> anyhow::Result<Report> {
     let n = options.events;
-    let mut broker_latency_result = None;
     let bodies = |ns: &Namespace, tag: &str| -> Vec<Vec<u8>> {
         (0..n)
             .map(|i| event_body(&format!("{tag}-{i}"), &ns.workspace, i, options.channels))
@@ -1005,15 +1004,8 @@ async fn run(
             options.rounds
         );
         baselines.push(baseline(connection, base, &bodies(base, &format!("base{round}"))).await?);
-        if round == 0 {
-            eprintln!(
-                "[bench] phase 2: broker alone at {}/s for {} s",
-                options.rate, options.seconds
-            );
-            broker_latency_result = Some(broker_latency(connection, base, options).await?);
-        }
         eprintln!(
-            "[bench] round {}/{}: phase 3, alert-router end to end, {n} events, fast Slack",
+            "[bench] round {}/{}: phase 2, alert-router end to end, {n} events, fast Slack",
             round + 1,
             options.rounds
         );
@@ -1034,7 +1026,6 @@ async fn run(
         rounds.push(result);
     }
     let worker = running.context("no rounds")?;
-    let broker_latency = broker_latency_result.context("no rounds")?;
     let round_rates = baselines
         .iter()
         .zip(&rounds)
@@ -1043,10 +1034,10 @@ async fn run(
     let fast_result = median_round(&mut rounds);
     let baseline = median_baseline(&mut baselines);
     eprintln!(
-        "[bench] phase 4: latency at {}/s for {} s",
+        "[bench] phase 3: latency at {}/s for {} s",
         options.rate, options.seconds
     );
-    // Let the last acks of phase 3 land so the worker is idle, and the
+    // Let the last acks of phase 2 land so the worker is idle, and the
     // broker finish what a 20k burst leaves behind (BENCH_IDLE_SECS).
     let idle: f64 = std::env::var("BENCH_IDLE_SECS")
         .ok()
@@ -1064,10 +1055,16 @@ async fn run(
     )
     .await?;
     worker.stop().await?;
+    // Right after, in the same state of the machine and the broker.
+    eprintln!(
+        "[bench] phase 3b: broker alone at {}/s for {} s",
+        options.rate, options.seconds
+    );
+    let broker_latency = broker_latency(connection, base, options).await?;
     let left_ready = ready_count(connection, &fast_ns.settings.amqp.queue).await?;
     let dead = ready_count(connection, &fast_ns.settings.amqp.dead_letter_queue).await?;
 
-    eprintln!("[bench] phase 5: alert-router end to end, {n} events, the test suite's fake Slack");
+    eprintln!("[bench] phase 4: alert-router end to end, {n} events, the test suite's fake Slack");
     let full_bodies = bodies(full_ns, "full");
     prepare_queue(connection, redis, full_ns, &full_bodies).await?;
     let (worker, full_result) =

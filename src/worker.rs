@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -250,8 +250,19 @@ async fn consume(
                     let context = Arc::clone(context);
                     let settler = settler.clone();
                     let publisher_lost = publisher_lost.clone();
+                    let acks = acks.clone();
                     in_flight.spawn(async move {
-                        process(&context, &settler, delivery).await;
+                        let tag = delivery.delivery_tag;
+                        let processed = std::panic::AssertUnwindSafe(process(&context, &settler, delivery))
+                            .catch_unwind()
+                            .await;
+                        if processed.is_err() {
+                            // A bug, not the event's fault: give it back (the
+                            // queue's delivery limit stops a loop) and keep
+                            // the channel's acks flowing.
+                            error!(delivery_tag = tag, "processing panicked; the delivery is requeued");
+                            acks.nack_tag(tag, true);
+                        }
                         if !settler.is_usable() {
                             publisher_lost.cancel();
                         }

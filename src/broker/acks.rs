@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::pin;
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -25,7 +25,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Longest an out-of-order finished delivery waits for the ones before it.
 pub const HOLD: Duration = Duration::from_millis(5);
@@ -57,10 +57,13 @@ impl Acks {
 
     /// Nacks `delivery` at once (before any later ack of this channel).
     pub fn nack(&self, delivery: &Delivery, requeue: bool) {
-        let _ = self.commands.send(Command::Nack {
-            tag: delivery.delivery_tag,
-            requeue,
-        });
+        self.nack_tag(delivery.delivery_tag, requeue);
+    }
+
+    /// Nacks by delivery tag, for a delivery that is no longer at hand (its
+    /// processing panicked).
+    pub fn nack_tag(&self, tag: u64, requeue: bool) {
+        let _ = self.commands.send(Command::Nack { tag, requeue });
     }
 
     /// Sends every queued ack now; returns once they are handed to the connection.
@@ -98,6 +101,10 @@ impl Ledger {
             settled_above: BTreeSet::new(),
             ready: BTreeMap::new(),
         }
+    }
+
+    fn is_settled(&self, tag: u64) -> bool {
+        tag < self.next_unsettled || self.settled_above.contains(&tag)
     }
 
     fn settle(&mut self, tag: u64) {
@@ -159,9 +166,14 @@ async fn run(channel: Channel, mut commands: mpsc::UnboundedReceiver<Command>) {
                     ledger.settle(tag);
                     ledger.ready.insert(tag, Instant::now());
                 }
+                Command::Nack { tag, .. } if ledger.is_settled(tag) => {
+                    // A panic after the delivery was settled: nothing to give back.
+                    debug!(tag, "nack of a settled delivery skipped");
+                }
                 Command::Nack { tag, requeue } => {
-                    // Acks queued before it go first: a `multiple` ack sent
-                    // later must not be the one to reach this tag first.
+                    // Not needed for order (frames leave in submission order,
+                    // and no `multiple` ack spans an unsettled tag), but it
+                    // keeps every ack queued before a nack on the wire before it.
                     send(&channel, ledger.due(None));
                     ledger.settle(tag);
                     submit(channel.basic_nack(
@@ -176,7 +188,8 @@ async fn run(channel: Channel, mut commands: mpsc::UnboundedReceiver<Command>) {
             }
         }
         if flushed.is_empty() {
-            send(&channel, ledger.due(Some(Instant::now() - HOLD)));
+            let held_since = Instant::now().checked_sub(HOLD);
+            send(&channel, ledger.due(held_since.or(Some(Instant::now()))));
         } else {
             send(&channel, ledger.due(None));
             for done in flushed {
@@ -203,9 +216,12 @@ fn send(channel: &Channel, due: Vec<Send>) {
 /// the socket. (`Acker::ack` would not do: lapin runs each of those as a
 /// future of its own, in no particular order, and a `multiple` ack that
 /// overtakes a single one makes the broker close the channel.)
-fn submit<F: Future>(rpc: F) {
+fn submit<F: Future<Output = lapin::Result<()>>>(rpc: F) {
     let mut rpc = pin!(rpc);
-    let _ = rpc.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    if let Poll::Ready(Err(e)) = rpc.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        // Only a closed channel refuses: the broker redelivers what it held.
+        warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+    }
 }
 
 #[cfg(test)]
@@ -260,6 +276,18 @@ mod tests {
         ledger.settle(3);
         ledger.ready.insert(3, now);
         assert_eq!(tags(&ledger.due(Some(now - HOLD))), [&Send::Multiple(3)]);
+    }
+
+    #[test]
+    fn a_tag_counts_as_settled_once_acked_or_nacked() {
+        let now = Instant::now();
+        let mut ledger = ledger_with_ready(&[1, 3], now);
+        assert!(ledger.is_settled(1));
+        assert!(!ledger.is_settled(2));
+        assert!(ledger.is_settled(3));
+        ledger.settle(2);
+        assert!(ledger.is_settled(2));
+        assert!(!ledger.is_settled(4));
     }
 
     #[test]

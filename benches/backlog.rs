@@ -18,6 +18,10 @@
 #[allow(dead_code)]
 #[path = "support/fast_slack.rs"]
 mod fast_slack;
+#[path = "support/namespace.rs"]
+mod namespace;
+#[path = "../tests/support/worker_env.rs"]
+mod worker_env;
 #[path = "support/worker_process.rs"]
 mod worker_process;
 
@@ -29,9 +33,7 @@ use anyhow::{Context as _, bail};
 use fast_slack::FastSlack;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use serde_json::json;
 
@@ -265,41 +267,9 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     let rss_end = rss(pid).map_or(0, |(now, _)| now);
     worker_process::stop(child).await?;
 
-    // Clean up the namespace.
-    let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
-    queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
-    for queue in queues {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-    }
+    let _ = channel.close(200, "".into()).await;
+    namespace::delete(&connection, &mut redis, &settings).await?;
     let _ = connection.close(200, "".into()).await;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{ns}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK")
-                .arg(keys)
-                .query_async(&mut redis)
-                .await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
     Ok(Sample {
         events,
         publish,

@@ -43,6 +43,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod fake_slack;
 #[path = "support/fast_slack.rs"]
 mod fast_slack;
+#[path = "support/namespace.rs"]
+mod namespace;
+#[path = "../tests/support/worker_env.rs"]
+mod worker_env;
 #[path = "support/worker_process.rs"]
 mod worker_process;
 
@@ -57,7 +61,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -690,48 +694,6 @@ impl SlackUnderTest<'_> {
     }
 }
 
-/// Deletes the namespace's queues, exchanges and Redis keys.
-async fn cleanup(
-    connection: &Connection,
-    redis: &mut redis::aio::MultiplexedConnection,
-    ns: &Namespace,
-) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    let topology = ns.topology();
-    let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
-    queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
-    for queue in queues {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await?;
-    }
-    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-    }
-    let _ = channel.close(200, "".into()).await;
-    let pattern = format!("{}:*", ns.settings.redis.key_prefix);
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK").arg(keys).query_async(redis).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
-}
-
 /// Messages ready in a queue (not counting unacked ones).
 async fn ready_count(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
     let channel = connection.create_channel().await?;
@@ -810,7 +772,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut cleaned = Ok(());
     for ns in [&base, &fast_ns, &full_ns] {
-        if let Err(e) = cleanup(&connection, &mut redis, ns).await {
+        if let Err(e) = namespace::delete(&connection, &mut redis, &ns.settings).await {
             cleaned = Err(e);
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod fake_slack;
 pub mod smtp_sink;
+pub mod worker_env;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -221,65 +222,7 @@ impl TestEnv {
 
     /// The settings as `ALERT_ROUTER__…` variables, for worker processes.
     pub fn env_vars(&self) -> Vec<(String, String)> {
-        let s = &self.settings;
-        let delays: Vec<String> = s
-            .delivery
-            .retry_delays
-            .iter()
-            .map(|d| format!("{}ms", d.as_millis()))
-            .collect();
-        [
-            ("AMQP__EXCHANGE", s.amqp.exchange.clone()),
-            ("AMQP__QUEUE", s.amqp.queue.clone()),
-            (
-                "AMQP__DEAD_LETTER_EXCHANGE",
-                s.amqp.dead_letter_exchange.clone(),
-            ),
-            ("AMQP__DEAD_LETTER_QUEUE", s.amqp.dead_letter_queue.clone()),
-            (
-                "AMQP__RETRY_QUEUE_PREFIX",
-                s.amqp.retry_queue_prefix.clone(),
-            ),
-            ("REDIS__KEY_PREFIX", s.redis.key_prefix.clone()),
-            ("SLACK__API_URL", s.slack.api_url.clone()),
-            ("EMAIL__SMTP_URL", s.email.smtp_url.clone()),
-            ("SLACK__DEFAULT_WORKSPACE", self.workspace.clone()),
-            (
-                "SLACK__REQUEST_TIMEOUT",
-                format!("{}ms", s.slack.request_timeout.as_millis()),
-            ),
-            (
-                "SLACK__RETRY_BASE_DELAY",
-                format!("{}ms", s.slack.retry_base_delay.as_millis()),
-            ),
-            (
-                "SLACK__RETRY_BUDGET",
-                format!("{}ms", s.slack.retry_budget.as_millis()),
-            ),
-            (
-                "SLACK__CHANNEL_RATE_PER_SECOND",
-                s.slack.channel_rate_per_second.to_string(),
-            ),
-            ("SLACK__CHANNEL_BURST", s.slack.channel_burst.to_string()),
-            (
-                "SLACK__WORKSPACE_RATE_PER_MINUTE",
-                s.slack.workspace_rate_per_minute.to_string(),
-            ),
-            (
-                "SLACK__WORKSPACE_BURST",
-                s.slack.workspace_burst.to_string(),
-            ),
-            ("RULES__PATH", s.rules.path.display().to_string()),
-            ("HTTP__LISTEN", "127.0.0.1:0".to_string()),
-            ("DELIVERY__RETRY_DELAYS", delays.join(",")),
-            (
-                "DELIVERY__DRAIN_TIMEOUT",
-                format!("{}ms", s.delivery.drain_timeout.as_millis()),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("ALERT_ROUTER__{k}"), v))
-        .collect()
+        worker_env::worker_env(&self.settings)
     }
 
     /// The `alert-router` binary with this test's settings in its environment.

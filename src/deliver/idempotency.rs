@@ -58,6 +58,31 @@ struct Scripts {
 
 const DONE: &str = "done";
 
+/// The claim, as a Lua function other scripts can start with (the rate
+/// limiter takes the claim and the first slot in one round trip): 0 when the
+/// claim is ours, -1 when the record says done, -2 when another holds it.
+pub(super) fn claim_lua() -> String {
+    format!(
+        "local function claim(key, value, lease_ms)
+  if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then return 0 end
+  if redis.call('GET', key) == '{DONE}' then return -1 end
+  return -2
+end
+"
+    )
+}
+
+impl Claim {
+    /// What [`claim_lua`]'s `claim` answered.
+    pub(super) fn from_script(answer: i64, ticket: ClaimTicket) -> Claim {
+        match answer {
+            0 => Claim::Acquired(ticket),
+            -1 => Claim::AlreadyDone,
+            _ => Claim::HeldElsewhere,
+        }
+    }
+}
+
 impl Idempotency {
     /// `lease` must outlast one send with its retries, so it is not stolen mid-send.
     pub fn new(
@@ -73,10 +98,10 @@ impl Idempotency {
             lease,
             scripts: Scripts {
                 // One round trip whether or not the claim is free.
-                claim: redis::Script::new(
-                    "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end \
-                     if redis.call('GET', KEYS[1]) == ARGV[3] then return -1 end return -2",
-                ),
+                claim: redis::Script::new(&format!(
+                    "{}return claim(KEYS[1], ARGV[1], ARGV[2])",
+                    claim_lua()
+                )),
                 extend: redis::Script::new(
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
                 ),
@@ -103,9 +128,9 @@ impl Idempotency {
         }
     }
 
-    /// How long a claim holds before another worker may take it.
-    pub fn lease(&self) -> Duration {
-        self.lease
+    /// The lease in whole milliseconds, as the claim scripts take it.
+    pub fn lease_ms(&self) -> u64 {
+        millis(self.lease)
     }
 
     pub async fn claim(
@@ -121,14 +146,9 @@ impl Idempotency {
             .key(&ticket.key)
             .arg(&ticket.value)
             .arg(millis(self.lease))
-            .arg(DONE)
             .invoke_async(&mut redis)
             .await?;
-        Ok(match answer {
-            0 => Claim::Acquired(ticket),
-            -1 => Claim::AlreadyDone,
-            _ => Claim::HeldElsewhere,
-        })
+        Ok(Claim::from_script(answer, ticket))
     }
 
     /// Records the send as done for the configured retention.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::idempotency::{Claim, ClaimTicket};
+use super::idempotency::{Claim, ClaimTicket, claim_lua};
 use crate::config::SlackSettings;
 
 /// Sending slightly under the configured rate keeps network jitter (two posts
@@ -20,17 +20,15 @@ const SAFETY_MARGIN: f64 = 0.95;
 /// Checks both buckets and the pause; takes a slot from both only if all allow.
 /// Returns 0 when granted, else the milliseconds to wait before asking again.
 ///
-/// With a fourth key it first claims that idempotency record (`SET NX PX`,
-/// ARGV[5] the claim's value, ARGV[6] its lease), so the first attempt of a
-/// post costs one round trip instead of two: -1 means the record says `done`,
-/// -2 that another worker holds it; otherwise the claim is ours, whatever the
-/// buckets say.
+/// With a fourth key it first claims that idempotency record
+/// ([`claim_lua`]; ARGV[5] the claim's value, ARGV[6] its lease), so the
+/// first attempt of a post costs one round trip instead of two: -1 means the
+/// record says `done`, -2 that another worker holds it; otherwise the claim
+/// is ours, whatever the buckets say.
 const GCRA: &str = r#"
 if KEYS[4] then
-  if not redis.call('SET', KEYS[4], ARGV[5], 'NX', 'PX', ARGV[6]) then
-    if redis.call('GET', KEYS[4]) == 'done' then return -1 end
-    return -2
-  end
+  local claimed = claim(KEYS[4], ARGV[5], ARGV[6])
+  if claimed ~= 0 then return claimed end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -109,7 +107,7 @@ impl RateLimiter {
                 f64::from(settings.workspace_rate_per_minute) / 60.0,
                 settings.workspace_burst,
             ),
-            gcra: redis::Script::new(GCRA),
+            gcra: redis::Script::new(&format!("{}{GCRA}", claim_lua())),
             pause: redis::Script::new(PAUSE),
         }
     }
@@ -144,7 +142,7 @@ impl RateLimiter {
         workspace: &str,
         channel: &str,
         ticket: ClaimTicket,
-        lease: Duration,
+        lease_ms: u64,
     ) -> Result<(Claim, Option<Duration>), redis::RedisError> {
         let mut redis = self.redis.clone();
         let answer: i64 = self
@@ -158,17 +156,15 @@ impl RateLimiter {
             .arg(self.workspace.interval_ms)
             .arg(self.workspace.tolerance_ms)
             .arg(ticket.value())
-            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(lease_ms)
             .invoke_async(&mut redis)
             .await?;
-        Ok(match answer {
-            -1 => (Claim::AlreadyDone, None),
-            -2 => (Claim::HeldElsewhere, None),
-            0 => (Claim::Acquired(ticket), None),
-            ms => (
-                Claim::Acquired(ticket),
-                Some(Duration::from_millis(ms.unsigned_abs())),
-            ),
+        // Negative: the claim's answer; otherwise the claim is ours and this is the wait.
+        Ok(if answer < 0 {
+            (Claim::from_script(answer, ticket), None)
+        } else {
+            let wait = (answer > 0).then(|| Duration::from_millis(answer.unsigned_abs()));
+            (Claim::from_script(0, ticket), wait)
         })
     }
 

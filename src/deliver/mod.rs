@@ -463,7 +463,7 @@ impl Deliverer {
                 &token.workspace,
                 channel,
                 self.idempotency.ticket(&event.id, &target.key),
-                self.idempotency.lease(),
+                self.idempotency.lease_ms(),
             )
             .await;
         let (ticket, first_wait) = match claimed {

@@ -129,8 +129,9 @@ pub enum Body<'a> {
 pub struct SlackClient {
     http: reqwest::Client,
     api_url: String,
-    /// `chat.postMessage`, parsed once: it is called for every post.
-    post_message_url: Option<reqwest::Url>,
+    /// `api_url` parsed once; each call appends its method (`None`: not a
+    /// valid URL, and every call fails with a transport error saying so).
+    api_base: Option<reqwest::Url>,
     max_attempts: u32,
     retry_base_delay: Duration,
     retry_budget: Duration,
@@ -153,11 +154,9 @@ impl SlackClient {
         Ok(SlackClient {
             http,
             api_url: settings.api_url.trim_end_matches('/').to_string(),
-            post_message_url: reqwest::Url::parse(&format!(
-                "{}/chat.postMessage",
-                settings.api_url.trim_end_matches('/')
-            ))
-            .ok(),
+            api_base: reqwest::Url::parse(settings.api_url.trim_end_matches('/'))
+                .ok()
+                .filter(|url| !url.cannot_be_a_base()),
             max_attempts: settings.max_attempts,
             retry_base_delay: settings.retry_base_delay,
             retry_budget: settings.retry_budget,
@@ -185,9 +184,15 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
-        let mut request = match &self.post_message_url {
-            Some(url) if method == "chat.postMessage" => self.http.post(url.clone()),
-            _ => self.http.post(format!("{}/{method}", self.api_url)),
+        let mut request = match &self.api_base {
+            Some(base) => {
+                let mut url = base.clone();
+                if let Ok(mut path) = url.path_segments_mut() {
+                    path.pop_if_empty().push(method);
+                }
+                self.http.post(url)
+            }
+            None => self.http.post(format!("{}/{method}", self.api_url)),
         };
         if let Some(token) = token {
             request = request.bearer_auth(token.expose());

@@ -31,14 +31,7 @@ use alert_router::broker::{self, Topology};
 use alert_router::config::Settings;
 use anyhow::{Context as _, bail};
 use fast_slack::FastSlack;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation};
 use serde_json::json;
-
-/// Most publisher confirms outstanding at once.
-const CONFIRM_WINDOW: usize = 2_000;
 
 struct Sample {
     events: usize,
@@ -185,47 +178,23 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
         .query_async(&mut redis)
         .await?;
 
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = namespace::confirm_channel(&connection).await?;
     topology.declare(&channel).await?;
-    let started = Instant::now();
-    let mut confirms = FuturesUnordered::new();
-    for i in 0..events {
-        let body = json!({
-            "id": format!("{ns}-{i}"), "type": "escalation.triggered", "severity": "high",
-            "title": format!("Checkout error rate above 5 % ({i})"), "workspace": workspace,
-            "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
-            "ticket": {"number": format!("TCK-{i}"), "url": format!("https://tickets.example.com/TCK-{i}")},
-            "labels": {"team": "checkout", "env": "prod"},
+    let bodies: Vec<Vec<u8>> = (0..events)
+        .map(|i| {
+            json!({
+                "id": format!("{ns}-{i}"), "type": "escalation.triggered", "severity": "high",
+                "title": format!("Checkout error rate above 5 % ({i})"), "workspace": workspace,
+                "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
+                "ticket": {"number": format!("TCK-{i}"), "url": format!("https://tickets.example.com/TCK-{i}")},
+                "labels": {"team": "checkout", "env": "prod"},
+            })
+            .to_string()
+            .into_bytes()
         })
-        .to_string();
-        confirms.push(
-            channel
-                .basic_publish(
-                    settings.amqp.exchange.as_str().into(),
-                    "escalation.triggered".into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?,
-        );
-        while confirms.len() >= CONFIRM_WINDOW {
-            if let Some(confirm) = confirms.next().await
-                && !matches!(confirm?, Confirmation::Ack(_))
-            {
-                bail!("a publish was not confirmed");
-            }
-        }
-    }
-    while let Some(confirm) = confirms.next().await {
-        if !matches!(confirm?, Confirmation::Ack(_)) {
-            bail!("a publish was not confirmed");
-        }
-    }
-    let publish = started.elapsed();
+        .collect();
+    let publish = namespace::publish_all(&channel, &settings.amqp.exchange, &bodies).await?;
+    drop(bodies);
 
     settings.slack.api_url = slack.api_url();
     settings.slack.default_workspace = Some(workspace.clone());

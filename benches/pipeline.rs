@@ -45,6 +45,7 @@ mod fake_slack;
 mod fast_slack;
 #[path = "support/namespace.rs"]
 mod namespace;
+use namespace::{check_confirm, confirm_channel, publish_all, publish_one};
 #[path = "../tests/support/worker_env.rs"]
 mod worker_env;
 #[path = "support/worker_process.rs"]
@@ -58,17 +59,13 @@ use anyhow::{Context as _, bail};
 use fake_slack::{ChannelSpec, FakeSlack};
 use fast_slack::FastSlack;
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{Channel, Connection};
 use serde_json::json;
 
-/// Most publisher confirms outstanding at once while pre-publishing.
-const CONFIRM_WINDOW: usize = 2_000;
 /// The rules name the channels `C0BENCH0`, `C0BENCH1`, …
 const CHANNEL_PREFIX: &str = "C0BENCH";
 
@@ -217,64 +214,6 @@ fn event_body(id: &str, workspace: &str, seq: usize, channels: usize) -> Vec<u8>
     })
     .to_string()
     .into_bytes()
-}
-
-const ROUTING_KEY: &str = "escalation.triggered";
-
-fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
-}
-
-fn check_confirm(confirmation: Confirmation) -> anyhow::Result<()> {
-    match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => bail!("message returned unroutable"),
-        Confirmation::Nack(_) => bail!("message nacked by the broker"),
-        Confirmation::NotRequested => bail!("channel is not in confirm mode"),
-    }
-}
-
-/// Publishes every body persistently, confirms awaited concurrently (at most
-/// [`CONFIRM_WINDOW`] outstanding). Returns the time it took.
-async fn publish_all(
-    channel: &Channel,
-    exchange: &str,
-    bodies: &[Vec<u8>],
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    for body in bodies {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                ROUTING_KEY.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                persistent(),
-            )
-            .await?;
-        pending.push(confirm);
-        while pending.len() >= CONFIRM_WINDOW {
-            if let Some(confirmation) = pending.next().await {
-                check_confirm(confirmation?)?;
-            }
-        }
-    }
-    while let Some(confirmation) = pending.next().await {
-        check_confirm(confirmation?)?;
-    }
-    Ok(started.elapsed())
-}
-
-async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
 }
 
 struct Baseline {
@@ -472,20 +411,7 @@ async fn paced_publish(
             tokio::time::sleep_until(due).await;
         }
         sent_at.push(Instant::now());
-        confirms.push(
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    ROUTING_KEY.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    persistent(),
-                )
-                .await?,
-        );
+        confirms.push(publish_one(channel, exchange, body).await?);
     }
     let span = match (sent_at.first(), sent_at.last()) {
         (Some(first), Some(last)) => last.duration_since(*first),

@@ -1001,7 +1001,8 @@ async fn authorization_header_is_what_slack_reads_first() {
 async fn workspace_rate_limit_spans_channels() {
     let (s, c) = setup().await;
     s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
-    s.set_workspace_rate_limit(0.5, 3);
+    // Slow enough that no token refills between the posts on a loaded runner.
+    s.set_workspace_rate_limit(0.01, 3);
     assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
     assert!(post_text(&c, &s, TOKEN, "C0OTHER").await.ok());
     assert!(post_text(&c, &s, TOKEN, "U0ANA").await.ok());

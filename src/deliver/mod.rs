@@ -31,7 +31,7 @@ use limit::RateLimiter;
 use slack::message::{RenderContext, render};
 use slack::tokens::{TokenStore, WorkspaceToken};
 use slack::users::UserDirectory;
-use slack::{Body, SlackClient, SlackError, SlackFailure};
+use slack::{Body, SlackClient, SlackError, SlackFailure, honoured_retry_after};
 
 /// The outcome of one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -657,7 +657,9 @@ impl Deliverer {
                     return Ok(format!("slack:{landed}"));
                 }
                 Err(e) if e.code == "ratelimited" => {
-                    let pause = e.retry_after().unwrap_or(Duration::from_secs(1));
+                    let pause = e
+                        .retry_after()
+                        .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1)));
                     warn!(
                         channel,
                         ?pause,

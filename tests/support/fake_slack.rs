@@ -169,6 +169,11 @@ pub enum Fault {
     Hang,
     /// Waits, then processes the request normally.
     Delay(Duration),
+    /// Waits until the token is cancelled (by the test, on an event it saw),
+    /// then processes the request normally. The request is recorded in
+    /// `requests()` on arrival, with `status: None`; a post it makes is in
+    /// `posts()` once released.
+    HoldUntil(tokio_util::sync::CancellationToken),
 }
 
 impl Fault {
@@ -922,7 +927,7 @@ fn fault_reply(f: &Fault) -> Option<Reply> {
         Fault::HttpJson(s, code) => Some(Reply::http_json(*s, code)),
         Fault::Api(code) => Some(Reply::err(code)),
         Fault::RateLimited { retry_after_secs } => Some(Reply::ratelimited(*retry_after_secs)),
-        Fault::Hang | Fault::Delay(_) => None,
+        Fault::Hang | Fault::Delay(_) | Fault::HoldUntil(_) => None,
     }
 }
 
@@ -1210,6 +1215,13 @@ async fn handle(
             return std::future::pending::<Response>().await;
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::HoldUntil(release)) => {
+            record(None, token.clone(), params.clone());
+            release.cancelled().await;
+            let reply = process(&mut shared.lock(), &req, received_at);
+            shared.bump();
+            return reply.into_response();
+        }
         Some(f) => {
             let reply = fault_reply(&f).expect("replying fault");
             record(Some(&reply), token, params);

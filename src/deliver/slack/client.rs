@@ -57,7 +57,8 @@ impl SlackError {
         matches!(self.failure, SlackFailure::Transient { .. })
     }
 
-    /// The wait a 429 asked for, if any.
+    /// How long to wait before calling again, if Slack said (a 429's
+    /// `Retry-After`, already padded by [`honoured_retry_after`]).
     pub fn retry_after(&self) -> Option<Duration> {
         match self.failure {
             SlackFailure::Transient { retry_after } => retry_after,
@@ -65,6 +66,20 @@ impl SlackError {
         }
     }
 }
+
+/// The wait that honours a `Retry-After` of `asked`: the asked time plus
+/// max(50 ms, 2 %).
+///
+/// Slack counts the pause on its own clock from when it answered; the worker
+/// counts from when the answer arrived, through Redis's clock and its own, in
+/// whole milliseconds. Calling again exactly on time can land a few
+/// milliseconds early as Slack sees it, which earns another 429.
+pub fn honoured_retry_after(asked: Duration) -> Duration {
+    asked + (asked / 50).max(RETRY_AFTER_MIN_MARGIN)
+}
+
+/// The smallest margin [`honoured_retry_after`] adds.
+pub const RETRY_AFTER_MIN_MARGIN: Duration = Duration::from_millis(50);
 
 /// Sorts a Slack `error` code into its class.
 pub fn classify(code: &str) -> SlackFailure {
@@ -222,13 +237,15 @@ impl SlackClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             // An absurd header must not become an absurd (or overflowing) wait.
-            .map(|secs| Duration::from_secs(secs.min(3600)));
+            .map(|secs| honoured_retry_after(Duration::from_secs(secs.min(3600))));
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(SlackError::new(
                 method,
                 "ratelimited",
                 SlackFailure::Transient {
-                    retry_after: Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                    retry_after: Some(
+                        retry_after.unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1))),
+                    ),
                 },
             ));
         }
@@ -350,6 +367,22 @@ fn transport_error(method: &'static str, error: &reqwest::Error) -> SlackError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_after_is_honoured_with_a_margin_of_at_least_50_ms_or_2_percent() {
+        assert_eq!(
+            honoured_retry_after(Duration::from_secs(1)),
+            Duration::from_millis(1050)
+        );
+        assert_eq!(
+            honoured_retry_after(Duration::from_secs(3)),
+            Duration::from_millis(3060)
+        );
+        assert_eq!(
+            honoured_retry_after(Duration::from_secs(30)),
+            Duration::from_millis(30_600)
+        );
+    }
 
     #[test]
     fn documented_error_codes_fall_into_the_right_class() {

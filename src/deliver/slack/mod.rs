@@ -5,4 +5,4 @@ pub mod message;
 pub mod tokens;
 pub mod users;
 
-pub use client::{Body, SlackClient, SlackError, SlackFailure};
+pub use client::{Body, SlackClient, SlackError, SlackFailure, honoured_retry_after};

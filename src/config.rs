@@ -125,15 +125,10 @@ pub struct SlackSettings {
     /// wait sends the event to a delay queue without counting an attempt.
     #[serde(with = "human_duration")]
     pub max_rate_limit_wait: Duration,
-}
-
-impl SlackSettings {
-    /// How long one send may take with all its retries: the lease of an
-    /// idempotency claim must outlast it, and should not outlast it by much,
-    /// because a crashed worker's claim blocks that target until it lapses.
-    pub fn longest_send(&self) -> Duration {
-        self.request_timeout * self.max_attempts + self.retry_budget + Duration::from_secs(2)
-    }
+    /// How long a listing of a workspace's channels (name → id) counts as
+    /// fresh; a name missing from it lists again sooner.
+    #[serde(with = "human_duration")]
+    pub channel_cache_ttl: Duration,
 }
 
 impl Default for SlackSettings {
@@ -151,6 +146,7 @@ impl Default for SlackSettings {
             workspace_rate_per_minute: 300,
             workspace_burst: 10,
             max_rate_limit_wait: Duration::from_secs(2),
+            channel_cache_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -201,6 +197,10 @@ pub struct DeliverySettings {
     /// On SIGTERM, how long in-flight events may take to settle before exit.
     #[serde(with = "human_duration")]
     pub drain_timeout: Duration,
+    /// Lease of a claim on (event, target): its holder renews it every third
+    /// of this while sending, and a crashed holder's claim frees after it.
+    #[serde(with = "human_duration")]
+    pub claim_lease: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -212,6 +212,7 @@ impl Default for DeliverySettings {
                 .collect(),
             idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
+            claim_lease: Duration::from_secs(10),
         }
     }
 }
@@ -391,6 +392,12 @@ impl Settings {
             return Err(invalid(
                 "delivery.retry_delays",
                 "must not contain a zero delay, e.g. `5s,30s,2m`",
+            ));
+        }
+        if self.delivery.claim_lease < Duration::from_millis(300) {
+            return Err(invalid(
+                "delivery.claim_lease",
+                "must be at least 300ms (it is renewed every third of itself), e.g. `10s`",
             ));
         }
         if matches!(&self.slack.default_workspace, Some(ws) if ws.trim().is_empty()) {

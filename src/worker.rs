@@ -20,13 +20,14 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::broker::acks::Acks;
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
-use crate::deliver::Deliverer;
 use crate::deliver::email::EmailSender;
 use crate::deliver::idempotency::Idempotency;
 use crate::deliver::limit::RateLimiter;
 use crate::deliver::slack::SlackClient;
+use crate::deliver::slack::channels::ChannelDirectory;
 use crate::deliver::slack::tokens::{Rotation, TokenStore};
 use crate::deliver::slack::users::UserDirectory;
+use crate::deliver::{Deliverer, DelivererParts};
 use crate::event::{Event, sniff_id};
 use crate::rules::{Disposition, Rules, RulesErrors};
 use crate::settle::{Outcome, Settled, Settler};
@@ -124,32 +125,37 @@ pub async fn run(
         });
         info!("token rotation enabled");
     }
-    // The claim lease covers one send with all its in-process retries.
-    let lease = settings.slack.longest_send();
     let users = UserDirectory::new(
         redis.clone(),
         &settings.redis.key_prefix,
         crate::deliver::slack::users::DEFAULT_TTL,
     );
     let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
+    let channels = ChannelDirectory::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        slack.clone(),
+        settings.slack.channel_cache_ttl,
+    );
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
         settings.delivery.idempotency_ttl,
-        lease,
+        settings.delivery.claim_lease,
     );
     let email = EmailSender::new(&settings.email)?;
     let context = Arc::new(Context {
         rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
-        deliverer: Deliverer::new(
+        deliverer: Deliverer::new(DelivererParts {
             slack,
             tokens,
             idempotency,
             email,
             limiter,
-            settings.slack.max_rate_limit_wait,
+            max_rate_limit_wait: settings.slack.max_rate_limit_wait,
             users,
-        ),
+            channels,
+        }),
         max_body_bytes: settings.amqp.max_body_bytes,
     });
 

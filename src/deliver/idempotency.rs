@@ -1,8 +1,17 @@
 //! "At most once to a person": a Redis record per (event id, target), claimed before sending.
 //!
-//! A claim is a short lease (`SET NX PX`) so two replicas handling copies of
-//! one event never both send; a successful send turns it into a long-lived
-//! `done` record; a failed send releases it so a retry may try again.
+//! A claim is a short lease (`SET NX PX`, `delivery.claim_lease`) renewed by
+//! its holder while it sends, so two replicas handling copies of one event
+//! never both send, and a crashed holder's claim frees within seconds. A
+//! successful send turns it into a long-lived `done` record; a send that
+//! certainly did not happen releases it so a retry may try again.
+//!
+//! Beside each claim sits an *attempt marker*: set with the claim, removed
+//! when the outcome is recorded (done, or released after a send that did not
+//! happen). A claim taken while a marker remains means an earlier holder
+//! vanished between claiming and recording, possibly after Slack accepted
+//! its post: [`Claim::AcquiredAfterCrash`] tells the caller to look for that
+//! post before sending again.
 
 use std::time::Duration;
 
@@ -13,24 +22,33 @@ use redis::aio::ConnectionManager;
 pub enum Claim {
     /// Ours to send; pass it back to [`Idempotency::complete`] or [`Idempotency::release`].
     Acquired(ClaimTicket),
+    /// Ours, but an earlier holder claimed it at `since_ms` (Unix
+    /// milliseconds, Redis's clock) and never recorded how it ended: its send
+    /// may have landed.
+    AcquiredAfterCrash { ticket: ClaimTicket, since_ms: u64 },
     /// This target already got this event.
     AlreadyDone,
-    /// Another worker is sending it right now.
-    HeldElsewhere,
+    /// Another live worker is sending it; its lease runs `remaining` more
+    /// (it renews the lease while it works).
+    HeldElsewhere { remaining: Duration },
 }
 
 /// Proof of a claim: the key and the random value only its holder knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimTicket {
     key: String,
+    /// The attempt marker beside the claim.
+    marker: String,
     value: String,
-    /// When the claim was taken: a fresh claim needs no renewal.
-    taken_at: std::time::Instant,
 }
 
 impl ClaimTicket {
     pub(crate) fn key(&self) -> &str {
         &self.key
+    }
+
+    pub(crate) fn marker(&self) -> &str {
+        &self.marker
     }
 
     pub(crate) fn value(&self) -> &str {
@@ -57,34 +75,56 @@ struct Scripts {
 }
 
 const DONE: &str = "done";
+/// How long an orphaned attempt marker is kept: longer than the longest
+/// broker retry delay, so the redelivery that follows a crash still sees it.
+const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The claim, as a Lua function other scripts can start with (the rate
-/// limiter takes the claim and the first slot in one round trip): 0 when the
-/// claim is ours, -1 when the record says done, -2 when another holds it.
+/// limiter takes the claim and the first slot in one round trip). Answers
+/// `{code, ms}`: `{0, 0}` the claim is ours; `{1, since}` ours, but an
+/// earlier holder's attempt marker from `since` remains; `{-1, 0}` the record
+/// says done; `{-2, pttl}` another holder's lease runs `pttl` more.
 pub(super) fn claim_lua() -> String {
     format!(
-        "local function claim(key, value, lease_ms)
-  if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then return 0 end
-  if redis.call('GET', key) == '{DONE}' then return -1 end
-  return -2
+        "local function claim(key, marker, value, lease_ms)
+  if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then
+    local earlier = redis.call('GET', marker)
+    if earlier then return {{1, tonumber(earlier) or 0}} end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('SET', marker, now, 'PX', {marker_ttl})
+    return {{0, 0}}
+  end
+  if redis.call('GET', key) == '{DONE}' then return {{-1, 0}} end
+  return {{-2, math.max(redis.call('PTTL', key), 0)}}
 end
-"
+",
+        marker_ttl = MARKER_TTL.as_millis()
     )
 }
 
 impl Claim {
     /// What [`claim_lua`]'s `claim` answered.
-    pub(super) fn from_script(answer: i64, ticket: ClaimTicket) -> Claim {
-        match answer {
+    pub(super) fn from_script((code, ms): (i64, i64), ticket: ClaimTicket) -> Claim {
+        let ms = ms.max(0).unsigned_abs();
+        match code {
             0 => Claim::Acquired(ticket),
+            1 => Claim::AcquiredAfterCrash {
+                ticket,
+                since_ms: ms,
+            },
             -1 => Claim::AlreadyDone,
-            _ => Claim::HeldElsewhere,
+            _ => Claim::HeldElsewhere {
+                remaining: Duration::from_millis(ms),
+            },
         }
     }
 }
 
 impl Idempotency {
-    /// `lease` must outlast one send with its retries, so it is not stolen mid-send.
+    /// `lease` is renewed every third of itself while a send runs
+    /// ([`Idempotency::keep_alive`]), so it only has to outlast a pause of
+    /// the holder; a crashed holder's claim frees after it.
     pub fn new(
         redis: ConnectionManager,
         key_prefix: &str,
@@ -99,14 +139,18 @@ impl Idempotency {
             scripts: Scripts {
                 // One round trip whether or not the claim is free.
                 claim: redis::Script::new(&format!(
-                    "{}return claim(KEYS[1], ARGV[1], ARGV[2])",
+                    "{}return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])",
                     claim_lua()
                 )),
                 extend: redis::Script::new(
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
                 ),
+                // ARGV[2] = 1 keeps the attempt marker: the send may have landed.
                 release: redis::Script::new(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+                    "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '1' then redis.call('DEL', KEYS[2]) end
+return 1",
                 ),
             },
         }
@@ -121,10 +165,11 @@ impl Idempotency {
     /// [`Idempotency::claim`] or together with a rate-limit slot
     /// ([`super::limit::RateLimiter::claim_and_acquire`]).
     pub fn ticket(&self, event_id: &str, target_key: &str) -> ClaimTicket {
+        let key = self.key(event_id, target_key);
         ClaimTicket {
-            key: self.key(event_id, target_key),
+            marker: format!("{key}:attempt"),
+            key,
             value: claim_value(),
-            taken_at: std::time::Instant::now(),
         }
     }
 
@@ -140,10 +185,11 @@ impl Idempotency {
     ) -> Result<Claim, redis::RedisError> {
         let ticket = self.ticket(event_id, target_key);
         let mut redis = self.redis.clone();
-        let answer: i64 = self
+        let answer: (i64, i64) = self
             .scripts
             .claim
             .key(&ticket.key)
+            .key(&ticket.marker)
             .arg(&ticket.value)
             .arg(millis(self.lease))
             .invoke_async(&mut redis)
@@ -154,22 +200,22 @@ impl Idempotency {
     /// Records the send as done for the configured retention.
     pub async fn complete(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
         let mut redis = self.redis.clone();
-        redis::cmd("SET")
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
             .arg(&ticket.key)
             .arg(DONE)
             .arg("PX")
             .arg(millis(self.done_ttl))
+            .ignore()
+            .del(&ticket.marker)
+            .ignore()
             .query_async::<()>(&mut redis)
             .await
     }
 
-    /// Renews the lease of a claim that is still ours, before a step that may take long.
-    pub async fn extend(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
-        // The lease covers one whole send plus 2 s, so a step that starts
-        // within a second of the claim cannot outlive it: skip the round trip.
-        if ticket.taken_at.elapsed() < std::time::Duration::from_secs(1) {
-            return Ok(());
-        }
+    /// Renews the lease of a claim that is still ours; false if it is not.
+    pub async fn extend(&self, ticket: &ClaimTicket) -> Result<bool, redis::RedisError> {
         let mut redis = self.redis.clone();
         self.scripts
             .extend
@@ -178,19 +224,67 @@ impl Idempotency {
             .arg(millis(self.lease))
             .invoke_async::<i64>(&mut redis)
             .await
-            .map(|_| ())
+            .map(|renewed| renewed == 1)
     }
 
-    /// Gives the claim back (only if still ours), so a later attempt may send.
-    pub async fn release(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
+    /// Renews the claim every third of its lease until the returned guard
+    /// is dropped: the holder keeps it however long the send takes, and a
+    /// holder that dies stops renewing.
+    pub fn keep_alive(&self, ticket: &ClaimTicket) -> LeaseKeeper {
+        let this = self.clone();
+        let ticket = ticket.clone();
+        let every = (self.lease / 3).max(Duration::from_millis(100));
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match this.extend(&ticket).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            key = %ticket.key,
+                            "lost an idempotency claim while sending (the worker stalled longer than delivery.claim_lease); another worker may send it too"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot renew an idempotency claim"),
+                }
+            }
+        });
+        LeaseKeeper { task }
+    }
+
+    /// Gives the claim back (only if still ours), so a later attempt may
+    /// send. `may_have_sent`: the send failed in a way that may still have
+    /// delivered it (a timeout, a 5xx), so the attempt marker stays and the
+    /// next holder looks for the message first.
+    pub async fn release(
+        &self,
+        ticket: &ClaimTicket,
+        may_have_sent: bool,
+    ) -> Result<(), redis::RedisError> {
         let mut redis = self.redis.clone();
         self.scripts
             .release
             .key(&ticket.key)
+            .key(&ticket.marker)
             .arg(&ticket.value)
+            .arg(if may_have_sent { "1" } else { "0" })
             .invoke_async::<i64>(&mut redis)
             .await
             .map(|_| ())
+    }
+}
+
+/// Renews a claim in the background while it lives (see [`Idempotency::keep_alive`]).
+pub struct LeaseKeeper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -18,22 +18,25 @@ use crate::config::SlackSettings;
 const SAFETY_MARGIN: f64 = 0.95;
 
 /// Checks both buckets and the pause; takes a slot from both only if all allow.
-/// Returns 0 when granted, else the milliseconds to wait before asking again.
+/// Answers `{claim, claim_ms, wait}`: `wait` is 0 when granted, else the
+/// milliseconds to wait before asking again; `claim` and `claim_ms` are the
+/// claim's answer (`{0, 0}` without a claim).
 ///
-/// With a fourth key it first claims that idempotency record
-/// ([`claim_lua`]; ARGV[5] the claim's value, ARGV[6] its lease), so the
-/// first attempt of a post costs one round trip instead of two: -1 means the
-/// record says `done`, -2 that another worker holds it; otherwise the claim
-/// is ours, whatever the buckets say.
+/// With a fourth and fifth key it first claims that idempotency record
+/// (and its attempt marker; [`claim_lua`]; ARGV[5] the claim's value, ARGV[6]
+/// its lease), so the first attempt of a post costs one round trip instead
+/// of two. A negative `claim` is the claim's whole answer (done, or held
+/// elsewhere); otherwise the claim is ours, whatever the buckets say.
 const GCRA: &str = r#"
+local claimed = {0, 0}
 if KEYS[4] then
-  local claimed = claim(KEYS[4], ARGV[5], ARGV[6])
-  if claimed ~= 0 then return claimed end
+  claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6])
+  if claimed[1] < 0 then return {claimed[1], claimed[2], 0} end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
-if paused_until > now then return paused_until - now end
+if paused_until > now then return {claimed[1], claimed[2], paused_until - now} end
 local wait = 0
 local tats = {}
 for i = 1, 2 do
@@ -45,12 +48,12 @@ for i = 1, 2 do
   if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
   tats[i] = {tat + interval, tolerance}
 end
-if wait > 0 then return wait end
+if wait > 0 then return {claimed[1], claimed[2], wait} end
 for i = 1, 2 do
   local new_tat = tats[i][1]
   redis.call('SET', KEYS[i], new_tat, 'PX', math.max(1, new_tat - now + tats[i][2]) + 1000)
 end
-return 0
+return {claimed[1], claimed[2], 0}
 "#;
 
 /// Records a `Retry-After` pause, never shortening a longer one.
@@ -119,7 +122,7 @@ impl RateLimiter {
         channel: &str,
     ) -> Result<Option<Duration>, redis::RedisError> {
         let mut redis = self.redis.clone();
-        let wait_ms: u64 = self
+        let (_, _, wait_ms): (i64, i64, u64) = self
             .gcra
             .key(self.key(workspace, Some(channel), "rate"))
             .key(self.key(workspace, None, "rate"))
@@ -145,12 +148,13 @@ impl RateLimiter {
         lease_ms: u64,
     ) -> Result<(Claim, Option<Duration>), redis::RedisError> {
         let mut redis = self.redis.clone();
-        let answer: i64 = self
+        let (claim, claim_ms, wait_ms): (i64, i64, i64) = self
             .gcra
             .key(self.key(workspace, Some(channel), "rate"))
             .key(self.key(workspace, None, "rate"))
             .key(self.key(workspace, Some(channel), "pause"))
             .key(ticket.key())
+            .key(ticket.marker())
             .arg(self.channel.interval_ms)
             .arg(self.channel.tolerance_ms)
             .arg(self.workspace.interval_ms)
@@ -159,13 +163,10 @@ impl RateLimiter {
             .arg(lease_ms)
             .invoke_async(&mut redis)
             .await?;
-        // Negative: the claim's answer; otherwise the claim is ours and this is the wait.
-        Ok(if answer < 0 {
-            (Claim::from_script(answer, ticket), None)
-        } else {
-            let wait = (answer > 0).then(|| Duration::from_millis(answer.unsigned_abs()));
-            (Claim::from_script(0, ticket), wait)
-        })
+        // The wait only counts when the claim is ours.
+        let wait =
+            (claim >= 0 && wait_ms > 0).then(|| Duration::from_millis(wait_ms.unsigned_abs()));
+        Ok((Claim::from_script((claim, claim_ms), ticket), wait))
     }
 
     /// Makes every replica hold off `channel` for `retry_after` (after a 429).

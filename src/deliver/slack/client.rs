@@ -44,13 +44,22 @@ pub struct SlackError {
 }
 
 impl SlackError {
-    fn new(method: &'static str, code: impl Into<String>, failure: SlackFailure) -> SlackError {
+    pub(crate) fn new(
+        method: &'static str,
+        code: impl Into<String>,
+        failure: SlackFailure,
+    ) -> SlackError {
         SlackError {
             method,
             code: code.into(),
             detail: None,
             failure,
         }
+    }
+
+    pub(crate) fn with_detail(mut self, detail: String) -> SlackError {
+        self.detail = Some(detail);
+        self
     }
 
     pub fn is_transient(&self) -> bool {

@@ -36,6 +36,12 @@ pub struct RenderContext<'a> {
     /// Only the notification text and metadata, no layout: for a second try
     /// after Slack refused the blocks (`invalid_blocks` and the like).
     pub plain_text: bool,
+    /// No message metadata: for a second try after Slack refused it
+    /// (`invalid_metadata_*`, `metadata_too_large`).
+    pub without_metadata: bool,
+    /// The target as routed (`slack_channel:#payments`), carried in the
+    /// metadata so a lost post can be recognised for its target.
+    pub target: &'a str,
 }
 
 /// The `chat.postMessage` body for one event. Typed rather than a
@@ -50,7 +56,8 @@ pub struct Message<'a> {
     pub blocks: Vec<Block<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Attachment>,
-    pub metadata: Metadata<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata<'a>>,
     pub unfurl_links: bool,
     pub unfurl_media: bool,
 }
@@ -161,6 +168,7 @@ pub struct Metadata<'a> {
 pub struct MetadataPayload<'a> {
     pub event_id: &'a str,
     pub rule: &'a str,
+    pub target: &'a str,
 }
 
 /// The `chat.postMessage` fields for one event, without `channel`.
@@ -291,13 +299,14 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
                 elements: vec![TextObject::mrkdwn(truncate(&context_line, SECTION_LIMIT))],
             }],
         }],
-        metadata: Metadata {
+        metadata: (!context.without_metadata).then(|| Metadata {
             event_type: METADATA_EVENT_TYPE,
             event_payload: MetadataPayload {
                 event_id: &event.id,
                 rule: context.rule.unwrap_or(""),
+                target: context.target,
             },
-        },
+        }),
         unfurl_links: false,
         unfurl_media: false,
     };

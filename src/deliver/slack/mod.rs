@@ -1,5 +1,6 @@
 //! Slack: the Web API client, message rendering and workspace tokens.
 
+pub mod channels;
 pub mod client;
 pub mod message;
 pub mod tokens;

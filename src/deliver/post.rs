@@ -1,0 +1,638 @@
+//! Step 2 of a delivery: one Slack target claimed, paced, posted, and Slack's answer followed.
+//!
+//! The claim (idempotency) and the first rate-limit slot are one Redis
+//! round trip. The claim is renewed while the post runs, so a crashed
+//! worker's claim frees within `delivery.claim_lease`; a claim held by a
+//! live peer is a wait, never a failed attempt. A claim left by a holder that
+//! vanished mid-send is checked against the channel's history first, so a
+//! post Slack accepted just before a crash is recorded, not repeated.
+//!
+//! Every failure goes through [`policy::next_step`]; this file only carries
+//! the steps out.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::fallback::{PendingEmail, fallback_addresses};
+use super::idempotency::ClaimTicket;
+use super::policy::{self, Method, Step, TargetKind, Tried};
+use super::resolve::{Action, Resolved, SlackDestination};
+use super::slack::channels::{Destination, Resolution};
+use super::slack::message::{RenderContext, render};
+use super::slack::tokens::WorkspaceToken;
+use super::slack::{Body, SlackError, SlackFailure, honoured_retry_after};
+use super::{
+    Deliverer, SlackUnavailable, TargetReport, TargetStatus, claim_status, failed, redis_failure,
+    report,
+};
+use crate::event::Event;
+
+/// What the Slack phase did with one target.
+pub(super) enum SlackResult<'a> {
+    Done(TargetReport),
+    NeedsEmail(PendingEmail<'a>),
+}
+
+/// Why a post did not go out.
+enum PostFailure {
+    /// Slack cannot take it: fall back to email.
+    Unavailable(SlackUnavailable),
+    /// Slack asked to wait longer than a delivery may be held: try later.
+    Deferred(Duration),
+}
+
+/// Whether a post attempt still has to ask for a rate-limit slot.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Ask,
+    /// Taken together with the claim.
+    Taken,
+    /// Asked together with the claim: none free for this long.
+    WaitFor(Duration),
+}
+
+/// One `chat.postMessage` call's failure.
+enum AttemptFailure {
+    Slack(SlackError),
+    Deferred(Duration),
+}
+
+/// The most steps one target may take (each recovery is tried once; this
+/// only guards against a policy change that would loop).
+const MAX_STEPS: usize = 12;
+/// How far before the lost attempt's claim the history search starts
+/// (clock differences between Redis and Slack).
+const HISTORY_SLACK: Duration = Duration::from_secs(60);
+
+impl Deliverer {
+    /// Claims a Slack target and posts it, following Slack's answers.
+    pub(super) async fn slack_phase<'a>(
+        &self,
+        event: &Event,
+        target: &Resolved<'a>,
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+        default_channel: Option<&str>,
+    ) -> SlackResult<'a> {
+        let routed = target.routed;
+        let (destination, token) = match (&target.action, token) {
+            (Action::Fail { detail, retryable }, _) => {
+                return SlackResult::Done(failed(&routed.target, detail.clone(), *retryable));
+            }
+            (Action::Wait(wait), _) => {
+                info!(target = %routed.target, ?wait, "slack asked to wait; deferring");
+                return SlackResult::Done(report(
+                    &routed.target,
+                    TargetStatus::Deferred { wait: *wait },
+                ));
+            }
+            (Action::Email { addresses, reason }, _) => {
+                let ticket: Option<ClaimTicket> =
+                    if matches!(routed.target, crate::event::Target::Email(_)) {
+                        None
+                    } else {
+                        match self.idempotency.claim(&event.id, &target.key).await {
+                            Ok(claim) => match claim_status(claim, &target.key) {
+                                Ok((ticket, _)) => Some(ticket),
+                                Err(status) => {
+                                    return SlackResult::Done(report(&routed.target, status));
+                                }
+                            },
+                            Err(e) => {
+                                return SlackResult::Done(report(&routed.target, redis_failure(&e)));
+                            }
+                        }
+                    };
+                return SlackResult::NeedsEmail(PendingEmail {
+                    routed,
+                    _lease: ticket.as_ref().map(|t| self.idempotency.keep_alive(t)),
+                    ticket,
+                    addresses: addresses.clone(),
+                    reason: reason.clone(),
+                    // Only the email can fail an email target; for a Slack
+                    // target that falls back, Slack may come back.
+                    transient: !matches!(routed.target, crate::event::Target::Email(_)),
+                    may_have_sent: false,
+                });
+            }
+            (Action::Slack(destination), Ok(token)) => (destination, token),
+            (Action::Slack(_), Err(unavailable)) => {
+                return SlackResult::Done(failed(
+                    &routed.target,
+                    unavailable.reason.clone(),
+                    unavailable.transient,
+                ));
+            }
+        };
+
+        // The claim and the first rate-limit slot in one round trip.
+        let claimed = self
+            .limiter
+            .claim_and_acquire(
+                &token.workspace,
+                &destination.channel,
+                self.idempotency.ticket(&event.id, &target.key),
+                self.idempotency.lease_ms(),
+            )
+            .await;
+        let (ticket, lost_attempt, first_wait) = match claimed {
+            Ok((claim, wait)) => match claim_status(claim, &target.key) {
+                Ok((ticket, lost_attempt)) => (ticket, lost_attempt, wait),
+                Err(status) => return SlackResult::Done(report(&routed.target, status)),
+            },
+            Err(e) => return SlackResult::Done(report(&routed.target, redis_failure(&e))),
+        };
+        // Renewed while this target is in hand; a crash stops the renewals.
+        let lease = self.idempotency.keep_alive(&ticket);
+
+        if let Some(since_ms) = lost_attempt {
+            match self
+                .find_lost_post(
+                    event,
+                    &routed.target.to_string(),
+                    destination,
+                    token,
+                    since_ms,
+                )
+                .await
+            {
+                Ok(Some(landed)) => {
+                    self.complete(&ticket, &routed.target).await;
+                    info!(target = %routed.target, to = %landed, "a worker that crashed had posted this; recorded, not posted again");
+                    return SlackResult::Done(report(
+                        &routed.target,
+                        TargetStatus::Delivered { to: landed },
+                    ));
+                }
+                Ok(None) => {}
+                Err(wait) => {
+                    self.release(&ticket, true).await;
+                    return SlackResult::Done(report(
+                        &routed.target,
+                        TargetStatus::Deferred { wait },
+                    ));
+                }
+            }
+        }
+
+        let first_slot = match first_wait {
+            None => Slot::Taken,
+            Some(wait) => Slot::WaitFor(wait),
+        };
+        let mut may_have_sent = false;
+        let outcome = self
+            .post(
+                event,
+                &routed.target.to_string(),
+                routed.rule.as_deref(),
+                destination,
+                token,
+                default_channel,
+                first_slot,
+                &mut may_have_sent,
+            )
+            .await;
+        match outcome {
+            Ok(to) => {
+                self.complete(&ticket, &routed.target).await;
+                info!(target = %routed.target, to = %to, "delivered");
+                SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
+            }
+            Err(PostFailure::Deferred(wait)) => {
+                self.release(&ticket, may_have_sent).await;
+                info!(target = %routed.target, ?wait, "rate limited; deferring");
+                SlackResult::Done(report(&routed.target, TargetStatus::Deferred { wait }))
+            }
+            Err(PostFailure::Unavailable(unavailable)) => {
+                warn!(target = %routed.target, reason = %unavailable.reason, "slack cannot take it; falling back to email");
+                SlackResult::NeedsEmail(PendingEmail {
+                    routed,
+                    ticket: Some(ticket),
+                    addresses: fallback_addresses(event, routed),
+                    reason: Some(unavailable.reason),
+                    transient: unavailable.transient,
+                    may_have_sent,
+                    _lease: Some(lease),
+                })
+            }
+        }
+    }
+
+    /// Posts to the destination, following [`policy::next_step`] until the
+    /// post lands or there is nothing left to try; returns where it landed.
+    #[allow(clippy::too_many_arguments)]
+    async fn post(
+        &self,
+        event: &Event,
+        target: &str,
+        rule: Option<&str>,
+        destination: &SlackDestination,
+        token: &WorkspaceToken,
+        default_channel: Option<&str>,
+        first_slot: Slot,
+        may_have_sent: &mut bool,
+    ) -> Result<String, PostFailure> {
+        let mut token = token.clone();
+        let mut channel = destination.channel.clone();
+        let mut tried = destination.tried();
+        let mut plain_text = false;
+        let mut without_metadata = false;
+        let mut rerouted_from: Option<String> = None;
+        let mut slot = first_slot;
+        let mut waited = Duration::ZERO;
+        // The first failure that sent the post elsewhere, for the final reason.
+        let mut first_error: Option<SlackError> = None;
+        let mut pending_error = if destination.missing {
+            // The name exists nowhere the bot can see: as if Slack said so.
+            Some(SlackError::new(
+                "chat.postMessage",
+                "channel_not_found",
+                SlackFailure::Destination,
+            ))
+        } else {
+            None
+        };
+
+        for _ in 0..MAX_STEPS {
+            let error = match pending_error.take() {
+                Some(error) => error,
+                None => {
+                    let context = RenderContext {
+                        rule,
+                        rerouted_from: rerouted_from.as_deref(),
+                        plain_text,
+                        without_metadata,
+                        target,
+                    };
+                    match self
+                        .post_once(event, &context, &channel, &token, slot, &mut waited)
+                        .await
+                    {
+                        Ok(landed) => return Ok(landed),
+                        Err(AttemptFailure::Deferred(wait)) => {
+                            return Err(PostFailure::Deferred(wait));
+                        }
+                        Err(AttemptFailure::Slack(error)) => error,
+                    }
+                }
+            };
+            slot = Slot::Ask;
+            if may_have_landed(&error) {
+                *may_have_sent = true;
+            }
+            let step = policy::next_step(Method::PostMessage, destination.kind, &error, tried);
+            match step {
+                Step::Wait(wait) => return Err(PostFailure::Deferred(wait)),
+                Step::RefreshToken => {
+                    tried.refreshed_token = true;
+                    match self.tokens.refresh(&token).await {
+                        Ok(fresh) => token = fresh,
+                        Err(e) => {
+                            return Err(PostFailure::Unavailable(SlackUnavailable {
+                                reason: format!("Slack cannot take it: {error}, and {e}"),
+                                transient: e.is_transient(),
+                            }));
+                        }
+                    }
+                }
+                Step::JoinAndPost => {
+                    tried.joined = true;
+                    if let Err(join_error) = self.join(&channel, &token).await {
+                        warn!(channel, error = %join_error, "cannot join the channel");
+                        match policy::next_step(Method::Join, destination.kind, &join_error, tried)
+                        {
+                            Step::Wait(wait) => return Err(PostFailure::Deferred(wait)),
+                            Step::PostToDefaultChannel => {
+                                // Reroute for the post's error, naming why.
+                                pending_error = Some(SlackError::new(
+                                    "chat.postMessage",
+                                    error.code.clone(),
+                                    SlackFailure::Destination,
+                                ));
+                                tried.joined = true;
+                                tried.have_channel_id = false;
+                            }
+                            _ => return Err(unavailable(&join_error)),
+                        }
+                    }
+                }
+                Step::ResolveAgain => {
+                    tried.resolved_again = true;
+                    let name = destination.name.as_deref().unwrap_or_default();
+                    match self.channels.resolve_again(&token, name, &channel).await {
+                        Ok(Resolution::Id(id)) => {
+                            info!(name, old = %channel, new = %id, "the channel's id changed; posting to the new one");
+                            channel = id;
+                        }
+                        Ok(_) => pending_error = Some(error.clone()),
+                        Err(e) => {
+                            warn!(name, error = %e, "cannot resolve the channel name again");
+                            pending_error = Some(error.clone());
+                        }
+                    }
+                }
+                Step::PostToDefaultChannel => {
+                    let Some(default) = self.default_channel_id(&token, default_channel).await
+                    else {
+                        return Err(unavailable(&error));
+                    };
+                    if default == channel {
+                        return Err(unavailable(&error));
+                    }
+                    warn!(channel, default, error = %error, "rerouting to the default channel");
+                    rerouted_from = Some(format!("{target} ({})", error.code));
+                    first_error.get_or_insert(error);
+                    channel = default;
+                    // A fresh start at the new channel, keeping what is not about the channel.
+                    tried = Tried {
+                        at_default_channel: true,
+                        refreshed_token: tried.refreshed_token,
+                        plain_text: tried.plain_text,
+                        without_metadata: tried.without_metadata,
+                        ..SlackDestination {
+                            channel: channel.clone(),
+                            kind: TargetKind::Channel,
+                            name: None,
+                            missing: false,
+                        }
+                        .tried()
+                    };
+                }
+                Step::PostPlainText => {
+                    warn!(channel, error = %error, "slack refused the message layout; posting plain text");
+                    tried.plain_text = true;
+                    plain_text = true;
+                }
+                Step::PostWithoutMetadata => {
+                    warn!(channel, error = %error, "slack refused the message metadata; posting without it");
+                    tried.without_metadata = true;
+                    without_metadata = true;
+                }
+                Step::EmailPerson
+                | Step::SlackUnavailable { .. }
+                | Step::PostByName
+                | Step::PostWithoutCheck => {
+                    if error.failure == SlackFailure::Workspace {
+                        self.tokens.invalidate(&token.workspace);
+                    }
+                    let error = match first_error {
+                        Some(first) if tried.at_default_channel => {
+                            return Err(PostFailure::Unavailable(SlackUnavailable {
+                                reason: format!(
+                                    "Slack cannot take it: {first}; the default channel neither: {error}"
+                                ),
+                                transient: error.is_transient(),
+                            }));
+                        }
+                        _ => error,
+                    };
+                    return Err(unavailable(&error));
+                }
+            }
+        }
+        Err(PostFailure::Unavailable(SlackUnavailable {
+            reason: "Slack cannot take it: too many steps".into(),
+            transient: true,
+        }))
+    }
+
+    /// One `chat.postMessage` through the shared rate limit. Waits inline up
+    /// to `max_rate_limit_wait` in all (`waited` carries the total across
+    /// calls); a 429 pauses the channel for every replica and goes back to
+    /// waiting for a slot.
+    async fn post_once(
+        &self,
+        event: &Event,
+        context: &RenderContext<'_>,
+        channel: &str,
+        token: &WorkspaceToken,
+        first_slot: Slot,
+        waited: &mut Duration,
+    ) -> Result<String, AttemptFailure> {
+        let payload = render(event, context).to(channel).to_json();
+        let mut slot = first_slot;
+        loop {
+            let acquired = match std::mem::replace(&mut slot, Slot::Ask) {
+                Slot::Taken => Ok(None),
+                Slot::WaitFor(wait) => Ok(Some(wait)),
+                Slot::Ask => self.limiter.try_acquire(&token.workspace, channel).await,
+            };
+            match acquired {
+                Ok(None) => {}
+                Ok(Some(wait)) if *waited + wait <= self.max_rate_limit_wait => {
+                    tokio::time::sleep(wait).await;
+                    *waited += wait;
+                    continue;
+                }
+                Ok(Some(wait)) => return Err(AttemptFailure::Deferred(wait)),
+                // Slack's own 429 still protects the channel; do not stall on Redis.
+                Err(e) => warn!(error = %e, "cannot check the shared rate limit; posting anyway"),
+            }
+            let result = self
+                .slack
+                .call_leaving_rate_limits(
+                    "chat.postMessage",
+                    Some(&token.access_token),
+                    &Body::JsonBytes(&payload),
+                )
+                .await;
+            match result {
+                Ok(reply) => {
+                    let landed = reply
+                        .get("channel")
+                        .and_then(Value::as_str)
+                        .unwrap_or(channel);
+                    return Ok(format!("slack:{landed}"));
+                }
+                Err(e) if e.code == "ratelimited" => {
+                    let pause = e
+                        .retry_after()
+                        .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1)));
+                    warn!(
+                        channel,
+                        ?pause,
+                        "slack rate-limited the channel; pausing it for every replica"
+                    );
+                    if let Err(redis) = self.limiter.pause(&token.workspace, channel, pause).await {
+                        warn!(error = %redis, "cannot record the pause in Redis");
+                    }
+                    if *waited + pause > self.max_rate_limit_wait {
+                        return Err(AttemptFailure::Deferred(pause));
+                    }
+                    // Wait here too: the shared pause may not have been recorded.
+                    tokio::time::sleep(pause).await;
+                    *waited += pause;
+                }
+                Err(e) => return Err(AttemptFailure::Slack(e)),
+            }
+        }
+    }
+
+    /// `conversations.join` for a public channel id.
+    async fn join(&self, channel: &str, token: &WorkspaceToken) -> Result<(), SlackError> {
+        let body = serde_json::json!({ "channel": channel });
+        self.slack
+            .call(
+                "conversations.join",
+                Some(&token.access_token),
+                &Body::Json(&body),
+            )
+            .await?;
+        info!(channel, "joined the channel to post in it");
+        Ok(())
+    }
+
+    /// The default channel's id (or `#name` when names cannot be listed).
+    async fn default_channel_id(
+        &self,
+        token: &WorkspaceToken,
+        default_channel: Option<&str>,
+    ) -> Option<String> {
+        let default = default_channel?;
+        match Destination::parse(default) {
+            Destination::ChannelId(id) | Destination::User(id) => Some(id),
+            Destination::Name(name) => match self.channels.resolve(token, &name).await {
+                Ok(Resolution::Id(id)) => Some(id),
+                Ok(Resolution::ByName(name)) => Some(format!("#{name}")),
+                Ok(Resolution::NotFound) => {
+                    warn!(
+                        channel = default,
+                        "the default channel does not exist (or the bot cannot see it)"
+                    );
+                    None
+                }
+                // Posting by name still works while the listing does not.
+                Err(e) => {
+                    warn!(channel = default, error = %e, "cannot resolve the default channel; posting by name");
+                    Some(format!("#{name}"))
+                }
+            },
+        }
+    }
+
+    /// Looks for the post a vanished holder may have made for this event and
+    /// target since `since_ms`: `Ok(Some(where))` when Slack has it,
+    /// `Ok(None)` when it does not (or cannot tell: then posting is the
+    /// lesser harm), `Err(wait)` when Slack asks to wait first.
+    async fn find_lost_post(
+        &self,
+        event: &Event,
+        target: &str,
+        destination: &SlackDestination,
+        token: &WorkspaceToken,
+        since_ms: u64,
+    ) -> Result<Option<String>, Duration> {
+        let on_error = |method: Method, e: &SlackError| -> Result<Option<String>, Duration> {
+            match policy::next_step(method, destination.kind, e, Tried::default()) {
+                Step::Wait(wait) => Err(wait),
+                _ => {
+                    warn!(target, error = %e, "cannot check whether a crashed worker had posted this; posting (a duplicate is possible)");
+                    Ok(None)
+                }
+            }
+        };
+        let conversation = match Destination::parse(&destination.channel) {
+            Destination::ChannelId(id) => id,
+            Destination::User(user) => {
+                let body = serde_json::json!({ "users": user });
+                match self
+                    .slack
+                    .call(
+                        "conversations.open",
+                        Some(&token.access_token),
+                        &Body::Json(&body),
+                    )
+                    .await
+                {
+                    Ok(reply) => match reply.pointer("/channel/id").and_then(Value::as_str) {
+                        Some(id) => id.to_string(),
+                        None => return Ok(None),
+                    },
+                    Err(e) => return on_error(Method::Open, &e),
+                }
+            }
+            // A name the app may not resolve: history needs an id.
+            Destination::Name(_) => return Ok(None),
+        };
+        let oldest = since_ms.saturating_sub(HISTORY_SLACK.as_millis() as u64);
+        let oldest = format!("{}.{:03}000", oldest / 1000, oldest % 1000);
+        let form = [
+            ("channel", conversation.as_str()),
+            ("oldest", oldest.as_str()),
+            ("include_all_metadata", "true"),
+            ("limit", "100"),
+        ];
+        let reply = match self
+            .slack
+            .call(
+                "conversations.history",
+                Some(&token.access_token),
+                &Body::Form(&form),
+            )
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => return on_error(Method::History, &e),
+        };
+        let found = reply
+            .get("messages")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|message| {
+                let payload = message.pointer("/metadata/event_payload");
+                message
+                    .pointer("/metadata/event_type")
+                    .and_then(Value::as_str)
+                    == Some(super::slack::message::METADATA_EVENT_TYPE)
+                    && payload
+                        .and_then(|p| p.get("event_id"))
+                        .and_then(Value::as_str)
+                        == Some(event.id.as_str())
+                    && payload
+                        .and_then(|p| p.get("target"))
+                        .and_then(Value::as_str)
+                        .is_none_or(|t| t == target)
+            });
+        Ok(found.then(|| format!("slack:{conversation}")))
+    }
+
+    pub(super) async fn complete(&self, ticket: &ClaimTicket, target: &crate::event::Target) {
+        for pause in [0, 50, 200] {
+            // No sleep before the first try: even a zero sleep waits for the next timer tick.
+            if pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            match self.idempotency.complete(ticket).await {
+                Ok(()) => return,
+                Err(e) if pause == 200 => {
+                    warn!(%target, error = %e, "sent, but could not record it in Redis; a redelivery will look for the post before sending again");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    pub(super) async fn release(&self, ticket: &ClaimTicket, may_have_sent: bool) {
+        if let Err(e) = self.idempotency.release(ticket, may_have_sent).await {
+            warn!(error = %e, "could not release an idempotency claim; it expires by itself");
+        }
+    }
+}
+
+/// Whether a failed post may still have been accepted: the request left and
+/// the answer was lost, or Slack said it "may have partly succeeded".
+fn may_have_landed(error: &SlackError) -> bool {
+    matches!(
+        error.code.as_str(),
+        "timeout" | "network_error" | "fatal_error" | "internal_error"
+    ) || error.code.starts_with("http_5")
+}
+
+fn unavailable(error: &SlackError) -> PostFailure {
+    PostFailure::Unavailable(SlackUnavailable {
+        reason: format!("Slack cannot take it: {error}"),
+        transient: error.is_transient(),
+    })
+}

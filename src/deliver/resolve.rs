@@ -1,0 +1,305 @@
+//! Step 1 of a delivery: each routed target to a destination and an identity.
+//!
+//! A Slack channel is known by its **id** from here on: `#payments` is
+//! resolved (through the shared channel map) before anything is keyed by
+//! channel, so idempotency records, rate-limit buckets, 429 pauses and
+//! "is this the default channel" all agree whichever way a rule names it.
+//! An email is turned into the Slack user it belongs to.
+
+use serde_json::Value;
+use tracing::warn;
+
+use super::policy::{self, Method, Step, TargetKind, Tried};
+use super::slack::channels::{Destination, Resolution};
+use super::slack::tokens::WorkspaceToken;
+use super::slack::{Body, SlackError, SlackFailure};
+use super::{Deliverer, SlackUnavailable};
+use crate::event::{Event, Target};
+use crate::rules::RoutedTarget;
+
+/// A target after lookups: what to do with it.
+pub(super) struct Resolved<'a> {
+    pub routed: &'a RoutedTarget,
+    /// Identity for idempotency, e.g. `slack:T1:C0PAY`.
+    pub key: String,
+    /// Who it reaches, for de-duplication within the event (`#payments` and
+    /// `C0PAY`, or a `slack_email` and a `slack_user`, can be the same).
+    pub dedupe: String,
+    pub action: Action,
+}
+
+pub(super) enum Action {
+    /// Post with `chat.postMessage`.
+    Slack(SlackDestination),
+    /// Email these addresses; `reason` says why it is not Slack (None: routed to email).
+    Email {
+        addresses: Vec<String>,
+        reason: Option<String>,
+    },
+    /// Cannot be sent now.
+    Fail { detail: String, retryable: bool },
+    /// Wait this long (a rate-limited lookup), then try the event again.
+    Wait(std::time::Duration),
+}
+
+/// Where a Slack target's post goes.
+#[derive(Debug, Clone)]
+pub(super) struct SlackDestination {
+    /// `channel` for `chat.postMessage`: a conversation id, a user id, or
+    /// `#name` when the app may not list channels.
+    pub channel: String,
+    pub kind: TargetKind,
+    /// The name the id was resolved from (`payments`), if any.
+    pub name: Option<String>,
+    /// No channel of that name exists for the bot: straight to the default channel.
+    pub missing: bool,
+}
+
+impl SlackDestination {
+    /// The policy's view of what is known before the first post.
+    pub fn tried(&self) -> Tried {
+        let by_id = matches!(Destination::parse(&self.channel), Destination::ChannelId(_));
+        Tried {
+            have_channel_id: by_id,
+            resolved_from_name: by_id && self.name.is_some(),
+            ..Tried::default()
+        }
+    }
+}
+
+impl Deliverer {
+    pub(super) async fn resolve<'a>(
+        &self,
+        event: &Event,
+        routed: &'a RoutedTarget,
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+    ) -> Resolved<'a> {
+        let fallback = |reason: String| Action::Email {
+            addresses: super::fallback::fallback_addresses(event, routed),
+            reason: Some(reason),
+        };
+        // The same identity with or without a usable token, so a target that
+        // was emailed during an outage is not posted again once Slack is back.
+        let ws = self
+            .tokens
+            .workspace_for(event.workspace.as_deref())
+            .unwrap_or("default");
+        // Who the target turns out to be, when that differs from its key.
+        let mut dedupe = None;
+        let (key, action) = match &routed.target {
+            Target::Email(address) => (
+                format!("email:{}", address.to_lowercase()),
+                Action::Email {
+                    addresses: vec![address.clone()],
+                    reason: None,
+                },
+            ),
+            Target::Assignee => (
+                "assignee:unresolved".to_string(),
+                fallback("the event's assignee has no Slack user id or email".into()),
+            ),
+            Target::SlackUser(user) => {
+                let key = format!("slack:{ws}:{user}");
+                let action = match token {
+                    Ok(_) => Action::Slack(SlackDestination {
+                        channel: user.clone(),
+                        kind: TargetKind::Person,
+                        name: None,
+                        missing: false,
+                    }),
+                    Err(unavailable) => fallback(unavailable.reason.clone()),
+                };
+                (key, action)
+            }
+            Target::SlackChannel(channel) => match Destination::parse(channel) {
+                Destination::ChannelId(id) | Destination::User(id) => {
+                    let kind = if matches!(Destination::parse(channel), Destination::User(_)) {
+                        TargetKind::Person
+                    } else {
+                        TargetKind::Channel
+                    };
+                    let action = match token {
+                        Ok(_) => Action::Slack(SlackDestination {
+                            channel: id.clone(),
+                            kind,
+                            name: None,
+                            missing: false,
+                        }),
+                        Err(unavailable) => fallback(unavailable.reason.clone()),
+                    };
+                    (format!("slack:{ws}:{id}"), action)
+                }
+                Destination::Name(name) => self.resolve_name(ws, &name, token, &fallback).await,
+            },
+            // Keyed by the address on every path (lookup or not), so a person
+            // emailed during an outage is not also messaged once Slack is back.
+            Target::SlackEmail(address) => {
+                let key = format!("slack:{ws}:email:{}", address.to_lowercase());
+                let action = match token {
+                    Err(unavailable) => fallback(unavailable.reason.clone()),
+                    Ok(token) => match self.lookup_user(token, address).await {
+                        Ok(user) => {
+                            dedupe = Some(format!("slack:{ws}:{user}"));
+                            Action::Slack(SlackDestination {
+                                channel: user,
+                                kind: TargetKind::Person,
+                                name: None,
+                                missing: false,
+                            })
+                        }
+                        Err(e) => {
+                            let tried = Tried::default();
+                            match policy::next_step(
+                                Method::LookupByEmail,
+                                TargetKind::Person,
+                                &e,
+                                tried,
+                            ) {
+                                Step::EmailPerson => Action::Email {
+                                    addresses: vec![address.clone()],
+                                    reason: Some(format!("no Slack user has the email {address}")),
+                                },
+                                Step::Wait(wait) => Action::Wait(wait),
+                                _ => {
+                                    if matches!(e.failure, SlackFailure::Workspace) {
+                                        self.tokens.invalidate(&token.workspace);
+                                    }
+                                    fallback(format!("Slack is unavailable: {e}"))
+                                }
+                            }
+                        }
+                    },
+                };
+                (key, action)
+            }
+        };
+        let action = match action {
+            Action::Email { addresses, .. } if addresses.is_empty() => Action::Fail {
+                detail: "Slack cannot take it and there is no email address to fall back to; set `email` on the rule or `defaults.email`".into(),
+                retryable: true,
+            },
+            other => other,
+        };
+        Resolved {
+            routed,
+            dedupe: dedupe.unwrap_or_else(|| key.clone()),
+            key,
+            action,
+        }
+    }
+
+    /// A channel named `#name` (or a bare name): its id, so it shares its
+    /// identity and budget with the same channel named by id.
+    async fn resolve_name(
+        &self,
+        ws: &str,
+        name: &str,
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+        fallback: &(dyn Fn(String) -> Action + Sync),
+    ) -> (String, Action) {
+        let by_name = format!("slack:{ws}:#{name}");
+        let token = match token {
+            Ok(token) => token,
+            Err(unavailable) => {
+                // Keyed by the id Slack last gave, if any, so the record
+                // matches the one a post would have made.
+                let key = match self.channels.cached_id(ws, name).await {
+                    Some(id) => format!("slack:{ws}:{id}"),
+                    None => by_name,
+                };
+                return (key, fallback(unavailable.reason.clone()));
+            }
+        };
+        match self.channels.resolve(token, name).await {
+            Ok(Resolution::Id(id)) => (
+                format!("slack:{ws}:{id}"),
+                Action::Slack(SlackDestination {
+                    channel: id,
+                    kind: TargetKind::Channel,
+                    name: Some(name.to_string()),
+                    missing: false,
+                }),
+            ),
+            Ok(Resolution::ByName(name)) => (
+                by_name,
+                Action::Slack(SlackDestination {
+                    channel: format!("#{name}"),
+                    kind: TargetKind::Channel,
+                    name: Some(name),
+                    missing: false,
+                }),
+            ),
+            // No such channel (for the bot): the default channel, naming it.
+            Ok(Resolution::NotFound) => (
+                by_name,
+                Action::Slack(SlackDestination {
+                    channel: format!("#{name}"),
+                    kind: TargetKind::Channel,
+                    name: Some(name.to_string()),
+                    missing: true,
+                }),
+            ),
+            Err(e) => {
+                let e = e.into_slack_error();
+                match policy::next_step(Method::List, TargetKind::Channel, &e, Tried::default()) {
+                    Step::Wait(wait) => (by_name, Action::Wait(wait)),
+                    Step::PostByName => (
+                        by_name,
+                        Action::Slack(SlackDestination {
+                            channel: format!("#{name}"),
+                            kind: TargetKind::Channel,
+                            name: Some(name.to_string()),
+                            missing: false,
+                        }),
+                    ),
+                    Step::RefreshToken => {
+                        // Posting refreshes the token and, by name, still lands.
+                        (
+                            by_name,
+                            Action::Slack(SlackDestination {
+                                channel: format!("#{name}"),
+                                kind: TargetKind::Channel,
+                                name: Some(name.to_string()),
+                                missing: false,
+                            }),
+                        )
+                    }
+                    _ => {
+                        warn!(channel = name, error = %e, "cannot resolve the channel name");
+                        (by_name, fallback(format!("Slack is unavailable: {e}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Slack user with this email: from the shared cache, else `users.lookupByEmail`.
+    async fn lookup_user(&self, token: &WorkspaceToken, email: &str) -> Result<String, SlackError> {
+        if let Some(user) = self.users.get(&token.workspace, email).await {
+            return Ok(user);
+        }
+        let reply = self
+            .slack
+            .call(
+                "users.lookupByEmail",
+                Some(&token.access_token),
+                &Body::Form(&[("email", email)]),
+            )
+            .await?;
+        let user = reply
+            .pointer("/user/id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(user) = &user {
+            self.users.put(&token.workspace, email, user).await;
+        }
+        user.ok_or_else(|| {
+            SlackError::new(
+                "users.lookupByEmail",
+                "invalid_response",
+                SlackFailure::Transient { retry_after: None },
+            )
+            .with_detail("no user.id in the reply".into())
+        })
+    }
+}

@@ -1,0 +1,592 @@
+//! Channel names to ids: `conversations.list`, cached in Redis for every replica.
+//!
+//! Slack keys what matters by channel **id**: `conversations.join`,
+//! `conversations.history` and `chat.update` refuse names, and a channel's
+//! rate limit is the same whether a post names it `#payments` or `C0PAY`. So
+//! a `#name` is resolved before anything is keyed by channel.
+//!
+//! One listing serves every replica: the name → id map of a workspace lives
+//! in a Redis hash, stamped with when it was listed. `conversations.list` is
+//! Tier 2 (about 20 calls a minute), so a workspace is listed again only when
+//! a name is missing or the map is older than `slack.channel_cache_ttl`, by
+//! one task in one replica at a time (an in-process lock, then a Redis lock;
+//! the others wait for its result), and never twice within [`MIN_RELIST`]: a
+//! name missing from a fresh listing is a channel that does not exist or that
+//! the bot cannot see. A stale map still answers while Slack cannot be asked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{ConstantBuilder, Retryable};
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+
+use super::client::{Body, SlackClient, SlackError, SlackFailure};
+use super::tokens::WorkspaceToken;
+
+/// Never list a workspace twice within this: a name a fresh listing lacks
+/// does not exist (for us), and Tier 2 allows about 20 listings a minute.
+pub const MIN_RELIST: Duration = Duration::from_secs(15);
+/// How long the map itself is kept: stale entries still answer during an
+/// outage, and a wrong one is corrected by `channel_not_found`.
+const MAP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A listing lock outlives one paginated listing with its retries.
+const LIST_LOCK: Duration = Duration::from_secs(30);
+/// How long a replica waits for another one's listing.
+const LIST_WAIT: Duration = Duration::from_secs(15);
+/// After `missing_scope`, post by name for this long before asking again.
+const NO_SCOPE_BACKOFF: Duration = Duration::from_secs(300);
+/// Marks a listing without private channels (no `groups:read`).
+const PUBLIC_ONLY: &str = "public_only";
+/// Largest page Slack serves.
+const PAGE_LIMIT: &str = "1000";
+/// Entries of the in-process cache before it is cleared (bounded memory).
+const LOCAL_CAPACITY: usize = 10_000;
+/// How long the in-process cache answers without asking Redis.
+const LOCAL_TTL: Duration = Duration::from_secs(5);
+
+/// What a `slack_channel` target names, by its form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A conversation id (`C…`, `G…`, `D…`): used as it is.
+    ChannelId(String),
+    /// A user id (`U…`, `W…`): a direct message.
+    User(String),
+    /// A channel name, without `#`, lower-cased as Slack stores names.
+    Name(String),
+}
+
+impl Destination {
+    /// Sorts a target string: ids are upper-case letters and digits with a
+    /// known prefix; Slack channel names are always lower-case.
+    pub fn parse(target: &str) -> Destination {
+        let target = target.trim();
+        if let Some(name) = target.strip_prefix('#') {
+            return Destination::Name(name.to_lowercase());
+        }
+        let looks_like_id = target.len() >= 3
+            && target
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
+        match target.chars().next() {
+            Some('C' | 'G' | 'D') if looks_like_id => Destination::ChannelId(target.to_string()),
+            Some('U' | 'W') if looks_like_id => Destination::User(target.to_string()),
+            _ => Destination::Name(target.to_lowercase()),
+        }
+    }
+}
+
+/// Where a channel name led.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The channel's id.
+    Id(String),
+    /// The app may not list channels (`channels:read`/`groups:read`
+    /// missing): post by `#name`, which `chat.postMessage` accepts.
+    ByName(String),
+    /// No channel of that name that the bot can see.
+    NotFound,
+}
+
+/// Why a name could not be resolved now.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0}")]
+    Slack(#[from] SlackError),
+    #[error("cannot read the channel map from Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl ResolveError {
+    /// The Slack error behind it, as the delivery policy sees it; Redis
+    /// trouble counts as a transient failure of `conversations.list`.
+    pub fn into_slack_error(self) -> SlackError {
+        match self {
+            ResolveError::Slack(e) => e,
+            ResolveError::Redis(e) => SlackError::new(
+                "conversations.list",
+                "redis_unavailable",
+                SlackFailure::Transient { retry_after: None },
+            )
+            .with_detail(format!("cannot read the channel map from Redis: {e}")),
+        }
+    }
+}
+
+/// Channel name → id, shared by replicas through Redis.
+pub struct ChannelDirectory {
+    redis: ConnectionManager,
+    key_prefix: String,
+    slack: SlackClient,
+    /// How long a listing counts as fresh.
+    fresh_for: Duration,
+    /// One listing per workspace per process at a time.
+    listing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// (workspace, name) → resolution, for a few seconds: most events name
+    /// the same few channels, and this saves a Redis round trip each.
+    local: Mutex<HashMap<(String, String), (Instant, Resolution)>>,
+}
+
+/// What Redis holds for one name.
+struct Cached {
+    id: Option<String>,
+    /// Milliseconds since the epoch of the last listing, if still fresh;
+    /// `None` when stale or never listed.
+    listed_at_ms: Option<u64>,
+    /// Set when the last listing failed for a missing scope.
+    missing_scope: Option<String>,
+    /// False when private channels could not be listed (no `groups:read`):
+    /// a name missing from the map may still be one the bot can post to.
+    complete: bool,
+}
+
+impl Cached {
+    /// What a name missing from this map is.
+    fn missing(&self, name: &str) -> Resolution {
+        if self.complete {
+            Resolution::NotFound
+        } else {
+            Resolution::ByName(name.to_string())
+        }
+    }
+}
+
+impl ChannelDirectory {
+    pub fn new(
+        redis: ConnectionManager,
+        key_prefix: &str,
+        slack: SlackClient,
+        fresh_for: Duration,
+    ) -> ChannelDirectory {
+        ChannelDirectory {
+            redis,
+            key_prefix: key_prefix.to_string(),
+            slack,
+            fresh_for,
+            listing: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The id of channel `name` (no `#`, lower case) in the token's workspace.
+    pub async fn resolve(
+        &self,
+        token: &WorkspaceToken,
+        name: &str,
+    ) -> Result<Resolution, ResolveError> {
+        if let Some(hit) = self.local_get(&token.workspace, name) {
+            return Ok(hit);
+        }
+        let cached = self.read(&token.workspace, name).await?;
+        if let Some(needed) = &cached.missing_scope {
+            tracing::debug!(
+                needed,
+                "posting by channel name: the app may not list channels"
+            );
+            return Ok(Resolution::ByName(name.to_string()));
+        }
+        if let (Some(id), Some(_)) = (&cached.id, cached.listed_at_ms) {
+            let found = Resolution::Id(id.clone());
+            self.local_put(&token.workspace, name, &found);
+            return Ok(found);
+        }
+        if cached.id.is_none() && cached.listed_at_ms.is_some_and(listed_within_min_relist) {
+            return Ok(cached.missing(name));
+        }
+        match self.relist(token, name, None).await {
+            Ok(found) => Ok(found),
+            // A stale map still knows the channel while Slack cannot be asked.
+            Err(e) => match (cached.id, &e) {
+                (Some(id), ResolveError::Slack(slack)) if slack.is_transient() => {
+                    tracing::warn!(error = %slack, "cannot list channels; using the last known id");
+                    Ok(Resolution::Id(id))
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Resolves `name` again after Slack said its cached id `failed_id` is
+    /// gone (`channel_not_found`): the channel may have been renamed or
+    /// re-created. Lists again unless a listing is younger than [`MIN_RELIST`].
+    pub async fn resolve_again(
+        &self,
+        token: &WorkspaceToken,
+        name: &str,
+        failed_id: &str,
+    ) -> Result<Resolution, ResolveError> {
+        self.local_forget(&token.workspace, name);
+        let cached = self.read(&token.workspace, name).await?;
+        let found = if cached.listed_at_ms.is_some_and(listed_within_min_relist) {
+            match &cached.id {
+                Some(id) => Resolution::Id(id.clone()),
+                None => cached.missing(name),
+            }
+        } else {
+            self.relist(token, name, Some(failed_id)).await?
+        };
+        Ok(match found {
+            Resolution::Id(id) if id == failed_id => Resolution::NotFound,
+            other => other,
+        })
+    }
+
+    /// The cached id of `name`, without asking Slack (for keys when Slack
+    /// cannot be used at all).
+    pub async fn cached_id(&self, workspace: &str, name: &str) -> Option<String> {
+        self.read(workspace, name).await.ok().and_then(|c| c.id)
+    }
+
+    /// Lists the workspace (unless another task or replica just did) and
+    /// answers from the new map.
+    async fn relist(
+        &self,
+        token: &WorkspaceToken,
+        name: &str,
+        failed_id: Option<&str>,
+    ) -> Result<Resolution, ResolveError> {
+        let workspace = token.workspace.as_str();
+        let asked_at = now_ms();
+        let gate = self.gate(workspace);
+        let _one_per_process = gate.lock().await;
+
+        // Someone listed while we waited for the gate: use theirs.
+        let cached = self.read(workspace, name).await?;
+        if let Some(found) = answer_if_listed_since(&cached, asked_at, failed_id, name) {
+            self.local_put(workspace, name, &found);
+            return Ok(found);
+        }
+
+        let mut redis = self.redis.clone();
+        let lock_key = self.key("channels-lock", workspace);
+        let lock_value = uuid::Uuid::new_v4().simple().to_string();
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&lock_key)
+            .arg(&lock_value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(LIST_LOCK))
+            .query_async(&mut redis)
+            .await?;
+        if locked.is_none() {
+            // Another replica is listing: wait for its stamp.
+            let wait = ConstantBuilder::default()
+                .with_delay(Duration::from_millis(200))
+                .with_max_times((LIST_WAIT.as_millis() / 200) as usize);
+            let found = (|| async {
+                let cached = self
+                    .read(workspace, name)
+                    .await
+                    .map_err(|e| Some(ResolveError::from(e)))?;
+                answer_if_listed_since(&cached, asked_at, failed_id, name).ok_or(None)
+            })
+            .retry(wait)
+            .when(|e: &Option<ResolveError>| e.is_none())
+            .await;
+            return match found {
+                Ok(found) => {
+                    self.local_put(workspace, name, &found);
+                    Ok(found)
+                }
+                Err(Some(e)) => Err(e),
+                Err(None) => Err(ResolveError::Slack(
+                    SlackError::new(
+                        "conversations.list",
+                        "listing_in_progress",
+                        SlackFailure::Transient { retry_after: None },
+                    )
+                    .with_detail("another replica has been listing channels for too long".into()),
+                )),
+            };
+        }
+
+        let listed = self.list_all(token).await;
+        let result = match listed {
+            Ok((map, complete)) => {
+                self.store(workspace, &map, complete).await?;
+                tracing::info!(
+                    workspace,
+                    channels = map.len(),
+                    "listed the workspace's channels"
+                );
+                let found = match map.get(name) {
+                    Some(id) => Resolution::Id(id.clone()),
+                    None if complete => Resolution::NotFound,
+                    None => Resolution::ByName(name.to_string()),
+                };
+                self.local_put(workspace, name, &found);
+                Ok(found)
+            }
+            Err(e) if e.code == "missing_scope" => {
+                let needed = e.detail.clone().unwrap_or_default();
+                tracing::error!(
+                    workspace,
+                    needed = %needed,
+                    "cannot resolve channel names to ids: the Slack app lacks the channels:read \
+                     and groups:read scopes; posting by #name instead, which cannot join channels \
+                     or share one rate limit with the channel's id. Add the scopes and reinstall the app"
+                );
+                let _: () = redis::cmd("SET")
+                    .arg(self.key("channels-listed", workspace))
+                    .arg(format!("missing_scope:{needed}"))
+                    .arg("PX")
+                    .arg(millis(NO_SCOPE_BACKOFF))
+                    .query_async(&mut redis)
+                    .await?;
+                Ok(Resolution::ByName(name.to_string()))
+            }
+            Err(e) => Err(ResolveError::Slack(e)),
+        };
+        let _: Result<i64, _> = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        )
+        .key(&lock_key)
+        .arg(&lock_value)
+        .invoke_async(&mut redis)
+        .await;
+        result
+    }
+
+    /// Every channel the bot can see, following `next_cursor`, and whether
+    /// that is all of them. Private channels need `groups:read`; without it,
+    /// public ones are listed alone.
+    async fn list_all(
+        &self,
+        token: &WorkspaceToken,
+    ) -> Result<(HashMap<String, String>, bool), SlackError> {
+        match self
+            .list_types(token, "public_channel,private_channel")
+            .await
+        {
+            Ok(map) => Ok((map, true)),
+            Err(e)
+                if e.code == "missing_scope"
+                    && e.detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("groups:read")) =>
+            {
+                tracing::warn!(
+                    workspace = %token.workspace,
+                    "the Slack app lacks groups:read: private channels are posted to by name"
+                );
+                Ok((self.list_types(token, "public_channel").await?, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_types(
+        &self,
+        token: &WorkspaceToken,
+        types: &str,
+    ) -> Result<HashMap<String, String>, SlackError> {
+        let mut map = HashMap::new();
+        let mut cursor = String::new();
+        // A cursor that never ends would be a Slack bug; 200 pages is 200k channels.
+        for _ in 0..200 {
+            let mut form = vec![
+                ("types", types),
+                ("exclude_archived", "true"),
+                ("limit", PAGE_LIMIT),
+            ];
+            if !cursor.is_empty() {
+                form.push(("cursor", cursor.as_str()));
+            }
+            let page = self
+                .slack
+                .call(
+                    "conversations.list",
+                    Some(&token.access_token),
+                    &Body::Form(&form),
+                )
+                .await?;
+            for channel in page
+                .get("channels")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let (Some(id), Some(name)) = (
+                    channel.get("id").and_then(Value::as_str),
+                    channel.get("name").and_then(Value::as_str),
+                ) {
+                    map.insert(name.to_lowercase(), id.to_string());
+                }
+            }
+            cursor = page
+                .pointer("/response_metadata/next_cursor")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if cursor.is_empty() {
+                break;
+            }
+        }
+        Ok(map)
+    }
+
+    /// Replaces the workspace's map and stamps it, atomically.
+    async fn store(
+        &self,
+        workspace: &str,
+        map: &HashMap<String, String>,
+        complete: bool,
+    ) -> Result<(), redis::RedisError> {
+        let map_key = self.key("channels", workspace);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&map_key).ignore();
+        if !map.is_empty() {
+            let pairs: Vec<(&String, &String)> = map.iter().collect();
+            pipe.hset_multiple(&map_key, &pairs)
+                .ignore()
+                .pexpire(&map_key, millis(MAP_RETENTION) as i64)
+                .ignore();
+        }
+        pipe.cmd("SET")
+            .arg(self.key("channels-listed", workspace))
+            .arg(if complete {
+                now_ms().to_string()
+            } else {
+                format!("{}:{PUBLIC_ONLY}", now_ms())
+            })
+            .arg("PX")
+            .arg(millis(self.fresh_for.max(MIN_RELIST)))
+            .ignore();
+        let mut redis = self.redis.clone();
+        pipe.query_async::<()>(&mut redis).await?;
+        if let Ok(mut local) = self.local.lock() {
+            local.retain(|(ws, _), _| ws != workspace);
+        }
+        Ok(())
+    }
+
+    async fn read(&self, workspace: &str, name: &str) -> Result<Cached, redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let (id, stamp): (Option<String>, Option<String>) = redis::pipe()
+            .hget(self.key("channels", workspace), name)
+            .get(self.key("channels-listed", workspace))
+            .query_async(&mut redis)
+            .await?;
+        // The stamp: `<ms>`, `<ms>:public_only`, or `missing_scope:<detail>`.
+        let mut cached = Cached {
+            id,
+            listed_at_ms: None,
+            missing_scope: None,
+            complete: true,
+        };
+        if let Some(stamp) = stamp {
+            if let Some(needed) = stamp.strip_prefix("missing_scope:") {
+                cached.missing_scope = Some(needed.to_string());
+            } else {
+                let (ms, partial) = match stamp.split_once(':') {
+                    Some((ms, _)) => (ms, true),
+                    None => (stamp.as_str(), false),
+                };
+                cached.listed_at_ms = ms.parse().ok();
+                cached.complete = !partial;
+            }
+        }
+        Ok(cached)
+    }
+
+    fn gate(&self, workspace: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.listing.lock().unwrap_or_else(|e| e.into_inner());
+        if gates.len() > LOCAL_CAPACITY {
+            gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        }
+        gates.entry(workspace.to_string()).or_default().clone()
+    }
+
+    fn local_get(&self, workspace: &str, name: &str) -> Option<Resolution> {
+        let local = self.local.lock().ok()?;
+        local
+            .get(&(workspace.to_string(), name.to_string()))
+            .filter(|(at, _)| at.elapsed() < LOCAL_TTL)
+            .map(|(_, found)| found.clone())
+    }
+
+    fn local_put(&self, workspace: &str, name: &str, found: &Resolution) {
+        if let Ok(mut local) = self.local.lock() {
+            if local.len() >= LOCAL_CAPACITY {
+                local.clear();
+            }
+            local.insert(
+                (workspace.to_string(), name.to_string()),
+                (Instant::now(), found.clone()),
+            );
+        }
+    }
+
+    fn local_forget(&self, workspace: &str, name: &str) {
+        if let Ok(mut local) = self.local.lock() {
+            local.remove(&(workspace.to_string(), name.to_string()));
+        }
+    }
+
+    fn key(&self, kind: &str, workspace: &str) -> String {
+        format!("{}:slack:{kind}:{workspace}", self.key_prefix)
+    }
+}
+
+/// The answer from a map listed after `asked_at`, if there is one (for a
+/// re-resolution, the failed id does not count as found).
+fn answer_if_listed_since(
+    cached: &Cached,
+    asked_at: u64,
+    failed_id: Option<&str>,
+    name: &str,
+) -> Option<Resolution> {
+    if cached.missing_scope.is_some() {
+        return None;
+    }
+    let listed_at = cached.listed_at_ms?;
+    if listed_at < asked_at {
+        return None;
+    }
+    Some(match &cached.id {
+        Some(id) if Some(id.as_str()) != failed_id => Resolution::Id(id.clone()),
+        Some(_) => Resolution::NotFound,
+        None => cached.missing(name),
+    })
+}
+
+fn listed_within_min_relist(listed_at_ms: u64) -> bool {
+    now_ms().saturating_sub(listed_at_ms) < millis(MIN_RELIST)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| millis(d))
+        .unwrap_or(0)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_sorted_by_their_form() {
+        let cases = [
+            ("C0PAYMENTS", Destination::ChannelId("C0PAYMENTS".into())),
+            ("G0PRIVATE", Destination::ChannelId("G0PRIVATE".into())),
+            ("D0DM12345", Destination::ChannelId("D0DM12345".into())),
+            ("U0LEAD", Destination::User("U0LEAD".into())),
+            ("W0ENTERPRISE", Destination::User("W0ENTERPRISE".into())),
+            ("#payments", Destination::Name("payments".into())),
+            ("#Payments", Destination::Name("payments".into())),
+            ("payments", Destination::Name("payments".into())),
+            ("#C0PAYMENTS", Destination::Name("c0payments".into())),
+            ("ceo-office", Destination::Name("ceo-office".into())),
+            ("Cx", Destination::Name("cx".into())),
+        ];
+        for (given, want) in cases {
+            assert_eq!(Destination::parse(given), want, "{given}");
+        }
+    }
+}

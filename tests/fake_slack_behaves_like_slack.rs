@@ -1652,6 +1652,50 @@ async fn conversations_history_shows_parents_broadcasts_and_updates() {
 }
 
 #[tokio::test]
+async fn method_rate_limit_is_per_team_and_method_with_retry_after() {
+    let (s, c) = setup().await;
+    s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
+    let list = |token: &'static str| post_form(&c, &s, "conversations.list", Some(token), &[]);
+    // off by default
+    for _ in 0..5 {
+        assert!(list(TOKEN).await.ok());
+    }
+    // 1 per minute after a burst of 2: the third call cannot have earned a
+    // token back unless a minute passed.
+    s.set_method_rate_limit("conversations.list", 1, 2);
+    assert!(list(TOKEN).await.ok());
+    assert!(list(TOKEN).await.ok());
+    let r = list(TOKEN).await;
+    assert_eq!(r.status, 429, "{}", r.raw);
+    assert_eq!(r.error(), Some("ratelimited"));
+    let retry: u64 = r.headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // failed calls count too
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        &[("types", "bogus")],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    // another workspace and another method are independent
+    assert!(list("xoxb-test-other-team").await.ok());
+    assert!(
+        history(&c, &s, TOKEN, &[("channel", "C0GENERAL")])
+            .await
+            .ok()
+    );
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    assert_eq!(s.rate_limited_count(), 2);
+    let limited = s.requests_for("conversations.list");
+    assert_eq!(limited.iter().filter(|r| r.status == Some(429)).count(), 2);
+    s.clear_method_rate_limit("conversations.list");
+    assert!(list(TOKEN).await.ok());
+}
+
+#[tokio::test]
 async fn channel_lifecycle_rename_archive_unarchive_delete() {
     let (s, c) = setup().await;
     // rename: the id keeps working, the old name does not

@@ -301,6 +301,9 @@ struct Inner {
     id_counter: u64,
     /// Largest page `conversations.list` returns, whatever `limit` asks.
     list_page_cap: Option<usize>,
+    /// Per-(team, method) limits: (per second, burst), keyed by method.
+    method_rates: HashMap<String, (f64, u32)>,
+    method_buckets: HashMap<(String, String), Bucket>,
     /// Former names of renamed channels, by id (oldest first).
     previous_names: HashMap<String, Vec<String>>,
 }
@@ -657,6 +660,26 @@ impl FakeSlack {
         let mut g = self.lock();
         g.workspace_rate = None;
         g.buckets.clear();
+    }
+
+    /// Per-(team, method) token bucket, like Slack's tiers (Tier 2 is about
+    /// 20 per minute, Tier 3 about 50): over it, `method` answers HTTP 429
+    /// with `Retry-After` and `ratelimited`. Every call with a valid token
+    /// counts, failed ones too. Default off. Independent of the
+    /// `chat.postMessage` channel and workspace limits.
+    pub fn set_method_rate_limit(&self, method: &str, per_minute: u32, burst: u32) {
+        let mut g = self.lock();
+        g.method_rates.insert(
+            method.to_string(),
+            (f64::from(per_minute.max(1)) / 60.0, burst.max(1)),
+        );
+        g.method_buckets.retain(|(_, m), _| m != method);
+    }
+
+    pub fn clear_method_rate_limit(&self, method: &str) {
+        let mut g = self.lock();
+        g.method_rates.remove(method);
+        g.method_buckets.retain(|(_, m), _| m != method);
     }
 
     /// Number of HTTP 429 answers so far (rate limit and injected).
@@ -1325,6 +1348,9 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         TokenState::Expired => return Reply::err("token_expired"),
         TokenState::AccountInactive => return Reply::err("account_inactive"),
     }
+    if let Err(secs) = take_method_token(g, &spec.team_id, &req.method) {
+        return Reply::ratelimited(secs);
+    }
     if let Some(needed) = required_scope(&req.method)
         && !spec.scopes.iter().any(|s| s == needed)
     {
@@ -1975,6 +2001,30 @@ fn decode_cursor(req: &Req, prefix: &str) -> Result<Option<String>, Reply> {
         .filter(|v| !v.is_empty())
         .map(Some)
         .ok_or_else(|| Reply::err("invalid_cursor"))
+}
+
+/// Takes one token from the (team, method) bucket set by
+/// `set_method_rate_limit`, or returns the Retry-After seconds.
+fn take_method_token(g: &mut Inner, team: &str, method: &str) -> Result<(), u64> {
+    let Some(&(per_second, burst)) = g.method_rates.get(method) else {
+        return Ok(());
+    };
+    let now = Instant::now();
+    let b = g
+        .method_buckets
+        .entry((team.to_string(), method.to_string()))
+        .or_insert(Bucket {
+            tokens: burst as f64,
+            last: now,
+        });
+    let elapsed = now.duration_since(b.last).as_secs_f64();
+    b.tokens = (b.tokens + elapsed * per_second).min(burst as f64);
+    b.last = now;
+    if b.tokens < 1.0 {
+        return Err(wait_secs(b.tokens, per_second));
+    }
+    b.tokens -= 1.0;
+    Ok(())
 }
 
 /// A channel as `conversations.list` shows it: `channel_json` plus the

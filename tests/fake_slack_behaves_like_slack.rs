@@ -1021,3 +1021,762 @@ async fn workspace_rate_limit_spans_channels() {
     );
     assert_eq!(s.rate_limited_count(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// conversations.list / conversations.history / method rate limits / lifecycle
+// ---------------------------------------------------------------------------
+
+/// GET with the arguments in the query string and a Bearer token.
+async fn get_query(
+    c: &reqwest::Client,
+    s: &FakeSlack,
+    method: &str,
+    token: &str,
+    query: &[(&str, &str)],
+) -> Resp {
+    into_resp(
+        c.get(reqwest::Url::parse_with_params(&s.method_url(method), query).expect("url"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await
+}
+
+fn ids(r: &Resp, key: &str) -> Vec<String> {
+    r.body[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {}", r.raw))
+        .iter()
+        .map(|c| c["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn next_cursor(r: &Resp) -> String {
+    r.body["response_metadata"]["next_cursor"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no next_cursor in {}", r.raw))
+        .to_string()
+}
+
+/// Follows `next_cursor` to the end; returns the ids and the number of pages.
+async fn list_all(
+    c: &reqwest::Client,
+    s: &FakeSlack,
+    token: &str,
+    args: &[(&str, &str)],
+) -> (Vec<String>, usize) {
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let mut form: Vec<(&str, &str)> = args.to_vec();
+        if !cursor.is_empty() {
+            form.push(("cursor", &cursor));
+        }
+        let r = post_form(c, s, "conversations.list", Some(token), &form).await;
+        assert!(r.ok(), "{}", r.raw);
+        pages += 1;
+        all.extend(ids(&r, "channels"));
+        cursor = next_cursor(&r);
+        if cursor.is_empty() {
+            return (all, pages);
+        }
+        assert!(pages < 100, "pagination does not end");
+    }
+}
+
+fn history_ts(r: &Resp) -> Vec<String> {
+    r.body["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {}", r.raw))
+        .iter()
+        .map(|m| m["ts"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn history(c: &reqwest::Client, s: &FakeSlack, token: &str, args: &[(&str, &str)]) -> Resp {
+    post_form(c, s, "conversations.history", Some(token), args).await
+}
+
+#[tokio::test]
+async fn conversations_list_defaults_to_public_channels() {
+    let (s, c) = setup().await;
+    let r = post_form(&c, &s, "conversations.list", Some(TOKEN), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(
+        ids(&r, "channels"),
+        ["C0ARCHIVED", "C0GENERAL", "C0OTHER", "C0PUBLIC"]
+    );
+    assert_eq!(next_cursor(&r), "", "one page: empty next_cursor");
+    let general = &r.body["channels"][1];
+    assert_eq!(general["name"], "general");
+    assert_eq!(general["name_normalized"], "general");
+    assert_eq!(general["is_channel"], true);
+    assert_eq!(general["is_group"], false);
+    assert_eq!(general["is_im"], false);
+    assert_eq!(general["is_private"], false);
+    assert_eq!(general["is_archived"], false);
+    assert_eq!(general["is_member"], true);
+    assert_eq!(r.body["channels"][0]["is_archived"], true);
+    assert_eq!(r.body["channels"][3]["is_member"], false);
+
+    // query-string arguments (GET) work as well
+    let r = get_query(
+        &c,
+        &s,
+        "conversations.list",
+        TOKEN,
+        &[("types", "private_channel")],
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(ids(&r, "channels"), ["G0PRIVMEM"]);
+    assert_eq!(r.body["channels"][0]["is_private"], true);
+    assert_eq!(r.body["channels"][0]["is_group"], true);
+    assert_eq!(r.body["channels"][0]["is_channel"], false);
+
+    // a JSON body is ignored, as for Slack's other read methods
+    let r = post_json(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        json!({"types":"private_channel","limit":1}),
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(ids(&r, "channels").len(), 4);
+    assert!(!ids(&r, "channels").contains(&"G0PRIVMEM".to_string()));
+}
+
+#[tokio::test]
+async fn conversations_list_types_scopes_and_private_membership() {
+    let (s, c) = setup().await;
+    let (cr, sr) = (&c, &s);
+    let list = move |token: &'static str, types: &'static str| async move {
+        post_form(
+            cr,
+            sr,
+            "conversations.list",
+            Some(token),
+            &[("types", types)],
+        )
+        .await
+    };
+    let r = list(TOKEN, "public_channel,private_channel").await;
+    let got = ids(&r, "channels");
+    assert!(got.contains(&"G0PRIVMEM".to_string()), "{got:?}");
+    assert!(!got.contains(&"G0PRIVATE".to_string()), "{got:?}");
+    assert_eq!(got.len(), 5);
+
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        &[
+            ("types", "public_channel,private_channel"),
+            ("exclude_archived", "true"),
+        ],
+    )
+    .await;
+    assert!(!ids(&r, "channels").contains(&"C0ARCHIVED".to_string()));
+    assert_eq!(ids(&r, "channels").len(), 4);
+
+    assert_eq!(
+        list(TOKEN, "public_channel,bogus").await.error(),
+        Some("invalid_types")
+    );
+
+    s.add_token(
+        "xoxb-test-public-only",
+        TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write", "channels:read"]),
+    );
+    s.add_token(
+        "xoxb-test-noread",
+        TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write"]),
+    );
+    assert!(list("xoxb-test-public-only", "public_channel").await.ok());
+    let r = list("xoxb-test-public-only", "public_channel,private_channel").await;
+    assert_eq!(r.error(), Some("missing_scope"), "{}", r.raw);
+    assert_eq!(r.body["needed"], "groups:read");
+    assert_eq!(r.body["provided"], "chat:write,channels:read");
+    let r = post_form(&c, &s, "conversations.list", Some("xoxb-test-noread"), &[]).await;
+    assert_eq!(r.error(), Some("missing_scope"));
+    assert_eq!(r.body["needed"], "channels:read");
+    let r = list("xoxb-test-noread", "public_channel,private_channel").await;
+    assert_eq!(r.body["needed"], "channels:read,groups:read");
+    // DMs need im:read, which the default bot scopes do not have
+    let r = list(TOKEN, "im").await;
+    assert_eq!(r.error(), Some("missing_scope"));
+    assert_eq!(r.body["needed"], "im:read");
+    s.add_token(
+        "xoxb-test-im",
+        TokenSpec::bot(TEAM, BOT).with_scopes(&["im:read"]),
+    );
+    let d = s.dm_channel_id("U0ANA");
+    let r = list("xoxb-test-im", "im").await;
+    assert_eq!(ids(&r, "channels"), [d]);
+    assert_eq!(r.body["channels"][0]["is_im"], true);
+    assert_eq!(r.body["channels"][0]["user"], "U0ANA");
+}
+
+#[tokio::test]
+async fn conversations_list_paginates_with_opaque_cursors() {
+    let (s, c) = setup().await;
+    for i in 0..10 {
+        s.add_channel(
+            &format!("C1CH{i:02}"),
+            &format!("ch-{i}"),
+            ChannelSpec::member(),
+        );
+    }
+    let mut expected: Vec<String> = ["C0ARCHIVED", "C0GENERAL", "C0OTHER", "C0PUBLIC"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain((0..10).map(|i| format!("C1CH{i:02}")))
+        .collect();
+    expected.sort();
+
+    // `limit` is honoured
+    let (got, pages) = list_all(&c, &s, TOKEN, &[("limit", "4")]).await;
+    assert_eq!(got, expected);
+    assert_eq!(pages, 4);
+
+    // the page cap forces small pages whatever the client asks
+    s.set_list_page_cap(3);
+    let (got, pages) = list_all(&c, &s, TOKEN, &[("limit", "1000")]).await;
+    assert_eq!(got, expected);
+    assert_eq!(pages, 5);
+    let first = post_form(&c, &s, "conversations.list", Some(TOKEN), &[]).await;
+    assert_eq!(ids(&first, "channels").len(), 3);
+    let cursor = next_cursor(&first);
+    assert!(!cursor.is_empty());
+    assert!(
+        cursor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+        "base64 cursor {cursor}"
+    );
+
+    // exclude_archived filters after the page is cut: a page may be short
+    s.set_list_page_cap(1);
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        &[("exclude_archived", "true")],
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    assert!(ids(&r, "channels").is_empty(), "{}", r.raw);
+    assert!(!next_cursor(&r).is_empty());
+    let (got, _) = list_all(&c, &s, TOKEN, &[("exclude_archived", "1")]).await;
+    assert_eq!(got.len(), expected.len() - 1);
+    s.clear_list_page_cap();
+    let (_, pages) = list_all(&c, &s, TOKEN, &[]).await;
+    assert_eq!(pages, 1);
+
+    let bad = |args: &'static [(&'static str, &'static str)]| {
+        post_form(&c, &s, "conversations.list", Some(TOKEN), args)
+    };
+    assert_eq!(
+        bad(&[("cursor", "bm90IGEgY3Vyc29y")]).await.error(),
+        Some("invalid_cursor")
+    );
+    assert_eq!(
+        bad(&[("cursor", "%%%")]).await.error(),
+        Some("invalid_cursor")
+    );
+    assert_eq!(
+        bad(&[("limit", "1001")]).await.error(),
+        Some("invalid_limit")
+    );
+    assert_eq!(
+        bad(&[("limit", "ten")]).await.error(),
+        Some("invalid_limit")
+    );
+    assert!(bad(&[("limit", "1000")]).await.ok());
+    // a history cursor is not a list cursor
+    for _ in 0..3 {
+        assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    }
+    let h = history(&c, &s, TOKEN, &[("channel", "C0GENERAL"), ("limit", "1")]).await;
+    let hc = next_cursor(&h);
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        &[("cursor", &hc)],
+    )
+    .await;
+    assert_eq!(r.error(), Some("invalid_cursor"));
+}
+
+#[tokio::test]
+async fn conversations_history_takes_conversation_ids_only() {
+    let (s, c) = setup().await;
+    for ch in ["C0GENERAL", "C0ARCHIVED", "G0PRIVMEM", "U0ANA"] {
+        if ch == "C0ARCHIVED" {
+            s.unarchive_channel(ch);
+        }
+        assert!(post_text(&c, &s, TOKEN, ch).await.ok(), "post to {ch}");
+    }
+    s.archive_channel("C0ARCHIVED");
+    let dm = s.dm_channel_id("U0ANA");
+    s.add_channel("C0DOOMED", "doomed", ChannelSpec::member());
+    assert!(post_text(&c, &s, TOKEN, "C0DOOMED").await.ok());
+    s.delete_channel("C0DOOMED");
+    let cases: Vec<(&str, Option<&str>)> = vec![
+        ("C0GENERAL", None),
+        ("#general", Some("channel_not_found")),
+        ("general", Some("channel_not_found")),
+        ("C0PUBLIC", Some("not_in_channel")),
+        ("#public-not-member", Some("channel_not_found")),
+        ("C0ARCHIVED", None), // archived channels keep their history
+        ("#old", Some("channel_not_found")),
+        ("G0PRIVMEM", None),
+        ("#secret-member", Some("channel_not_found")),
+        ("G0PRIVATE", Some("channel_not_found")),
+        ("#secret", Some("channel_not_found")),
+        ("C0DOOMED", Some("channel_not_found")),
+        ("C0NOPE", Some("channel_not_found")),
+        ("U0ANA", Some("channel_not_found")),
+        (dm.as_str(), None),
+        ("", Some("channel_not_found")),
+    ];
+    for (channel, want) in cases {
+        let r = history(&c, &s, TOKEN, &[("channel", channel)]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.error(), want, "history of {channel:?}: {}", r.raw);
+        if want.is_none() {
+            assert_eq!(history_ts(&r).len(), 1, "{channel}: {}", r.raw);
+            assert_eq!(r.body["has_more"], false);
+        }
+    }
+    // the DM's history is the post addressed to the user id
+    let r = history(&c, &s, TOKEN, &[("channel", &dm)]).await;
+    assert_eq!(r.body["messages"][0]["text"], "hello");
+    // a JSON body is ignored: the channel is then missing
+    let r = post_json(
+        &c,
+        &s,
+        "conversations.history",
+        Some(TOKEN),
+        json!({"channel":"C0GENERAL"}),
+    )
+    .await;
+    assert_eq!(r.error(), Some("channel_not_found"));
+    let r = get_query(
+        &c,
+        &s,
+        "conversations.history",
+        TOKEN,
+        &[("channel", "C0GENERAL")],
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+}
+
+#[tokio::test]
+async fn conversations_history_scopes_depend_on_the_conversation_type() {
+    let (s, c) = setup().await;
+    let dm = s.dm_channel_id("U0ANA");
+    s.add_token(
+        "xoxb-test-public-history",
+        TokenSpec::bot(TEAM, BOT).with_scopes(&["channels:history"]),
+    );
+    s.add_token(
+        "xoxb-test-nohistory",
+        TokenSpec::bot(TEAM, BOT).with_scopes(&["chat:write", "channels:read"]),
+    );
+    let cases = [
+        ("xoxb-test-public-history", "C0GENERAL", None),
+        (
+            "xoxb-test-public-history",
+            "G0PRIVMEM",
+            Some("groups:history"),
+        ),
+        ("xoxb-test-public-history", dm.as_str(), Some("im:history")),
+        ("xoxb-test-nohistory", "C0GENERAL", Some("channels:history")),
+        ("xoxb-test-nohistory", "G0PRIVMEM", Some("groups:history")),
+    ];
+    for (token, channel, needed) in cases {
+        let r = history(&c, &s, token, &[("channel", channel)]).await;
+        match needed {
+            None => assert!(r.ok(), "{token} {channel}: {}", r.raw),
+            Some(n) => {
+                assert_eq!(r.error(), Some("missing_scope"), "{token} {channel}");
+                assert_eq!(r.body["needed"], n);
+                assert!(r.body["provided"].is_string());
+            }
+        }
+    }
+    // a private channel the bot is not in does not exist for it, scopes or not
+    let r = history(&c, &s, "xoxb-test-nohistory", &[("channel", "G0PRIVATE")]).await;
+    assert_eq!(r.error(), Some("channel_not_found"));
+}
+
+#[tokio::test]
+async fn conversations_history_is_newest_first_with_time_range_and_cursor() {
+    let (s, c) = setup().await;
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        let r = post_text(&c, &s, TOKEN, "C0GENERAL").await;
+        sent.push(r.body["ts"].as_str().unwrap().to_string());
+    }
+    post_text(&c, &s, TOKEN, "C0OTHER").await;
+    let newest_first: Vec<String> = sent.iter().rev().cloned().collect();
+
+    let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
+    assert_eq!(history_ts(&r), newest_first);
+    assert_eq!(r.body["has_more"], false);
+    assert!(
+        r.body.get("response_metadata").is_none(),
+        "no cursor on the last page: {}",
+        r.raw
+    );
+    let m = &r.body["messages"][0];
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["user"], BOT);
+    assert_eq!(m["bot_id"], "B0BOT");
+    assert_eq!(m["text"], "hello");
+
+    // cursor pagination
+    let mut got = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let mut args = vec![("channel", "C0GENERAL"), ("limit", "2")];
+        if !cursor.is_empty() {
+            args.push(("cursor", &cursor));
+        }
+        let r = history(&c, &s, TOKEN, &args).await;
+        assert!(r.ok(), "{}", r.raw);
+        pages += 1;
+        got.extend(history_ts(&r));
+        if r.body["has_more"] == true {
+            cursor = next_cursor(&r);
+            assert!(!cursor.is_empty());
+        } else {
+            break;
+        }
+    }
+    assert_eq!(got, newest_first);
+    assert_eq!(pages, 3);
+
+    // oldest / latest are exclusive unless inclusive is set
+    let r = history(
+        &c,
+        &s,
+        TOKEN,
+        &[("channel", "C0GENERAL"), ("oldest", &sent[1])],
+    )
+    .await;
+    assert_eq!(history_ts(&r), newest_first[..3]);
+    let r = history(
+        &c,
+        &s,
+        TOKEN,
+        &[
+            ("channel", "C0GENERAL"),
+            ("oldest", &sent[1]),
+            ("inclusive", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(history_ts(&r), newest_first[..4]);
+    let r = history(
+        &c,
+        &s,
+        TOKEN,
+        &[
+            ("channel", "C0GENERAL"),
+            ("oldest", &sent[1]),
+            ("latest", &sent[3]),
+        ],
+    )
+    .await;
+    assert_eq!(history_ts(&r), [sent[2].clone()]);
+    assert_eq!(r.body["latest"], sent[3].as_str());
+    let r = history(
+        &c,
+        &s,
+        TOKEN,
+        &[
+            ("channel", "C0GENERAL"),
+            ("oldest", &sent[1]),
+            ("latest", &sent[3]),
+            ("inclusive", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        history_ts(&r),
+        [&sent[1..4]].concat().into_iter().rev().collect::<Vec<_>>()
+    );
+    // oldest with limit: the newest messages of the range come first
+    let r = history(
+        &c,
+        &s,
+        TOKEN,
+        &[("channel", "C0GENERAL"), ("oldest", "0"), ("limit", "1")],
+    )
+    .await;
+    assert_eq!(history_ts(&r), [sent[4].clone()]);
+    assert_eq!(r.body["has_more"], true);
+
+    let (cr, sr) = (&c, &s);
+    let err = move |args: Vec<(&'static str, &'static str)>| async move {
+        history(cr, sr, TOKEN, &args).await
+    };
+    assert_eq!(
+        err(vec![("channel", "C0GENERAL"), ("oldest", "yesterday")])
+            .await
+            .error(),
+        Some("invalid_ts_oldest")
+    );
+    assert_eq!(
+        err(vec![("channel", "C0GENERAL"), ("latest", "1.2.3")])
+            .await
+            .error(),
+        Some("invalid_ts_latest")
+    );
+    assert_eq!(
+        err(vec![("channel", "C0GENERAL"), ("cursor", "dGVhbTpDMDAx")])
+            .await
+            .error(),
+        Some("invalid_cursor")
+    );
+    // limit above 999 is capped, not refused
+    assert!(
+        err(vec![("channel", "C0GENERAL"), ("limit", "5000")])
+            .await
+            .ok()
+    );
+}
+
+#[tokio::test]
+async fn conversations_history_metadata_only_with_include_all_metadata() {
+    let (s, c) = setup().await;
+    let metadata =
+        json!({"event_type":"alert_router_notification","event_payload":{"event_id":"e1"}});
+    let blocks = json!([{"type":"section","text":{"type":"mrkdwn","text":"*hi*"}}]);
+    let r = post_json(
+        &c,
+        &s,
+        "chat.postMessage",
+        Some(TOKEN),
+        json!({"channel":"C0GENERAL","text":"t","blocks":blocks,"metadata":metadata}),
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    for (flag, want) in [
+        (None, false),
+        (Some("false"), false),
+        (Some("0"), false),
+        (Some("true"), true),
+        (Some("1"), true),
+    ] {
+        let mut args = vec![("channel", "C0GENERAL")];
+        if let Some(f) = flag {
+            args.push(("include_all_metadata", f));
+        }
+        let r = history(&c, &s, TOKEN, &args).await;
+        let m = &r.body["messages"][0];
+        assert_eq!(m["blocks"], blocks, "{flag:?}");
+        if want {
+            assert_eq!(m["metadata"], metadata, "{flag:?}: {}", r.raw);
+        } else {
+            assert!(m.get("metadata").is_none(), "{flag:?}: {}", r.raw);
+        }
+    }
+}
+
+#[tokio::test]
+async fn conversations_history_shows_parents_broadcasts_and_updates() {
+    let (s, c) = setup().await;
+    let parent = post_text(&c, &s, TOKEN, "C0GENERAL").await.body["ts"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = post_json(
+        &c,
+        &s,
+        "chat.postMessage",
+        Some(TOKEN),
+        json!({"channel":"C0GENERAL","text":"in thread","thread_ts":parent}),
+    )
+    .await;
+    assert!(reply.ok(), "{}", reply.raw);
+    let broadcast = post_form(
+        &c,
+        &s,
+        "chat.postMessage",
+        Some(TOKEN),
+        &[
+            ("channel", "C0GENERAL"),
+            ("text", "also in channel"),
+            ("thread_ts", &parent),
+            ("reply_broadcast", "true"),
+        ],
+    )
+    .await;
+    assert!(broadcast.ok(), "{}", broadcast.raw);
+    let broadcast_ts = broadcast.body["ts"].as_str().unwrap().to_string();
+    let up = post_json(
+        &c,
+        &s,
+        "chat.update",
+        Some(TOKEN),
+        json!({"channel":"C0GENERAL","ts":parent,"text":"resolved"}),
+    )
+    .await;
+    assert!(up.ok(), "{}", up.raw);
+
+    let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
+    assert_eq!(history_ts(&r), [broadcast_ts.clone(), parent.clone()]);
+    let b = &r.body["messages"][0];
+    assert_eq!(b["subtype"], "thread_broadcast");
+    assert_eq!(b["thread_ts"], parent.as_str());
+    let p = &r.body["messages"][1];
+    assert_eq!(p["text"], "resolved", "history shows the updated message");
+    assert_eq!(p["thread_ts"], parent.as_str());
+    assert_eq!(p["reply_count"], 2);
+    assert_eq!(p["latest_reply"], broadcast_ts.as_str());
+    assert_eq!(p["reply_users"], json!([BOT]));
+}
+
+#[tokio::test]
+async fn method_rate_limit_is_per_team_and_method_with_retry_after() {
+    let (s, c) = setup().await;
+    s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));
+    let list = |token: &'static str| post_form(&c, &s, "conversations.list", Some(token), &[]);
+    // off by default
+    for _ in 0..5 {
+        assert!(list(TOKEN).await.ok());
+    }
+    // 1 per minute after a burst of 2: the third call cannot have earned a
+    // token back unless a minute passed.
+    s.set_method_rate_limit("conversations.list", 1, 2);
+    assert!(list(TOKEN).await.ok());
+    assert!(list(TOKEN).await.ok());
+    let r = list(TOKEN).await;
+    assert_eq!(r.status, 429, "{}", r.raw);
+    assert_eq!(r.error(), Some("ratelimited"));
+    let retry: u64 = r.headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // failed calls count too
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.list",
+        Some(TOKEN),
+        &[("types", "bogus")],
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    // another workspace and another method are independent
+    assert!(list("xoxb-test-other-team").await.ok());
+    assert!(
+        history(&c, &s, TOKEN, &[("channel", "C0GENERAL")])
+            .await
+            .ok()
+    );
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    assert_eq!(s.rate_limited_count(), 2);
+    let limited = s.requests_for("conversations.list");
+    assert_eq!(limited.iter().filter(|r| r.status == Some(429)).count(), 2);
+    s.clear_method_rate_limit("conversations.list");
+    assert!(list(TOKEN).await.ok());
+}
+
+#[tokio::test]
+async fn channel_lifecycle_rename_archive_unarchive_delete() {
+    let (s, c) = setup().await;
+    // rename: the id keeps working, the old name does not
+    s.rename_channel("C0GENERAL", "#incidents");
+    assert_eq!(
+        post_text(&c, &s, TOKEN, "#general").await.error(),
+        Some("channel_not_found")
+    );
+    let r = post_text(&c, &s, TOKEN, "#incidents").await;
+    assert_eq!(r.body["channel"], "C0GENERAL");
+    let l = post_form(&c, &s, "conversations.list", Some(TOKEN), &[]).await;
+    let ch = l.body["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "C0GENERAL")
+        .unwrap()
+        .clone();
+    assert_eq!(ch["name"], "incidents");
+    assert_eq!(ch["name_normalized"], "incidents");
+    assert_eq!(ch["previous_names"], json!(["general"]));
+
+    // archive / unarchive
+    s.archive_channel("C0OTHER");
+    assert_eq!(
+        post_text(&c, &s, TOKEN, "C0OTHER").await.error(),
+        Some("is_archived")
+    );
+    s.unarchive_channel("C0OTHER");
+    let ts = post_text(&c, &s, TOKEN, "C0OTHER").await.body["ts"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (listed, _) = list_all(&c, &s, TOKEN, &[("exclude_archived", "true")]).await;
+    assert!(listed.contains(&"C0OTHER".to_string()));
+
+    // delete: the id is gone everywhere
+    s.delete_channel("C0OTHER");
+    assert_eq!(
+        post_text(&c, &s, TOKEN, "C0OTHER").await.error(),
+        Some("channel_not_found")
+    );
+    assert_eq!(
+        post_text(&c, &s, TOKEN, "#other").await.error(),
+        Some("channel_not_found")
+    );
+    assert_eq!(
+        history(&c, &s, TOKEN, &[("channel", "C0OTHER")])
+            .await
+            .error(),
+        Some("channel_not_found")
+    );
+    let up = post_json(
+        &c,
+        &s,
+        "chat.update",
+        Some(TOKEN),
+        json!({"channel":"C0OTHER","ts":ts,"text":"x"}),
+    )
+    .await;
+    assert_eq!(up.error(), Some("channel_not_found"));
+    let join = post_json(
+        &c,
+        &s,
+        "conversations.join",
+        Some(TOKEN),
+        json!({"channel":"C0OTHER"}),
+    )
+    .await;
+    assert_eq!(join.error(), Some("channel_not_found"));
+    let (listed, _) = list_all(&c, &s, TOKEN, &[]).await;
+    assert!(!listed.contains(&"C0OTHER".to_string()));
+
+    // a private channel appears in list and history once the bot is a member
+    s.set_channel("G0PRIVATE", ChannelSpec::private(true));
+    let (listed, _) = list_all(&c, &s, TOKEN, &[("types", "private_channel")]).await;
+    assert_eq!(listed, ["G0PRIVATE", "G0PRIVMEM"]);
+    assert!(
+        history(&c, &s, TOKEN, &[("channel", "G0PRIVATE")])
+            .await
+            .ok()
+    );
+}

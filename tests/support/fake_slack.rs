@@ -35,6 +35,11 @@ pub const DEFAULT_BOT_SCOPES: &[&str] = &[
     "im:write",
     "users:read",
     "users:read.email",
+    "channels:read",
+    "groups:read",
+    "channels:history",
+    "groups:history",
+    "im:history",
 ];
 
 /// Serialized length of `blocks` above which `chat.postMessage` answers
@@ -60,7 +65,16 @@ pub const KNOWN_METHODS: &[&str] = &[
     "conversations.open",
     "auth.test",
     "oauth.v2.access",
+    "conversations.list",
+    "conversations.history",
 ];
+
+/// `conversations.list`: default and maximum `limit`.
+pub const LIST_DEFAULT_LIMIT: usize = 100;
+pub const LIST_MAX_LIMIT: usize = 1000;
+/// `conversations.history`: default and maximum `limit` (larger values are capped).
+pub const HISTORY_DEFAULT_LIMIT: usize = 100;
+pub const HISTORY_MAX_LIMIT: usize = 999;
 
 // ---------------------------------------------------------------------------
 // Public configuration types
@@ -290,6 +304,13 @@ struct Inner {
     requests: Vec<RecordedRequest>,
     last_ts_micros: u64,
     id_counter: u64,
+    /// Largest page `conversations.list` returns, whatever `limit` asks.
+    list_page_cap: Option<usize>,
+    /// Per-(team, method) limits: (per second, burst), keyed by method.
+    method_rates: HashMap<String, (f64, u32)>,
+    method_buckets: HashMap<(String, String), Bucket>,
+    /// Former names of renamed channels, by id (oldest first).
+    previous_names: HashMap<String, Vec<String>>,
 }
 
 impl Inner {
@@ -510,6 +531,47 @@ impl FakeSlack {
             .unwrap_or(false)
     }
 
+    pub fn unarchive_channel(&self, id: &str) {
+        if let Some(c) = self.lock().channels.iter_mut().find(|c| c.id == id) {
+            c.spec.archived = false;
+        }
+    }
+
+    /// Renames a channel: the old name no longer resolves (`#old` is
+    /// `channel_not_found`), the id keeps working.
+    pub fn rename_channel(&self, id: &str, new_name: &str) {
+        let mut g = self.lock();
+        let new_name = new_name.trim_start_matches('#').to_string();
+        let Some(c) = g.channels.iter_mut().find(|c| c.id == id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut c.name, new_name);
+        g.previous_names
+            .entry(id.to_string())
+            .or_default()
+            .push(old);
+    }
+
+    /// Deletes a conversation: its id and name answer `channel_not_found`
+    /// everywhere afterwards (recorded posts stay in `posts()`).
+    pub fn delete_channel(&self, id: &str) {
+        let mut g = self.lock();
+        g.channels.retain(|c| c.id != id);
+        g.dms.retain(|_, d| d != id);
+        g.previous_names.remove(id);
+    }
+
+    /// `conversations.list` returns at most `n` conversations per page
+    /// (at least 1), whatever `limit` asks, so tests can prove a client
+    /// follows `next_cursor`.
+    pub fn set_list_page_cap(&self, n: usize) {
+        self.lock().list_page_cap = Some(n.max(1));
+    }
+
+    pub fn clear_list_page_cap(&self) {
+        self.lock().list_page_cap = None;
+    }
+
     pub fn add_user(&self, id: &str, email: &str) {
         self.lock().users.insert(
             id.to_string(),
@@ -603,6 +665,26 @@ impl FakeSlack {
         let mut g = self.lock();
         g.workspace_rate = None;
         g.buckets.clear();
+    }
+
+    /// Per-(team, method) token bucket, like Slack's tiers (Tier 2 is about
+    /// 20 per minute, Tier 3 about 50): over it, `method` answers HTTP 429
+    /// with `Retry-After` and `ratelimited`. Every call with a valid token
+    /// counts, failed ones too. Default off. Independent of the
+    /// `chat.postMessage` channel and workspace limits.
+    pub fn set_method_rate_limit(&self, method: &str, per_minute: u32, burst: u32) {
+        let mut g = self.lock();
+        g.method_rates.insert(
+            method.to_string(),
+            (f64::from(per_minute.max(1)) / 60.0, burst.max(1)),
+        );
+        g.method_buckets.retain(|(_, m), _| m != method);
+    }
+
+    pub fn clear_method_rate_limit(&self, method: &str) {
+        let mut g = self.lock();
+        g.method_rates.remove(method);
+        g.method_buckets.retain(|(_, m), _| m != method);
     }
 
     /// Number of HTTP 429 answers so far (rate limit and injected).
@@ -1036,6 +1118,27 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut buf = 0u32;
@@ -1257,6 +1360,9 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         TokenState::Expired => return Reply::err("token_expired"),
         TokenState::AccountInactive => return Reply::err("account_inactive"),
     }
+    if let Err(secs) = take_method_token(g, &spec.team_id, &req.method) {
+        return Reply::ratelimited(secs);
+    }
     if let Some(needed) = required_scope(&req.method)
         && !spec.scopes.iter().any(|s| s == needed)
     {
@@ -1275,6 +1381,8 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         "users.lookupByEmail" => lookup_by_email(g, req, &spec),
         "conversations.join" => conversations_join(g, req),
         "conversations.open" => conversations_open(g, req),
+        "conversations.list" => conversations_list(g, req, &spec),
+        "conversations.history" => conversations_history(g, req, &spec),
         _ => Reply::err("unknown_method"),
     };
     if !req.warnings.is_empty() && reply.error.is_none() {
@@ -1810,6 +1918,405 @@ fn conversations_open(g: &mut Inner, req: &Req) -> Reply {
             Reply::ok(body)
         }
     }
+}
+
+// ----- conversations.list / conversations.history -----
+
+fn has_scope(spec: &TokenSpec, scope: &str) -> bool {
+    spec.scopes.iter().any(|s| s == scope)
+}
+
+fn missing_scope_reply(spec: &TokenSpec, needed: &str) -> Reply {
+    Reply::err_with(
+        "missing_scope",
+        Map::from_iter([
+            ("needed".to_string(), Value::String(needed.into())),
+            ("provided".to_string(), Value::String(spec.scopes.join(","))),
+        ]),
+    )
+}
+
+/// A Slack boolean argument: `true`/`1` in a form or query, `true` or a
+/// non-zero number in JSON. Anything else (absent, `false`, `0`) is false.
+fn value_truthy(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().map(|f| f != 0.0).unwrap_or(false),
+        Some(Value::String(s)) => s.trim() == "1" || s.trim().eq_ignore_ascii_case("true"),
+        _ => false,
+    }
+}
+
+fn truthy(req: &Req, key: &str) -> bool {
+    value_truthy(req.params.get(key))
+}
+
+/// `limit`: `Ok(None)` when absent, empty or 0 (the method's default);
+/// `Err` when not a non-negative integer.
+fn parse_limit(req: &Req) -> Result<Option<usize>, ()> {
+    match req.str("limit") {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s
+            .trim()
+            .parse::<usize>()
+            .map(|n| (n > 0).then_some(n))
+            .map_err(|_| ()),
+    }
+}
+
+/// A Slack timestamp (`1234567890.123456`, or whole seconds) in microseconds.
+fn parse_ts_micros(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    if secs.is_empty()
+        || !secs.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let mut f: String = frac.chars().take(6).collect();
+    while f.len() < 6 {
+        f.push('0');
+    }
+    secs.parse::<u64>()
+        .ok()?
+        .checked_mul(1_000_000)?
+        .checked_add(f.parse::<u64>().ok()?)
+}
+
+fn ts_arg(req: &Req, key: &str) -> Result<Option<u64>, ()> {
+    match req.nonempty(key) {
+        None => Ok(None),
+        Some(s) => parse_ts_micros(&s).map(Some).ok_or(()),
+    }
+}
+
+/// An opaque cursor: base64 of `prefix:value` (Slack's look like
+/// `dGVhbTpDMDYxRkE1UEI=`, i.e. `team:C061FA5PB`).
+fn encode_cursor(prefix: &str, value: &str) -> String {
+    base64_encode(format!("{prefix}:{value}").as_bytes())
+}
+
+/// `Ok(None)` without a cursor; `invalid_cursor` for one this method did not issue.
+fn decode_cursor(req: &Req, prefix: &str) -> Result<Option<String>, Reply> {
+    let Some(c) = req.nonempty("cursor") else {
+        return Ok(None);
+    };
+    base64_decode(&c)
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            s.strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(str::to_string)
+        })
+        .filter(|v| !v.is_empty())
+        .map(Some)
+        .ok_or_else(|| Reply::err("invalid_cursor"))
+}
+
+/// Takes one token from the (team, method) bucket set by
+/// `set_method_rate_limit`, or returns the Retry-After seconds.
+fn take_method_token(g: &mut Inner, team: &str, method: &str) -> Result<(), u64> {
+    let Some(&(per_second, burst)) = g.method_rates.get(method) else {
+        return Ok(());
+    };
+    let now = Instant::now();
+    let b = g
+        .method_buckets
+        .entry((team.to_string(), method.to_string()))
+        .or_insert(Bucket {
+            tokens: burst as f64,
+            last: now,
+        });
+    let elapsed = now.duration_since(b.last).as_secs_f64();
+    b.tokens = (b.tokens + elapsed * per_second).min(burst as f64);
+    b.last = now;
+    if b.tokens < 1.0 {
+        return Err(wait_secs(b.tokens, per_second));
+    }
+    b.tokens -= 1.0;
+    Ok(())
+}
+
+/// A channel as `conversations.list` shows it: `channel_json` plus the
+/// other fields of Slack's limited conversation object.
+fn list_channel_json(g: &Inner, c: &Channel) -> Value {
+    let mut v = channel_json(c);
+    v["created"] = json!(1_700_000_000);
+    v["creator"] = json!("U0CREATOR");
+    v["is_general"] = json!(false);
+    v["unlinked"] = json!(0);
+    v["is_shared"] = json!(false);
+    v["is_ext_shared"] = json!(false);
+    v["is_org_shared"] = json!(false);
+    v["pending_shared"] = json!([]);
+    v["is_pending_ext_shared"] = json!(false);
+    v["topic"] = json!({"value": "", "creator": "", "last_set": 0});
+    v["purpose"] = json!({"value": "", "creator": "", "last_set": 0});
+    v["previous_names"] = json!(g.previous_names.get(&c.id).cloned().unwrap_or_default());
+    v
+}
+
+fn conversations_list(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let limit = match parse_limit(req) {
+        Ok(l) => l.unwrap_or(LIST_DEFAULT_LIMIT),
+        Err(()) => return Reply::err("invalid_limit"),
+    };
+    if limit > LIST_MAX_LIMIT {
+        return Reply::err("invalid_limit");
+    }
+    let types_arg = req.str("types").unwrap_or_default();
+    let mut types: Vec<&str> = types_arg
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if types.is_empty() {
+        types.push("public_channel");
+    }
+    let mut missing: Vec<&str> = Vec::new();
+    for t in &types {
+        let scope = match *t {
+            "public_channel" => "channels:read",
+            "private_channel" => "groups:read",
+            "mpim" => "mpim:read",
+            "im" => "im:read",
+            _ => return Reply::err("invalid_types"),
+        };
+        if !has_scope(spec, scope) && !missing.contains(&scope) {
+            missing.push(scope);
+        }
+    }
+    if !missing.is_empty() {
+        return missing_scope_reply(spec, &missing.join(","));
+    }
+    let start = match decode_cursor(req, "team") {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let public = types.contains(&"public_channel");
+    let private = types.contains(&"private_channel");
+    let im = types.contains(&"im");
+    // (id, archived, object); multi-person DMs are not modelled.
+    let mut all: Vec<(String, bool, Value)> = Vec::new();
+    for c in &g.channels {
+        // A bot sees the private channels it is a member of, no others.
+        let listed = if c.spec.private {
+            private && c.spec.bot_is_member
+        } else {
+            public
+        };
+        if listed {
+            all.push((c.id.clone(), c.spec.archived, list_channel_json(g, c)));
+        }
+    }
+    if im {
+        for (user, d) in &g.dms {
+            let deleted = g.users.get(user).map(|u| u.deleted).unwrap_or(false);
+            all.push((
+                d.clone(),
+                false,
+                json!({
+                    "id": d,
+                    "created": 1_700_000_000,
+                    "is_im": true,
+                    "is_org_shared": false,
+                    "user": user,
+                    "is_user_deleted": deleted,
+                    "priority": 0,
+                }),
+            ));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(start) = &start {
+        all.retain(|(id, _, _)| id >= start);
+    }
+    let page_size = g.list_page_cap.map_or(limit, |cap| limit.min(cap));
+    let next_cursor = all
+        .get(page_size)
+        .map(|(id, _, _)| encode_cursor("team", id))
+        .unwrap_or_default();
+    // As in Slack, filters apply after the page is cut: a page can hold
+    // fewer than `limit` channels (even none) while more follow.
+    let exclude_archived = truthy(req, "exclude_archived");
+    let channels: Vec<Value> = all
+        .into_iter()
+        .take(page_size)
+        .filter(|(_, archived, _)| !(exclude_archived && *archived))
+        .map(|(_, _, v)| v)
+        .collect();
+    Reply::ok(json!({
+        "ok": true,
+        "channels": channels,
+        "response_metadata": {"next_cursor": next_cursor},
+    }))
+}
+
+/// Whether a recorded post shows in its channel's history: top-level
+/// messages and thread replies sent with `reply_broadcast`.
+fn in_channel_history(p: &RecordedPost) -> bool {
+    p.thread_ts.is_none() || value_truthy(p.body.get("reply_broadcast"))
+}
+
+/// A recorded post as `conversations.history` returns it (after any
+/// `chat.update`), like the `message` of `chat.postMessage`.
+fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
+    let spec = g
+        .tokens
+        .get(&p.token)
+        .cloned()
+        .unwrap_or_else(|| TokenSpec::bot(&p.team_id, "U0UNKNOWN"));
+    let update = g
+        .updates
+        .iter()
+        .rev()
+        .find(|u| u.channel_id == p.channel_id && u.ts == p.ts);
+    let mut content = match update {
+        // chat.update replaces text, blocks and attachments wholesale.
+        Some(u) => Content {
+            text: u.text.clone(),
+            blocks: u.blocks.clone(),
+            attachments: u.attachments.clone(),
+            metadata: u.metadata.clone().or_else(|| p.metadata.clone()),
+        },
+        None => Content {
+            text: p
+                .text
+                .as_ref()
+                .map(|t| t.chars().take(MAX_POST_TEXT_CHARS).collect()),
+            blocks: p.blocks.clone(),
+            attachments: p.attachments.clone(),
+            metadata: p.metadata.clone(),
+        },
+    };
+    if !with_metadata {
+        content.metadata = None;
+    }
+    let mut m = message_json(&spec, &p.ts, &content, p.thread_ts.as_deref());
+    if p.thread_ts.is_some() {
+        m["subtype"] = json!("thread_broadcast");
+        return m;
+    }
+    let replies: Vec<&RecordedPost> = g
+        .posts
+        .iter()
+        .filter(|r| r.channel_id == p.channel_id && r.thread_ts.as_deref() == Some(p.ts.as_str()))
+        .collect();
+    if !replies.is_empty() {
+        let mut users: Vec<String> = Vec::new();
+        for r in &replies {
+            let u = g
+                .tokens
+                .get(&r.token)
+                .map(|t| t.bot_user_id.clone())
+                .unwrap_or_else(|| "U0UNKNOWN".to_string());
+            if !users.contains(&u) {
+                users.push(u);
+            }
+        }
+        let latest = replies
+            .iter()
+            .map(|r| r.ts.clone())
+            .max()
+            .unwrap_or_default();
+        m["thread_ts"] = json!(p.ts);
+        m["reply_count"] = json!(replies.len());
+        m["reply_users_count"] = json!(users.len());
+        m["reply_users"] = json!(users);
+        m["latest_reply"] = json!(latest);
+    }
+    m
+}
+
+fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    // The channel must be a conversation id: names, `#names` and user ids
+    // are `channel_not_found`.
+    let Some(channel) = req.nonempty("channel") else {
+        return Reply::err("channel_not_found");
+    };
+    let needed = if g.is_dm_id(&channel) {
+        "im:history"
+    } else {
+        match g.channel_by_id(&channel) {
+            None => return Reply::err("channel_not_found"),
+            Some(c) if c.spec.private && !c.spec.bot_is_member => {
+                return Reply::err("channel_not_found");
+            }
+            Some(c) if c.spec.private => "groups:history",
+            Some(_) => "channels:history",
+        }
+    };
+    if !has_scope(spec, needed) {
+        return missing_scope_reply(spec, needed);
+    }
+    if let Some(c) = g.channel_by_id(&channel)
+        && !c.spec.bot_is_member
+    {
+        return Reply::err("not_in_channel");
+    }
+    let limit = match parse_limit(req) {
+        Ok(l) => l.unwrap_or(HISTORY_DEFAULT_LIMIT).min(HISTORY_MAX_LIMIT),
+        Err(()) => return Reply::err("invalid_arguments"),
+    };
+    let Ok(oldest) = ts_arg(req, "oldest") else {
+        return Reply::err("invalid_ts_oldest");
+    };
+    let Ok(latest) = ts_arg(req, "latest") else {
+        return Reply::err("invalid_ts_latest");
+    };
+    let before = match decode_cursor(req, "next_ts") {
+        Ok(None) => None,
+        Ok(Some(v)) => match parse_ts_micros(&v) {
+            Some(t) => Some(t),
+            None => return Reply::err("invalid_cursor"),
+        },
+        Err(r) => return r,
+    };
+    let inclusive = truthy(req, "inclusive");
+    let mut msgs: Vec<(u64, &RecordedPost)> = g
+        .posts
+        .iter()
+        .filter(|p| p.channel_id == channel && in_channel_history(p))
+        .filter_map(|p| parse_ts_micros(&p.ts).map(|t| (t, p)))
+        .filter(|(t, _)| match oldest {
+            Some(o) if inclusive => *t >= o,
+            Some(o) => *t > o,
+            None => true,
+        })
+        .filter(|(t, _)| match latest {
+            Some(l) if inclusive => *t <= l,
+            Some(l) => *t < l,
+            None => true,
+        })
+        .filter(|(t, _)| before.is_none_or(|b| *t <= b))
+        .collect();
+    // Newest first.
+    msgs.sort_by_key(|m| std::cmp::Reverse(m.0));
+    let has_more = msgs.len() > limit;
+    let with_metadata = truthy(req, "include_all_metadata");
+    let messages: Vec<Value> = msgs
+        .iter()
+        .take(limit)
+        .map(|(_, p)| history_message(g, p, with_metadata))
+        .collect();
+    let mut body = json!({
+        "ok": true,
+        "messages": messages,
+        "has_more": has_more,
+        "pin_count": 0,
+        "channel_actions_ts": null,
+        "channel_actions_count": 0,
+    });
+    if let Some(l) = req.nonempty("latest") {
+        body["latest"] = json!(l);
+    }
+    if has_more {
+        body["response_metadata"] =
+            json!({"next_cursor": encode_cursor("next_ts", &msgs[limit].1.ts)});
+    }
+    Reply::ok(body)
 }
 
 fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {

@@ -386,7 +386,11 @@ fn go_to_rust_syntax(pattern: &str) -> Result<String, String> {
                     }
                     '<' | '>' => out.push(e),
                     'Q' if !in_class => {
-                        let (literal, after) = rest.split_once("\\E").unwrap_or((rest, ""));
+                        // Without `\E` the quote would swallow the `)$` that
+                        // anchors the pattern, which Go then refuses.
+                        let Some((literal, after)) = rest.split_once("\\E") else {
+                            return Err("`\\Q` needs a closing `\\E`".to_string());
+                        };
                         out.push_str(&regex::escape(literal));
                         rest = after;
                     }

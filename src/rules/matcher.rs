@@ -1,5 +1,42 @@
 //! Prometheus Alertmanager label matchers (`team="payments"`, `type=~"escalation\..*"`):
-//! parsing with the classic Alertmanager grammar, and matching against events.
+//! parsing with Alertmanager's classic grammar, and matching against events.
+//!
+//! **Grammar.** [`Matcher::parse`] is Alertmanager's `labels.ParseMatcher` and
+//! [`Matcher::parse_list`] its `labels.ParseMatchers`, which reads each item of
+//! a config's `matchers:` (and so each item of a rule's `matchers` here): the
+//! classic parser of Alertmanager 0.25 and 0.26, and of 0.27 in `classic-mode`.
+//! Every row of Alertmanager's own test tables is checked in
+//! `tests/alertmanager_matchers.rs`. In short: a label name
+//! `[a-zA-Z_:][a-zA-Z0-9_:]*`, an operator, and a value that may be empty,
+//! bare or double-quoted, with `\"`, `\\` and `\n` escapes and any other
+//! backslash literal; whitespace around each part is ignored.
+//!
+//! **The UTF-8 grammar** (`matcher/parse`, the default of Alertmanager 0.27,
+//! which falls back to the classic parser when that one accepts the input) also
+//! takes quoted and non-ASCII label names (`"foo"="bar"`, `foo🙂=bar`). We do not:
+//! label names here are event fields and label keys, and such input is refused
+//! with a reason, as Alertmanager's classic mode refuses it. Everything else
+//! the fallback accepts in a config line reads the same here, since it keeps
+//! the classic result. (For one matcher outside a config, 0.27 also refuses
+//! input that starts with `{` or ends with `}`, such as `foo=bar}`, which the
+//! classic parser and we read as the value `bar}`.)
+//!
+//! **Meaning.** `=~` and `!~` match the whole value (`^(?:regex)$`); a missing
+//! label is the empty string. Alertmanager compiles regexes with Go's RE2
+//! syntax; this crate's `regex` differs in places, so patterns are rewritten to
+//! keep Go's meaning (`\d \w \s \b` are ASCII; `[`, `&`, `~` inside a class and
+//! `\<`, `\>` are literals; `\Q...\E` quotes) and the crate's extensions that Go
+//! refuses (flags `x`, `u`, `R`; `\u`, `\U`; counts over 1000; `--` in a class)
+//! are refused.
+//!
+//! **Known differences that remain, each refusing what Alertmanager accepts, never
+//! reading it otherwise:**
+//! - A regex that escapes the anchors, such as `a)|(b`, which Alertmanager reads
+//!   as `^(?:a)|(b)$` (starts with `a` or ends with `b`): refused, because no
+//!   one writing it means that.
+//! - Go regex syntax the `regex` crate lacks: octal escapes (`\012`), a `{`
+//!   that starts no repetition (`a{`, `a{,3}`), which Go reads literally, and
+//!   `--` inside a class: refused with the crate's (or our) reason.
 
 use std::fmt;
 use std::str::FromStr;

@@ -566,10 +566,16 @@ impl Checker<'_> {
                         continue;
                     }
                 };
-                match Matcher::parse(&text) {
-                    Ok(m) => {
-                        self.check_severity(item, &text, &m);
-                        matchers.push((text, m));
+                // One item is one line of Alertmanager's `matchers:`, which may
+                // hold several comma-separated matchers (or none, for `{}`).
+                match Matcher::parse_list(&text) {
+                    Ok(list) => {
+                        let several = list.len() > 1;
+                        for m in list {
+                            let shown = if several { m.to_string() } else { text.clone() };
+                            self.check_severity(item, &shown, &m);
+                            matchers.push((shown, m));
+                        }
                     }
                     Err(e) => self.error(item, format!("invalid matcher `{text}`: {e}")),
                 }
@@ -1077,6 +1083,37 @@ rules:
                 "4:16: matcher `severity=urgent` can never match: severity is one of critical, high, medium, low, info"
             ]
         );
+    }
+
+    #[test]
+    fn a_matchers_item_is_a_line_of_alertmanager_matchers() {
+        // `a, b` is two matchers, as in Alertmanager's `matchers:`, not a value `a, b`.
+        let yaml = "\
+version: 1
+rules:
+  - name: payments
+    matchers: ['{team=payments, severity=urgent}']
+    notify: []
+";
+        assert_eq!(
+            warnings(yaml),
+            [
+                "4:16: matcher `severity=\"urgent\"` can never match: severity is one of critical, high, medium, low, info"
+            ]
+        );
+        let loaded = Rules::from_yaml(
+            "version: 1\nrules:\n  - name: p\n    matchers: ['team=payments,severity=high']\n    notify: [{slack_channel: C1}]\n",
+            "r",
+        )
+        .unwrap();
+        let event = |team: &str| {
+            serde_json::from_value(serde_json::json!({
+                "id": "a", "type": "t", "severity": "high", "title": "x", "labels": {"team": team}
+            }))
+            .unwrap()
+        };
+        assert_eq!(loaded.rules.route(&event("payments")).targets.len(), 1);
+        assert!(loaded.rules.route(&event("ops")).targets.is_empty());
     }
 
     #[test]

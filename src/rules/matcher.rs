@@ -1,5 +1,42 @@
 //! Prometheus Alertmanager label matchers (`team="payments"`, `type=~"escalation\..*"`):
-//! parsing with the classic Alertmanager grammar, and matching against events.
+//! parsing with Alertmanager's classic grammar, and matching against events.
+//!
+//! **Grammar.** [`Matcher::parse`] is Alertmanager's `labels.ParseMatcher` and
+//! [`Matcher::parse_list`] its `labels.ParseMatchers`, which reads each item of
+//! a config's `matchers:` (and so each item of a rule's `matchers` here): the
+//! classic parser of Alertmanager 0.25 and 0.26, and of 0.27 in `classic-mode`.
+//! Every row of Alertmanager's own test tables is checked in
+//! `tests/alertmanager_matchers.rs`. In short: a label name
+//! `[a-zA-Z_:][a-zA-Z0-9_:]*`, an operator, and a value that may be empty,
+//! bare or double-quoted, with `\"`, `\\` and `\n` escapes and any other
+//! backslash literal; whitespace around each part is ignored.
+//!
+//! **The UTF-8 grammar** (`matcher/parse`, the default of Alertmanager 0.27,
+//! which falls back to the classic parser when that one accepts the input) also
+//! takes quoted and non-ASCII label names (`"foo"="bar"`, `foo🙂=bar`). We do not:
+//! label names here are event fields and label keys, and such input is refused
+//! with a reason, as Alertmanager's classic mode refuses it. Everything else
+//! the fallback accepts in a config line reads the same here, since it keeps
+//! the classic result. (For one matcher outside a config, 0.27 also refuses
+//! input that starts with `{` or ends with `}`, such as `foo=bar}`, which the
+//! classic parser and we read as the value `bar}`.)
+//!
+//! **Meaning.** `=~` and `!~` match the whole value (`^(?:regex)$`); a missing
+//! label is the empty string. Alertmanager compiles regexes with Go's RE2
+//! syntax; this crate's `regex` differs in places, so patterns are rewritten to
+//! keep Go's meaning (`\d \w \s \b` are ASCII; `[`, `&`, `~` inside a class and
+//! `\<`, `\>` are literals; `\Q...\E` quotes) and the crate's extensions that Go
+//! refuses (flags `x`, `u`, `R`; `\u`, `\U`; counts over 1000; `--` in a class)
+//! are refused.
+//!
+//! **Known differences that remain, each refusing what Alertmanager accepts, never
+//! reading it otherwise:**
+//! - A regex that escapes the anchors, such as `a)|(b`, which Alertmanager reads
+//!   as `^(?:a)|(b)$` (starts with `a` or ends with `b`): refused, because no
+//!   one writing it means that.
+//! - Go regex syntax the `regex` crate lacks: octal escapes (`\012`), a `{`
+//!   that starts no repetition (`a{`, `a{,3}`), which Go reads literally, and
+//!   `--` inside a class: refused with the crate's (or our) reason.
 
 use std::fmt;
 use std::str::FromStr;
@@ -54,10 +91,6 @@ pub enum MatcherError {
     MissingOperator(String),
     #[error("expected `=`, `!=`, `=~` or `!~` after `{name}`, found `{found}`")]
     BadOperator { name: String, found: String },
-    #[error(
-        "the value is missing after `{name}{op}` (write `{name}{op}\"\"` to match an empty or missing label)"
-    )]
-    MissingValue { name: String, op: MatchOp },
     #[error(
         "the value `{0}` contains an unescaped double quote (write `\\\"` for a literal quote)"
     )]
@@ -147,15 +180,43 @@ impl Matcher {
                 found: rest.trim_ascii_end().to_string(),
             });
         };
-        let raw = rest.trim_ascii();
-        if raw.is_empty() {
-            return Err(MatcherError::MissingValue {
-                name: name.to_string(),
-                op,
-            });
-        }
-        let value = unescape(raw)?;
+        // An empty value is allowed: `team=` is `team=""`, as in Alertmanager.
+        let value = unescape(rest.trim_ascii())?;
         Matcher::new(name, op, &value)
+    }
+
+    /// Parses one line of matchers as Alertmanager reads each item of a
+    /// config's `matchers:` list (`labels.ParseMatchers`): an optional `{` and
+    /// `}`, then matchers separated by commas outside double quotes, a trailing
+    /// comma allowed. `{}` and the empty string give no matcher at all.
+    pub fn parse_list(input: &str) -> Result<Vec<Matcher>, MatcherError> {
+        let s = input.strip_prefix('{').unwrap_or(input);
+        let s = s.strip_suffix('}').unwrap_or(s);
+        // Commas split outside quotes; a quote preceded by an odd number of
+        // backslashes does not open or close one. Alertmanager's quirks are
+        // kept: a comma does not end an escape, and only the last piece is
+        // trimmed (and dropped when empty), so `a=1,,b=2` has an empty matcher.
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in s.char_indices() {
+            match c {
+                ',' if !quoted => {
+                    pieces.push(&s[start..i]);
+                    start = i + 1;
+                }
+                ',' => {}
+                '"' if escaped => escaped = false,
+                '"' => quoted = !quoted,
+                '\\' => escaped = !escaped,
+                _ => escaped = false,
+            }
+        }
+        let last = s[start..].trim();
+        if !last.is_empty() {
+            pieces.push(last);
+        }
+        pieces.into_iter().map(Matcher::parse).collect()
     }
 
     /// The label name.
@@ -309,15 +370,154 @@ fn literal_alternatives(pattern: &str) -> Option<Box<[String]>> {
     Some(pattern.split('|').map(str::to_string).collect())
 }
 
-/// Compiles `^(?:pattern)$`. The bare pattern is checked first so that input
+/// Compiles `^(?:pattern)$` with the meaning Go's RE2 syntax gives the pattern
+/// (see [`go_to_rust_syntax`]). The bare pattern is checked first so that input
 /// like `a)|(b` cannot escape the anchors, and so errors quote what the user wrote.
 fn compile_anchored(pattern: &str) -> Result<Regex, MatcherError> {
-    let bad = |e: regex::Error| MatcherError::BadRegex {
+    let bad = |reason: String| MatcherError::BadRegex {
         regex: pattern.to_string(),
-        reason: regex_reason(&e),
+        reason,
     };
-    Regex::new(pattern).map_err(bad)?;
-    Regex::new(&format!("^(?:{pattern})$")).map_err(bad)
+    let translated = go_to_rust_syntax(pattern).map_err(bad)?;
+    Regex::new(&translated).map_err(|e| bad(regex_reason(&e)))?;
+    Regex::new(&format!("^(?:{translated})$")).map_err(|e| bad(regex_reason(&e)))
+}
+
+/// Rewrites the places where Go's regexp syntax (what Alertmanager compiles)
+/// and the `regex` crate read the same pattern differently, and rejects the
+/// crate's extensions that Go refuses, so a pattern means what it means in
+/// Alertmanager or does not load at all:
+/// - `\d \w \s \b` and their negations are ASCII in Go, Unicode in the crate;
+/// - `\<` and `\>` are literal in Go, word boundaries in the crate;
+/// - inside `[...]`, `[` (other than `[:alpha:]`), `&` and `~` are literal in
+///   Go, nested classes and set operations in the crate;
+/// - `\Q...\E` quotes a literal in Go only;
+/// - the flags `u`, `x`, `R` and the escapes `\u`, `\U` exist only in the crate.
+fn go_to_rust_syntax(pattern: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut rest = pattern;
+    let mut in_class = false;
+    // Right after `[` or `[^`, where `]` is a literal in both dialects.
+    let mut class_start = false;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        let at_class_start = std::mem::take(&mut class_start);
+        match c {
+            '\\' => {
+                let Some(e) = rest.chars().next() else {
+                    out.push('\\');
+                    break;
+                };
+                rest = &rest[e.len_utf8()..];
+                match e {
+                    'd' => out.push_str("[0-9]"),
+                    'D' => out.push_str("[^0-9]"),
+                    'w' => out.push_str("[0-9A-Za-z_]"),
+                    'W' => out.push_str("[^0-9A-Za-z_]"),
+                    's' => out.push_str(r"[\t\n\x0C\r ]"),
+                    'S' => out.push_str(r"[^\t\n\x0C\r ]"),
+                    'b' | 'B' if !in_class => {
+                        out.push_str("(?-u:\\");
+                        out.push(e);
+                        out.push(')');
+                    }
+                    '<' | '>' => out.push(e),
+                    'Q' if !in_class => {
+                        // Without `\E` the quote would swallow the `)$` that
+                        // anchors the pattern, which Go then refuses.
+                        let Some((literal, after)) = rest.split_once("\\E") else {
+                            return Err("`\\Q` needs a closing `\\E`".to_string());
+                        };
+                        out.push_str(&regex::escape(literal));
+                        rest = after;
+                    }
+                    'u' | 'U' => return Err(format!("`\\{e}` is not an escape in Go regexes")),
+                    _ => {
+                        out.push('\\');
+                        out.push(e);
+                    }
+                }
+            }
+            '[' if in_class => match posix_class(rest) {
+                Some(len) => {
+                    out.push('[');
+                    out.push_str(&rest[..len]);
+                    rest = &rest[len..];
+                }
+                None => out.push_str(r"\["),
+            },
+            '[' => {
+                in_class = true;
+                class_start = true;
+                out.push('[');
+                if let Some(after) = rest.strip_prefix('^') {
+                    out.push('^');
+                    rest = after;
+                }
+            }
+            ']' if in_class && !at_class_start => {
+                in_class = false;
+                out.push(']');
+            }
+            '-' if in_class && rest.starts_with('-') => {
+                return Err(
+                    "`--` in a character class reads differently in Go regexes; write `\\-` for a literal `-`"
+                        .to_string(),
+                );
+            }
+            '{' if !in_class => {
+                if let Some(count) = repetition_counts(rest).find(|n| *n > 1000) {
+                    return Err(format!(
+                        "the repetition count {count} is over Go's limit of 1000"
+                    ));
+                }
+                out.push('{');
+            }
+            '&' | '~' if in_class => {
+                out.push('\\');
+                out.push(c);
+            }
+            '(' if !in_class && rest.starts_with('?') => {
+                let flags: String = rest[1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphabetic() || *c == '-')
+                    .collect();
+                if let Some(flag) = flags.chars().find(|f| matches!(f, 'u' | 'x' | 'R')) {
+                    return Err(format!(
+                        "the flag `{flag}` is not supported by Go regexes (only i, m, s and U)"
+                    ));
+                }
+                out.push('(');
+            }
+            _ => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// The numbers of a counted repetition (`{2}`, `{2,}`, `{2,5}`) that `rest`
+/// (just after a `{`) starts; none when it is not one.
+fn repetition_counts(rest: &str) -> impl Iterator<Item = u64> + '_ {
+    let inner = rest.split_once('}').map_or("", |(inner, _)| inner);
+    let is_count = !inner.is_empty()
+        && inner.split(',').count() <= 2
+        && inner.split(',').next().is_some_and(|n| !n.is_empty())
+        && inner.chars().all(|c| c.is_ascii_digit() || c == ',');
+    inner.split(',').filter(move |_| is_count).filter_map(|n| {
+        n.parse::<u64>()
+            .ok()
+            .or((!n.is_empty()).then_some(u64::MAX))
+    })
+}
+
+/// The length of `:name:]` when `rest` (just after a `[` inside a class)
+/// starts a POSIX class such as `[:alpha:]`, which both dialects read alike.
+fn posix_class(rest: &str) -> Option<usize> {
+    let name = rest.strip_prefix(':')?;
+    let end = name.find(":]")?;
+    let name = &name[..end];
+    let name = name.strip_prefix('^').unwrap_or(name);
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase())).then_some(end + 3)
 }
 
 /// The regex crate's error is a multi-line drawing; keep its final sentence.
@@ -351,6 +551,8 @@ mod tests {
             (r#"env!~"dev|test""#, "env", NotRegex, "dev|test"),
             ("statuscode=~5..", "statuscode", Regex, "5.."),
             (r#"team="""#, "team", Equal, ""),
+            ("team=", "team", Equal, ""),
+            ("team=~  ", "team", Regex, ""),
             (r#"  team  =  "payments"  "#, "team", Equal, "payments"),
             ("team = two words ", "team", Equal, "two words"),
             (r#"foo="bar,quux""#, "foo", Equal, "bar,quux"),
@@ -399,14 +601,6 @@ mod tests {
             (
                 r#"team~="x""#,
                 "expected `=`, `!=`, `=~` or `!~` after `team`, found `~=\"x\"`",
-            ),
-            (
-                "team=",
-                "the value is missing after `team=` (write `team=\"\"` to match an empty or missing label)",
-            ),
-            (
-                "team=~  ",
-                "the value is missing after `team=~` (write `team=~\"\"` to match an empty or missing label)",
             ),
             (
                 r#"job="value"#,

@@ -558,7 +558,7 @@ fn listed_within_min_relist(listed_at_ms: u64) -> bool {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| millis(d))
+        .map(millis)
         .unwrap_or(0)
 }
 

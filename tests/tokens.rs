@@ -88,6 +88,144 @@ async fn three_workers_hitting_an_expired_token_refresh_it_once() {
     env.cleanup().await;
 }
 
+/// Events published at once, so that both workers hold many when the token
+/// has to be replaced.
+const IN_FLIGHT: usize = 40;
+
+/// Publishes `ids` as events of this test.
+async fn publish_events(env: &TestEnv, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        env.publish(&env.event(&id, json!({}))).await;
+    }
+}
+
+/// Asserts that every one of `expected` events was posted exactly once.
+fn assert_each_posted_once(env: &TestEnv, expected: usize) {
+    let mut ids: Vec<String> = env
+        .slack
+        .posts()
+        .iter()
+        .map(|p| p.metadata.as_ref().unwrap()["event_payload"]["event_id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), expected, "posts: {ids:?}");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), expected, "an event was posted twice");
+}
+
+/// Asserts that every `oauth.v2.access` call succeeded and exchanged the
+/// refresh token issued by the one before it (the first: `initial`): no
+/// refresh token was presented twice, and no call was wasted.
+fn assert_one_unbroken_chain_of_refreshes(env: &TestEnv, initial: &str) {
+    let calls = env.slack.requests_for("oauth.v2.access");
+    let issued = env.slack.issued_tokens();
+    assert_eq!(calls.len(), issued.len(), "{}", env.slack.describe());
+    for (i, call) in calls.iter().enumerate() {
+        assert_eq!(call.error, None, "refresh {i} failed");
+        let expected = if i == 0 {
+            initial
+        } else {
+            issued[i - 1].refresh_token.as_str()
+        };
+        assert_eq!(call.params["refresh_token"], expected, "refresh {i}");
+    }
+}
+
+#[tokio::test]
+async fn two_workers_with_many_events_in_flight_refresh_a_token_slack_reports_expired_once() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    // Small enough that both workers get a share of the events.
+    env.settings.amqp.prefetch = 10;
+    // New tokens live one hour, less than the two hours Slack's SDKs refresh
+    // ahead by: emulators issue such tokens, and so may Slack.
+    env.slack.set_access_token_lifetime(3600);
+    let initial = expired_rotating_token(&env).await;
+    publish_events(&env, (0..IN_FLIGHT).map(|i| format!("expired-{i}"))).await;
+
+    let workers = [
+        env.spawn_worker_with(rotation_secrets()),
+        env.spawn_worker_with(rotation_secrets()),
+    ];
+    env.slack.wait_for_posts(IN_FLIGHT, WAIT).await.unwrap();
+    for worker in workers {
+        worker.stop().await;
+    }
+
+    assert_eq!(
+        env.slack.requests_for("oauth.v2.access").len(),
+        1,
+        "one refresh for one expiry\n{}",
+        env.slack.describe()
+    );
+    assert_one_unbroken_chain_of_refreshes(&env, &initial);
+    assert_each_posted_once(&env, IN_FLIGHT);
+    let issued = env.slack.issued_tokens();
+    assert!(
+        env.slack
+            .posts()
+            .iter()
+            .all(|p| p.token == issued[0].access_token),
+        "every event went out with the one new token"
+    );
+    assert!(env.smtp.mails().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_workers_replace_a_short_lived_token_once_each_time_it_nears_expiry() {
+    const LIFETIME_SECS: u64 = 6;
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.amqp.prefetch = 10;
+    env.slack.set_access_token_lifetime(LIFETIME_SECS);
+    // Three seconds left: refreshed before its first use. The tokens Slack
+    // mints then live six seconds each and expire while events keep coming.
+    let initial = rotating_token(&env, 3).await;
+    publish_events(&env, (0..IN_FLIGHT).map(|i| format!("short-{i}"))).await;
+    let workers = [
+        env.spawn_worker_with(rotation_secrets()),
+        env.spawn_worker_with(rotation_secrets()),
+    ];
+
+    // Events keep arriving (a few every 100 ms: the load, not a wait) until
+    // the first minted token has come near its expiry and been replaced.
+    let mut published = IN_FLIGHT;
+    let mut arrivals = tokio::time::interval(std::time::Duration::from_millis(100));
+    tokio::time::timeout(WAIT, async {
+        while env.slack.requests_for("oauth.v2.access").len() < 2 {
+            arrivals.tick().await;
+            publish_events(
+                &env,
+                (published..published + 3).map(|i| format!("short-{i}")),
+            )
+            .await;
+            published += 3;
+        }
+    })
+    .await
+    .expect("the minted token was replaced before it expired");
+    env.slack.wait_for_posts(published, WAIT).await.unwrap();
+    for worker in workers {
+        worker.stop().await;
+    }
+
+    assert_one_unbroken_chain_of_refreshes(&env, &initial);
+    // A storm replaces a token the moment it was minted; one refresh per
+    // expiry lets each live most of its life (a lower bound: load only
+    // makes the gaps longer).
+    let calls = env.slack.requests_for("oauth.v2.access");
+    for pair in calls.windows(2) {
+        let lived = pair[1].received_at - pair[0].received_at;
+        assert!(
+            lived >= std::time::Duration::from_secs(LIFETIME_SECS / 2),
+            "a token was replaced {lived:?} after it was minted\n{}",
+            env.slack.describe()
+        );
+    }
+    assert_each_posted_once(&env, published);
+    assert!(env.smtp.mails().is_empty());
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_token_close_to_expiry_is_refreshed_before_it_is_used() {
     let env = TestEnv::start(BASIC_RULES).await;

@@ -100,7 +100,10 @@ impl Deliverer {
                                 }
                             },
                             Err(e) => {
-                                return SlackResult::Done(report(&routed.target, redis_failure(&e)));
+                                return SlackResult::Done(report(
+                                    &routed.target,
+                                    redis_failure(&e),
+                                ));
                             }
                         }
                     };

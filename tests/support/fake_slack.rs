@@ -53,7 +53,8 @@ pub const MAX_ATTACHMENTS: usize = 100;
 pub const MAX_POST_TEXT_CHARS: usize = 40_000;
 /// `chat.update` answers `msg_too_long` above this.
 pub const MAX_UPDATE_TEXT_CHARS: usize = 4_000;
-/// Lifetime of access tokens minted by `oauth.v2.access` (seconds).
+/// Lifetime of access tokens minted by `oauth.v2.access` (seconds), unless
+/// a test sets another with [`FakeSlack::set_access_token_lifetime`].
 pub const ACCESS_TOKEN_EXPIRES_IN: u64 = 43_200;
 
 /// Methods the fake implements; anything else is `unknown_method` (HTTP 404).
@@ -292,6 +293,10 @@ struct Inner {
     refresh_grace: Duration,
     refresh_count: usize,
     issued: Vec<IssuedTokens>,
+    /// `expires_in` of minted access tokens; `None` is [`ACCESS_TOKEN_EXPIRES_IN`].
+    access_token_lifetime: Option<u64>,
+    /// When minted access tokens start answering `token_expired`, as Slack's do.
+    token_expires_at: HashMap<String, Instant>,
     channel_rate: Option<(f64, u32)>,
     workspace_rate: Option<(f64, u32)>,
     buckets: HashMap<(String, String), Bucket>,
@@ -626,6 +631,13 @@ impl FakeSlack {
     /// How long a used refresh token keeps working (default 0: revoked at once).
     pub fn set_refresh_grace(&self, grace: Duration) {
         self.lock().refresh_grace = grace;
+    }
+
+    /// `expires_in` of the access tokens `oauth.v2.access` mints from now on
+    /// (Slack's is 12 hours; emulators and tests use shorter ones). They
+    /// answer `token_expired` once that time has passed.
+    pub fn set_access_token_lifetime(&self, secs: u64) {
+        self.lock().access_token_lifetime = Some(secs);
     }
 
     /// Number of successful refreshes.
@@ -1359,6 +1371,12 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         TokenState::Revoked => return Reply::err("token_revoked"),
         TokenState::Expired => return Reply::err("token_expired"),
         TokenState::AccountInactive => return Reply::err("account_inactive"),
+    }
+    if g.token_expires_at
+        .get(&token)
+        .is_some_and(|at| received_at >= *at)
+    {
+        return Reply::err("token_expired");
     }
     if let Err(secs) = take_method_token(g, &spec.team_id, &req.method) {
         return Reply::ratelimited(secs);
@@ -2358,8 +2376,11 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
     }
     let entry = entry.clone();
     let scopes = entry.scopes.clone();
+    let expires_in = g.access_token_lifetime.unwrap_or(ACCESS_TOKEN_EXPIRES_IN);
     let suffix = g.random_suffix();
     let access = format!("xoxe.xoxb-1-{suffix}");
+    g.token_expires_at
+        .insert(access.clone(), now + Duration::from_secs(expires_in));
     let suffix = g.random_suffix();
     let refresh = format!("xoxe-1-{suffix}");
     g.tokens.insert(
@@ -2386,7 +2407,7 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
         refresh_token: refresh.clone(),
         team_id: entry.team_id.clone(),
         bot_user_id: entry.bot_user_id.clone(),
-        expires_in: ACCESS_TOKEN_EXPIRES_IN,
+        expires_in,
         used_refresh_token: used,
     });
     Reply::ok(json!({
@@ -2397,7 +2418,7 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
         "access_token": access,
         "bot_user_id": entry.bot_user_id,
         "refresh_token": refresh,
-        "expires_in": ACCESS_TOKEN_EXPIRES_IN,
+        "expires_in": expires_in,
         "team": {"id": entry.team_id, "name": format!("Team {}", entry.team_id)},
         "enterprise": null,
         "is_enterprise_install": false,

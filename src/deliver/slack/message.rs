@@ -1,7 +1,9 @@
 //! Renders an event as a Slack message: Block Kit layout, colour bar, plain-text fallback, metadata.
 //!
-//! All event text placed in mrkdwn is escaped (`&`, `<`, `>`), so a title such
-//! as `<!channel>` shows literally instead of paging a whole channel. Every
+//! All event text placed in mrkdwn and in the top-level `text` is escaped
+//! (`&`, `<`, `>`), so a title such as `<!channel>` shows literally instead of
+//! paging a whole channel; in `plain_text` objects (the header) every `<` is
+//! followed by an invisible word joiner (see [`neutralise_plain`]). Every
 //! piece is cut to Slack's documented limits so a long event never makes the
 //! post fail.
 
@@ -189,7 +191,11 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         text: TextObject {
             emoji: Some(true),
             ..TextObject::plain(truncate(
-                &format!("{} {}", severity_emoji(event.severity), event.title),
+                &format!(
+                    "{} {}",
+                    severity_emoji(event.severity),
+                    neutralise_plain(&event.title)
+                ),
                 HEADER_LIMIT,
             ))
         },
@@ -343,6 +349,31 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// Makes event text safe for a `plain_text` object while showing it as written.
+///
+/// Slack parses no mentions in `plain_text` and shows it as sent (its docs
+/// tie the `&amp;`/`&lt;`/`&gt;` escapes to mrkdwn's special parsing, and it
+/// hands a raw `&` from a button's text back as `&amp;`, i.e. escapes it
+/// itself), so mrkdwn escaping here risks a header reading `&lt;!channel&gt;`.
+/// Instead every `<` is followed by U+2060 WORD JOINER: invisible, the text
+/// stays readable, yet no `<!channel>`, `<!here>`, `<!everyone>`,
+/// `<!subteam^…>`, `<@U…>`, `<#C…>` or `<url|…>` sequence is left for Slack
+/// or for anything that later reads the text as mrkdwn. A word joiner, not a
+/// zero-width joiner: that one would fuse a following emoji into another.
+pub fn neutralise_plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        out.push(c);
+        if c == '<' {
+            out.push(WORD_JOINER);
+        }
+    }
+    out
+}
+
+/// U+2060, zero width, "do not break here" and nothing else.
+const WORD_JOINER: char = '\u{2060}';
+
 /// Cuts `text` to at most `limit` characters, ending with `…` when cut, and
 /// never inside an `&amp;`-style entity.
 pub fn truncate(text: &str, limit: usize) -> String {
@@ -448,6 +479,171 @@ mod tests {
             }
         }
         assert_eq!(message["text"], "[HIGH] &lt;!channel&gt; down");
+    }
+
+    /// Every way text can mention someone, or a channel, in Slack.
+    const MENTIONS: &[&str] = &[
+        "<!channel>",
+        "<!here>",
+        "<!everyone>",
+        "<!subteam^S0ONCALL>",
+        "<!subteam^S0ONCALL|@oncall>",
+        "<@U0ALICE>",
+        "<@U0ALICE|alice>",
+        "<@W0ENTERPRISE>",
+        "<#C0GENERAL>",
+        "<#C0GENERAL|general>",
+    ];
+
+    /// Where a piece of text can land in a message.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Place {
+        Mrkdwn,
+        PlainText,
+        /// The top-level `text`: notifications, and mrkdwn for Slack.
+        Text,
+    }
+
+    /// Every text object of `kind` in the message, however deep.
+    fn texts_of(value: &Value, kind: &str, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if map.get("type").and_then(Value::as_str) == Some(kind)
+                    && let Some(text) = map.get("text").and_then(Value::as_str)
+                {
+                    out.push(text.to_string());
+                }
+                map.values().for_each(|v| texts_of(v, kind, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| texts_of(v, kind, out)),
+            _ => {}
+        }
+    }
+
+    fn texts_in(message: &Value, place: Place) -> Vec<String> {
+        let mut out = Vec::new();
+        match place {
+            Place::Mrkdwn => texts_of(message, "mrkdwn", &mut out),
+            Place::PlainText => texts_of(message, "plain_text", &mut out),
+            Place::Text => out.push(message["text"].as_str().unwrap().to_string()),
+        }
+        out
+    }
+
+    #[test]
+    fn no_mention_in_any_event_field_is_live_in_any_kind_of_text() {
+        use serde_json::json;
+        // Each event field that reaches the message, the event carrying
+        // `m` there, and every place it shows.
+        type Carrier = (&'static str, fn(&str) -> Value, &'static [Place]);
+        let carriers: &[Carrier] = &[
+            (
+                "title",
+                |m| json!({"title": m}),
+                &[Place::PlainText, Place::Text],
+            ),
+            ("summary", |m| json!({"summary": m}), &[Place::Mrkdwn]),
+            ("comment", |m| json!({"comment": m}), &[Place::Mrkdwn]),
+            (
+                "ticket number",
+                |m| json!({"ticket": {"number": m}}),
+                &[Place::Mrkdwn, Place::Text],
+            ),
+            (
+                "ticket form",
+                |m| json!({"ticket": {"form": m}}),
+                &[Place::Mrkdwn],
+            ),
+            (
+                "assignee name",
+                |m| json!({"assignee": {"name": m}}),
+                &[Place::Mrkdwn],
+            ),
+            (
+                "assignee email",
+                |m| json!({"assignee": {"email": m}}),
+                &[Place::Mrkdwn],
+            ),
+            ("source", |m| json!({"source": m}), &[Place::Mrkdwn]),
+            ("id", |m| json!({"id": m}), &[Place::Mrkdwn]),
+            // An event's own target Slack could not take, named in the repost.
+            (
+                "rerouted target",
+                |m| json!({"targets": [{"slack_channel": m}]}),
+                &[Place::Mrkdwn, Place::Text],
+            ),
+        ];
+        for (field, carry, places) in carriers {
+            for mention in MENTIONS {
+                let mut body =
+                    json!({"id": "e-1", "type": "t", "severity": "high", "title": "Disk full"});
+                body.as_object_mut().unwrap().extend(
+                    carry(&format!("ping {mention} now"))
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                );
+                let e = event(&body.to_string());
+                // As the deliverer names a target it reroutes.
+                let intended = e
+                    .targets
+                    .iter()
+                    .flatten()
+                    .map(|t| format!("{t} (channel_not_found)"))
+                    .next();
+                let context = RenderContext {
+                    rerouted_from: intended.as_deref(),
+                    ..RenderContext::default()
+                };
+                let message = rendered(&e, &context);
+
+                for place in [Place::Mrkdwn, Place::PlainText, Place::Text] {
+                    for text in texts_in(&message, place) {
+                        for live in ["<!", "<@", "<#"] {
+                            assert!(
+                                !text.contains(live),
+                                "{field} with {mention}: {live} is live in {place:?} {text:?}"
+                            );
+                        }
+                    }
+                }
+                for place in *places {
+                    let shown = match place {
+                        Place::Mrkdwn | Place::Text => escape(mention),
+                        Place::PlainText => neutralise_plain(mention),
+                    };
+                    assert!(
+                        texts_in(&message, *place)
+                            .iter()
+                            .any(|t| t.contains(&shown)),
+                        "{field} with {mention} is not shown in {place:?}: {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn labels_do_not_reach_the_message() {
+        let e = event(
+            r#"{"id":"x","type":"t","severity":"high","title":"t","labels":{"team":"<!channel>"}}"#,
+        );
+        let message = rendered(&e, &RenderContext::default()).to_string();
+        assert!(!message.contains("channel"), "{message}");
+    }
+
+    #[test]
+    fn plain_text_keeps_the_mention_readable_and_the_emoji_whole() {
+        let header = neutralise_plain("<!here> 🔥 a<b");
+        assert_eq!(header.replace(WORD_JOINER, ""), "<!here> 🔥 a<b");
+        assert!(!header.contains("<!") && !header.contains("&lt;"));
+        let e = event(r#"{"id":"x","type":"t","severity":"critical","title":"<@U1> & co"}"#);
+        let message = rendered(&e, &RenderContext::default());
+        assert_eq!(
+            message["blocks"][0]["text"]["text"], "🔴 <\u{2060}@U1> & co",
+            "shown as written, nothing escaped"
+        );
+        assert_eq!(message["text"], "[CRITICAL] &lt;@U1&gt; &amp; co");
     }
 
     #[test]

@@ -3,14 +3,21 @@
 //! Other systems (an OAuth install flow) write the Redis record, so it is read
 //! again after a short in-process cache. Tokens are held as [`Secret`]s and
 //! never reach a log line or an error message.
+//!
+//! Rotating tokens are replaced once per expiry across all replicas: a Redis
+//! lock lets one replica call `oauth.v2.access`, whoever finds a newer token
+//! stored uses it instead of refreshing again, and concurrent callers in one
+//! process share one refresh.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
 
 use super::SlackClient;
 use crate::config::Secret;
@@ -61,19 +68,20 @@ pub enum TokenError {
         reason: String,
         transient: bool,
     },
+    /// The outcome of a refresh several callers waited on together.
+    #[error(transparent)]
+    Shared(Arc<TokenError>),
 }
 
 impl TokenError {
     /// Redis trouble passes; a malformed record needs an operator.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            TokenError::Redis { .. }
-                | TokenError::Refresh {
-                    transient: true,
-                    ..
-                }
-        )
+        match self {
+            TokenError::Redis { .. } => true,
+            TokenError::Refresh { transient, .. } => *transient,
+            TokenError::Malformed { .. } => false,
+            TokenError::Shared(inner) => inner.is_transient(),
+        }
     }
 }
 
@@ -84,9 +92,38 @@ pub struct TokenStore {
     env_token: Option<Secret>,
     default_workspace: Option<String>,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Option<WorkspaceToken>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
     /// Set when token rotation is configured (`SLACK_CLIENT_ID`/`SECRET`).
     rotation: Option<Rotation>,
+    /// Refreshes in progress here, by workspace and the token they replace.
+    flights: Mutex<HashMap<(String, String), Arc<Flight>>>,
+}
+
+/// A cached read; a rotating token leaves the cache when it is due for refresh.
+struct Cached {
+    at: Instant,
+    token: Option<WorkspaceToken>,
+    /// Unix milliseconds after which the entry must not be served.
+    until_ms: Option<i64>,
+}
+
+/// One refresh that every caller replacing the same token waits on.
+type Flight = OnceCell<Result<Fresh, Arc<TokenError>>>;
+
+/// A token together with what is known of its lifetime.
+#[derive(Debug, Clone)]
+struct Fresh {
+    token: WorkspaceToken,
+    /// `expires_in` of the refresh that minted it, when known.
+    lifetime_secs: Option<i64>,
+}
+
+/// What the last refresh learnt about its token, kept beside the record (whose
+/// shape is fixed). It only describes the token whose `expires_at` it names.
+#[derive(Debug, Serialize, Deserialize)]
+struct Lifetime {
+    expires_at: i64,
+    expires_in: i64,
 }
 
 /// What refreshing a rotating token needs.
@@ -96,22 +133,33 @@ pub struct Rotation {
     pub client_secret: Secret,
 }
 
-/// Refresh this long before `expires_at`, as Slack's SDKs do.
-const REFRESH_AHEAD_SECS: i64 = 2 * 3600;
+/// Refresh at most this long before `expires_at`, as Slack's SDKs do for its 12-hour tokens.
+const REFRESH_AHEAD_MAX_SECS: i64 = 2 * 3600;
+/// ... and at most this part of the token's lifetime (2 h of 12 h), so that
+/// a token living less than two hours is not refreshed as soon as it is minted.
+const REFRESH_AHEAD_DIVISOR: i64 = 6;
 /// A refresh lock outlives one `oauth.v2.access` call with its retries.
 const REFRESH_LOCK: Duration = Duration::from_secs(60);
 /// How long a replica waits for another one's refresh before giving up for now.
 const REFRESH_WAIT: Duration = Duration::from_secs(15);
+/// The lifetime note outlives its token by this much, then goes.
+const LIFETIME_KEEP_SECS: i64 = 24 * 3600;
 
 /// Writes the new record only if the stored one still holds the refresh
 /// token we exchanged (the fencing check): the new pair is then the only
 /// valid one, and it must be stored even if our lock lapsed meanwhile.
+/// The lifetime note (KEYS[2]) is written with it, or removed.
 const WRITE_IF_UNCHANGED: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local ok, record = pcall(cjson.decode, current)
 if ok and record['refresh_token'] == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
+  if ARGV[3] == '' then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+  end
   return 1
 end
 return 0
@@ -138,6 +186,7 @@ impl TokenStore {
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
             rotation: None,
+            flights: Mutex::new(HashMap::new()),
         }
     }
 
@@ -151,6 +200,11 @@ impl TokenStore {
     /// The Redis key of a workspace's token.
     pub fn key(key_prefix: &str, workspace: &str) -> String {
         format!("{key_prefix}:slack:token:{workspace}")
+    }
+
+    /// The Redis key of what the last refresh learnt about the token's lifetime.
+    fn lifetime_key(key_prefix: &str, workspace: &str) -> String {
+        format!("{key_prefix}:slack:token-lifetime:{workspace}")
     }
 
     /// The workspace an event belongs to: its own, else the default.
@@ -170,36 +224,38 @@ impl TokenStore {
                 rotating: false,
             }));
         };
+        let now_ms = chrono::Utc::now().timestamp_millis();
         if let Ok(cache) = self.cache.lock()
-            && let Some((at, token)) = cache.get(workspace)
-            && at.elapsed() < self.cache_ttl
+            && let Some(cached) = cache.get(workspace)
+            && cached.at.elapsed() < self.cache_ttl
+            && cached.until_ms.is_none_or(|until| now_ms < until)
         {
-            return Ok(token.clone());
+            return Ok(cached.token.clone());
         }
-        let mut token = self.read(workspace).await?;
-        if let Some(current) = &token
-            && current.rotating
-            && self.rotation.is_some()
-            && current
-                .expires_at
-                .is_some_and(|at| at - chrono::Utc::now().timestamp() < REFRESH_AHEAD_SECS)
+        let stored = self.read(workspace).await?;
+        let refresh_at = stored.as_ref().and_then(|fresh| self.refresh_at_ms(fresh));
+        if let (Some(current), Some(refresh_at)) = (&stored, refresh_at)
+            && now_ms >= refresh_at
         {
-            match self.refresh(current).await {
-                Ok(fresh) => token = Some(fresh),
-                // Still valid for a while: use it, and try again on the next read.
+            return match self.refresh(&current.token).await {
+                Ok(fresh) => Ok(Some(fresh)),
+                // Still valid for a while: use it, and try again after the cache time.
                 Err(e)
                     if current
+                        .token
                         .expires_at
-                        .is_some_and(|at| at > chrono::Utc::now().timestamp()) =>
+                        .is_some_and(|at| at * 1000 > chrono::Utc::now().timestamp_millis()) =>
                 {
                     tracing::warn!(workspace, error = %e, "token refresh failed; using the current token until it expires");
+                    let until_ms = current.token.expires_at.map(|at| at * 1000);
+                    self.remember(workspace, Some(current.token.clone()), until_ms);
+                    Ok(Some(current.token.clone()))
                 }
-                Err(e) => return Err(e),
-            }
+                Err(e) => Err(e),
+            };
         }
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(workspace.to_string(), (Instant::now(), token.clone()));
-        }
+        let token = stored.map(|fresh| fresh.token);
+        self.remember(workspace, token.clone(), refresh_at);
         Ok(token)
     }
 
@@ -210,10 +266,33 @@ impl TokenStore {
         }
     }
 
-    async fn read(&self, workspace: &str) -> Result<Option<WorkspaceToken>, TokenError> {
+    fn remember(&self, workspace: &str, token: Option<WorkspaceToken>, until_ms: Option<i64>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            let cached = Cached {
+                at: Instant::now(),
+                token,
+                until_ms,
+            };
+            cache.insert(workspace.to_string(), cached);
+        }
+    }
+
+    /// When (Unix ms) a rotating token is due for refresh; `None` for tokens
+    /// this store does not refresh.
+    fn refresh_at_ms(&self, fresh: &Fresh) -> Option<i64> {
+        if !fresh.token.rotating || self.rotation.is_none() {
+            return None;
+        }
+        let expires_at = fresh.token.expires_at?;
+        Some(expires_at * 1000 - refresh_ahead_ms(fresh.lifetime_secs))
+    }
+
+    async fn read(&self, workspace: &str) -> Result<Option<Fresh>, TokenError> {
         let mut redis = self.redis.clone();
-        let raw: Option<String> = redis
-            .get(Self::key(&self.key_prefix, workspace))
+        let (raw, lifetime): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(Self::key(&self.key_prefix, workspace))
+            .arg(Self::lifetime_key(&self.key_prefix, workspace))
+            .query_async(&mut redis)
             .await
             .map_err(|source| TokenError::Redis {
                 workspace: workspace.to_string(),
@@ -224,12 +303,20 @@ impl TokenStore {
                 workspace: workspace.to_string(),
                 problem,
             })?;
-            return Ok(Some(WorkspaceToken {
-                workspace: workspace.to_string(),
-                access_token: Secret::new(record.access_token),
-                expires_at: record.expires_at,
-                source: "redis",
-                rotating: record.refresh_token.is_some(),
+            // A note about an earlier token (the record was rewritten since) says nothing.
+            let lifetime_secs = lifetime
+                .and_then(|raw| serde_json::from_str::<Lifetime>(&raw).ok())
+                .filter(|l| Some(l.expires_at) == record.expires_at && l.expires_in > 0)
+                .map(|l| l.expires_in);
+            return Ok(Some(Fresh {
+                token: WorkspaceToken {
+                    workspace: workspace.to_string(),
+                    access_token: Secret::new(record.access_token),
+                    expires_at: record.expires_at,
+                    source: "redis",
+                    rotating: record.refresh_token.is_some(),
+                },
+                lifetime_secs,
             }));
         }
         // SLACK_BOT_TOKEN serves the default workspace, or every workspace when no default is set.
@@ -241,20 +328,63 @@ impl TokenStore {
             .env_token
             .clone()
             .filter(|_| env_serves_it)
-            .map(|token| WorkspaceToken {
-                workspace: workspace.to_string(),
-                access_token: token,
-                expires_at: None,
-                source: "env",
-                rotating: false,
+            .map(|token| Fresh {
+                token: WorkspaceToken {
+                    workspace: workspace.to_string(),
+                    access_token: token,
+                    expires_at: None,
+                    source: "env",
+                    rotating: false,
+                },
+                lifetime_secs: None,
             }))
     }
 
-    /// Replaces `stale` (expired, or about to) with a fresh token. One replica
-    /// refreshes at a time under a Redis lock; the others wait and read what
-    /// it wrote. Every refresh returns a new refresh token and revokes the
-    /// old one, so the new pair is written back before anything else.
+    /// Replaces `stale` (expired, or about to) with a fresh token. Callers
+    /// in this process replacing the same token share one refresh; across
+    /// replicas one refreshes at a time under a Redis lock, and a token
+    /// another one stored meanwhile is used instead of refreshing again
+    /// (each refresh revokes the previous refresh token).
     pub async fn refresh(&self, stale: &WorkspaceToken) -> Result<WorkspaceToken, TokenError> {
+        let workspace = stale.workspace.as_str();
+        let key = (
+            workspace.to_string(),
+            stale.access_token.expose().to_string(),
+        );
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            flights.entry(key.clone()).or_default().clone()
+        };
+        let outcome = flight
+            .get_or_init(|| async { self.refresh_once(stale).await.map_err(Arc::new) })
+            .await
+            .clone();
+        // Done: whoever comes later starts anew (and first looks at what is stored).
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                flights.remove(&key);
+            }
+        }
+        match outcome {
+            Ok(fresh) => {
+                self.remember(
+                    workspace,
+                    Some(fresh.token.clone()),
+                    self.refresh_at_ms(&fresh),
+                );
+                Ok(fresh.token)
+            }
+            Err(e) => {
+                self.invalidate(workspace);
+                Err(TokenError::Shared(e))
+            }
+        }
+    }
+
+    /// One refresh across replicas: use a newer stored token if there is
+    /// one, else take the lock and exchange the stored refresh token.
+    async fn refresh_once(&self, stale: &WorkspaceToken) -> Result<Fresh, TokenError> {
         let workspace = stale.workspace.as_str();
         let refresh_error = |reason: String, transient: bool| TokenError::Refresh {
             workspace: workspace.to_string(),
@@ -268,16 +398,22 @@ impl TokenStore {
                 false,
             ));
         };
+        // Another replica may have replaced it already (we hold a cached token).
+        if let Some(fresh) = self.newer_than(stale).await? {
+            return Ok(fresh);
+        }
         let lock_key = format!("{}:slack:token-lock:{workspace}", self.key_prefix);
         let record_key = Self::key(&self.key_prefix, workspace);
+        let lifetime_key = Self::lifetime_key(&self.key_prefix, workspace);
         let lock_value = uuid::Uuid::new_v4().to_string();
-        let started = Instant::now();
-        let mut redis = self.redis.clone();
         let redis_error = |source| TokenError::Redis {
             workspace: workspace.to_string(),
             source,
         };
-        loop {
+
+        // Take the lock, or use what the replica holding it stores meanwhile.
+        let take_lock = || async {
+            let mut redis = self.redis.clone();
             let locked: Option<String> = redis::cmd("SET")
                 .arg(&lock_key)
                 .arg(&lock_value)
@@ -286,25 +422,43 @@ impl TokenStore {
                 .arg(REFRESH_LOCK.as_millis() as u64)
                 .query_async(&mut redis)
                 .await
-                .map_err(redis_error)?;
+                .map_err(|e| LockWait::Failed(redis_error(e)))?;
             if locked.is_some() {
-                break;
+                return Ok(None);
             }
-            // Another replica is refreshing: its result is what we want.
-            if let Some(fresh) = self.fresher_than(stale).await? {
-                return Ok(fresh);
+            match self.newer_than(stale).await {
+                Ok(Some(fresh)) => Ok(Some(fresh)),
+                Ok(None) => Err(LockWait::Busy),
+                Err(e) => Err(LockWait::Failed(e)),
             }
-            if started.elapsed() > REFRESH_WAIT {
+        };
+        let waited = take_lock
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_millis(500))
+                    .with_jitter()
+                    .without_max_times()
+                    .with_total_delay(Some(REFRESH_WAIT)),
+            )
+            .when(|e| matches!(e, LockWait::Busy))
+            .await;
+        match waited {
+            Ok(None) => {}
+            Ok(Some(fresh)) => return Ok(fresh),
+            Err(LockWait::Failed(e)) => return Err(e),
+            Err(LockWait::Busy) => {
                 return Err(refresh_error(
                     "another replica has been refreshing it for too long".into(),
                     true,
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
+        let mut redis = self.redis.clone();
         let result = async {
-            if let Some(fresh) = self.fresher_than(stale).await? {
+            // The replica that held the lock before us may have just replaced it.
+            if let Some(fresh) = self.newer_than(stale).await? {
                 return Ok(fresh);
             }
             let raw: Option<String> = redis.get(&record_key).await.map_err(redis_error)?;
@@ -350,10 +504,11 @@ impl TokenStore {
                     true,
                 ));
             };
-            let expires_at = reply
+            let expires_in = reply
                 .get("expires_in")
                 .and_then(serde_json::Value::as_i64)
-                .map(|secs| chrono::Utc::now().timestamp() + secs);
+                .filter(|secs| *secs > 0);
+            let expires_at = expires_in.map(|secs| chrono::Utc::now().timestamp() + secs);
             let fresh_record = TokenRecord {
                 access_token,
                 refresh_token: Some(new_refresh),
@@ -366,10 +521,21 @@ impl TokenStore {
             };
             let json = serde_json::to_string(&fresh_record)
                 .map_err(|e| refresh_error(format!("cannot encode the new record: {e}"), false))?;
+            let lifetime = match (expires_at, expires_in) {
+                (Some(expires_at), Some(expires_in)) => serde_json::to_string(&Lifetime {
+                    expires_at,
+                    expires_in,
+                })
+                .map_err(|e| refresh_error(format!("cannot encode the new record: {e}"), false))?,
+                _ => String::new(),
+            };
             let written: i64 = redis::Script::new(WRITE_IF_UNCHANGED)
                 .key(&record_key)
+                .key(&lifetime_key)
                 .arg(&refresh_token)
                 .arg(json)
+                .arg(lifetime)
+                .arg(expires_in.unwrap_or(0) + LIFETIME_KEEP_SECS)
                 .invoke_async(&mut redis)
                 .await
                 .map_err(redis_error)?;
@@ -382,12 +548,15 @@ impl TokenStore {
                 );
             }
             tracing::info!(workspace, expires_at, "token refreshed");
-            Ok(WorkspaceToken {
-                workspace: workspace.to_string(),
-                access_token: Secret::new(fresh_record.access_token),
-                expires_at: fresh_record.expires_at,
-                source: "redis",
-                rotating: true,
+            Ok(Fresh {
+                token: WorkspaceToken {
+                    workspace: workspace.to_string(),
+                    access_token: Secret::new(fresh_record.access_token),
+                    expires_at: fresh_record.expires_at,
+                    source: "redis",
+                    rotating: true,
+                },
+                lifetime_secs: expires_in,
             })
         }
         .await;
@@ -396,25 +565,37 @@ impl TokenStore {
             .arg(&lock_value)
             .invoke_async(&mut redis)
             .await;
-        self.invalidate(workspace);
         if let Err(e) = &result {
             tracing::error!(workspace, error = %e, "token refresh failed; Slack is unavailable for this workspace until it works");
         }
         result
     }
 
-    /// The stored token, if it is no longer `stale` and not about to expire.
-    async fn fresher_than(
-        &self,
-        stale: &WorkspaceToken,
-    ) -> Result<Option<WorkspaceToken>, TokenError> {
+    /// The stored token if it replaced `stale` and has not expired. Any
+    /// other unexpired token is newer than one that failed or is due: it
+    /// need not have long to live (a short-lived one is refreshed in turn).
+    async fn newer_than(&self, stale: &WorkspaceToken) -> Result<Option<Fresh>, TokenError> {
         let current = self.read(&stale.workspace).await?;
-        Ok(current.filter(|t| {
-            t.access_token != stale.access_token
-                && t.expires_at
-                    .is_none_or(|at| at - chrono::Utc::now().timestamp() >= REFRESH_AHEAD_SECS)
+        let now = chrono::Utc::now().timestamp();
+        Ok(current.filter(|fresh| {
+            fresh.token.access_token != stale.access_token
+                && fresh.token.expires_at.is_none_or(|at| at > now)
         }))
     }
+}
+
+/// Why waiting for the refresh lock stopped.
+enum LockWait {
+    /// Another replica holds it and has stored nothing newer yet.
+    Busy,
+    Failed(TokenError),
+}
+
+/// How long before expiry a token is refreshed: Slack's SDKs' two hours, or
+/// a sixth of the token's life if that is shorter (unknown: two hours).
+fn refresh_ahead_ms(lifetime_secs: Option<i64>) -> i64 {
+    let max = REFRESH_AHEAD_MAX_SECS * 1000;
+    lifetime_secs.map_or(max, |secs| (secs * 1000 / REFRESH_AHEAD_DIVISOR).min(max))
 }
 
 /// Parses a token record; the error says where, never what (it may hold the token).
@@ -450,6 +631,24 @@ mod tests {
         let err = parse_record(r#"{"access_token":"xoxb-test-secret","team_id":7}"#).unwrap_err();
         assert!(!err.contains("xoxb"), "{err}");
         assert!(err.contains("wrong field or type"), "{err}");
+    }
+
+    #[test]
+    fn tokens_are_refreshed_two_hours_ahead_or_a_sixth_of_their_life_if_shorter() {
+        const HOUR_MS: i64 = 3_600_000;
+        assert_eq!(refresh_ahead_ms(None), 2 * HOUR_MS, "lifetime unknown");
+        assert_eq!(
+            refresh_ahead_ms(Some(43_200)),
+            2 * HOUR_MS,
+            "Slack's 12 hours"
+        );
+        assert_eq!(refresh_ahead_ms(Some(86_400)), 2 * HOUR_MS);
+        assert_eq!(
+            refresh_ahead_ms(Some(3_600)),
+            600_000,
+            "one hour: ten minutes"
+        );
+        assert_eq!(refresh_ahead_ms(Some(6)), 1_000);
     }
 }
 
@@ -518,6 +717,10 @@ pub mod admin {
     ) -> Result<bool, String> {
         let removed: i64 = redis
             .del(TokenStore::key(key_prefix, workspace))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _: i64 = redis
+            .del(TokenStore::lifetime_key(key_prefix, workspace))
             .await
             .map_err(|e| e.to_string())?;
         Ok(removed > 0)

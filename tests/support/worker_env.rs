@@ -48,6 +48,15 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
         ("HTTP__LISTEN", s.http.listen.to_string()),
         ("DELIVERY__RETRY_DELAYS", delays.join(",")),
         ("DELIVERY__DRAIN_TIMEOUT", millis(s.delivery.drain_timeout)),
+        ("DELIVERY__CLAIM_LEASE", millis(s.delivery.claim_lease)),
+        (
+            "SLACK__CHANNEL_CACHE_TTL",
+            millis(s.slack.channel_cache_ttl),
+        ),
+        (
+            "SLACK__MAX_RATE_LIMIT_WAIT",
+            millis(s.slack.max_rate_limit_wait),
+        ),
         ("LOG__LEVEL", s.log.level.clone()),
         (
             "LOG__FORMAT",

@@ -24,8 +24,13 @@ pub enum Claim {
     Acquired(ClaimTicket),
     /// Ours, but an earlier holder claimed it at `since_ms` (Unix
     /// milliseconds, Redis's clock) and never recorded how it ended: its send
-    /// may have landed.
-    AcquiredAfterCrash { ticket: ClaimTicket, since_ms: u64 },
+    /// may have landed, in the target's own channel or, when the holder had
+    /// rerouted it, in `rerouted_to`.
+    AcquiredAfterCrash {
+        ticket: ClaimTicket,
+        since_ms: u64,
+        rerouted_to: Option<String>,
+    },
     /// This target already got this event.
     AlreadyDone,
     /// Another live worker is sending it; its lease runs `remaining` more
@@ -72,6 +77,7 @@ struct Scripts {
     claim: redis::Script,
     extend: redis::Script,
     release: redis::Script,
+    note_reroute: redis::Script,
 }
 
 const DONE: &str = "done";
@@ -81,37 +87,54 @@ const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The claim, as a Lua function other scripts can start with (the rate
 /// limiter takes the claim and the first slot in one round trip). Answers
-/// `{code, ms}`: `{0, 0}` the claim is ours; `{1, since}` ours, but an
-/// earlier holder's attempt marker from `since` remains; `{-1, 0}` the record
-/// says done; `{-2, pttl}` another holder's lease runs `pttl` more.
+/// `{code, ms, where}`: `{0, 0, ''}` the claim is ours; `{1, since, where}`
+/// ours, but an earlier holder's attempt marker from `since` remains (and
+/// `where` names the channel it had rerouted to, if it had); `{-1, 0, ''}`
+/// the record says done; `{-2, pttl, ''}` another holder's lease runs `pttl`
+/// more. The marker holds `<since>` or `<since>:<channel>`.
 pub(super) fn claim_lua() -> String {
     format!(
         "local function claim(key, marker, value, lease_ms)
   if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then
     local earlier = redis.call('GET', marker)
-    if earlier then return {{1, tonumber(earlier) or 0}} end
+    if earlier then
+      local since, where = string.match(earlier, '^(%d+):?(.*)$')
+      return {{1, tonumber(since) or 0, where or ''}}
+    end
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     redis.call('SET', marker, now, 'PX', {marker_ttl})
-    return {{0, 0}}
+    return {{0, 0, ''}}
   end
-  if redis.call('GET', key) == '{DONE}' then return {{-1, 0}} end
-  return {{-2, math.max(redis.call('PTTL', key), 0)}}
+  if redis.call('GET', key) == '{DONE}' then return {{-1, 0, ''}} end
+  return {{-2, math.max(redis.call('PTTL', key), 0), ''}}
 end
 ",
         marker_ttl = MARKER_TTL.as_millis()
     )
 }
 
+/// Notes on the attempt marker where the post is about to go instead of
+/// the target's own channel, keeping when the attempt started.
+const NOTE_REROUTE: &str = "local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local since = string.match(v, '^(%d+)')
+redis.call('SET', KEYS[1], since .. ':' .. ARGV[1], 'KEEPTTL')
+return 1";
+
 impl Claim {
     /// What [`claim_lua`]'s `claim` answered.
-    pub(super) fn from_script((code, ms): (i64, i64), ticket: ClaimTicket) -> Claim {
+    pub(super) fn from_script(
+        (code, ms, rerouted_to): (i64, i64, String),
+        ticket: ClaimTicket,
+    ) -> Claim {
         let ms = ms.max(0).unsigned_abs();
         match code {
             0 => Claim::Acquired(ticket),
             1 => Claim::AcquiredAfterCrash {
                 ticket,
                 since_ms: ms,
+                rerouted_to: (!rerouted_to.is_empty()).then_some(rerouted_to),
             },
             -1 => Claim::AlreadyDone,
             _ => Claim::HeldElsewhere {
@@ -146,6 +169,7 @@ impl Idempotency {
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
                 ),
                 // ARGV[2] = 1 keeps the attempt marker: the send may have landed.
+                note_reroute: redis::Script::new(NOTE_REROUTE),
                 release: redis::Script::new(
                     "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -185,7 +209,7 @@ return 1",
     ) -> Result<Claim, redis::RedisError> {
         let ticket = self.ticket(event_id, target_key);
         let mut redis = self.redis.clone();
-        let answer: (i64, i64) = self
+        let answer: (i64, i64, String) = self
             .scripts
             .claim
             .key(&ticket.key)
@@ -212,6 +236,24 @@ return 1",
             .ignore()
             .query_async::<()>(&mut redis)
             .await
+    }
+
+    /// Records on the claim's attempt marker that the post now goes to
+    /// `channel` (the default channel standing in for the target's), so a
+    /// worker taking over after a crash looks for it there.
+    pub async fn note_reroute(
+        &self,
+        ticket: &ClaimTicket,
+        channel: &str,
+    ) -> Result<(), redis::RedisError> {
+        let mut redis = self.redis.clone();
+        self.scripts
+            .note_reroute
+            .key(&ticket.marker)
+            .arg(channel)
+            .invoke_async::<i64>(&mut redis)
+            .await
+            .map(|_| ())
     }
 
     /// Renews the lease of a claim that is still ours; false if it is not.

@@ -18,9 +18,9 @@ use crate::config::SlackSettings;
 const SAFETY_MARGIN: f64 = 0.95;
 
 /// Checks both buckets and the pause; takes a slot from both only if all allow.
-/// Answers `{claim, claim_ms, wait}`: `wait` is 0 when granted, else the
-/// milliseconds to wait before asking again; `claim` and `claim_ms` are the
-/// claim's answer (`{0, 0}` without a claim).
+/// Answers `{claim, claim_ms, wait, where}`: `wait` is 0 when granted, else
+/// the milliseconds to wait before asking again; `claim`, `claim_ms` and
+/// `where` are the claim's answer (`{0, 0, ''}` without a claim).
 ///
 /// With a fourth and fifth key it first claims that idempotency record
 /// (and its attempt marker; [`claim_lua`]; ARGV[5] the claim's value, ARGV[6]
@@ -28,15 +28,15 @@ const SAFETY_MARGIN: f64 = 0.95;
 /// of two. A negative `claim` is the claim's whole answer (done, or held
 /// elsewhere); otherwise the claim is ours, whatever the buckets say.
 const GCRA: &str = r#"
-local claimed = {0, 0}
+local claimed = {0, 0, ''}
 if KEYS[4] then
   claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6])
-  if claimed[1] < 0 then return {claimed[1], claimed[2], 0} end
+  if claimed[1] < 0 then return {claimed[1], claimed[2], 0, claimed[3]} end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
-if paused_until > now then return {claimed[1], claimed[2], paused_until - now} end
+if paused_until > now then return {claimed[1], claimed[2], paused_until - now, claimed[3]} end
 local wait = 0
 local tats = {}
 for i = 1, 2 do
@@ -48,12 +48,12 @@ for i = 1, 2 do
   if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
   tats[i] = {tat + interval, tolerance}
 end
-if wait > 0 then return {claimed[1], claimed[2], wait} end
+if wait > 0 then return {claimed[1], claimed[2], wait, claimed[3]} end
 for i = 1, 2 do
   local new_tat = tats[i][1]
   redis.call('SET', KEYS[i], new_tat, 'PX', math.max(1, new_tat - now + tats[i][2]) + 1000)
 end
-return {claimed[1], claimed[2], 0}
+return {claimed[1], claimed[2], 0, claimed[3]}
 "#;
 
 /// Records a `Retry-After` pause, never shortening a longer one.
@@ -122,7 +122,7 @@ impl RateLimiter {
         channel: &str,
     ) -> Result<Option<Duration>, redis::RedisError> {
         let mut redis = self.redis.clone();
-        let (_, _, wait_ms): (i64, i64, u64) = self
+        let (_, _, wait_ms, _): (i64, i64, u64, String) = self
             .gcra
             .key(self.key(workspace, Some(channel), "rate"))
             .key(self.key(workspace, None, "rate"))
@@ -148,7 +148,7 @@ impl RateLimiter {
         lease_ms: u64,
     ) -> Result<(Claim, Option<Duration>), redis::RedisError> {
         let mut redis = self.redis.clone();
-        let (claim, claim_ms, wait_ms): (i64, i64, i64) = self
+        let (claim, claim_ms, wait_ms, rerouted_to): (i64, i64, i64, String) = self
             .gcra
             .key(self.key(workspace, Some(channel), "rate"))
             .key(self.key(workspace, None, "rate"))
@@ -166,7 +166,10 @@ impl RateLimiter {
         // The wait only counts when the claim is ours.
         let wait =
             (claim >= 0 && wait_ms > 0).then(|| Duration::from_millis(wait_ms.unsigned_abs()));
-        Ok((Claim::from_script((claim, claim_ms), ticket), wait))
+        Ok((
+            Claim::from_script((claim, claim_ms, rerouted_to), ticket),
+            wait,
+        ))
     }
 
     /// Makes every replica hold off `channel` for `retry_after` (after a 429).

@@ -246,12 +246,33 @@ impl Deliverer {
     }
 }
 
-/// A claim as the target's status: ours to send (with the time an earlier,
-/// vanished holder claimed it, if one did), or why not.
-fn claim_status(claim: Claim, key: &str) -> Result<(ClaimTicket, Option<u64>), TargetStatus> {
+/// An earlier attempt whose holder vanished before recording its outcome.
+struct LostAttempt {
+    /// When it claimed the target (Unix ms, Redis's clock).
+    since_ms: u64,
+    /// Where it was posting instead of the target's channel, if it had rerouted.
+    rerouted_to: Option<String>,
+}
+
+/// A claim as the target's status: ours to send (with the earlier, vanished
+/// holder's attempt, if one did), or why not.
+fn claim_status(
+    claim: Claim,
+    key: &str,
+) -> Result<(ClaimTicket, Option<LostAttempt>), TargetStatus> {
     match claim {
         Claim::Acquired(ticket) => Ok((ticket, None)),
-        Claim::AcquiredAfterCrash { ticket, since_ms } => Ok((ticket, Some(since_ms))),
+        Claim::AcquiredAfterCrash {
+            ticket,
+            since_ms,
+            rerouted_to,
+        } => Ok((
+            ticket,
+            Some(LostAttempt {
+                since_ms,
+                rerouted_to,
+            }),
+        )),
         Claim::AlreadyDone => {
             info!(key, "already delivered; not sending again");
             Err(TargetStatus::AlreadyDelivered)

@@ -24,8 +24,8 @@ use super::slack::message::{RenderContext, render};
 use super::slack::tokens::WorkspaceToken;
 use super::slack::{Body, SlackError, SlackFailure, honoured_retry_after};
 use super::{
-    Deliverer, SlackUnavailable, TargetReport, TargetStatus, claim_status, failed, redis_failure,
-    report,
+    Deliverer, LostAttempt, SlackUnavailable, TargetReport, TargetStatus, claim_status, failed,
+    redis_failure, report,
 };
 use crate::event::Event;
 
@@ -149,15 +149,9 @@ impl Deliverer {
         // Renewed while this target is in hand; a crash stops the renewals.
         let lease = self.idempotency.keep_alive(&ticket);
 
-        if let Some(since_ms) = lost_attempt {
+        if let Some(lost) = lost_attempt {
             match self
-                .find_lost_post(
-                    event,
-                    &routed.target.to_string(),
-                    destination,
-                    token,
-                    since_ms,
-                )
+                .find_lost_post(event, &routed.target.to_string(), destination, token, &lost)
                 .await
             {
                 Ok(Some(landed)) => {
@@ -192,6 +186,7 @@ impl Deliverer {
                 destination,
                 token,
                 default_channel,
+                &ticket,
                 first_slot,
                 &mut may_have_sent,
             )
@@ -233,6 +228,7 @@ impl Deliverer {
         destination: &SlackDestination,
         token: &WorkspaceToken,
         default_channel: Option<&str>,
+        ticket: &ClaimTicket,
         first_slot: Slot,
         may_have_sent: &mut bool,
     ) -> Result<String, PostFailure> {
@@ -344,6 +340,10 @@ impl Deliverer {
                         return Err(unavailable(&error));
                     }
                     warn!(channel, default, error = %error, "rerouting to the default channel");
+                    // A worker taking over after a crash must look there.
+                    if let Err(e) = self.idempotency.note_reroute(ticket, &default).await {
+                        warn!(error = %e, "cannot note the reroute on the claim");
+                    }
                     rerouted_from = Some(format!("{target} ({})", error.code));
                     first_error.get_or_insert(error);
                     channel = default;
@@ -524,7 +524,7 @@ impl Deliverer {
         target: &str,
         destination: &SlackDestination,
         token: &WorkspaceToken,
-        since_ms: u64,
+        lost: &LostAttempt,
     ) -> Result<Option<String>, Duration> {
         let on_error = |method: Method, e: &SlackError| -> Result<Option<String>, Duration> {
             match policy::next_step(method, destination.kind, e, Tried::default()) {
@@ -535,7 +535,8 @@ impl Deliverer {
                 }
             }
         };
-        let conversation = match Destination::parse(&destination.channel) {
+        let looked_in = lost.rerouted_to.as_deref().unwrap_or(&destination.channel);
+        let conversation = match Destination::parse(looked_in) {
             Destination::ChannelId(id) => id,
             Destination::User(user) => {
                 let body = serde_json::json!({ "users": user });
@@ -558,7 +559,9 @@ impl Deliverer {
             // A name the app may not resolve: history needs an id.
             Destination::Name(_) => return Ok(None),
         };
-        let oldest = since_ms.saturating_sub(HISTORY_SLACK.as_millis() as u64);
+        let oldest = lost
+            .since_ms
+            .saturating_sub(HISTORY_SLACK.as_millis() as u64);
         let oldest = format!("{}.{:03}000", oldest / 1000, oldest % 1000);
         let form = [
             ("channel", conversation.as_str()),

@@ -189,6 +189,10 @@ pub enum Fault {
     /// `requests()` on arrival, with `status: None`; a post it makes is in
     /// `posts()` once released.
     HoldUntil(tokio_util::sync::CancellationToken),
+    /// Processes the request (a post is recorded and stays in the channel)
+    /// and never answers: the answer is lost, as when the caller dies or the
+    /// network drops after Slack accepted the call.
+    AcceptThenHang,
 }
 
 impl Fault {
@@ -1021,7 +1025,7 @@ fn fault_reply(f: &Fault) -> Option<Reply> {
         Fault::HttpJson(s, code) => Some(Reply::http_json(*s, code)),
         Fault::Api(code) => Some(Reply::err(code)),
         Fault::RateLimited { retry_after_secs } => Some(Reply::ratelimited(*retry_after_secs)),
-        Fault::Hang | Fault::Delay(_) | Fault::HoldUntil(_) => None,
+        Fault::Hang | Fault::Delay(_) | Fault::HoldUntil(_) | Fault::AcceptThenHang => None,
     }
 }
 
@@ -1330,6 +1334,11 @@ async fn handle(
             return std::future::pending::<Response>().await;
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::AcceptThenHang) => {
+            let reply = process(&mut shared.lock(), &req, received_at);
+            record(Some(&reply), token, params);
+            return std::future::pending::<Response>().await;
+        }
         Some(Fault::HoldUntil(release)) => {
             record(None, token.clone(), params.clone());
             release.cancelled().await;

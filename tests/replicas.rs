@@ -1,0 +1,296 @@
+//! Several replicas on shared hot channels with one killed mid-burst, and the crash window
+//! between Slack accepting a post and its worker recording it.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use alert_router::config::SlackSettings;
+use serde_json::json;
+use support::fake_slack::{ChannelSpec, Fault, RecordedPost};
+use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
+
+/// Channels by name and by id, DMs by id, by email and to the assignee, a
+/// private channel, an archived one (→ the default channel).
+const MIXED: &str = r##"version: 1
+defaults:
+  slack_channel: "#escalations"
+  email: ["oncall@example.com"]
+rules:
+  - name: team-a
+    matchers: ['team="a"']
+    notify:
+      - slack_channel: "#hot-a"
+      - slack_user: U0ANA
+  - name: team-b
+    matchers: ['team="b"']
+    notify:
+      - slack_channel: C0HOTB
+      - slack_email: bo@example.com
+  - name: team-c
+    matchers: ['team="c"']
+    notify:
+      - slack_channel: "secret"
+      - slack_channel: "#old-news"
+      - assignee
+"##;
+
+/// (event id, conversation id) of every post.
+fn deliveries(posts: &[RecordedPost]) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    for post in posts {
+        let id = post.metadata.as_ref().expect("metadata")["event_payload"]["event_id"]
+            .as_str()
+            .expect("event_id")
+            .to_string();
+        *counts.entry((id, post.channel_id.clone())).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn three_replicas_one_killed_mid_burst_deliver_every_destination_once_to_its_place() {
+    let mut env = TestEnv::start(MIXED).await;
+    // Slack's limits, in Slack and in the worker alike.
+    let defaults = SlackSettings::default();
+    env.settings.slack.channel_rate_per_second = defaults.channel_rate_per_second;
+    env.settings.slack.channel_burst = defaults.channel_burst;
+    env.settings.slack.workspace_rate_per_minute = defaults.workspace_rate_per_minute;
+    env.settings.slack.workspace_burst = defaults.workspace_burst;
+    env.slack.set_channel_rate_limit(1.0, 3);
+    // A dead replica's claims free quickly.
+    env.settings.delivery.claim_lease = Duration::from_secs(2);
+    env.settings.delivery.retry_delays = vec![Duration::from_millis(500); 5];
+
+    env.slack
+        .add_channel("C0HOTA", "hot-a", ChannelSpec::member());
+    env.slack
+        .add_channel("C0HOTB", "hot-b", ChannelSpec::member());
+    env.slack
+        .add_channel("G0SECRET", "secret", ChannelSpec::private(true));
+    env.slack
+        .add_channel("C0OLDNEWS", "old-news", ChannelSpec::archived());
+    env.slack.add_user("U0ANA", "ana@example.com");
+    env.slack.add_user("U0BO", "bo@example.com");
+    env.slack.add_user("U0CY", "cy@example.com");
+
+    let mut workers = vec![
+        env.start_worker_process(),
+        env.start_worker_process(),
+        env.start_worker_process(),
+    ];
+    let events_per_team = 8;
+    let mut expected = BTreeSet::new();
+    for i in 0..events_per_team * 3 {
+        let id = format!("mixed-{i}");
+        let (team, destinations) = match i % 3 {
+            0 => (
+                "a",
+                vec!["C0HOTA".to_string(), env.slack.dm_channel_id("U0ANA")],
+            ),
+            1 => (
+                "b",
+                vec!["C0HOTB".to_string(), env.slack.dm_channel_id("U0BO")],
+            ),
+            _ => (
+                "c",
+                vec![
+                    "G0SECRET".to_string(),
+                    ESCALATIONS.to_string(),
+                    env.slack.dm_channel_id("U0CY"),
+                ],
+            ),
+        };
+        for destination in destinations {
+            expected.insert((id.clone(), destination));
+        }
+        let event = env.event(
+            &id,
+            json!({
+                "title": "Checkout down <!channel> <@U0BOSS> <!subteam^S0ALL>",
+                "summary": "ping <!here> and <!everyone>",
+                "labels": {"team": team},
+                "assignee": {"name": "Cy", "email": "cy@example.com"},
+            }),
+        );
+        env.publish(&event).await;
+    }
+
+    // Kill one replica mid-burst, with its deliveries in flight.
+    env.slack
+        .wait_for_posts(expected.len() / 4, WAIT)
+        .await
+        .unwrap();
+    workers[0].child.kill().await.unwrap();
+    let survivors = workers.split_off(1);
+
+    env.slack
+        .wait_for_posts(expected.len(), Duration::from_secs(120))
+        .await
+        .unwrap();
+    for worker in survivors {
+        assert!(worker.stop().await.success());
+    }
+
+    let posts = env.slack.posts();
+    let delivered = deliveries(&posts);
+    let duplicates: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "posted twice: {duplicates:?}");
+    let places: BTreeSet<_> = delivered.keys().cloned().collect();
+    assert_eq!(places, expected, "every destination at its intended place");
+    // The archived channel's posts say where they were meant to go.
+    for post in posts.iter().filter(|p| p.channel_id == ESCALATIONS) {
+        let blocks = post.blocks.as_ref().expect("blocks").to_string();
+        assert!(blocks.contains("old-news"), "{blocks}");
+    }
+    for post in &posts {
+        let shown = format!(
+            "{} {}",
+            post.text.as_deref().unwrap_or_default(),
+            post.blocks
+                .as_ref()
+                .map(|b| b.to_string())
+                .unwrap_or_default()
+        );
+        for live in [
+            "<!channel>",
+            "<@U0BOSS>",
+            "<!subteam^",
+            "<!here>",
+            "<!everyone>",
+        ] {
+            assert!(!shown.contains(live), "a live mention {live} in {shown}");
+        }
+    }
+    assert_eq!(env.slack.rate_limited_count(), 0, "no 429 from Slack");
+    for channel in ["C0HOTA", "C0HOTB", "G0SECRET", ESCALATIONS] {
+        assert!(
+            env.slack
+                .max_posts_in_window(channel, Duration::from_millis(999))
+                <= 3,
+            "{channel} over its limit"
+        );
+    }
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0,
+        "no valid event dead-lettered"
+    );
+    assert!(env.smtp.mails().is_empty(), "nothing fell back to email");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_post_slack_accepted_just_before_its_worker_died_is_found_and_not_sent_again() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    // The first worker waits for Slack's answer until it is killed.
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    let first = env.start_worker_process();
+
+    env.publish(&env.event("accepted-then-killed", json!({})))
+        .await;
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    let mut first = first;
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+
+    let history = env.slack.requests_for("conversations.history");
+    assert_eq!(history.len(), 1, "looked once");
+    assert_eq!(history[0].params["channel"], ESCALATIONS);
+    assert_eq!(env.slack.posts().len(), 1, "not posted again");
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_before_slack_took_its_post_leaves_the_post_to_the_next_one() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    // Slack never sees the post: the request hangs before it is processed.
+    env.slack.fail_channel(ESCALATIONS, Fault::Hang);
+    let mut first = env.start_worker_process();
+
+    env.publish(&env.event("killed-before", json!({}))).await;
+    env.slack
+        .wait_for_requests("chat.postMessage", 1, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+
+    let second = env.start_worker_process();
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    assert!(second.stop().await.success());
+
+    assert_eq!(
+        env.slack.requests_for("conversations.history").len(),
+        1,
+        "looked first, found nothing"
+    );
+    assert_eq!(env.slack.posts().len(), 1);
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_rerouted_post_accepted_before_its_worker_died_is_found_in_the_default_channel() {
+    let mut env = TestEnv::start(
+        r#"version: 1
+defaults:
+  slack_channel: C0ESCALATE
+rules:
+  - name: old
+    matchers: ['team="old"']
+    notify: [{slack_channel: C0OLDNEWS}]
+"#,
+    )
+    .await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    env.slack
+        .add_channel("C0OLDNEWS", "old-news", ChannelSpec::archived());
+    // The reroute to the default channel is accepted, and its answer lost.
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    let mut first = env.start_worker_process();
+
+    env.publish(&env.event("rerouted-then-killed", json!({"labels": {"team": "old"}})))
+        .await;
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+
+    let history = env.slack.requests_for("conversations.history");
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        history[0].params["channel"], ESCALATIONS,
+        "looked where it went"
+    );
+    assert_eq!(env.slack.posts().len(), 1, "not posted again");
+    env.cleanup().await;
+}

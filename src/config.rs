@@ -201,6 +201,11 @@ pub struct DeliverySettings {
     /// of this while sending, and a crashed holder's claim frees after it.
     #[serde(with = "human_duration")]
     pub claim_lease: Duration,
+    /// Longest an event waits for Slack's rate limits (deferred through the
+    /// broker, no attempt spent); after it, a target Slack still has no room
+    /// for counts as Slack unavailable and falls back to email.
+    #[serde(with = "human_duration")]
+    pub max_rate_limit_deferral: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -213,6 +218,7 @@ impl Default for DeliverySettings {
             idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
             claim_lease: Duration::from_secs(10),
+            max_rate_limit_deferral: Duration::from_secs(30 * 60),
         }
     }
 }

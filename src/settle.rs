@@ -17,6 +17,16 @@ use crate::broker::{
 
 /// Header: how often the event waited for rate-limit slots (no attempt spent).
 pub const HEADER_DEFERRALS: &str = "x-alert-router-deferrals";
+/// Header: when the event was first deferred (Unix milliseconds), so
+/// waiting for Slack's rate limits has an end (`delivery.max_rate_limit_deferral`).
+pub const HEADER_DEFERRED_SINCE: &str = "x-alert-router-deferred-since";
+
+/// How long the event has been waiting for rate-limit slots, if it has.
+pub fn deferred_for(properties: &lapin::BasicProperties) -> Option<std::time::Duration> {
+    let since = broker::header_u64(properties, HEADER_DEFERRED_SINCE)?;
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).ok()?;
+    Some(std::time::Duration::from_millis(now.saturating_sub(since)))
+}
 
 /// What should become of a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +122,7 @@ impl Settler {
                         .await;
                 };
                 let counter = (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempt)));
-                self.delay(delivery, &queue.name, counter, &routing_key, &detail)
+                self.delay(delivery, &queue.name, vec![counter], &routing_key, &detail)
                     .await?;
                 warn!(attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
                 Ok(Settled::Retried {
@@ -139,8 +149,18 @@ impl Settler {
                 let deferrals =
                     broker::header_u64(&delivery.properties, HEADER_DEFERRALS).unwrap_or(0) + 1;
                 let counter = (HEADER_DEFERRALS, AMQPValue::LongLongInt(to_i64(deferrals)));
-                self.delay(delivery, &queue.name, counter, &routing_key, &detail)
-                    .await?;
+                // The first deferral's time stays with every later copy.
+                let since = broker::header_u64(&delivery.properties, HEADER_DEFERRED_SINCE)
+                    .map_or_else(|| chrono::Utc::now().timestamp_millis(), to_i64);
+                let since = (HEADER_DEFERRED_SINCE, AMQPValue::LongLongInt(since));
+                self.delay(
+                    delivery,
+                    &queue.name,
+                    vec![counter, since],
+                    &routing_key,
+                    &detail,
+                )
+                .await?;
                 info!(queue = %queue.name, ?wait, deferrals, "rate limited; deferred");
                 Ok(Settled::Deferred {
                     queue: queue.name.clone(),
@@ -159,17 +179,16 @@ impl Settler {
         &self,
         delivery: &Delivery,
         queue: &str,
-        counter: (&'static str, AMQPValue),
+        counters: Vec<(&'static str, AMQPValue)>,
         routing_key: &str,
         detail: &str,
     ) -> Result<(), BrokerError> {
         let properties = broker::with_headers(
             &persistent(&delivery.properties),
-            [
-                counter,
+            counters.into_iter().chain([
                 (HEADER_ROUTING_KEY, broker::long_string(routing_key)),
                 (HEADER_DETAIL, broker::long_string(&clip(detail))),
-            ],
+            ]),
         );
         self.publisher
             .publish("", queue, &delivery.data, properties)

@@ -64,6 +64,8 @@ struct Context {
     rules: Arc<ArcSwap<Rules>>,
     deliverer: Deliverer,
     max_body_bytes: usize,
+    /// After waiting this long for rate limits, a target falls back to email.
+    max_rate_limit_deferral: Duration,
 }
 
 /// What `/readyz` reports.
@@ -157,6 +159,7 @@ pub async fn run(
             channels,
         }),
         max_body_bytes: settings.amqp.max_body_bytes,
+        max_rate_limit_deferral: settings.delivery.max_rate_limit_deferral,
     });
 
     let readiness = Readiness::default();
@@ -324,7 +327,11 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
     let span = info_span!("event", id = %event_id, redelivered = delivery.redelivered);
     async {
         let outcome = match decoded {
-            Ok(event) => handle(context, event).await,
+            Ok(event) => {
+                let waited_enough = crate::settle::deferred_for(&delivery.properties)
+                    .is_some_and(|waited| waited >= context.max_rate_limit_deferral);
+                handle(context, event, waited_enough).await
+            }
             Err(e) => Outcome::DeadLetter {
                 reason: e.reason_code(),
                 detail: e.to_string(),
@@ -349,7 +356,7 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
 }
 
 /// route → deliver, as an [`Outcome`].
-async fn handle(context: &Context, event: Event) -> Outcome {
+async fn handle(context: &Context, event: Event, waited_enough: bool) -> Outcome {
     let rules = context.rules.load_full();
     let routing = rules.route(&event);
     match &routing.disposition {
@@ -376,7 +383,7 @@ async fn handle(context: &Context, event: Event) -> Outcome {
     }
     let report = context
         .deliverer
-        .deliver(&event, &routing, rules.default_channel())
+        .deliver(&event, &routing, rules.default_channel(), waited_enough)
         .await;
     if report.all_settled() {
         return Outcome::Ack { why: "delivered" };

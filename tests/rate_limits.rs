@@ -7,7 +7,7 @@ use std::time::Duration;
 use alert_router::config::SlackSettings;
 use serde_json::json;
 use support::fake_slack::Fault;
-use support::{BASIC_RULES, ESCALATIONS, TestEnv};
+use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
 
 /// A test namespace with the worker's default (Slack-sized) rate limits.
 async fn env_with_default_limits() -> TestEnv {
@@ -120,6 +120,48 @@ async fn a_long_retry_after_defers_the_event_through_the_broker_without_spending
         "Retry-After obeyed with a margin, waited {gap:?}"
     );
     assert_eq!(env.slack.posts().len(), 1);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_channel_rate_limited_past_the_deferral_limit_falls_back_to_email() {
+    let mut env = TestEnv::start(
+        r#"version: 1
+defaults:
+  slack_channel: C0ESCALATE
+  email: ["oncall@example.com"]
+unmatched: default
+rules: []
+"#,
+    )
+    .await;
+    env.settings.delivery.max_rate_limit_deferral = Duration::from_secs(1);
+    // Slack keeps saying "later": every post gets a long Retry-After.
+    env.slack.fail_next(
+        "chat.postMessage",
+        1000,
+        Fault::RateLimited {
+            retry_after_secs: 30,
+        },
+    );
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("starved", json!({}))).await;
+    let mails = env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+    worker.stop().await;
+
+    assert_eq!(mails[0].to, ["oncall@example.com"]);
+    assert!(env.slack.posts().is_empty());
+    assert_eq!(
+        env.slack.requests_for("chat.postMessage").len(),
+        1,
+        "the pause is honoured by every later attempt: one call, one 429"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
     assert_eq!(
         env.ready_count(&env.settings.amqp.dead_letter_queue).await,
         0

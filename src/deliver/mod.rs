@@ -183,12 +183,15 @@ impl Deliverer {
     }
 
     /// Delivers `event` to every target of `routing`; `default_channel` takes
-    /// posts whose channel is gone or archived.
+    /// posts whose channel is gone or archived. `waited_enough`: the event
+    /// has waited for Slack's rate limits for `delivery.max_rate_limit_deferral`
+    /// already, so a target Slack still has no room for goes to email.
     pub async fn deliver(
         &self,
         event: &Event,
         routing: &Routing,
         default_channel: Option<&str>,
+        waited_enough: bool,
     ) -> DeliveryReport {
         let workspace = self.tokens.workspace_for(event.workspace.as_deref());
         let token = match self.tokens.get(workspace).await {
@@ -227,12 +230,11 @@ impl Deliverer {
             }
         }
 
-        let results = join_all(
-            resolved
-                .iter()
-                .map(|target| self.slack_phase(event, target, &token, default_channel)),
-        )
-        .await;
+        let results =
+            join_all(resolved.iter().map(|target| {
+                self.slack_phase(event, target, &token, default_channel, waited_enough)
+            }))
+            .await;
         let mut reports = Vec::with_capacity(results.len());
         let mut pending = Vec::new();
         for result in results {

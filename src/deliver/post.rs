@@ -74,9 +74,38 @@ impl Deliverer {
         target: &Resolved<'a>,
         token: &Result<WorkspaceToken, SlackUnavailable>,
         default_channel: Option<&str>,
+        waited_enough: bool,
     ) -> SlackResult<'a> {
         let routed = target.routed;
-        let (destination, token) = match (&target.action, token) {
+        // Rate limits that outlast `delivery.max_rate_limit_deferral` count as
+        // Slack being unavailable: email instead of waiting for ever.
+        let too_long = |wait: Duration| SlackUnavailable {
+            reason: format!(
+                "Slack has had no room for it for longer than delivery.max_rate_limit_deferral (asked to wait {wait:?} more)"
+            ),
+            transient: true,
+        };
+        // A lookup Slack keeps rate-limiting past the limit: email it.
+        let waited_out;
+        let action = match &target.action {
+            Action::Wait(wait) if waited_enough => {
+                let addresses = fallback_addresses(event, routed);
+                waited_out = if addresses.is_empty() {
+                    Action::Fail {
+                        detail: too_long(*wait).reason,
+                        retryable: true,
+                    }
+                } else {
+                    Action::Email {
+                        addresses,
+                        reason: Some(too_long(*wait).reason),
+                    }
+                };
+                &waited_out
+            }
+            other => other,
+        };
+        let (destination, token) = match (action, token) {
             (Action::Fail { detail, retryable }, _) => {
                 return SlackResult::Done(failed(&routed.target, detail.clone(), *retryable));
             }
@@ -196,6 +225,19 @@ impl Deliverer {
                 self.complete(&ticket, &routed.target).await;
                 info!(target = %routed.target, to = %to, "delivered");
                 SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
+            }
+            Err(PostFailure::Deferred(wait)) if waited_enough => {
+                let unavailable = too_long(wait);
+                warn!(target = %routed.target, reason = %unavailable.reason, "falling back to email");
+                SlackResult::NeedsEmail(PendingEmail {
+                    routed,
+                    ticket: Some(ticket),
+                    addresses: fallback_addresses(event, routed),
+                    reason: Some(unavailable.reason),
+                    transient: true,
+                    may_have_sent,
+                    _lease: Some(lease),
+                })
             }
             Err(PostFailure::Deferred(wait)) => {
                 self.release(&ticket, may_have_sent).await;

@@ -239,6 +239,14 @@ impl Deliverer {
                     missing: true,
                 }),
             ),
+            // Without Redis there is no idempotency either: wait for it.
+            Err(super::slack::channels::ResolveError::Redis(e)) => (
+                by_name,
+                Action::Fail {
+                    detail: format!("cannot read the channel map from Redis: {e}"),
+                    retryable: true,
+                },
+            ),
             Err(e) => {
                 let e = e.into_slack_error();
                 match policy::next_step(Method::List, TargetKind::Channel, &e, Tried::default()) {

@@ -50,6 +50,10 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
         ("DELIVERY__DRAIN_TIMEOUT", millis(s.delivery.drain_timeout)),
         ("DELIVERY__CLAIM_LEASE", millis(s.delivery.claim_lease)),
         (
+            "DELIVERY__MAX_RATE_LIMIT_DEFERRAL",
+            millis(s.delivery.max_rate_limit_deferral),
+        ),
+        (
             "SLACK__CHANNEL_CACHE_TTL",
             millis(s.slack.channel_cache_ttl),
         ),

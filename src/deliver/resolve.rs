@@ -10,7 +10,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::policy::{self, Method, Step, TargetKind, Tried};
-use super::slack::channels::{Destination, Resolution};
+use super::slack::channels::{Destination, Resolution, ResolveError};
 use super::slack::tokens::WorkspaceToken;
 use super::slack::{Body, SlackError, SlackFailure};
 use super::{Deliverer, SlackUnavailable};
@@ -137,7 +137,7 @@ impl Deliverer {
                 let key = format!("slack:{ws}:email:{}", address.to_lowercase());
                 let action = match token {
                     Err(unavailable) => fallback(unavailable.reason.clone()),
-                    Ok(token) => match self.lookup_user(token, address).await {
+                    Ok(token) => match self.lookup_user_refreshing(token, address).await {
                         Ok(user) => {
                             dedupe = Some(format!("slack:{ws}:{user}"));
                             Action::Slack(SlackDestination {
@@ -210,7 +210,28 @@ impl Deliverer {
                 return (key, fallback(unavailable.reason.clone()));
             }
         };
-        match self.channels.resolve(token, name).await {
+        let mut resolved = self.channels.resolve(token, name).await;
+        if let Err(e) = &resolved
+            && let ResolveError::Slack(slack) = e
+            && slack.failure == SlackFailure::TokenExpired
+        {
+            // Refreshed once (one replica, one exchange), then asked again:
+            // the answer must be the id, or keys would differ by form.
+            resolved = match self.tokens.refresh(token).await {
+                Ok(fresh) => self.channels.resolve(&fresh, name).await,
+                Err(refresh) => {
+                    warn!(channel = name, error = %refresh, "cannot refresh the token to resolve a channel name");
+                    return (
+                        by_name,
+                        Action::Fail {
+                            detail: format!("cannot resolve #{name}: {e}, and {refresh}"),
+                            retryable: true,
+                        },
+                    );
+                }
+            };
+        }
+        match resolved {
             Ok(Resolution::Id(id)) => (
                 format!("slack:{ws}:{id}"),
                 Action::Slack(SlackDestination {
@@ -240,7 +261,7 @@ impl Deliverer {
                 }),
             ),
             // Without Redis there is no idempotency either: wait for it.
-            Err(super::slack::channels::ResolveError::Redis(e)) => (
+            Err(ResolveError::Redis(e)) => (
                 by_name,
                 Action::Fail {
                     detail: format!("cannot read the channel map from Redis: {e}"),
@@ -260,24 +281,34 @@ impl Deliverer {
                             missing: false,
                         }),
                     ),
-                    Step::RefreshToken => {
-                        // Posting refreshes the token and, by name, still lands.
-                        (
-                            by_name,
-                            Action::Slack(SlackDestination {
-                                channel: format!("#{name}"),
-                                kind: TargetKind::Channel,
-                                name: Some(name.to_string()),
-                                missing: false,
-                            }),
-                        )
-                    }
                     _ => {
                         warn!(channel = name, error = %e, "cannot resolve the channel name");
                         (by_name, fallback(format!("Slack is unavailable: {e}")))
                     }
                 }
             }
+        }
+    }
+
+    /// [`Deliverer::lookup_user`], refreshing an expired token once.
+    async fn lookup_user_refreshing(
+        &self,
+        token: &WorkspaceToken,
+        email: &str,
+    ) -> Result<String, SlackError> {
+        match self.lookup_user(token, email).await {
+            Err(e) if e.failure == SlackFailure::TokenExpired => {
+                match self.tokens.refresh(token).await {
+                    Ok(fresh) => self.lookup_user(&fresh, email).await,
+                    Err(refresh) => Err(SlackError::new(
+                        "users.lookupByEmail",
+                        e.code.clone(),
+                        SlackFailure::Transient { retry_after: None },
+                    )
+                    .with_detail(format!("and {refresh}"))),
+                }
+            }
+            other => other,
         }
     }
 

@@ -28,6 +28,10 @@ use super::tokens::WorkspaceToken;
 /// Never list a workspace twice within this: a name a fresh listing lacks
 /// does not exist (for us), and Tier 2 allows about 20 listings a minute.
 pub const MIN_RELIST: Duration = Duration::from_secs(15);
+/// A `channel_not_found` on a cached id lists again unless a listing is
+/// younger than this: a rename just before the last listing must not send
+/// posts to the default channel for [`MIN_RELIST`].
+pub const RELIST_AFTER_NOT_FOUND: Duration = Duration::from_secs(2);
 /// How long the map itself is kept: stale entries still answer during an
 /// outage, and a wrong one is corrected by `channel_not_found`.
 const MAP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -209,7 +213,9 @@ impl ChannelDirectory {
 
     /// Resolves `name` again after Slack said its cached id `failed_id` is
     /// gone (`channel_not_found`): the channel may have been renamed or
-    /// re-created. Lists again unless a listing is younger than [`MIN_RELIST`].
+    /// re-created. Lists again unless a listing is younger than
+    /// [`RELIST_AFTER_NOT_FOUND`] (another task just did it for the same
+    /// reason; concurrent ones share one listing).
     pub async fn resolve_again(
         &self,
         token: &WorkspaceToken,
@@ -218,7 +224,10 @@ impl ChannelDirectory {
     ) -> Result<Resolution, ResolveError> {
         self.local_forget(&token.workspace, name);
         let cached = self.read(&token.workspace, name).await?;
-        let found = if cached.listed_at_ms.is_some_and(listed_within_min_relist) {
+        let just_listed = cached
+            .listed_at_ms
+            .is_some_and(|at| now_ms().saturating_sub(at) < millis(RELIST_AFTER_NOT_FOUND));
+        let found = if just_listed {
             match &cached.id {
                 Some(id) => Resolution::Id(id.clone()),
                 None => cached.missing(name),

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use alert_router::config::{Secret, Secrets};
+use alert_router::config::{LogSettings, Secret, Secrets};
 use futures_util::FutureExt;
 use serde_json::{Value, json};
 use support::fake_slack::{ChannelSpec, Fault, RecordedPost, TokenSpec};
@@ -160,12 +160,17 @@ impl Case {
         Case { env, form }
     }
 
-    fn event(&self, id: &str) -> Value {
-        self.env.event(id, self.form.fields())
+    /// The event id for `what` in this case (the form in it, to tell the
+    /// cases apart in the logs).
+    fn event_id(&self, what: &str) -> String {
+        format!("{what}-{:?}", self.form).to_lowercase()
     }
 
-    async fn publish(&self, id: &str) {
-        self.env.publish(&self.event(id)).await;
+    async fn publish(&self, what: &str) {
+        let id = self.event_id(what);
+        self.env
+            .publish(&self.env.event(&id, self.form.fields()))
+            .await;
     }
 
     /// The conversation a post reaching the recipient lands in.
@@ -299,15 +304,32 @@ fn assert_names_target(post: &RecordedPost, target: &str) {
     );
 }
 
+/// Cases of one test running at once.
+const CONCURRENT_CASES: usize = 4;
+
 type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs the cases of one answer concurrently, each in its own task, and
 /// fails listing every case that failed.
 async fn run_matrix(answer: &str, cases: Vec<(String, CaseFuture)>) {
+    // The in-process workers' logs, when asked for (`RUST_LOG=alert_router=debug`).
+    if std::env::var_os("RUST_LOG").is_some() {
+        alert_router::telemetry::init(&LogSettings::default());
+    }
     let total = cases.len();
+    // A few at a time: each case is a namespace, a worker, a fake Slack and
+    // an SMTP server, and the machine may be a loaded two-core one.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CASES));
     let handles: Vec<(String, tokio::task::JoinHandle<()>)> = cases
         .into_iter()
-        .map(|(name, case)| (name, tokio::spawn(case)))
+        .map(|(name, case)| {
+            let slots = slots.clone();
+            let task = tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await.unwrap();
+                case.await;
+            });
+            (name, task)
+        })
         .collect();
     let mut failures = Vec::new();
     for (name, handle) in handles {
@@ -358,11 +380,7 @@ async fn age_channel_map(env: &TestEnv) {
         "{}:slack:channels-listed:{}",
         env.settings.redis.key_prefix, env.workspace
     );
-    let mut redis = redis::Client::open(env.settings.redis.url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = support::redis_connection(&env.settings).await;
     let stamp: String = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut redis)
@@ -484,13 +502,9 @@ async fn channel_not_found_goes_to_the_default_channel_or_emails_the_person() {
         cases.push(named(name, async move {
             let case = Case::start(ChannelId).await;
             let worker = case.env.spawn_worker();
-            case.env
-                .publish(
-                    &case
-                        .env
-                        .event("not-found", json!({"targets": [{"slack_channel": given}]})),
-                )
-                .await;
+            let id = format!("not-found-{}", given.trim_start_matches('#'));
+            let targets = json!({"targets": [{"slack_channel": given}]});
+            case.env.publish(&case.env.event(&id, targets)).await;
             let posts = case.wait_for_posts_to_default(1).await;
             worker.stop().await;
 
@@ -706,6 +720,23 @@ fn rotation_secrets() -> Secrets {
     }
 }
 
+/// Stores a rotating token (as tests/tokens.rs does), far from its recorded
+/// expiry, that Slack nevertheless reports expired.
+async fn expired_rotating_token(env: &TestEnv) {
+    let refresh = format!("xoxe-test-{}", env.id);
+    env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
+    env.slack
+        .add_refresh_token(&refresh, &env.workspace, "U0BOT");
+    env.store_token_record(
+        &env.workspace,
+        &json!({"access_token": env.token, "refresh_token": refresh,
+                "expires_at": chrono::Utc::now().timestamp() + 30_000,
+                "team_id": env.workspace, "bot_user_id": "U0BOT"}),
+    )
+    .await;
+    env.slack.expire(&env.token);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expired_is_refreshed_once_and_posts_once_with_the_new_token() {
     run_matrix(
@@ -713,20 +744,7 @@ async fn token_expired_is_refreshed_once_and_posts_once_with_the_new_token() {
         per_form(&ALL, |form| async move {
             let case = Case::start(form).await;
             let env = &case.env;
-            // A rotating token, far from its recorded expiry, that Slack
-            // nevertheless reports expired.
-            let refresh = format!("xoxe-test-{}", env.id);
-            env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
-            env.slack
-                .add_refresh_token(&refresh, &env.workspace, "U0BOT");
-            env.store_token_record(
-                &env.workspace,
-                &json!({"access_token": env.token, "refresh_token": refresh,
-                        "expires_at": chrono::Utc::now().timestamp() + 30_000,
-                        "team_id": env.workspace, "bot_user_id": "U0BOT"}),
-            )
-            .await;
-            env.slack.expire(&env.token);
+            expired_rotating_token(env).await;
             let worker = env.spawn_worker_with(rotation_secrets());
             case.publish("expired").await;
             case.wait_for_posts_to_recipient(1).await;
@@ -823,7 +841,8 @@ async fn invalid_blocks_posts_plain_text_once() {
 
             let post = case.assert_posted_once_to_recipient();
             assert!(post.blocks.is_none(), "plain text: no blocks");
-            assert_eq!(post.text.as_deref(), Some("[HIGH] Test event layout"));
+            let title = format!("[HIGH] Test event {}", case.event_id("layout"));
+            assert_eq!(post.text.as_deref(), Some(title.as_str()));
             case.assert_no_email();
             case.assert_settled().await;
             case.cleanup().await;
@@ -836,30 +855,46 @@ async fn invalid_blocks_posts_plain_text_once() {
 // Channel identity and listing scopes
 // ---------------------------------------------------------------------------
 
+/// `#payments` and `C0PAYMENTS` in one event: one channel, one post — with
+/// a working token, and with one Slack reports expired (the name is then
+/// resolved with the refreshed token, not left as a name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_channel_named_by_name_and_by_id_in_one_event_gets_one_post() {
-    let env = TestEnv::start(RULES).await;
-    let worker = env.spawn_worker();
-    env.publish(&env.event(
-        "twice-named",
-        json!({"targets": [{"slack_channel": "#payments"}, {"slack_channel": PAYMENTS}]}),
-    ))
-    .await;
-    env.slack
-        .wait_for_posts_to(PAYMENTS, 1, WAIT)
-        .await
-        .unwrap();
-    worker.stop().await;
+    let cases = [("token valid", false), ("token expired", true)]
+        .into_iter()
+        .map(|(name, expired)| {
+            named(name, async move {
+                let env = TestEnv::start(RULES).await;
+                let worker = if expired {
+                    expired_rotating_token(&env).await;
+                    env.spawn_worker_with(rotation_secrets())
+                } else {
+                    env.spawn_worker()
+                };
+                env.publish(&env.event(
+                    &format!("twice-named-{}", name.replace(' ', "-")),
+                    json!({"targets": [{"slack_channel": "#payments"}, {"slack_channel": PAYMENTS}]}),
+                ))
+                .await;
+                env.slack
+                    .wait_for_posts_to(PAYMENTS, 1, WAIT)
+                    .await
+                    .unwrap();
+                worker.stop().await;
 
-    assert_eq!(
-        env.slack.posts().len(),
-        1,
-        "#payments and C0PAYMENTS are one channel: one post\n{}",
-        env.slack.describe()
-    );
-    assert!(env.smtp.mails().is_empty());
-    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
-    env.cleanup().await;
+                assert_eq!(
+                    env.slack.posts().len(),
+                    1,
+                    "#payments and C0PAYMENTS are one channel: one post\n{}",
+                    env.slack.describe()
+                );
+                assert!(env.smtp.mails().is_empty());
+                assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+                env.cleanup().await;
+            })
+        })
+        .collect();
+    run_matrix("#payments + C0PAYMENTS", cases).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,11 +111,7 @@ impl TestEnv {
             .declare(publisher.channel())
             .await
             .unwrap();
-        let redis = redis::Client::open(settings.redis.url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let redis = redis_connection(&settings).await;
 
         let env = TestEnv {
             id,
@@ -311,6 +307,18 @@ impl TestEnv {
         self.slack.shutdown();
         self.smtp.shutdown();
     }
+}
+
+/// A connection to the test's Redis. The client's default 500 ms response
+/// timeout is shorter than the worker's own (2 s) and trips on a loaded
+/// machine, failing a test in its setup; tests wait on events with [`WAIT`].
+pub async fn redis_connection(settings: &Settings) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(WAIT));
+    redis::Client::open(settings.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
 }
 
 pub fn topology(settings: &Settings) -> Topology {

@@ -33,7 +33,7 @@ pub const MIN_RELIST: Duration = Duration::from_secs(15);
 /// posts to the default channel for [`MIN_RELIST`].
 pub const RELIST_AFTER_NOT_FOUND: Duration = Duration::from_secs(2);
 /// How long the map itself is kept: stale entries still answer during an
-/// outage, and a wrong one is corrected by `channel_not_found`.
+/// outage; a gone one is corrected by `channel_not_found`, a renamed one by the next listing.
 const MAP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A listing lock outlives one paginated listing with its retries.
 const LIST_LOCK: Duration = Duration::from_secs(30);

@@ -14,7 +14,7 @@
 //! | [`event`] | the event model and its validation (a bad event is poison, never retried) |
 //! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
 //! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::dlq`] the dead-letter tools |
-//! | [`deliver`] | one event's delivery: targets, idempotency, Slack ([`deliver::slack`]: client, message, tokens, user cache), shared rate limits ([`deliver::limit`]), email fallback ([`deliver::email`]) |
+//! | [`deliver`] | one event's delivery, top to bottom: resolve targets (channel names to ids, emails to users), claim and post each to Slack, email what Slack cannot take; [`deliver::policy`] the one decision "Slack answered X → next step"; [`deliver::idempotency`] claims with renewed leases and attempt markers; [`deliver::limit`] shared rate limits; [`deliver::slack`] the client, Block Kit, tokens, channel and user caches; [`deliver::email`] SMTP |
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |

@@ -496,14 +496,15 @@ fn warn_about_poison(replay: &Replay, mode: ReplayMode, queue: &str) {
         .map(|(reason, n)| format!("{reason}: {n}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let verb = if count == 1 { "is" } else { "are" };
     match mode {
         ReplayMode::Publish => eprintln!(
-            "warning: {count} of the replayed messages are poison ({reasons}): their bodies \
+            "warning: {count} of the replayed messages {verb} poison ({reasons}): their bodies \
              cannot be processed as they are, so a worker dead-letters them again and they \
              come back to {queue}"
         ),
         ReplayMode::DryRun => eprintln!(
-            "warning: {count} of the messages to replay are poison ({reasons}): their bodies \
+            "warning: {count} of the messages to replay {verb} poison ({reasons}): their bodies \
              cannot be processed as they are, so replaying them would bring them back to {queue}"
         ),
     }

@@ -177,6 +177,10 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Every code [`EventError::reason_code`] can return. The body itself is
+    /// at fault, so a replayed copy fails the same way: `dlq replay` warns.
+    pub const REASON_CODES: [&'static str; 3] = ["too_large", "invalid_json", "invalid_event"];
+
     /// The short code written to `x-alert-router-reason` when dead-lettered.
     pub fn reason_code(&self) -> &'static str {
         match self {
@@ -493,6 +497,25 @@ mod tests {
     fn oversized_bodies_are_refused_before_parsing() {
         let err = Event::decode(&[b' '; 11], 10).unwrap_err();
         assert_eq!(err.reason_code(), "too_large");
+    }
+
+    #[test]
+    fn every_reason_code_is_listed_as_a_body_fault() {
+        let errors = [
+            EventError::TooLarge { size: 2, limit: 1 },
+            EventError::InvalidJson(String::new()),
+            EventError::field("title", "missing"),
+        ];
+        // A new variant makes the match below fail to compile until it is listed here.
+        for error in &errors {
+            match error {
+                EventError::TooLarge { .. }
+                | EventError::InvalidJson(_)
+                | EventError::InvalidField { .. } => {}
+            }
+            assert!(EventError::REASON_CODES.contains(&error.reason_code()));
+        }
+        assert_eq!(errors.len(), EventError::REASON_CODES.len());
     }
 
     #[test]

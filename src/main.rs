@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use alert_router::broker::dlq::{DeadLetterQueue, Selector};
+use alert_router::broker::dlq::{DeadLetterQueue, Replay, ReplayMode, Selector};
 use alert_router::broker::{self, Publisher, Topology};
 use alert_router::config::{Secret, Secrets, Settings, redact_url};
 use alert_router::deliver::slack::tokens::{TokenRecord, admin};
@@ -119,6 +119,9 @@ enum DlqCommand {
         id: String,
     },
     /// Republish dead letters to the exchange with their original routing key, then remove them.
+    ///
+    /// Looks at no more messages than the queue held at the start, so it ends
+    /// even while a worker dead-letters replayed poison again.
     Replay {
         /// Event id, or `#N` for the N-th message as listed.
         #[arg(required_unless_present_any = ["all", "reason"], conflicts_with_all = ["all", "reason"])]
@@ -129,6 +132,9 @@ enum DlqCommand {
         /// Replay the dead letters with this reason code (e.g. `undeliverable`).
         #[arg(long, value_name = "REASON")]
         reason: Option<String>,
+        /// Show what would be replayed (id, reason, routing key, attempts); change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Delete every dead letter.
     Purge {
@@ -396,31 +402,33 @@ async fn dlq_command(
                 outln!("{}", letter.body_text());
             }
         }
-        DlqCommand::Replay { id, all, reason } => {
+        DlqCommand::Replay {
+            id,
+            all,
+            reason,
+            dry_run,
+        } => {
             let selector = match (id, all, reason) {
                 (Some(id), _, _) => Selector::Id(id),
                 (None, _, Some(reason)) => Selector::Reason(reason),
                 _ => Selector::All,
             };
-            let replayed = queue.replay(&selector).await.context("replay stopped")?;
-            if json {
-                outln!("{}", to_json(&replayed)?);
+            let mode = if dry_run {
+                ReplayMode::DryRun
             } else {
-                for l in &replayed {
-                    outln!(
-                        "replayed {} ({}, was {})",
-                        l.id.as_deref().unwrap_or("-"),
-                        l.routing_key,
-                        l.reason
-                    );
-                }
-                outln!(
-                    "replayed {} messages to exchange `{}`",
-                    replayed.len(),
-                    topology.exchange
-                );
+                ReplayMode::Publish
+            };
+            let replay = queue
+                .replay(&selector, mode)
+                .await
+                .context("replay stopped")?;
+            if json {
+                outln!("{}", to_json(&replay.letters)?);
+            } else {
+                print_replay(&replay, mode, topology);
             }
-            if replayed.is_empty() && matches!(selector, Selector::Id(_)) {
+            warn_about_poison(&replay, mode, name);
+            if replay.letters.is_empty() && matches!(selector, Selector::Id(_)) {
                 return Err(bad_input(anyhow::anyhow!("no dead letter matched")));
             }
         }
@@ -445,6 +453,61 @@ async fn dlq_command(
         }
     }
     Ok(())
+}
+
+fn print_replay(replay: &Replay, mode: ReplayMode, topology: &Topology) {
+    let name = &topology.dead_letter_queue;
+    let verb = match mode {
+        ReplayMode::Publish => "replayed",
+        ReplayMode::DryRun => "would replay",
+    };
+    for l in &replay.letters {
+        outln!(
+            "{verb} {} ({}, was {}, attempts {})",
+            l.id.as_deref().unwrap_or("-"),
+            l.routing_key,
+            l.reason,
+            l.attempts.map_or("-".to_string(), |a| a.to_string())
+        );
+    }
+    let count = replay.letters.len();
+    let at_start = replay.messages_at_start;
+    match mode {
+        ReplayMode::Publish => outln!(
+            "replayed {count} messages to exchange `{}` ({at_start} were in {name} at the start)",
+            topology.exchange
+        ),
+        ReplayMode::DryRun => outln!(
+            "dry run: would replay {count} of the {at_start} messages in {name}; nothing changed"
+        ),
+    }
+}
+
+/// Poison fails the same way every time: replaying it only feeds it back to
+/// the dead-letter queue. Said on stderr so `--json` output stays clean.
+fn warn_about_poison(replay: &Replay, mode: ReplayMode, queue: &str) {
+    let poison = replay.poison_by_reason();
+    let count: usize = poison.values().sum();
+    if count == 0 {
+        return;
+    }
+    let reasons = poison
+        .iter()
+        .map(|(reason, n)| format!("{reason}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let verb = if count == 1 { "is" } else { "are" };
+    match mode {
+        ReplayMode::Publish => eprintln!(
+            "warning: {count} of the replayed messages {verb} poison ({reasons}): their bodies \
+             cannot be processed as they are, so a worker dead-letters them again and they \
+             come back to {queue}"
+        ),
+        ReplayMode::DryRun => eprintln!(
+            "warning: {count} of the messages to replay {verb} poison ({reasons}): their bodies \
+             cannot be processed as they are, so replaying them would bring them back to {queue}"
+        ),
+    }
 }
 
 async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Result<(), Failure> {

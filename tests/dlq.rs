@@ -1,8 +1,9 @@
-//! `alert-router dlq …` against a real dead-letter queue: list without consuming, show, replay after a fix, purge.
+//! `alert-router dlq …` against a real dead-letter queue: list without consuming, show, replay after a fix, dry runs, poison, purge.
 
 mod support;
 
-use std::process::Stdio;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{BASIC_RULES, TestEnv, WAIT};
@@ -23,6 +24,30 @@ async fn dlq_json(env: &TestEnv, args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The failure bound for a replay that must end: far beyond what it needs,
+/// so a loaded machine cannot trip it, yet a replay that never ends fails.
+const REPLAY_ENDS_WITHIN: Duration = Duration::from_secs(60);
+
+/// Runs `dlq ARGS` to the end (text output), failing the test if it never ends.
+async fn dlq_run(env: &TestEnv, args: &[&str]) -> Output {
+    let run = env.command().arg("dlq").args(args).output();
+    tokio::time::timeout(REPLAY_ENDS_WITHIN, run)
+        .await
+        .unwrap_or_else(|_| panic!("dlq {args:?} did not end"))
+        .unwrap()
+}
+
+/// The ids in the dead-letter queue, in queue order (null for bodies without one).
+async fn dead_letter_ids(env: &TestEnv) -> Vec<Value> {
+    dlq_json(env, &["list"])
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].clone())
+        .collect()
 }
 
 /// Publishes `poison`, then a valid marker event, and waits for the marker's
@@ -184,6 +209,134 @@ async fn purge_asks_first_unless_told_yes() {
 
     let purged = dlq_json(&env, &["purge", "--yes"]).await;
     assert_eq!(purged["purged"], 1);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn replay_all_ends_while_a_worker_sends_replayed_poison_straight_back() {
+    const POISON: usize = 20;
+    let env = TestEnv::start(BASIC_RULES).await;
+    let mut worker = env.start_worker_process();
+    for n in 0..POISON {
+        if n % 2 == 0 {
+            env.publish_raw("issue.created", b"not json").await;
+        } else {
+            let no_title = json!({"id": format!("no-title-{n}"), "type": "issue.created"});
+            env.publish(&no_title).await;
+        }
+    }
+    worker.wait_for_log("dead-lettered", POISON).await;
+    let dead_letter_queue = &env.settings.amqp.dead_letter_queue;
+    assert_eq!(env.ready_count(dead_letter_queue).await, POISON as u32);
+
+    // The worker keeps running: every replayed copy is dead-lettered again.
+    let replay = dlq_run(&env, &["replay", "--all"]).await;
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert!(replay.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "replayed {POISON} messages to exchange `{}` ({POISON} were in {dead_letter_queue} at the start)",
+            env.settings.amqp.exchange
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "warning: {POISON} of the replayed messages are poison (invalid_event: 10, invalid_json: 10)"
+        )),
+        "{stderr}"
+    );
+
+    // Each came back once, and none was taken twice.
+    worker.wait_for_log("dead-lettered", 2 * POISON).await;
+    worker.stop().await;
+    assert_eq!(env.ready_count(dead_letter_queue).await, POISON as u32);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_shows_what_would_be_replayed_and_leaves_the_queue_as_it_was() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let a = json!({"id": "a", "type": "issue.created", "severity": "low"}).to_string();
+    let c = json!({"id": "c", "type": "issue.created", "severity": "low"}).to_string();
+    dead_letter_through_worker(&env, &[a.as_bytes(), b"not json", c.as_bytes()]).await;
+    let before = dead_letter_ids(&env).await;
+    assert_eq!(before, [json!("a"), Value::Null, json!("c")]);
+
+    let shown = dlq_json(&env, &["replay", "--all", "--dry-run"]).await;
+    let shown = shown.as_array().unwrap();
+    let summary: Vec<Value> = shown
+        .iter()
+        .map(|l| json!([l["id"], l["reason"], l["routing_key"], l["attempts"]]))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            json!(["a", "invalid_event", "issue.created", 1]),
+            json!([null, "invalid_json", "issue.created", 1]),
+            json!(["c", "invalid_event", "issue.created", 1]),
+        ]
+    );
+
+    // A dry run that skips some messages returns those in place too.
+    let only_json = dlq_json(&env, &["replay", "--reason", "invalid_json", "--dry-run"]).await;
+    assert_eq!(only_json.as_array().unwrap().len(), 1);
+
+    let text = dlq_run(&env, &["replay", "--all", "--dry-run"]).await;
+    assert!(text.status.success());
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains("would replay a (issue.created, was invalid_event, attempts 1)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "dry run: would replay 3 of the 3 messages in {}; nothing changed",
+            env.settings.amqp.dead_letter_queue
+        )),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        stderr.contains("warning: 3 of the messages to replay are poison"),
+        "{stderr}"
+    );
+
+    // Nothing was published, nothing was removed, and the order is the same.
+    assert_eq!(dead_letter_ids(&env).await, before);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        3
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn replaying_a_poison_message_by_id_warns_that_it_will_come_back() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let no_title = json!({"id": "no-title", "type": "issue.created"}).to_string();
+    dead_letter_through_worker(&env, &[no_title.as_bytes()]).await;
+
+    let replay = dlq_run(&env, &["replay", "no-title"]).await;
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    // Warned, not refused: the operator may know better (e.g. a fixed validator).
+    assert!(replay.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: 1 of the replayed messages is poison (invalid_event: 1): their bodies \
+             cannot be processed as they are, so a worker dead-letters them again and they \
+             come back to {}",
+            env.settings.amqp.dead_letter_queue
+        )),
+        "{stderr}"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 1);
     assert_eq!(
         env.ready_count(&env.settings.amqp.dead_letter_queue).await,
         0

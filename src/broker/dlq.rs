@@ -5,6 +5,10 @@
 //! the queue, in order. A replay publishes the original body to the main
 //! exchange with the producer's routing key, waits for the confirm, and only
 //! then acks the dead letter: a crash mid-replay duplicates, never loses.
+//!
+//! A replay takes at most the messages the queue held when it started. With a
+//! worker running, a poison message it replays is dead-lettered again at the
+//! tail; reading until the queue is empty would chase it forever.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +22,7 @@ use super::{
     BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
     HEADER_ROUTING_KEY, Publisher, Topology, header_str, header_u64,
 };
-use crate::event::sniff_id;
+use crate::event::{EventError, sniff_id};
 
 /// One dead letter, as shown to an operator.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +37,9 @@ pub struct DeadLetter {
     pub reason: String,
     pub detail: String,
     pub attempts: Option<u64>,
+    /// The body itself is at fault (`invalid_json`, …): a replayed copy is
+    /// dead-lettered again.
+    pub poison: bool,
     pub failed_at: Option<String>,
     /// Seconds since `failed_at`.
     pub age_seconds: Option<i64>,
@@ -72,6 +79,34 @@ pub struct Stats {
     pub by_reason: BTreeMap<String, usize>,
     /// Age of the oldest dead letter, in seconds.
     pub oldest_age_seconds: Option<i64>,
+}
+
+/// Whether a replay publishes or only shows what it would take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayMode {
+    Publish,
+    /// Takes nothing: every message is returned to the queue, in order.
+    DryRun,
+}
+
+/// What a replay took (or, in a dry run, would take).
+#[derive(Debug, Clone, Serialize)]
+pub struct Replay {
+    /// Messages in the queue when the replay started: the most it looks at.
+    pub messages_at_start: u32,
+    /// In queue order; bodies are not kept.
+    pub letters: Vec<DeadLetter>,
+}
+
+impl Replay {
+    /// Poison among the letters, by reason: these come straight back.
+    pub fn poison_by_reason(&self) -> BTreeMap<&str, usize> {
+        let mut by_reason = BTreeMap::new();
+        for letter in self.letters.iter().filter(|l| l.poison) {
+            *by_reason.entry(letter.reason.as_str()).or_insert(0) += 1;
+        }
+        by_reason
+    }
 }
 
 /// Which dead letters a replay takes.
@@ -161,24 +196,50 @@ impl<'a> DeadLetterQueue<'a> {
         Ok(letters?.into_iter().map(|(_, letter)| letter).collect())
     }
 
-    /// Republishes the selected dead letters and removes them from the queue.
-    /// Returns what was replayed.
-    pub async fn replay(&self, selector: &Selector) -> Result<Vec<DeadLetter>, BrokerError> {
-        let publisher = Publisher::open(self.connection).await?;
+    /// Republishes the selected dead letters and removes them from the queue
+    /// (or, in a dry run, only lists them), looking at no more messages than
+    /// the queue held at the start.
+    pub async fn replay(
+        &self,
+        selector: &Selector,
+        mode: ReplayMode,
+    ) -> Result<Replay, BrokerError> {
+        let publisher = match mode {
+            ReplayMode::Publish => Some(Publisher::open(self.connection).await?),
+            ReplayMode::DryRun => None,
+        };
         let channel = self.connection.create_channel().await?;
-        let result = async {
-            let now = Utc::now();
-            let mut replayed = Vec::new();
-            let mut position = 0;
-            // One message at a time: only what is replayed is held, and only
-            // its summary once it is published.
-            while let Some((tag, mut letter)) =
-                self.next_letter(&channel, position + 1, now).await?
-            {
-                position += 1;
-                if !selector.matches(&letter) {
-                    continue;
-                }
+        let result = self.replay_on(&channel, publisher.as_ref(), selector).await;
+        // Returns what was not acked (skipped, or everything in a dry run) to
+        // its place in the queue, in order; a crash or lost connection does
+        // the same, so a dry run can never take anything.
+        let _ = channel.close(200, "replayed".into()).await;
+        if let Some(publisher) = &publisher {
+            let _ = publisher.channel().close(200, "replayed".into()).await;
+        }
+        result
+    }
+
+    async fn replay_on(
+        &self,
+        channel: &Channel,
+        publisher: Option<&Publisher>,
+        selector: &Selector,
+    ) -> Result<Replay, BrokerError> {
+        let messages_at_start = self.message_count(channel).await?;
+        let now = Utc::now();
+        let mut letters = Vec::new();
+        // Anything dead-lettered from now on (a replayed poison message
+        // included) lands behind these and is not taken.
+        for position in 1..=usize::try_from(messages_at_start).unwrap_or(usize::MAX) {
+            // Empty early when someone else took messages meanwhile.
+            let Some((tag, mut letter)) = self.next_letter(channel, position, now).await? else {
+                break;
+            };
+            if !selector.matches(&letter) {
+                continue;
+            }
+            if let Some(publisher) = publisher {
                 publisher
                     .publish(
                         &self.topology.exchange,
@@ -188,15 +249,15 @@ impl<'a> DeadLetterQueue<'a> {
                     )
                     .await?;
                 channel.basic_ack(tag, BasicAckOptions::default()).await?;
-                letter.body = Vec::new();
-                replayed.push(letter);
             }
-            Ok(replayed)
+            // Only the summary is kept: a replay of a big queue holds no bodies.
+            letter.body = Vec::new();
+            letters.push(letter);
         }
-        .await;
-        let _ = channel.close(200, "replayed".into()).await;
-        let _ = publisher.channel().close(200, "replayed".into()).await;
-        result
+        Ok(Replay {
+            messages_at_start,
+            letters,
+        })
     }
 
     /// Deletes every dead letter; returns how many there were.
@@ -215,6 +276,13 @@ impl<'a> DeadLetterQueue<'a> {
     /// Messages in the queue right now (a passive declare: nothing is created).
     pub async fn count(&self) -> Result<u32, BrokerError> {
         let channel = self.connection.create_channel().await?;
+        let count = self.message_count(&channel).await;
+        let _ = channel.close(200, "counted".into()).await;
+        count
+    }
+
+    /// Ready messages only: ones another client holds unacked are not counted.
+    async fn message_count(&self, channel: &Channel) -> Result<u32, BrokerError> {
         let queue = channel
             .queue_declare(
                 self.topology.dead_letter_queue.as_str().into(),
@@ -225,7 +293,6 @@ impl<'a> DeadLetterQueue<'a> {
                 FieldTable::default(),
             )
             .await?;
-        let _ = channel.close(200, "counted".into()).await;
         Ok(queue.message_count())
     }
 
@@ -301,6 +368,7 @@ impl<'a> DeadLetterQueue<'a> {
             ),
             None => broker_death(&properties),
         };
+        let poison = EventError::REASON_CODES.contains(&reason.as_str());
         let letter = DeadLetter {
             position,
             id: sniff_id(&delivery.data),
@@ -309,6 +377,7 @@ impl<'a> DeadLetterQueue<'a> {
             reason,
             detail,
             attempts: header_u64(&properties, HEADER_ATTEMPTS),
+            poison,
             failed_at,
             age_seconds,
             body: delivery.data,

@@ -135,7 +135,7 @@ impl TrustPolicy {
         };
         let domain = mailbox.email.domain().to_ascii_lowercase();
         // Exact: `example.com` allows neither `evil-example.com` nor `mail.example.com`.
-        if self.allowed_domains.iter().any(|d| *d == domain) {
+        if self.allowed_domains.contains(&domain) {
             return Ok(());
         }
         Err(Forbidden::Domain {

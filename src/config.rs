@@ -129,6 +129,10 @@ pub struct SlackSettings {
     /// fresh; a name missing from it lists again sooner.
     #[serde(with = "human_duration")]
     pub channel_cache_ttl: Duration,
+    /// Workspaces an event may name; empty allows any. `default_workspace`
+    /// is always allowed: the operator chose it.
+    #[serde(with = "string_list")]
+    pub allowed_workspaces: Vec<String>,
 }
 
 impl Default for SlackSettings {
@@ -147,6 +151,7 @@ impl Default for SlackSettings {
             workspace_burst: 10,
             max_rate_limit_wait: Duration::from_secs(2),
             channel_cache_ttl: Duration::from_secs(600),
+            allowed_workspaces: Vec::new(),
         }
     }
 }
@@ -158,6 +163,10 @@ pub struct EmailSettings {
     /// `smtp://host:port` (plain or STARTTLS) or `smtps://`; credentials in the URL.
     pub smtp_url: String,
     pub from: String,
+    /// Domains an address taken from an event may be in (exact,
+    /// case-insensitive; subdomains are listed on their own); empty allows any.
+    #[serde(with = "string_list")]
+    pub allowed_domains: Vec<String>,
 }
 
 impl Default for EmailSettings {
@@ -165,6 +174,7 @@ impl Default for EmailSettings {
         EmailSettings {
             smtp_url: "smtp://127.0.0.1:1025".into(),
             from: "alert-router@localhost".into(),
+            allowed_domains: Vec::new(),
         }
     }
 }
@@ -248,6 +258,9 @@ pub struct LogSettings {
     /// A `tracing` filter such as `info` or `alert_router=debug,info`;
     /// `RUST_LOG` overrides it.
     pub level: String,
+    /// Recipient addresses in full in logs and dead-letter headers; by
+    /// default they are shown as `a***@example.com`.
+    pub show_addresses: bool,
 }
 
 impl Default for LogSettings {
@@ -255,6 +268,7 @@ impl Default for LogSettings {
         LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
+            show_addresses: false,
         }
     }
 }
@@ -320,6 +334,8 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("delivery.retry_delays")
+                .with_list_parse_key("slack.allowed_workspaces")
+                .with_list_parse_key("email.allowed_domains")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -411,6 +427,22 @@ impl Settings {
                 "slack.default_workspace",
                 "must be a workspace id such as `T0AEXY01`, or be left out",
             ));
+        }
+        for workspace in &self.slack.allowed_workspaces {
+            if workspace.chars().any(char::is_whitespace) {
+                return Err(invalid(
+                    "slack.allowed_workspaces",
+                    format!("holds {workspace:?}; list workspace ids such as `T0AEXY01`"),
+                ));
+            }
+        }
+        for domain in &self.email.allowed_domains {
+            if domain.contains('@') || domain.chars().any(char::is_whitespace) {
+                return Err(invalid(
+                    "email.allowed_domains",
+                    format!("holds {domain:?}; list domains such as `example.com`, without `@`"),
+                ));
+            }
         }
         Ok(())
     }
@@ -619,6 +651,34 @@ mod human_durations {
     }
 }
 
+/// `Vec<String>` ↔ `["a", "b"]` (or `"a,b"` from the environment); entries
+/// are trimmed and empty ones dropped, so an empty variable means "none".
+mod string_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &[String], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(value)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            List(Vec<String>),
+            Text(String),
+        }
+        let items = match Raw::deserialize(d)? {
+            Raw::List(items) => items,
+            Raw::Text(text) => text.split(',').map(str::to_string).collect(),
+        };
+        Ok(items
+            .into_iter()
+            .map(|item| item.trim().to_string())
+            .filter(|item| !item.is_empty())
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,6 +760,30 @@ mod tests {
             err.to_string().contains("`soon` is not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn trust_lists_come_comma_separated_from_the_environment() {
+        let s = load_with(
+            Some("email:\n  allowed_domains: [example.com]\n"),
+            &[
+                ("ALERT_ROUTER__SLACK__ALLOWED_WORKSPACES", "T1, T2"),
+                ("ALERT_ROUTER__LOG__SHOW_ADDRESSES", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.slack.allowed_workspaces, ["T1", "T2"]);
+        assert_eq!(s.email.allowed_domains, ["example.com"]);
+        assert!(s.log.show_addresses);
+        let s = load_with(None, &[("ALERT_ROUTER__EMAIL__ALLOWED_DOMAINS", "")]).unwrap();
+        assert!(s.email.allowed_domains.is_empty(), "empty means any");
+        assert!(!s.log.show_addresses, "addresses are redacted by default");
+        let err = load_with(
+            None,
+            &[("ALERT_ROUTER__EMAIL__ALLOWED_DOMAINS", "ops@example.com")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("email.allowed_domains"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
 //! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::dlq`] the dead-letter tools |
 //! | [`deliver`] | one event's delivery, top to bottom: resolve targets (channel names to ids, emails to users), claim and post each to Slack, email what Slack cannot take; [`deliver::policy`] the one decision "Slack answered X → next step"; [`deliver::idempotency`] claims with renewed leases and attempt markers; [`deliver::limit`] shared rate limits; [`deliver::slack`] the client, Block Kit, tokens, channel and user caches; [`deliver::email`] SMTP |
+//! | [`trust`] | which workspaces and email domains an event may name (`forbidden_target`) |
+//! | [`redact`] | recipient addresses as logs and dead-letter headers show them (`a***@example.com`) |
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
@@ -24,8 +26,10 @@ pub mod broker;
 pub mod config;
 pub mod deliver;
 pub mod event;
+pub mod redact;
 pub mod reload;
 pub mod rules;
 pub mod settle;
 pub mod telemetry;
+pub mod trust;
 pub mod worker;

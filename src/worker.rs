@@ -29,9 +29,11 @@ use crate::deliver::slack::tokens::{Rotation, TokenStore};
 use crate::deliver::slack::users::UserDirectory;
 use crate::deliver::{Deliverer, DelivererParts};
 use crate::event::{Event, sniff_id};
+use crate::redact::Addresses;
 use crate::rules::{Disposition, Rules, RulesErrors};
 use crate::settle::{Outcome, Settled, Settler};
 use crate::telemetry;
+use crate::trust::TrustPolicy;
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,10 @@ struct Context {
     max_body_bytes: usize,
     /// After waiting this long for rate limits, a target falls back to email.
     max_rate_limit_deferral: Duration,
+    /// What an event may name (`slack.allowed_workspaces`, `email.allowed_domains`).
+    trust: TrustPolicy,
+    /// How addresses appear in logs and dead-letter details.
+    addresses: Addresses,
 }
 
 /// What `/readyz` reports.
@@ -139,13 +145,17 @@ pub async fn run(
         slack.clone(),
         settings.slack.channel_cache_ttl,
     );
+    let addresses = Addresses::new(settings.log.show_addresses);
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
         settings.delivery.idempotency_ttl,
         settings.delivery.claim_lease,
-    );
+    )
+    .with_addresses(addresses);
     let email = EmailSender::new(&settings.email)?;
+    let trust = TrustPolicy::from_settings(&settings);
+    info!(allowed = %trust, show_addresses = settings.log.show_addresses, "trust boundaries");
     let context = Arc::new(Context {
         rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
         deliverer: Deliverer::new(DelivererParts {
@@ -157,9 +167,12 @@ pub async fn run(
             max_rate_limit_wait: settings.slack.max_rate_limit_wait,
             users,
             channels,
+            addresses,
         }),
         max_body_bytes: settings.amqp.max_body_bytes,
         max_rate_limit_deferral: settings.delivery.max_rate_limit_deferral,
+        trust,
+        addresses,
     });
 
     let readiness = Readiness::default();
@@ -332,9 +345,10 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
                     .is_some_and(|waited| waited >= context.max_rate_limit_deferral);
                 handle(context, event, waited_enough).await
             }
+            // Parser messages may quote a value, an address among them.
             Err(e) => Outcome::DeadLetter {
                 reason: e.reason_code(),
-                detail: e.to_string(),
+                detail: context.addresses.text(&e.to_string()).into_owned(),
             },
         };
         match settler.settle(&delivery, outcome).await {
@@ -355,10 +369,41 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
     .await
 }
 
-/// route → deliver, as an [`Outcome`].
+/// route → deliver, as an [`Outcome`]; every detail with its addresses
+/// shown as `log.show_addresses` says, since details become log lines and
+/// dead-letter headers.
 async fn handle(context: &Context, event: Event, waited_enough: bool) -> Outcome {
+    match handle_event(context, event, waited_enough).await {
+        Outcome::RetryLater { detail } => Outcome::RetryLater {
+            detail: context.addresses.text(&detail).into_owned(),
+        },
+        Outcome::Defer { wait, detail } => Outcome::Defer {
+            wait,
+            detail: context.addresses.text(&detail).into_owned(),
+        },
+        Outcome::DeadLetter { reason, detail } => Outcome::DeadLetter {
+            reason,
+            detail: context.addresses.text(&detail).into_owned(),
+        },
+        ack @ Outcome::Ack { .. } => ack,
+    }
+}
+
+async fn handle_event(context: &Context, event: Event, waited_enough: bool) -> Outcome {
+    // The producer is not trusted with where its event goes: refused whole,
+    // before anything is sent, for an operator to fix and replay.
+    if let Err(forbidden) = context.trust.check_workspace(&event) {
+        return forbidden_target(&forbidden);
+    }
     let rules = context.rules.load_full();
     let routing = rules.route(&event);
+    if routing.disposition == Disposition::Deliver
+        && let Err(forbidden) = context
+            .trust
+            .check_addresses(&event, &routing, context.addresses)
+    {
+        return forbidden_target(&forbidden);
+    }
     match &routing.disposition {
         Disposition::Dropped => {
             return Outcome::Ack {
@@ -424,6 +469,13 @@ async fn handle(context: &Context, event: Event, waited_enough: bool) -> Outcome
     }
     Outcome::RetryLater {
         detail: unsettled.join("; "),
+    }
+}
+
+fn forbidden_target(forbidden: &crate::trust::Forbidden) -> Outcome {
+    Outcome::DeadLetter {
+        reason: crate::trust::REASON,
+        detail: forbidden.to_string(),
     }
 }
 

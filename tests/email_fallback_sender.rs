@@ -16,6 +16,7 @@ fn settings(url: &str) -> EmailSettings {
     EmailSettings {
         smtp_url: url.to_string(),
         from: "Alert Router <alert-router@example.com>".to_string(),
+        ..EmailSettings::default()
     }
 }
 

@@ -648,6 +648,7 @@ mod tests {
         EmailSettings {
             smtp_url: url.into(),
             from: "alert-router@localhost".into(),
+            ..EmailSettings::default()
         }
     }
 

@@ -94,7 +94,8 @@ impl Deliverer {
                     if let Some(ticket) = &p.ticket {
                         self.complete(ticket, &p.routed.target).await;
                     }
-                    info!(target = %p.routed.target, to = ?sent, "delivered by email");
+                    let to: Vec<_> = sent.iter().map(|a| self.addresses.address(a)).collect();
+                    info!(target = %self.addresses.target(&p.routed.target), ?to, "delivered by email");
                     reports.push(report(
                         &p.routed.target,
                         TargetStatus::Delivered {
@@ -106,7 +107,7 @@ impl Deliverer {
                     if let Some(ticket) = &p.ticket {
                         self.release(ticket, p.may_have_sent).await;
                     }
-                    warn!(target = %p.routed.target, %detail, "not delivered");
+                    warn!(target = %self.addresses.target(&p.routed.target), detail = %self.addresses.text(&detail), "not delivered");
                     reports.push(failed(&p.routed.target, detail, retryable));
                 }
             }
@@ -148,7 +149,7 @@ impl Deliverer {
         match self.email.send(&message).await {
             Ok(()) => {
                 if let Err(e) = self.idempotency.complete(&ticket).await {
-                    warn!(%address, error = %e, "emailed, but could not record it in Redis");
+                    warn!(address = %self.addresses.address(address), error = %e, "emailed, but could not record it in Redis");
                 }
                 Ok(())
             }

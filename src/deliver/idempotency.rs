@@ -70,6 +70,8 @@ pub struct Idempotency {
     lease: Duration,
     /// Built once: a script hashes its source when created.
     scripts: Scripts,
+    /// Keys of email targets hold the address; this is how logs show it.
+    addresses: crate::redact::Addresses,
 }
 
 #[derive(Clone)]
@@ -159,6 +161,7 @@ impl Idempotency {
             key_prefix: key_prefix.to_string(),
             done_ttl,
             lease,
+            addresses: crate::redact::Addresses::default(),
             scripts: Scripts {
                 // One round trip whether or not the claim is free.
                 claim: redis::Script::new(&format!(
@@ -269,6 +272,12 @@ return 1",
             .map(|renewed| renewed == 1)
     }
 
+    /// Shows addresses in log lines as `log.show_addresses` says (redacted by default).
+    pub fn with_addresses(mut self, addresses: crate::redact::Addresses) -> Idempotency {
+        self.addresses = addresses;
+        self
+    }
+
     /// Renews the claim every third of its lease until the returned guard
     /// is dropped: the holder keeps it however long the send takes, and a
     /// holder that dies stops renewing.
@@ -285,7 +294,7 @@ return 1",
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(
-                            key = %ticket.key,
+                            key = %this.addresses.text(&ticket.key),
                             "lost an idempotency claim while sending (the worker stalled longer than delivery.claim_lease); another worker may send it too"
                         );
                         return;

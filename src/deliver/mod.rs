@@ -32,6 +32,7 @@ use futures_util::future::join_all;
 use tracing::info;
 
 use crate::event::{Event, Target};
+use crate::redact::Addresses;
 use crate::rules::Routing;
 use email::EmailSender;
 use idempotency::{Claim, ClaimTicket, Idempotency};
@@ -138,6 +139,8 @@ pub struct Deliverer {
     max_rate_limit_wait: Duration,
     users: UserDirectory,
     channels: ChannelDirectory,
+    /// How recipient addresses appear in log lines.
+    addresses: Addresses,
 }
 
 /// What a [`Deliverer`] is built from.
@@ -150,6 +153,7 @@ pub struct DelivererParts {
     pub max_rate_limit_wait: Duration,
     pub users: UserDirectory,
     pub channels: ChannelDirectory,
+    pub addresses: Addresses,
 }
 
 /// Why Slack could not take a target, and whether it may work later.
@@ -169,6 +173,7 @@ impl Deliverer {
             max_rate_limit_wait,
             users,
             channels,
+            addresses,
         } = parts;
         Deliverer {
             slack,
@@ -179,6 +184,7 @@ impl Deliverer {
             max_rate_limit_wait,
             users,
             channels,
+            addresses,
         }
     }
 
@@ -261,6 +267,7 @@ struct LostAttempt {
 fn claim_status(
     claim: Claim,
     key: &str,
+    addresses: Addresses,
 ) -> Result<(ClaimTicket, Option<LostAttempt>), TargetStatus> {
     match claim {
         Claim::Acquired(ticket) => Ok((ticket, None)),
@@ -276,14 +283,15 @@ fn claim_status(
             }),
         )),
         Claim::AlreadyDone => {
-            info!(key, "already delivered; not sending again");
+            // Keys of email targets hold the address.
+            info!(key = %addresses.text(key), "already delivered; not sending again");
             Err(TargetStatus::AlreadyDelivered)
         }
         // A live peer is sending it: wait for its lease instead of spending
         // an attempt (a dead peer's lease lapses within `delivery.claim_lease`).
         Claim::HeldElsewhere { remaining } => {
             info!(
-                key,
+                key = %addresses.text(key),
                 ?remaining,
                 "another worker holds this target; waiting for it"
             );

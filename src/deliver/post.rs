@@ -110,7 +110,7 @@ impl Deliverer {
                 return SlackResult::Done(failed(&routed.target, detail.clone(), *retryable));
             }
             (Action::Wait(wait), _) => {
-                info!(target = %routed.target, ?wait, "slack asked to wait; deferring");
+                info!(target = %self.addresses.target(&routed.target), ?wait, "slack asked to wait; deferring");
                 return SlackResult::Done(report(
                     &routed.target,
                     TargetStatus::Deferred { wait: *wait },
@@ -122,7 +122,7 @@ impl Deliverer {
                         None
                     } else {
                         match self.idempotency.claim(&event.id, &target.key).await {
-                            Ok(claim) => match claim_status(claim, &target.key) {
+                            Ok(claim) => match claim_status(claim, &target.key, self.addresses) {
                                 Ok((ticket, _)) => Some(ticket),
                                 Err(status) => {
                                     return SlackResult::Done(report(&routed.target, status));
@@ -169,7 +169,7 @@ impl Deliverer {
             )
             .await;
         let (ticket, lost_attempt, first_wait) = match claimed {
-            Ok((claim, wait)) => match claim_status(claim, &target.key) {
+            Ok((claim, wait)) => match claim_status(claim, &target.key, self.addresses) {
                 Ok((ticket, lost_attempt)) => (ticket, lost_attempt, wait),
                 Err(status) => return SlackResult::Done(report(&routed.target, status)),
             },
@@ -185,7 +185,7 @@ impl Deliverer {
             {
                 Ok(Some(landed)) => {
                     self.complete(&ticket, &routed.target).await;
-                    info!(target = %routed.target, to = %landed, "a worker that crashed had posted this; recorded, not posted again");
+                    info!(target = %self.addresses.target(&routed.target), to = %landed, "a worker that crashed had posted this; recorded, not posted again");
                     return SlackResult::Done(report(
                         &routed.target,
                         TargetStatus::Delivered { to: landed },
@@ -223,12 +223,12 @@ impl Deliverer {
         match outcome {
             Ok(to) => {
                 self.complete(&ticket, &routed.target).await;
-                info!(target = %routed.target, to = %to, "delivered");
+                info!(target = %self.addresses.target(&routed.target), to = %to, "delivered");
                 SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
             }
             Err(PostFailure::Deferred(wait)) if waited_enough => {
                 let unavailable = too_long(wait);
-                warn!(target = %routed.target, reason = %unavailable.reason, "falling back to email");
+                warn!(target = %self.addresses.target(&routed.target), reason = %self.addresses.text(&unavailable.reason), "falling back to email");
                 SlackResult::NeedsEmail(PendingEmail {
                     routed,
                     ticket: Some(ticket),
@@ -241,11 +241,11 @@ impl Deliverer {
             }
             Err(PostFailure::Deferred(wait)) => {
                 self.release(&ticket, may_have_sent).await;
-                info!(target = %routed.target, ?wait, "rate limited; deferring");
+                info!(target = %self.addresses.target(&routed.target), ?wait, "rate limited; deferring");
                 SlackResult::Done(report(&routed.target, TargetStatus::Deferred { wait }))
             }
             Err(PostFailure::Unavailable(unavailable)) => {
-                warn!(target = %routed.target, reason = %unavailable.reason, "slack cannot take it; falling back to email");
+                warn!(target = %self.addresses.target(&routed.target), reason = %self.addresses.text(&unavailable.reason), "slack cannot take it; falling back to email");
                 SlackResult::NeedsEmail(PendingEmail {
                     routed,
                     ticket: Some(ticket),
@@ -572,7 +572,7 @@ impl Deliverer {
             match policy::next_step(method, destination.kind, e, Tried::default()) {
                 Step::Wait(wait) => Err(wait),
                 _ => {
-                    warn!(target, error = %e, "cannot check whether a crashed worker had posted this; posting (a duplicate is possible)");
+                    warn!(target = %self.addresses.text(target), error = %e, "cannot check whether a crashed worker had posted this; posting (a duplicate is possible)");
                     Ok(None)
                 }
             }
@@ -655,7 +655,7 @@ impl Deliverer {
             match self.idempotency.complete(ticket).await {
                 Ok(()) => return,
                 Err(e) if pause == 200 => {
-                    warn!(%target, error = %e, "sent, but could not record it in Redis; a redelivery will look for the post before sending again");
+                    warn!(target = %self.addresses.target(target), error = %e, "sent, but could not record it in Redis; a redelivery will look for the post before sending again");
                 }
                 Err(_) => {}
             }

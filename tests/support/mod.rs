@@ -351,6 +351,11 @@ impl WorkerProcess {
         }
     }
 
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.borrow().clone()
+    }
+
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("worker is running");
         let status = std::process::Command::new("kill")

@@ -62,6 +62,12 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
             millis(s.slack.max_rate_limit_wait),
         ),
         ("LOG__LEVEL", s.log.level.clone()),
+        ("LOG__SHOW_ADDRESSES", s.log.show_addresses.to_string()),
+        (
+            "SLACK__ALLOWED_WORKSPACES",
+            s.slack.allowed_workspaces.join(","),
+        ),
+        ("EMAIL__ALLOWED_DOMAINS", s.email.allowed_domains.join(",")),
         (
             "LOG__FORMAT",
             match s.log.format {

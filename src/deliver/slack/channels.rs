@@ -182,6 +182,9 @@ impl ChannelDirectory {
         if let Some(hit) = self.local_get(&token.workspace, name) {
             return Ok(hit);
         }
+        // Taken before reading the map: a listing stored after this moment
+        // answers this miss (taking it later races a peer's listing).
+        let asked_at = now_ms();
         let cached = self.read(&token.workspace, name).await?;
         if let Some(needed) = &cached.missing_scope {
             tracing::debug!(
@@ -198,7 +201,7 @@ impl ChannelDirectory {
         if cached.id.is_none() && cached.listed_at_ms.is_some_and(listed_within_min_relist) {
             return Ok(cached.missing(name));
         }
-        match self.relist(token, name, None).await {
+        match self.relist(token, name, None, asked_at).await {
             Ok(found) => Ok(found),
             // A stale map still knows the channel while Slack cannot be asked.
             Err(e) => match (cached.id, &e) {
@@ -223,6 +226,7 @@ impl ChannelDirectory {
         failed_id: &str,
     ) -> Result<Resolution, ResolveError> {
         self.local_forget(&token.workspace, name);
+        let asked_at = now_ms();
         let cached = self.read(&token.workspace, name).await?;
         let just_listed = cached
             .listed_at_ms
@@ -233,7 +237,7 @@ impl ChannelDirectory {
                 None => cached.missing(name),
             }
         } else {
-            self.relist(token, name, Some(failed_id)).await?
+            self.relist(token, name, Some(failed_id), asked_at).await?
         };
         Ok(match found {
             Resolution::Id(id) if id == failed_id => Resolution::NotFound,
@@ -254,9 +258,9 @@ impl ChannelDirectory {
         token: &WorkspaceToken,
         name: &str,
         failed_id: Option<&str>,
+        asked_at: u64,
     ) -> Result<Resolution, ResolveError> {
         let workspace = token.workspace.as_str();
-        let asked_at = now_ms();
         let gate = self.gate(workspace);
         let _one_per_process = gate.lock().await;
 

@@ -213,6 +213,11 @@ pub async fn run(
             }
             Err(e) => {
                 readiness.set(false);
+                if let BrokerError::Stranded { .. } = e {
+                    // Not a failure of the broker: reconnect at once.
+                    warn!(error = %e, "reconnecting to RabbitMQ");
+                    continue;
+                }
                 // A connection that lived a while starts the backoff afresh.
                 if attempt_started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);

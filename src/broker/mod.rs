@@ -273,9 +273,14 @@ fn refused(entity: &str, migrated_to_quorum: bool, error: lapin::Error) -> Broke
         .trim_end_matches(['"', ')', ' '])
         .to_string();
     let name = entity.split('`').nth(1).unwrap_or(entity).to_string();
-    let fix = if migrated_to_quorum && detail.contains("x-queue-type") {
+    // The broker names only the first argument that differs; any of the
+    // quorum-only ones means the queue predates the move to quorum queues.
+    let predates_quorum = ["'x-queue-type'", "'x-overflow'", "'x-dead-letter-strategy'"]
+        .iter()
+        .any(|arg| detail.contains(arg));
+    let fix = if migrated_to_quorum && predates_quorum {
         format!(
-            "It is a classic queue from an older alert-router; retry and dead-letter queues are now quorum queues with at-least-once dead-lettering. \
+            "It looks like the classic queue an older alert-router declared; retry and dead-letter queues are now quorum queues with at-least-once dead-lettering. \
              Stop the workers, empty it (retry queues empty themselves into the work queue within their delay; move dead letters out with a shovel), \
              delete it with `rabbitmqctl delete_queue --if-empty {name}` and start again: see \"Moving to quorum retry and dead-letter queues\" in the README"
         )

@@ -13,7 +13,7 @@
 //! | [`config`] | settings: defaults ← YAML file ← environment, validated once at start |
 //! | [`event`] | the event model and its validation (a bad event is poison, never retried) |
 //! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
-//! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::dlq`] the dead-letter tools |
+//! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::watch`] `connection.blocked` and errors; [`broker::dlq`] the dead-letter tools |
 //! | [`deliver`] | one event's delivery: targets, idempotency, Slack ([`deliver::slack`]: client, message, tokens, user cache), shared rate limits ([`deliver::limit`]), email fallback ([`deliver::email`]) |
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |

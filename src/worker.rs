@@ -323,6 +323,8 @@ async fn consume_on(
         .await?;
     let mut watch = Watch::start(&[("consume", consuming), ("publish", publishing)]);
     let acks = Acks::start(channel.clone());
+    let publishing_channel = publisher.channel().clone();
+    let publishing_status = publishing.status().clone();
     let settler = Settler::new(publisher, topology.clone(), acks.clone());
     let in_flight = TaskTracker::new();
     // Cancelled by a delivery that finds the publishing channel dead.
@@ -399,6 +401,7 @@ async fn consume_on(
         // In-flight work cannot ack on a dead channel; the broker redelivers it.
         // Each task is bounded (Slack timeouts, amqp.confirm_timeout).
         in_flight.wait().await;
+        close_channels(&channel, &publishing_channel, &publishing_status, settings).await;
         return Err(error);
     }
 
@@ -420,7 +423,33 @@ async fn consume_on(
     }
     // Acks still held back must reach the broker before the connection closes.
     acks.flush().await;
+    close_channels(&channel, &publishing_channel, &publishing_status, settings).await;
     Ok(())
+}
+
+/// Closes the channels before their connections close: a channel dropped
+/// afterwards makes lapin log a spurious connection error. A blocked
+/// connection cannot send a close at all, so its channel is left to the drop.
+async fn close_channels(
+    consuming: &lapin::Channel,
+    publishing: &lapin::Channel,
+    publishing_status: &lapin::ConnectionStatus,
+    settings: &Settings,
+) {
+    let channels = if publishing_status.blocked() {
+        vec![consuming]
+    } else {
+        vec![consuming, publishing]
+    };
+    for channel in channels {
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(
+                settings.amqp.connect_timeout,
+                channel.close(200, "closing".into()),
+            )
+            .await;
+        }
+    }
 }
 
 /// When deliveries are stranded by confirm timeouts, the connections are
@@ -611,4 +640,46 @@ fn jitter(delay: Duration) -> Duration {
     }
     let offset = u64::from(uuid::Uuid::new_v4().as_u128() as u32) % (2 * spread);
     delay - Duration::from_millis(spread) + Duration::from_millis(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked() -> Notices {
+        let mut notices = Notices::default();
+        notices.blocked.insert("publish", "low on memory".into());
+        notices
+    }
+
+    #[test]
+    fn stranded_deliveries_wait_while_the_broker_blocks_and_are_recycled_once_it_unblocks() {
+        assert!(
+            recycle_for(0, &Notices::default()).is_none(),
+            "nothing stranded"
+        );
+        assert!(
+            recycle_for(3, &blocked()).is_none(),
+            "a new connection would block too"
+        );
+        assert!(matches!(
+            recycle_for(3, &Notices::default()),
+            Some(BrokerError::Stranded { deliveries: 3 })
+        ));
+    }
+
+    #[test]
+    fn readyz_says_why_it_is_not_ready() {
+        let readiness = Readiness::default();
+        assert!(readiness.why_not().unwrap().contains("not consuming"));
+        readiness.set(true);
+        assert!(readiness.is_ready());
+        readiness.set_blocked(true);
+        assert!(!readiness.is_ready());
+        assert!(readiness.why_not().unwrap().contains("blocking publishes"));
+        // A lost connection clears "blocked": the next one starts unblocked.
+        readiness.set(false);
+        readiness.set(true);
+        assert!(readiness.is_ready());
+    }
 }

@@ -329,10 +329,11 @@ pub async fn connect_within(
     }
 }
 
-/// Closes `connection`, giving up after `timeout`: a connection the broker
-/// blocks cannot even send `connection.close` (lapin holds every frame back).
+/// Closes `connection`, giving up after `timeout`. A connection the broker
+/// blocks cannot even send `connection.close` (lapin holds every frame back),
+/// so it is not tried: dropping it closes it once the broker unblocks.
 pub async fn close_within(connection: &Connection, timeout: Duration, reason: &str) {
-    if connection.status().connected() {
+    if connection.status().connected() && !connection.status().blocked() {
         let _ = tokio::time::timeout(timeout, connection.close(200, reason.into())).await;
     }
 }

@@ -52,6 +52,15 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     /// Largest accepted event body; bigger ones are dead-lettered as `too_large`.
     pub max_body_bytes: usize,
+    /// Limit on opening a connection and on declaring the topology: a broker
+    /// that accepts TCP but never answers must not hang the worker.
+    #[serde(with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// Limit on the broker's confirm of one republish (retry, deferral,
+    /// dead letter). A republish not confirmed in time leaves its delivery
+    /// unacked, to be redelivered; it is never acked on hope.
+    #[serde(with = "human_duration")]
+    pub confirm_timeout: Duration,
 }
 
 impl Default for AmqpSettings {
@@ -66,6 +75,8 @@ impl Default for AmqpSettings {
             prefetch: 100,
             delivery_limit: 20,
             max_body_bytes: crate::event::DEFAULT_MAX_BODY_BYTES,
+            connect_timeout: Duration::from_secs(10),
+            confirm_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -371,6 +382,14 @@ impl Settings {
                 "amqp.prefetch",
                 "must be at least 1 (100 to 300 suits most brokers)",
             ));
+        }
+        for (key, value) in [
+            ("amqp.connect_timeout", self.amqp.connect_timeout),
+            ("amqp.confirm_timeout", self.amqp.confirm_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0s, e.g. `10s`"));
+            }
         }
         if self.amqp.max_body_bytes == 0 {
             return Err(invalid("amqp.max_body_bytes", "must be at least 1"));

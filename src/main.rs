@@ -307,9 +307,13 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
 
 async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(), Failure> {
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
-    let connection = broker::connect(&settings.amqp.url, "alert-router dlq")
-        .await
-        .context("cannot reach the dead-letter queue")?;
+    let connection = broker::connect_within(
+        &settings.amqp.url,
+        "alert-router dlq",
+        settings.amqp.connect_timeout,
+    )
+    .await
+    .context("cannot reach the dead-letter queue")?;
     let queue = DeadLetterQueue::new(&connection, &topology);
     let result = dlq_command(&queue, &topology, command, json).await;
     let _ = connection.close(200, "done".into()).await;
@@ -835,12 +839,17 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
         return Err(bad_input(anyhow::anyhow!("{source}: no events to publish")));
     }
 
-    let connection = broker::connect(&settings.amqp.url, "alert-router publish")
-        .await
-        .context("cannot publish")?;
+    let connection = broker::connect_within(
+        &settings.amqp.url,
+        "alert-router publish",
+        settings.amqp.connect_timeout,
+    )
+    .await
+    .context("cannot publish")?;
     let publisher = Publisher::open(&connection)
         .await
-        .context("cannot open a channel")?;
+        .context("cannot open a channel")?
+        .with_confirm_timeout(settings.amqp.confirm_timeout);
     // Declaring is idempotent; it makes "publish before the first run" safe.
     Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays)
         .declare(publisher.channel())

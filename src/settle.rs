@@ -85,17 +85,24 @@ impl Settler {
         self.publisher.channel().status().connected()
     }
 
-    /// Applies `outcome` to `delivery`. On error the delivery is left unacked
-    /// (and nacked back to the queue when possible) so nothing is lost.
+    /// Applies `outcome` to `delivery`. On error the delivery is not acked,
+    /// so nothing is lost: it is nacked back to the queue, except after a
+    /// confirm timeout ([`BrokerError::ConfirmTimeout`]), where it stays
+    /// unacked until the caller rebuilds the connection and the broker
+    /// redelivers it.
     pub async fn settle(
         &self,
         delivery: &Delivery,
         outcome: Outcome,
     ) -> Result<Settled, BrokerError> {
         let result = self.apply(delivery, outcome).await;
-        if result.is_err() {
+        match &result {
+            // Requeueing now would only make it wait on the same stuck
+            // connection again, spending a delivery attempt each time.
+            Err(BrokerError::ConfirmTimeout { .. }) => {}
             // Requeue for another try; the quorum queue's delivery limit stops a loop.
-            self.acks.nack(delivery, true);
+            Err(_) => self.acks.nack(delivery, true),
+            Ok(_) => {}
         }
         result
     }

@@ -75,6 +75,14 @@ fn describe() {
     );
     describe_gauge!(RULES_COUNT, "Rules in the routing table in use.");
     describe_gauge!(BROKER_CONNECTED, "1 while consuming from RabbitMQ.");
+    describe_gauge!(
+        BROKER_BLOCKED,
+        "1 while RabbitMQ blocks the worker's connection (memory or disk alarm)."
+    );
+    describe_counter!(
+        CONFIRM_TIMEOUTS,
+        "Republishes the broker did not confirm within amqp.confirm_timeout; their deliveries were left for redelivery."
+    );
 }
 
 const EVENTS: &str = "alert_router_events_total";
@@ -85,6 +93,8 @@ const RULES_RELOADS: &str = "alert_router_rules_reloads_total";
 const RULES_VALID: &str = "alert_router_rules_valid";
 const RULES_COUNT: &str = "alert_router_rules";
 const BROKER_CONNECTED: &str = "alert_router_broker_connected";
+const BROKER_BLOCKED: &str = "alert_router_broker_blocked";
+const CONFIRM_TIMEOUTS: &str = "alert_router_broker_confirm_timeouts_total";
 
 /// An event left the worker: `outcome` is `acked`, `retried` or `dead_lettered`.
 pub fn record_event(outcome: &'static str, reason: &'static str, took: Duration) {
@@ -129,4 +139,14 @@ pub fn record_rules_load(valid: bool, rule_count: Option<usize>) {
 /// Whether the worker is consuming from the broker.
 pub fn record_broker_connected(connected: bool) {
     gauge!(BROKER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+}
+
+/// Whether RabbitMQ is blocking one of the worker's connections.
+pub fn record_broker_blocked(blocked: bool) {
+    gauge!(BROKER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
+}
+
+/// A republish whose confirm did not come in time.
+pub fn record_confirm_timeout() {
+    counter!(CONFIRM_TIMEOUTS).increment(1);
 }

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::broker::acks::Acks;
+use crate::broker::watch::{Notices, Watch};
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
 use crate::deliver::email::EmailSender;
@@ -74,16 +75,40 @@ struct Context {
     addresses: Addresses,
 }
 
-/// What `/readyz` reports.
+/// What `/readyz` reports: consuming, and not blocked by the broker.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Default)]
+struct ReadinessState {
+    consuming: AtomicBool,
+    blocked: AtomicBool,
+}
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.consuming.load(Ordering::Relaxed) && !self.0.blocked.load(Ordering::Relaxed)
     }
-    fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    /// Why not ready, for the `/readyz` body; `None` when ready.
+    fn why_not(&self) -> Option<&'static str> {
+        if !self.0.consuming.load(Ordering::Relaxed) {
+            Some("not ready: not consuming from RabbitMQ\n")
+        } else if self.0.blocked.load(Ordering::Relaxed) {
+            Some(
+                "not ready: RabbitMQ is blocking publishes (resource alarm); retries and dead letters wait\n",
+            )
+        } else {
+            None
+        }
+    }
+    fn set(&self, consuming: bool) {
+        self.0.consuming.store(consuming, Ordering::Relaxed);
+        if !consuming {
+            self.0.blocked.store(false, Ordering::Relaxed);
+        }
+    }
+    fn set_blocked(&self, blocked: bool) {
+        self.0.blocked.store(blocked, Ordering::Relaxed);
     }
 }
 
@@ -195,7 +220,7 @@ pub async fn run(
         let attempt_started = std::time::Instant::now();
         match consume(&settings, &topology, &context, &readiness, &shutdown).await {
             Ok(()) => break,
-            Err(e @ BrokerError::Topology(_)) => {
+            Err(e @ BrokerError::Topology { .. }) => {
                 error!(error = %e, "cannot run with this topology");
                 shutdown.cancel();
                 let _ = http.await;
@@ -204,6 +229,11 @@ pub async fn run(
             }
             Err(e) => {
                 readiness.set(false);
+                if let BrokerError::Stranded { .. } = e {
+                    // Not a failure of the broker: reconnect at once.
+                    warn!(error = %e, "reconnecting to RabbitMQ");
+                    continue;
+                }
                 // A connection that lived a while starts the backoff afresh.
                 if attempt_started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
@@ -226,7 +256,13 @@ pub async fn run(
     Ok(())
 }
 
-/// One connection's life: returns `Ok` after a requested stop, `Err` when the broker is lost.
+/// One pair of connections' life: returns `Ok` after a requested stop, `Err`
+/// when the broker is lost or a delivery was left unacked by a confirm timeout.
+///
+/// Consuming and publishing use separate connections: under a memory or disk
+/// alarm RabbitMQ blocks connections that publish, and lapin then holds back
+/// every frame of that connection, acks included. With acks on a connection
+/// that never publishes, events that need no republish keep flowing.
 async fn consume(
     settings: &Settings,
     topology: &Topology,
@@ -234,12 +270,61 @@ async fn consume(
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    let amqp = &settings.amqp;
     // Named after its queue, so `rabbitmqctl list_connections name` tells deployments apart.
-    let name = format!("alert-router worker {}", topology.queue);
-    let connection = broker::connect(&settings.amqp.url, &name).await?;
-    let publisher = Publisher::open(&connection).await?;
-    topology.declare(publisher.channel()).await?;
-    let channel = connection.create_channel().await?;
+    let consuming = broker::connect_within(
+        &amqp.url,
+        &format!("alert-router worker {} (consume)", topology.queue),
+        amqp.connect_timeout,
+    )
+    .await?;
+    let publishing = match broker::connect_within(
+        &amqp.url,
+        &format!("alert-router worker {} (publish)", topology.queue),
+        amqp.connect_timeout,
+    )
+    .await
+    {
+        Ok(connection) => connection,
+        Err(e) => {
+            broker::close_within(&consuming, amqp.connect_timeout, "giving up").await;
+            return Err(e);
+        }
+    };
+    let result = consume_on(
+        &consuming,
+        &publishing,
+        settings,
+        topology,
+        context,
+        readiness,
+        shutdown,
+    )
+    .await;
+    readiness.set(false);
+    telemetry::record_broker_connected(false);
+    // Closing the consuming connection hands every unacked delivery back to
+    // the broker; the publishing one may be blocked, hence the time limit.
+    broker::close_within(&consuming, amqp.connect_timeout, "closing").await;
+    broker::close_within(&publishing, amqp.connect_timeout, "closing").await;
+    result
+}
+
+async fn consume_on(
+    consuming: &lapin::Connection,
+    publishing: &lapin::Connection,
+    settings: &Settings,
+    topology: &Topology,
+    context: &Arc<Context>,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let channel = consuming.create_channel().await?;
+    // Declared on the consuming connection: it is never blocked.
+    topology.declare(&channel).await?;
+    let publisher = Publisher::open(publishing)
+        .await?
+        .with_confirm_timeout(settings.amqp.confirm_timeout);
     channel
         .basic_qos(settings.amqp.prefetch, BasicQosOptions::default())
         .await?;
@@ -252,11 +337,17 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
+    let mut watch = Watch::start(&[("consume", consuming), ("publish", publishing)]);
     let acks = Acks::start(channel.clone());
+    let publishing_channel = publisher.channel().clone();
+    let publishing_status = publishing.status().clone();
     let settler = Settler::new(publisher, topology.clone(), acks.clone());
     let in_flight = TaskTracker::new();
     // Cancelled by a delivery that finds the publishing channel dead.
     let publisher_lost = CancellationToken::new();
+    // Deliveries left unacked by a confirm timeout: only a new consuming
+    // channel gets them redelivered.
+    let (stranded_tx, mut stranded) = tokio::sync::watch::channel(0usize);
     readiness.set(true);
     telemetry::record_broker_connected(true);
     info!(queue = %topology.queue, prefetch = settings.amqp.prefetch, "consuming");
@@ -267,23 +358,45 @@ async fn consume(
             _ = publisher_lost.cancelled() => break Some(BrokerError::Amqp(lapin::Error::from(
                 lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "the publishing channel closed"),
             ))),
+            notices = watch.changed() => {
+                readiness.set_blocked(notices.is_blocked());
+                if let Some(why) = notices.lost {
+                    break Some(BrokerError::ConnectionLost(why));
+                }
+                if let Some(error) = recycle_for(*stranded.borrow(), &notices) {
+                    break Some(error);
+                }
+            }
+            Ok(()) = stranded.changed() => {
+                let count = *stranded.borrow_and_update();
+                if let Some(error) = recycle_for(count, &watch.notices()) {
+                    break Some(error);
+                }
+            }
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let context = Arc::clone(context);
                     let settler = settler.clone();
                     let publisher_lost = publisher_lost.clone();
+                    let stranded_tx = stranded_tx.clone();
                     let acks = acks.clone();
                     in_flight.spawn(async move {
                         let tag = delivery.delivery_tag;
                         let processed = std::panic::AssertUnwindSafe(process(&context, &settler, delivery))
                             .catch_unwind()
                             .await;
-                        if processed.is_err() {
-                            // A bug, not the event's fault: give it back (the
-                            // queue's delivery limit stops a loop) and keep
-                            // the channel's acks flowing.
-                            error!(delivery_tag = tag, "processing panicked; the delivery is requeued");
-                            acks.nack_tag(tag, true);
+                        match processed {
+                            Ok(Some(BrokerError::ConfirmTimeout { .. })) => {
+                                stranded_tx.send_modify(|n| *n += 1);
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                // A bug, not the event's fault: give it back (the
+                                // queue's delivery limit stops a loop) and keep
+                                // the channel's acks flowing.
+                                error!(delivery_tag = tag, "processing panicked; the delivery is requeued");
+                                acks.nack_tag(tag, true);
+                            }
                         }
                         if !settler.is_usable() {
                             publisher_lost.cancel();
@@ -302,7 +415,9 @@ async fn consume(
     in_flight.close();
     if let Some(error) = lost {
         // In-flight work cannot ack on a dead channel; the broker redelivers it.
+        // Each task is bounded (Slack timeouts, amqp.confirm_timeout).
         in_flight.wait().await;
+        close_channels(&channel, &publishing_channel, &publishing_status, settings).await;
         return Err(error);
     }
 
@@ -324,12 +439,53 @@ async fn consume(
     }
     // Acks still held back must reach the broker before the connection closes.
     acks.flush().await;
-    let _ = connection.close(200, "shutdown".into()).await;
+    close_channels(&channel, &publishing_channel, &publishing_status, settings).await;
     Ok(())
 }
 
-/// One delivery through the whole pipeline.
-async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
+/// Closes the channels before their connections close: a channel dropped
+/// afterwards makes lapin log a spurious connection error. A blocked
+/// connection cannot send a close at all, so its channel is left to the drop.
+async fn close_channels(
+    consuming: &lapin::Channel,
+    publishing: &lapin::Channel,
+    publishing_status: &lapin::ConnectionStatus,
+    settings: &Settings,
+) {
+    let channels = if publishing_status.blocked() {
+        vec![consuming]
+    } else {
+        vec![consuming, publishing]
+    };
+    for channel in channels {
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(
+                settings.amqp.connect_timeout,
+                channel.close(200, "closing".into()),
+            )
+            .await;
+        }
+    }
+}
+
+/// When deliveries are stranded by confirm timeouts, the connections are
+/// rebuilt so the broker redelivers them — but not while it blocks us: a
+/// new connection would be blocked at its first publish, and every
+/// redelivery spends one of the quorum queue's `x-delivery-limit`
+/// attempts. Blocked, the stranded deliveries wait (and fill the prefetch
+/// window) until the alarm clears.
+fn recycle_for(stranded: usize, notices: &Notices) -> Option<BrokerError> {
+    if stranded == 0 || notices.is_blocked() {
+        return None;
+    }
+    Some(BrokerError::Stranded {
+        deliveries: stranded,
+    })
+}
+
+/// One delivery through the whole pipeline; returns why it could not be
+/// settled, if it could not.
+async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Option<BrokerError> {
     let started = std::time::Instant::now();
     // Decoded once; a body that fails still gets its id into the log if it has one.
     let decoded = Event::decode(&delivery.data, context.max_body_bytes);
@@ -351,19 +507,31 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) {
                 detail: context.addresses.text(&e.to_string()).into_owned(),
             },
         };
-        match settler.settle(&delivery, outcome).await {
-            Ok(Settled::Acked) => telemetry::record_event("acked", "ok", started.elapsed()),
-            Ok(Settled::Retried { .. }) => {
+        let settled = match settler.settle(&delivery, outcome).await {
+            Ok(settled) => settled,
+            Err(e @ BrokerError::ConfirmTimeout { .. }) => {
+                telemetry::record_confirm_timeout();
+                error!(error = %e, "confirm timed out; the delivery stays unacked and will be redelivered");
+                return Some(e);
+            }
+            Err(e) => {
+                error!(error = %e, "could not settle; left for redelivery");
+                return Some(e);
+            }
+        };
+        match settled {
+            Settled::Acked => telemetry::record_event("acked", "ok", started.elapsed()),
+            Settled::Retried { .. } => {
                 telemetry::record_event("retried", "unsettled_targets", started.elapsed())
             }
-            Ok(Settled::Deferred { .. }) => {
+            Settled::Deferred { .. } => {
                 telemetry::record_event("deferred", "rate_limited", started.elapsed())
             }
-            Ok(Settled::DeadLettered { reason }) => {
+            Settled::DeadLettered { reason } => {
                 telemetry::record_event("dead_lettered", reason, started.elapsed())
             }
-            Err(e) => error!(error = %e, "could not settle; left for redelivery"),
         }
+        None
     }
     .instrument(span)
     .await
@@ -506,15 +674,11 @@ async fn serve_health(
         .route(
             "/readyz",
             get(move || {
-                let ready = readiness.is_ready();
+                let why_not = readiness.why_not();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: not consuming from RabbitMQ\n",
-                        )
+                    match why_not {
+                        None => (StatusCode::OK, "ready\n"),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
             }),
@@ -535,4 +699,46 @@ fn jitter(delay: Duration) -> Duration {
     }
     let offset = u64::from(uuid::Uuid::new_v4().as_u128() as u32) % (2 * spread);
     delay - Duration::from_millis(spread) + Duration::from_millis(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked() -> Notices {
+        let mut notices = Notices::default();
+        notices.blocked.insert("publish", "low on memory".into());
+        notices
+    }
+
+    #[test]
+    fn stranded_deliveries_wait_while_the_broker_blocks_and_are_recycled_once_it_unblocks() {
+        assert!(
+            recycle_for(0, &Notices::default()).is_none(),
+            "nothing stranded"
+        );
+        assert!(
+            recycle_for(3, &blocked()).is_none(),
+            "a new connection would block too"
+        );
+        assert!(matches!(
+            recycle_for(3, &Notices::default()),
+            Some(BrokerError::Stranded { deliveries: 3 })
+        ));
+    }
+
+    #[test]
+    fn readyz_says_why_it_is_not_ready() {
+        let readiness = Readiness::default();
+        assert!(readiness.why_not().unwrap().contains("not consuming"));
+        readiness.set(true);
+        assert!(readiness.is_ready());
+        readiness.set_blocked(true);
+        assert!(!readiness.is_ready());
+        assert!(readiness.why_not().unwrap().contains("blocking publishes"));
+        // A lost connection clears "blocked": the next one starts unblocked.
+        readiness.set(false);
+        readiness.set(true);
+        assert!(readiness.is_ready());
+    }
 }

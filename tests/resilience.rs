@@ -176,3 +176,70 @@ async fn a_queue_declared_with_other_arguments_stops_the_worker_with_a_clear_err
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_classic_retry_queue_left_by_an_older_version_stops_the_worker_with_the_migration_steps()
+{
+    let env = TestEnv::start(TWO_TEAMS).await;
+    // What an older version declared: the same retry queue, as a classic queue.
+    let retry_queue = support::topology(&env.settings).retry_queues[0]
+        .name
+        .clone();
+    let connection = alert_router::broker::connect(&env.settings.amqp.url, "alert-router tests")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(retry_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let mut old_args = lapin::types::FieldTable::default();
+    old_args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(500),
+    );
+    old_args.insert(
+        "x-dead-letter-exchange".into(),
+        alert_router::broker::long_string(""),
+    );
+    old_args.insert(
+        "x-dead-letter-routing-key".into(),
+        alert_router::broker::long_string(&env.settings.amqp.queue),
+    );
+    channel
+        .queue_declare(
+            retry_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            old_args,
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "".into()).await;
+
+    let result = alert_router::worker::run(
+        env.settings.clone(),
+        alert_router::config::Secrets::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let message = result
+        .expect_err("the worker must not loop on a classic retry queue")
+        .to_string();
+    for expected in [
+        format!("queue `{retry_queue}`"),
+        "classic queue".to_string(),
+        "quorum queues".to_string(),
+        format!("rabbitmqctl delete_queue --if-empty {retry_queue}"),
+        "Moving to quorum retry and dead-letter queues".to_string(),
+    ] {
+        assert!(
+            message.contains(&expected),
+            "{expected:?} missing: {message}"
+        );
+    }
+    assert!(!message.contains("PRECONDITION_FAILED"), "{message}");
+    env.cleanup().await;
+}

@@ -5,6 +5,7 @@
 
 pub mod acks;
 pub mod dlq;
+pub mod watch;
 
 use std::time::Duration;
 
@@ -38,6 +39,10 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "cannot connect to RabbitMQ at {url}: no answer within {after:?} (amqp.connect_timeout)"
+    )]
+    ConnectTimeout { url: String, after: Duration },
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
     #[error(
@@ -47,10 +52,42 @@ pub enum BrokerError {
         exchange: String,
         routing_key: String,
     },
+    /// The broker did not confirm in time: the message may or may not be
+    /// stored, so whatever depended on it (an ack) must not happen.
     #[error(
-        "RabbitMQ refused the topology: {0}. An existing queue or exchange was declared with other arguments (e.g. a classic `alerts.router`, or a changed amqp.delivery_limit); delete it (after draining) or keep the old settings"
+        "RabbitMQ did not confirm a message published to exchange `{exchange}` with key `{routing_key}` within {after:?} (amqp.confirm_timeout){}",
+        if *.blocked { "; it is blocking publishers (resource alarm)" } else { "" }
     )]
-    Topology(String),
+    ConfirmTimeout {
+        exchange: String,
+        routing_key: String,
+        after: Duration,
+        /// Whether the connection was blocked by the broker when it timed out.
+        blocked: bool,
+    },
+    #[error("RabbitMQ connection lost: {0}")]
+    ConnectionLost(String),
+    /// Deliveries were left unacked by confirm timeouts; only new channels
+    /// get them redelivered.
+    #[error(
+        "{deliveries} deliveries were left unacked after their republish was not confirmed; reconnecting so RabbitMQ redelivers them"
+    )]
+    Stranded { deliveries: usize },
+    #[error(
+        "RabbitMQ did not answer the topology declarations within {after:?} (amqp.connect_timeout)"
+    )]
+    DeclareTimeout { after: Duration },
+    /// An existing queue or exchange does not match what the worker declares;
+    /// retrying cannot fix it, an operator has to.
+    #[error("RabbitMQ refused the topology: {entity} {detail}. {fix}")]
+    Topology {
+        /// e.g. "queue `alerts.retry.5s`".
+        entity: String,
+        /// What the broker said, without the protocol noise.
+        detail: String,
+        /// What to do about it.
+        fix: String,
+    },
     #[error(
         "no queue is bound to exchange `{exchange}` for key `{routing_key}`; has the worker declared its topology?"
     )]
@@ -75,6 +112,8 @@ pub struct Topology {
     pub retry_queues: Vec<RetryQueue>,
     /// Quorum queue redelivery limit before the broker dead-letters by itself.
     pub delivery_limit: u32,
+    /// Limit on declaring everything (`amqp.connect_timeout`).
+    pub declare_timeout: Duration,
 }
 
 /// One delayed-retry queue: messages wait `delay`, then return to the work queue.
@@ -99,23 +138,25 @@ impl Topology {
                 })
                 .collect(),
             delivery_limit: amqp.delivery_limit,
+            declare_timeout: amqp.connect_timeout,
         }
     }
 
     /// Declares everything, idempotently: safe on every start and reconnect.
     ///
-    /// The work queue is a quorum queue whose own dead-lettering (after
-    /// `delivery_limit` redeliveries) goes at-least-once to the dead-letter
-    /// exchange. Retry queues dead-letter through the default exchange straight
-    /// to the work queue, so a retry never reaches other consumers of `alerts`.
+    /// Every queue is a quorum queue that dead-letters at-least-once (which
+    /// RabbitMQ only allows with `x-overflow: reject-publish`), so a message
+    /// leaving a queue by TTL or delivery limit is never dropped on the way.
+    /// The work queue dead-letters (after `delivery_limit` redeliveries) to the
+    /// dead-letter exchange. Retry queues dead-letter through the default
+    /// exchange straight to the work queue, so a retry never reaches other
+    /// consumers of `alerts`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
-        self.declare_all(channel).await.map_err(|e| match e {
-            // 406: an existing entity has other arguments; retrying cannot fix it.
-            BrokerError::Amqp(inner) if inner.to_string().contains("PRECONDITION_FAILED") => {
-                BrokerError::Topology(inner.to_string())
-            }
-            other => other,
-        })
+        tokio::time::timeout(self.declare_timeout, self.declare_all(channel))
+            .await
+            .map_err(|_| BrokerError::DeclareTimeout {
+                after: self.declare_timeout,
+            })?
     }
 
     async fn declare_all(&self, channel: &Channel) -> Result<(), BrokerError> {
@@ -123,33 +164,23 @@ impl Topology {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .exchange_declare(
-                self.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead_letter_exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                self.dead_letter_queue.as_str().into(),
-                durable_queue,
-                FieldTable::default(),
-            )
-            .await?;
+        for (name, kind) in [
+            (&self.exchange, ExchangeKind::Topic),
+            (&self.dead_letter_exchange, ExchangeKind::Fanout),
+        ] {
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    kind,
+                    durable_exchange,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refused(&format!("exchange `{name}`"), false, e))?;
+        }
+
+        // No dead-letter exchange of its own: the end of the line.
+        declare_queue(channel, &self.dead_letter_queue, quorum_args(None), true).await?;
         channel
             .queue_bind(
                 self.dead_letter_queue.as_str().into(),
@@ -160,24 +191,12 @@ impl Topology {
             )
             .await?;
 
-        let mut work_args = FieldTable::default();
-        work_args.insert("x-queue-type".into(), long_string("quorum"));
-        work_args.insert(
-            "x-dead-letter-exchange".into(),
-            long_string(&self.dead_letter_exchange),
-        );
-        work_args.insert(
-            "x-dead-letter-strategy".into(),
-            long_string("at-least-once"),
-        );
-        work_args.insert("x-overflow".into(), long_string("reject-publish"));
+        let mut work_args = quorum_args(Some(&self.dead_letter_exchange));
         work_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
         );
-        channel
-            .queue_declare(self.queue.as_str().into(), durable_queue, work_args)
-            .await?;
+        declare_queue(channel, &self.queue, work_args, false).await?;
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -189,18 +208,91 @@ impl Topology {
             .await?;
 
         for retry in &self.retry_queues {
-            let mut args = FieldTable::default();
+            let mut args = quorum_args(Some(""));
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX)),
             );
-            args.insert("x-dead-letter-exchange".into(), long_string(""));
             args.insert("x-dead-letter-routing-key".into(), long_string(&self.queue));
-            channel
-                .queue_declare(retry.name.as_str().into(), durable_queue, args)
-                .await?;
+            declare_queue(channel, &retry.name, args, true).await?;
         }
         Ok(())
+    }
+}
+
+/// Declares a durable queue; `migrated_to_quorum` marks the retry and
+/// dead-letter queues, which older versions declared as classic queues, so a
+/// leftover one gets migration advice rather than just "delete it".
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+    migrated_to_quorum: bool,
+) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| refused(&format!("queue `{name}`"), migrated_to_quorum, e))
+}
+
+/// Arguments of a quorum queue that dead-letters at-least-once to `dead_letter_exchange`.
+fn quorum_args(dead_letter_exchange: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    if let Some(exchange) = dead_letter_exchange {
+        args.insert("x-dead-letter-exchange".into(), long_string(exchange));
+    }
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    );
+    args.insert("x-overflow".into(), long_string("reject-publish"));
+    args
+}
+
+/// Turns a declaration refused with 406 PRECONDITION_FAILED (an existing
+/// entity with other arguments) into an error naming it and the fix; other
+/// errors pass through. Retrying cannot fix a 406, so the worker stops on it.
+fn refused(entity: &str, migrated_to_quorum: bool, error: lapin::Error) -> BrokerError {
+    let text = error.to_string();
+    if !text.contains("PRECONDITION_FAILED") {
+        return BrokerError::Amqp(error);
+    }
+    // The broker's own words, e.g. "inequivalent arg 'x-queue-type' for queue …".
+    let detail = text
+        .split_once("PRECONDITION_FAILED - ")
+        .map_or(text.as_str(), |(_, rest)| rest)
+        .trim_end_matches(['"', ')', ' '])
+        .to_string();
+    let name = entity.split('`').nth(1).unwrap_or(entity).to_string();
+    // The broker names only the first argument that differs; any of the
+    // quorum-only ones means the queue predates the move to quorum queues.
+    let predates_quorum = ["'x-queue-type'", "'x-overflow'", "'x-dead-letter-strategy'"]
+        .iter()
+        .any(|arg| detail.contains(arg));
+    let fix = if migrated_to_quorum && predates_quorum {
+        format!(
+            "It looks like the classic queue an older alert-router declared; retry and dead-letter queues are now quorum queues with at-least-once dead-lettering. \
+             Stop the workers, empty it (retry queues empty themselves into the work queue within their delay; move dead letters out with a shovel), \
+             delete it with `rabbitmqctl delete_queue --if-empty {name}` and start again: see \"Moving to quorum retry and dead-letter queues\" in the README"
+        )
+    } else {
+        "It was declared with other arguments (e.g. a classic work queue, or a changed amqp.delivery_limit); \
+         delete it (after draining) or keep the old settings"
+            .to_string()
+    };
+    BrokerError::Topology {
+        entity: entity.to_string(),
+        detail: format!("exists with other arguments ({detail})"),
+        fix,
     }
 }
 
@@ -212,29 +304,68 @@ pub fn delay_label(delay: Duration) -> String {
 }
 
 /// Opens a connection named after this process, so `rabbitmqctl list_connections` tells who is who.
+/// Gives up after the default `amqp.connect_timeout`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties)
-        .await
-        .map_err(|source| BrokerError::Connect {
-            url: redact_url(url),
-            source,
-        })
+    connect_within(url, name, AmqpSettings::default().connect_timeout).await
 }
 
-/// A channel in confirm mode: every publish returns only once the broker has the message.
+/// [`connect`], giving up after `timeout`: a broker that takes the TCP
+/// connection but never answers the handshake would otherwise hang forever.
+pub async fn connect_within(
+    url: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(connected) => connected.map_err(|source| BrokerError::Connect {
+            url: redact_url(url),
+            source,
+        }),
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            url: redact_url(url),
+            after: timeout,
+        }),
+    }
+}
+
+/// Closes `connection`, giving up after `timeout`. A connection the broker
+/// blocks cannot even send `connection.close` (lapin holds every frame back),
+/// so it is not tried: dropping it closes it once the broker unblocks.
+pub async fn close_within(connection: &Connection, timeout: Duration, reason: &str) {
+    if connection.status().connected() && !connection.status().blocked() {
+        let _ = tokio::time::timeout(timeout, connection.close(200, reason.into())).await;
+    }
+}
+
+/// A channel in confirm mode: every publish returns only once the broker has
+/// the message, or fails after the confirm timeout.
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// Whether the connection is blocked (for the error message).
+    connection_status: lapin::ConnectionStatus,
+    confirm_timeout: Duration,
 }
 
 impl Publisher {
+    /// Opens a confirm channel on `connection`, with the default `amqp.confirm_timeout`.
     pub async fn open(connection: &Connection) -> Result<Publisher, BrokerError> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Publisher { channel })
+        Ok(Publisher {
+            channel,
+            connection_status: connection.status().clone(),
+            confirm_timeout: AmqpSettings::default().confirm_timeout,
+        })
+    }
+
+    /// The same publisher, waiting at most `timeout` for each confirm.
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Publisher {
+        self.confirm_timeout = timeout;
+        self
     }
 
     /// The underlying channel (for declarations and queue inspection).
@@ -242,9 +373,13 @@ impl Publisher {
         &self.channel
     }
 
-    /// Publishes `body` as mandatory and waits for the broker's confirm.
+    /// Publishes `body` as mandatory and waits for the broker's confirm, at
+    /// most the confirm timeout.
     ///
     /// Mandatory turns "no queue bound" into an error instead of a silent drop.
+    /// On [`BrokerError::ConfirmTimeout`] the message may still be stored
+    /// later (the frame may be waiting on a blocked connection): callers must
+    /// treat it as "unknown", never as "not published" nor "published".
     pub async fn publish(
         &self,
         exchange: &str,
@@ -252,20 +387,32 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let confirmed = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = match tokio::time::timeout(self.confirm_timeout, confirmed).await {
+            Ok(confirm) => confirm?,
+            Err(_) => {
+                return Err(BrokerError::ConfirmTimeout {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    after: self.confirm_timeout,
+                    blocked: self.connection_status.blocked(),
+                });
+            }
+        };
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {

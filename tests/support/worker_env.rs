@@ -20,6 +20,8 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
             s.amqp.retry_queue_prefix.clone(),
         ),
         ("AMQP__PREFETCH", s.amqp.prefetch.to_string()),
+        ("AMQP__CONNECT_TIMEOUT", millis(s.amqp.connect_timeout)),
+        ("AMQP__CONFIRM_TIMEOUT", millis(s.amqp.confirm_timeout)),
         ("REDIS__URL", s.redis.url.clone()),
         ("REDIS__KEY_PREFIX", s.redis.key_prefix.clone()),
         ("SLACK__API_URL", s.slack.api_url.clone()),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use alert_router::broker::dlq::{DeadLetterQueue, Selector};
 use alert_router::broker::{self, Publisher, Topology};
-use alert_router::config::{Secret, Secrets, Settings, redact_url};
+use alert_router::config::{Secret, Secrets, Settings};
 use alert_router::deliver::slack::tokens::{TokenRecord, admin};
 use alert_router::deliver::slack::{Body, SlackClient};
 use alert_router::event::Event;
@@ -301,7 +301,7 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
 
 async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(), Failure> {
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
-    let connection = broker::connect(&settings.amqp.url, "alert-router dlq")
+    let connection = broker::connect(settings.amqp.url.expose(), "alert-router dlq")
         .await
         .context("cannot reach the dead-letter queue")?;
     let queue = DeadLetterQueue::new(&connection, &topology);
@@ -448,11 +448,11 @@ async fn dlq_command(
 }
 
 async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Result<(), Failure> {
-    let mut redis = redis::Client::open(settings.redis.url.as_str())
+    let mut redis = redis::Client::open(settings.redis.url.expose())
         .context("bad redis.url")?
         .get_connection_manager()
         .await
-        .with_context(|| format!("cannot reach Redis at {}", redact_url(&settings.redis.url)))?;
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
     let prefix = settings.redis.key_prefix.as_str();
     match command {
         TokensCommand::Set {
@@ -488,8 +488,8 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                 eprintln!("warning: that does not look like a Slack token (they start with xox)");
             }
             let record = TokenRecord {
-                access_token,
-                refresh_token,
+                access_token: Secret::new(access_token),
+                refresh_token: refresh_token.map(Secret::new),
                 expires_at: expires_in.map(|s| chrono::Utc::now().timestamp() + s),
                 team_id: workspace.clone(),
                 bot_user_id,
@@ -554,7 +554,7 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                 if workspace.as_deref().is_none_or(|w| w == ws)
                     && let Ok(record) = record
                 {
-                    candidates.push((ws, Secret::new(record.access_token)));
+                    candidates.push((ws, record.access_token));
                 }
             }
             if let Some(token) = Secrets::from_env().slack_bot_token
@@ -772,7 +772,7 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
         return Err(bad_input(anyhow::anyhow!("{source}: no events to publish")));
     }
 
-    let connection = broker::connect(&settings.amqp.url, "alert-router publish")
+    let connection = broker::connect(settings.amqp.url.expose(), "alert-router publish")
         .await
         .context("cannot publish")?;
     let publisher = Publisher::open(&connection)

@@ -96,7 +96,7 @@ pub async fn run(
     info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
     telemetry::record_rules_load(true, Some(loaded.rules.rule_count()));
 
-    let redis = redis::Client::open(settings.redis.url.as_str())
+    let redis = redis::Client::open(settings.redis.url.expose())
         .and_then(|client| {
             client.get_connection_manager_lazy(
                 redis::aio::ConnectionManagerConfig::new()
@@ -106,7 +106,7 @@ pub async fn run(
             )
         })
         .map_err(|source| WorkerError::Redis {
-            url: crate::config::redact_url(&settings.redis.url),
+            url: settings.redis.url.redacted(),
             source,
         })?;
     let slack = SlackClient::new(&settings.slack)?;
@@ -223,7 +223,7 @@ async fn consume(
 ) -> Result<(), BrokerError> {
     // Named after its queue, so `rabbitmqctl list_connections name` tells deployments apart.
     let name = format!("alert-router worker {}", topology.queue);
-    let connection = broker::connect(&settings.amqp.url, &name).await?;
+    let connection = broker::connect(settings.amqp.url.expose(), &name).await?;
     let publisher = Publisher::open(&connection).await?;
     topology.declare(publisher.channel()).await?;
     let channel = connection.create_channel().await?;

@@ -166,8 +166,9 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     settings.redis.key_prefix = ns.clone();
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
 
-    let connection = broker::connect(&settings.amqp.url, "alert-router backlog bench").await?;
-    let mut redis = redis::Client::open(settings.redis.url.as_str())?
+    let connection =
+        broker::connect(settings.amqp.url.expose(), "alert-router backlog bench").await?;
+    let mut redis = redis::Client::open(settings.redis.url.expose())?
         .get_multiplexed_async_connection()
         .await?;
     let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,

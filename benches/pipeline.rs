@@ -680,9 +680,9 @@ async fn main() -> anyhow::Result<()> {
     }
     prepare_slack(&full, &full_ns, options.channels);
 
-    let amqp_url = base.settings.amqp.url.clone();
+    let amqp_url = base.settings.amqp.url.expose().to_string();
     let connection = broker::connect(&amqp_url, "alert-router bench").await?;
-    let mut redis = redis::Client::open(base.settings.redis.url.as_str())?
+    let mut redis = redis::Client::open(base.settings.redis.url.expose())?
         .get_multiplexed_async_connection()
         .await?;
 

@@ -1,9 +1,10 @@
 //! Settings: built-in defaults ← YAML file ← `ALERT_ROUTER__SECTION__KEY` environment, validated once at start.
 //!
 //! Every struct denies unknown keys so a typo (`amqp.prefech`) is an error that
-//! names the key instead of a silently ignored line. Secrets never live here:
-//! they come from the environment into [`Secrets`], whose values cannot be
-//! printed by accident.
+//! names the key instead of a silently ignored line. Secrets never live here
+//! in the clear: tokens come from the environment into [`Secrets`], and URLs
+//! that may carry a password are [`SecretUrl`]s; both print redacted, in
+//! `Debug`, `Display` and serialised settings alike.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ pub struct Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// Broker URL; credentials in it are redacted whenever it is shown.
-    pub url: String,
+    pub url: SecretUrl,
     /// Topic exchange producers publish to.
     pub exchange: String,
     /// The worker's input queue, bound to `exchange` with `#`.
@@ -85,7 +86,8 @@ impl Default for AmqpSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    pub url: String,
+    /// May carry a password (`redis://:pw@host`) or a token as the user.
+    pub url: SecretUrl,
     /// Every key the worker reads or writes starts with this, e.g.
     /// `alert-router:slack:token:T0AEXY01`.
     pub key_prefix: String,
@@ -172,7 +174,7 @@ impl Default for SlackSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct EmailSettings {
     /// `smtp://host:port` (plain or STARTTLS) or `smtps://`; credentials in the URL.
-    pub smtp_url: String,
+    pub smtp_url: SecretUrl,
     pub from: String,
     /// Domains an address taken from an event may be in (exact,
     /// case-insensitive; subdomains are listed on their own); empty allows any.
@@ -315,9 +317,10 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let defaults = config::Config::try_from(&Settings::default())
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let mut builder = config::Config::builder().add_source(defaults);
+        // No defaults layer: `#[serde(default)]` fills what the file and the
+        // environment leave out (and serialised settings are redacted, so
+        // they could not carry the default URLs' credentials anyway).
+        let mut builder = config::Config::builder();
         match path {
             Some(path) => {
                 if !path.exists() {
@@ -360,10 +363,18 @@ impl Settings {
 
     /// Checks what types alone cannot: URL schemes, ranges, non-empty names.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_url("amqp.url", &self.amqp.url, &["amqp", "amqps"])?;
-        check_url("redis.url", &self.redis.url, &["redis", "rediss", "unix"])?;
+        check_url("amqp.url", self.amqp.url.expose(), &["amqp", "amqps"])?;
+        check_url(
+            "redis.url",
+            self.redis.url.expose(),
+            &["redis", "rediss", "unix"],
+        )?;
         check_url("slack.api_url", &self.slack.api_url, &["http", "https"])?;
-        check_url("email.smtp_url", &self.email.smtp_url, &["smtp", "smtps"])?;
+        check_url(
+            "email.smtp_url",
+            self.email.smtp_url.expose(),
+            &["smtp", "smtps"],
+        )?;
         for (key, value) in [
             ("amqp.exchange", &self.amqp.exchange),
             ("amqp.queue", &self.amqp.queue),
@@ -466,13 +477,10 @@ impl Settings {
         Ok(())
     }
 
-    /// The settings as YAML with credentials in URLs replaced by `***`.
+    /// The settings as YAML with credentials in URLs replaced by `***`
+    /// ([`SecretUrl`] serialises redacted).
     pub fn redacted_yaml(&self) -> String {
-        let mut shown = self.clone();
-        shown.amqp.url = redact_url(&shown.amqp.url);
-        shown.redis.url = redact_url(&shown.redis.url);
-        shown.email.smtp_url = redact_url(&shown.email.smtp_url);
-        serde_saphyr::to_string(&shown).unwrap_or_else(|e| format!("# cannot show settings: {e}\n"))
+        serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot show settings: {e}\n"))
     }
 }
 
@@ -591,6 +599,74 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A URL that may carry credentials (`amqp://user:password@host/…`).
+///
+/// `Debug`, `Display` and `Serialize` show it with the password (or a lone
+/// user part, often a token) replaced by `***`, so settings can be logged
+/// and printed whole; [`SecretUrl::expose`] gives the URL itself, for the
+/// places that connect. It deserialises from the plain string, so settings
+/// files and `ALERT_ROUTER__…` variables are written as before.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(value: impl Into<String>) -> SecretUrl {
+        SecretUrl(value.into())
+    }
+
+    /// The URL with its credentials, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL as it may be shown: `amqp://guest:***@127.0.0.1:5672/%2f`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(value: &str) -> SecretUrl {
+        SecretUrl::new(value)
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(value: String) -> SecretUrl {
+        SecretUrl(value)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
+        String::deserialize(d).map(SecretUrl)
     }
 }
 
@@ -723,12 +799,12 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ones() {
         let s = load_with(None, &[]).unwrap();
-        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(s.amqp.queue, "alerts.router");
         assert_eq!(s.amqp.dead_letter_queue, "alerts.dead");
-        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
         assert_eq!(s.slack.api_url, "https://slack.com/api");
-        assert_eq!(s.email.smtp_url, "smtp://127.0.0.1:1025");
+        assert_eq!(s.email.smtp_url.expose(), "smtp://127.0.0.1:1025");
         assert_eq!(s.rules.path, PathBuf::from("config/rules.yaml"));
         assert_eq!(
             s.delivery.retry_delays,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use alert_router::broker::dlq::{DeadLetterQueue, Replay, ReplayMode, Selector};
 use alert_router::broker::{self, Publisher, Topology};
-use alert_router::config::{Secret, Secrets, Settings, redact_url};
+use alert_router::config::{Secret, Secrets, Settings};
 use alert_router::deliver::slack::tokens::{TokenRecord, admin};
 use alert_router::deliver::slack::{Body, SlackClient};
 use alert_router::event::Event;
@@ -308,7 +308,7 @@ fn rules_check(path: &std::path::Path) -> Result<(), Failure> {
 async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(), Failure> {
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
     let connection = broker::connect_within(
-        &settings.amqp.url,
+        settings.amqp.url.expose(),
         "alert-router dlq",
         settings.amqp.connect_timeout,
     )
@@ -515,11 +515,11 @@ fn warn_about_poison(replay: &Replay, mode: ReplayMode, queue: &str) {
 }
 
 async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Result<(), Failure> {
-    let mut redis = redis::Client::open(settings.redis.url.as_str())
+    let mut redis = redis::Client::open(settings.redis.url.expose())
         .context("bad redis.url")?
         .get_connection_manager()
         .await
-        .with_context(|| format!("cannot reach Redis at {}", redact_url(&settings.redis.url)))?;
+        .with_context(|| format!("cannot reach Redis at {}", settings.redis.url))?;
     let prefix = settings.redis.key_prefix.as_str();
     match command {
         TokensCommand::Set {
@@ -555,8 +555,8 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                 eprintln!("warning: that does not look like a Slack token (they start with xox)");
             }
             let record = TokenRecord {
-                access_token,
-                refresh_token,
+                access_token: Secret::new(access_token),
+                refresh_token: refresh_token.map(Secret::new),
                 expires_at: expires_in.map(|s| chrono::Utc::now().timestamp() + s),
                 team_id: workspace.clone(),
                 bot_user_id,
@@ -621,7 +621,7 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                 if workspace.as_deref().is_none_or(|w| w == ws)
                     && let Ok(record) = record
                 {
-                    candidates.push((ws, Secret::new(record.access_token)));
+                    candidates.push((ws, record.access_token));
                 }
             }
             if let Some(token) = Secrets::from_env().slack_bot_token
@@ -840,7 +840,7 @@ async fn publish(settings: &Settings, file: Option<PathBuf>) -> Result<(), Failu
     }
 
     let connection = broker::connect_within(
-        &settings.amqp.url,
+        settings.amqp.url.expose(),
         "alert-router publish",
         settings.amqp.connect_timeout,
     )

@@ -66,6 +66,33 @@ pub fn reload(path: &Path, current: &ArcSwap<Rules>, last_hash: &mut Option<u64>
     }
 }
 
+/// [`reload`] on a blocking thread: reading and parsing a large rules file
+/// (regexes included) must not hold up the runtime's workers, which carry
+/// the deliveries.
+async fn reload_off_runtime(
+    path: &Path,
+    current: &Arc<ArcSwap<Rules>>,
+    last_hash: &mut Option<u64>,
+) -> bool {
+    let (path, current, mut hash) = (path.to_path_buf(), Arc::clone(current), *last_hash);
+    match tokio::task::spawn_blocking(move || {
+        let swapped = reload(&path, &current, &mut hash);
+        (swapped, hash)
+    })
+    .await
+    {
+        Ok((swapped, hash)) => {
+            *last_hash = hash;
+            swapped
+        }
+        Err(e) => {
+            error!(error = %e, "the rules reload did not finish; keeping the last good rules");
+            telemetry::record_rules_load(false, None);
+            false
+        }
+    }
+}
+
 /// Hash of the file as loaded at start, so the first no-op event is skipped.
 pub fn initial_hash(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok().map(|t| content_hash(&t))
@@ -79,15 +106,16 @@ fn content_hash(text: &str) -> u64 {
 
 /// Watches `path` until `shutdown`, reloading into `current` on changes and SIGHUP.
 pub async fn watch(path: PathBuf, current: Arc<ArcSwap<Rules>>, shutdown: CancellationToken) {
-    let mut last_hash = initial_hash(&path);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // One pending signal is all the debounce needs: a full channel already
+    // says "something changed", so bursts do not queue up.
+    let (tx, rx) = mpsc::channel(1);
     let directory = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
-            let _ = tx.send(());
+            let _ = tx.try_send(());
         }
     })
     .and_then(|mut watcher| {
@@ -102,21 +130,62 @@ pub async fn watch(path: PathBuf, current: Arc<ArcSwap<Rules>>, shutdown: Cancel
             None
         }
     };
-    let mut hangups = hangup_signals();
+    watch_changes(path, current, shutdown, rx, hangup_signals()).await;
+}
 
+/// The reload loop of [`watch`], fed by its file events (`changes`).
+async fn watch_changes(
+    path: PathBuf,
+    current: Arc<ArcSwap<Rules>>,
+    shutdown: CancellationToken,
+    mut changes: mpsc::Receiver<()>,
+    mut hangups: Hangups,
+) {
+    let mut last_hash = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || initial_hash(&path))
+            .await
+            .ok()
+            .flatten()
+    };
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
-            Some(()) = rx.recv() => {
-                // Let a burst of events (write, rename, chmod) settle first.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-                reload(&path, &current, &mut last_hash);
+            Some(()) = changes.recv() => {
+                if !settled(&mut changes, &shutdown).await {
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = reload_off_runtime(&path, &current, &mut last_hash) => {}
+                }
             }
             _ = next_hangup(&mut hangups) => {
                 info!("SIGHUP: reloading rules");
                 last_hash = None;
-                reload(&path, &current, &mut last_hash);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = reload_off_runtime(&path, &current, &mut last_hash) => {}
+                }
             }
+        }
+    }
+}
+
+/// Waits until no file event came for [`DEBOUNCE`], so a burst (write,
+/// rename, chmod) is reloaded once; false when `shutdown` came first, which
+/// a directory that never stops changing must not be able to delay.
+async fn settled(changes: &mut mpsc::Receiver<()>, shutdown: &CancellationToken) -> bool {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return false,
+            next = tokio::time::timeout(DEBOUNCE, changes.recv()) => match next {
+                Ok(Some(())) => continue,
+                // Quiet for DEBOUNCE, or the watcher is gone: reload what is there.
+                Ok(None) | Err(_) => return true,
+            },
         }
     }
 }
@@ -175,5 +244,71 @@ mod tests {
         assert!(!reload(&path, &current, &mut hash));
         assert_eq!(current.load().rule_count(), 1, "the last good rules stay");
         assert_eq!(current.load().default_channel(), Some("C2"));
+    }
+
+    fn good_rules() -> (tempfile::TempDir, PathBuf, Arc<ArcSwap<Rules>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let current = Arc::new(ArcSwap::from_pointee(Rules::load(&path).unwrap().rules));
+        (dir, path, current)
+    }
+
+    #[tokio::test]
+    async fn a_reload_off_the_runtime_swaps_valid_rules_and_remembers_the_content() {
+        let (_dir, path, current) = good_rules();
+        let mut hash = initial_hash(&path);
+        std::fs::write(&path, OTHER).unwrap();
+
+        assert!(reload_off_runtime(&path, &current, &mut hash).await);
+        assert_eq!(current.load().rule_count(), 1);
+        assert_eq!(hash, initial_hash(&path));
+        assert!(
+            !reload_off_runtime(&path, &current, &mut hash).await,
+            "the same content again is skipped"
+        );
+    }
+
+    /// A directory that never stops changing keeps the debounce waiting for
+    /// quiet; shutdown must end the watcher all the same.
+    #[tokio::test]
+    async fn the_watcher_ends_on_shutdown_while_changes_keep_coming() {
+        let (_dir, path, current) = good_rules();
+        let shutdown = CancellationToken::new();
+        let (changes, events) = mpsc::channel(1);
+        let watcher = tokio::spawn(watch_changes(
+            path,
+            current,
+            shutdown.clone(),
+            events,
+            Hangups::default(),
+        ));
+        // The channel holds one change: the third send goes through only
+        // once the loop has taken the second, from inside the debounce.
+        for _ in 0..3 {
+            changes.send(()).await.unwrap();
+        }
+        let churn = tokio::spawn(async move { while changes.send(()).await.is_ok() {} });
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends on shutdown")
+            .unwrap();
+        churn.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_file_watcher_ends_on_shutdown() {
+        let (_dir, path, current) = good_rules();
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(watch(path.clone(), current, shutdown.clone()));
+        std::fs::write(&path, OTHER).unwrap();
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the watcher ends on shutdown")
+            .unwrap();
     }
 }

@@ -127,7 +127,7 @@ pub async fn run(
     info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
     telemetry::record_rules_load(true, Some(loaded.rules.rule_count()));
 
-    let redis = redis::Client::open(settings.redis.url.as_str())
+    let redis = redis::Client::open(settings.redis.url.expose())
         .and_then(|client| {
             client.get_connection_manager_lazy(
                 redis::aio::ConnectionManagerConfig::new()
@@ -137,7 +137,7 @@ pub async fn run(
             )
         })
         .map_err(|source| WorkerError::Redis {
-            url: crate::config::redact_url(&settings.redis.url),
+            url: settings.redis.url.redacted(),
             source,
         })?;
     let slack = SlackClient::new(&settings.slack)?;
@@ -273,13 +273,13 @@ async fn consume(
     let amqp = &settings.amqp;
     // Named after its queue, so `rabbitmqctl list_connections name` tells deployments apart.
     let consuming = broker::connect_within(
-        &amqp.url,
+        amqp.url.expose(),
         &format!("alert-router worker {} (consume)", topology.queue),
         amqp.connect_timeout,
     )
     .await?;
     let publishing = match broker::connect_within(
-        &amqp.url,
+        amqp.url.expose(),
         &format!("alert-router worker {} (publish)", topology.queue),
         amqp.connect_timeout,
     )

@@ -14,7 +14,7 @@ const REASON: &str = "Slack is unavailable for workspace T1: token_revoked";
 
 fn settings(url: &str) -> EmailSettings {
     EmailSettings {
-        smtp_url: url.to_string(),
+        smtp_url: url.into(),
         from: "Alert Router <alert-router@example.com>".to_string(),
         ..EmailSettings::default()
     }

@@ -185,9 +185,10 @@ async fn a_classic_retry_queue_left_by_an_older_version_stops_the_worker_with_th
     let retry_queue = support::topology(&env.settings).retry_queues[0]
         .name
         .clone();
-    let connection = alert_router::broker::connect(&env.settings.amqp.url, "alert-router tests")
-        .await
-        .unwrap();
+    let connection =
+        alert_router::broker::connect(env.settings.amqp.url.expose(), "alert-router tests")
+            .await
+            .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel
         .queue_delete(retry_queue.as_str().into(), Default::default())

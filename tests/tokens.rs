@@ -356,33 +356,75 @@ async fn the_tokens_command_sets_lists_checks_and_deletes_without_showing_secret
     env.cleanup().await;
 }
 
-/// In the spirit of Alertmanager's AssertNotifyLeaksNoSecret: drive the
-/// failure paths and look for the secrets everywhere an operator can see.
+/// Payments falls back to email; everything else has no address and is dead-lettered.
+const LEAK_RULES: &str = r#"version: 1
+defaults:
+  slack_channel: "C0ESCALATE"
+unmatched: default
+rules:
+  - name: payments
+    matchers:
+      - team="payments"
+    notify:
+      - slack_channel: C0PAYMENTS
+    email: ["payments-oncall@example.com"]
+"#;
+
+/// In the spirit of Alertmanager's AssertNotifyLeaksNoSecret: drive a worker
+/// process logging at `debug` through a token refresh, an email fallback
+/// over an SMTP URL with credentials, and a dead letter, then look for every
+/// secret everywhere an operator can see.
 #[tokio::test]
 async fn tokens_never_leak_into_logs_dead_letters_or_emails() {
-    let mut env = TestEnv::start(BASIC_RULES).await;
+    let mut env = TestEnv::start(LEAK_RULES).await;
     env.settings.delivery.retry_delays = vec![std::time::Duration::from_millis(200)];
-    let refresh = expired_rotating_token(&env).await;
-    env.slack.revoke(&env.token);
+    let smtp_password = format!("smtp-secret-{}", env.id);
+    env.settings.email.smtp_url = env
+        .smtp
+        .url_with_credentials("mailer", &smtp_password)
+        .into();
+    let old_refresh = expired_rotating_token(&env).await;
     let mut dead = env.dead_letters().await;
     let mut worker = {
         let mut command = env.command();
         command
+            .env("RUST_LOG", "debug")
             .env("SLACK_CLIENT_ID", CLIENT_ID)
-            .env("SLACK_CLIENT_SECRET", CLIENT_SECRET);
-        command.env("SLACK_BOT_TOKEN", "xoxb-test-env-secret");
-        command
+            .env("SLACK_CLIENT_SECRET", CLIENT_SECRET)
+            .env("SLACK_BOT_TOKEN", "xoxb-test-env-secret")
             .arg("run")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         command.spawn().unwrap()
     };
+    // Read the logs as they come: debug logging would fill the pipe and stall the worker.
+    let logs = {
+        let mut stderr = worker.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut logs = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs).await;
+            logs
+        })
+    };
 
-    // Token revoked, refresh refused (the refresh token is unknown to Slack
-    // once revoked below), no email address: it ends in the dead-letter queue.
-    env.slack.set_outage(false);
-    env.publish(&env.event("leak-check", json!({}))).await;
+    // 1. The expired token is refreshed, and the post goes out with the new one.
+    env.publish(&env.event("leak-refresh", json!({}))).await;
+    env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    assert_eq!(env.slack.refresh_count(), 1, "the token was refreshed");
+    let issued = env.slack.issued_tokens();
+
+    // 2. The new token is revoked: payments falls back to email, with SMTP AUTH.
+    env.slack.revoke(&issued[0].access_token);
+    env.publish(&env.event("leak-email", json!({"labels": {"team": "payments"}})))
+        .await;
+    let mails = env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+    assert_eq!(mails[0].auth_user.as_deref(), Some("mailer"));
+
+    // 3. Revoked and no address to email: after its retry, a dead letter.
+    env.publish(&env.event("leak-dead", json!({}))).await;
     let letter = dead.next().await;
+    assert!(String::from_utf8_lossy(&letter.body).contains("leak-dead"));
+
     let status = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(worker.id().unwrap().to_string())
@@ -390,36 +432,42 @@ async fn tokens_never_leak_into_logs_dead_letters_or_emails() {
         .unwrap();
     assert!(status.success());
     let output = tokio::time::timeout(WAIT, async {
-        let mut stderr = worker.stderr.take().unwrap();
-        let mut logs = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs)
-            .await
-            .unwrap();
         worker.wait().await.unwrap();
-        logs
+        logs.await.unwrap()
     })
     .await
     .unwrap();
 
+    assert!(
+        output.contains("DEBUG"),
+        "the worker logged at debug level:\n{output}"
+    );
     let headers = format!("{:?}", letter.properties.headers());
+    let mail = mails.iter().map(|m| m.data.as_str()).collect::<String>();
     for secret in [
         env.token.as_str(),
-        refresh.as_str(),
+        old_refresh.as_str(),
+        issued[0].access_token.as_str(),
+        issued[0].refresh_token.as_str(),
         CLIENT_SECRET,
         "xoxb-test-env-secret",
+        smtp_password.as_str(),
+        // The broker's password, as it would appear in its URL.
+        "guest:guest",
     ] {
         assert!(
             !output.contains(secret),
-            "a secret is in the logs:\n{output}"
+            "{secret} is in the logs:\n{output}"
         );
         assert!(
             !headers.contains(secret),
-            "a secret is in the dead-letter headers: {headers}"
+            "{secret} is in the dead-letter headers: {headers}"
         );
+        assert!(!mail.contains(secret), "{secret} is in the email: {mail}");
     }
     assert!(
-        output.contains("token"),
-        "the logs do talk about the token problem:\n{output}"
+        output.contains("token refreshed"),
+        "the logs do talk about the token:\n{output}"
     );
     env.cleanup().await;
 }

@@ -34,7 +34,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::config::{EmailSettings, Secret, redact_url};
+use crate::config::{EmailSettings, Secret};
 use crate::deliver::slack::message::{is_web_url, severity_color, severity_label, truncate};
 use crate::event::Event;
 
@@ -189,12 +189,13 @@ impl EmailSender {
         settings: &EmailSettings,
         timeout: Duration,
     ) -> Result<EmailSender, EmailError> {
-        let shown = redact_url(&settings.smtp_url);
+        let shown = settings.smtp_url.redacted();
         let invalid = |problem: &str| EmailError::InvalidUrl {
             url: shown.clone(),
             problem: problem.to_string(),
         };
-        let url = url::Url::parse(&settings.smtp_url).map_err(|e| invalid(&e.to_string()))?;
+        let url =
+            url::Url::parse(settings.smtp_url.expose()).map_err(|e| invalid(&e.to_string()))?;
 
         let (host, loopback) = match url.host() {
             // `smtp` is not a "special" scheme to the URL standard, so an IPv4

@@ -88,7 +88,7 @@ impl TestEnv {
         settings.amqp.retry_queue_prefix = format!("{ns}.retry");
         settings.redis.key_prefix = ns.clone();
         settings.slack.api_url = slack.api_url();
-        settings.email.smtp_url = smtp.url();
+        settings.email.smtp_url = smtp.url().into();
         settings.slack.default_workspace = Some(workspace.clone());
         settings.slack.request_timeout = Duration::from_secs(2);
         settings.slack.retry_base_delay = Duration::from_millis(20);
@@ -103,7 +103,7 @@ impl TestEnv {
         settings.delivery.retry_delays = vec![Duration::from_millis(500); 3];
         settings.delivery.drain_timeout = Duration::from_secs(10);
 
-        let connection = broker::connect(&settings.amqp.url, "alert-router tests")
+        let connection = broker::connect(settings.amqp.url.expose(), "alert-router tests")
             .await
             .unwrap();
         let publisher = Publisher::open(&connection).await.unwrap();
@@ -314,7 +314,7 @@ impl TestEnv {
 /// machine, failing a test in its setup; tests wait on events with [`WAIT`].
 pub async fn redis_connection(settings: &Settings) -> redis::aio::MultiplexedConnection {
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(WAIT));
-    redis::Client::open(settings.redis.url.as_str())
+    redis::Client::open(settings.redis.url.expose())
         .unwrap()
         .get_multiplexed_async_connection_with_config(&config)
         .await

@@ -7,7 +7,7 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
     let millis = |d: std::time::Duration| format!("{}ms", d.as_millis());
     let delays: Vec<String> = s.delivery.retry_delays.iter().map(|d| millis(*d)).collect();
     [
-        ("AMQP__URL", s.amqp.url.clone()),
+        ("AMQP__URL", s.amqp.url.expose().to_string()),
         ("AMQP__EXCHANGE", s.amqp.exchange.clone()),
         ("AMQP__QUEUE", s.amqp.queue.clone()),
         (
@@ -22,7 +22,7 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
         ("AMQP__PREFETCH", s.amqp.prefetch.to_string()),
         ("AMQP__CONNECT_TIMEOUT", millis(s.amqp.connect_timeout)),
         ("AMQP__CONFIRM_TIMEOUT", millis(s.amqp.confirm_timeout)),
-        ("REDIS__URL", s.redis.url.clone()),
+        ("REDIS__URL", s.redis.url.expose().to_string()),
         ("REDIS__KEY_PREFIX", s.redis.key_prefix.clone()),
         ("SLACK__API_URL", s.slack.api_url.clone()),
         (
@@ -45,7 +45,7 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
             "SLACK__WORKSPACE_BURST",
             s.slack.workspace_burst.to_string(),
         ),
-        ("EMAIL__SMTP_URL", s.email.smtp_url.clone()),
+        ("EMAIL__SMTP_URL", s.email.smtp_url.expose().to_string()),
         ("RULES__PATH", s.rules.path.display().to_string()),
         ("HTTP__LISTEN", s.http.listen.to_string()),
         ("DELIVERY__RETRY_DELAYS", delays.join(",")),

@@ -23,17 +23,40 @@ use super::SlackClient;
 use crate::config::Secret;
 
 /// The Redis record for one workspace; other systems (an OAuth install flow) write it too, so its shape is fixed.
+///
+/// The tokens are [`Secret`]s: `Debug` shows `***`. Serialising writes them
+/// in the clear, as the record in Redis must hold them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
-    pub access_token: String,
-    #[serde(default)]
-    pub refresh_token: Option<String>,
+    #[serde(serialize_with = "stored::secret")]
+    pub access_token: Secret,
+    #[serde(default, serialize_with = "stored::optional_secret")]
+    pub refresh_token: Option<Secret>,
     /// Unix seconds; `None` for tokens that do not expire.
     #[serde(default)]
     pub expires_at: Option<i64>,
     pub team_id: String,
     #[serde(default)]
     pub bot_user_id: Option<String>,
+}
+
+/// How a record's secrets are written to Redis: as they are. [`Secret`] has
+/// no `Serialize` of its own, so nothing else can serialise one by accident.
+mod stored {
+    use serde::Serializer;
+
+    use crate::config::Secret;
+
+    pub fn secret<S: Serializer>(value: &Secret, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(value.expose())
+    }
+
+    pub fn optional_secret<S: Serializer>(value: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => s.serialize_some(value.expose()),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// A usable token for one workspace.
@@ -311,7 +334,7 @@ impl TokenStore {
             return Ok(Some(Fresh {
                 token: WorkspaceToken {
                     workspace: workspace.to_string(),
-                    access_token: Secret::new(record.access_token),
+                    access_token: record.access_token,
                     expires_at: record.expires_at,
                     source: "redis",
                     rotating: record.refresh_token.is_some(),
@@ -479,7 +502,7 @@ impl TokenStore {
             };
             let form = [
                 ("grant_type", "refresh_token"),
-                ("refresh_token", refresh_token.as_str()),
+                ("refresh_token", refresh_token.expose()),
                 ("client_id", rotation.client_id.as_str()),
                 ("client_secret", rotation.client_secret.expose()),
             ];
@@ -510,8 +533,8 @@ impl TokenStore {
                 .filter(|secs| *secs > 0);
             let expires_at = expires_in.map(|secs| chrono::Utc::now().timestamp() + secs);
             let fresh_record = TokenRecord {
-                access_token,
-                refresh_token: Some(new_refresh),
+                access_token: Secret::new(access_token),
+                refresh_token: Some(Secret::new(new_refresh)),
                 expires_at,
                 team_id: reply
                     .pointer("/team/id")
@@ -532,7 +555,7 @@ impl TokenStore {
             let written: i64 = redis::Script::new(WRITE_IF_UNCHANGED)
                 .key(&record_key)
                 .key(&lifetime_key)
-                .arg(&refresh_token)
+                .arg(refresh_token.expose())
                 .arg(json)
                 .arg(lifetime)
                 .arg(expires_in.unwrap_or(0) + LIFETIME_KEEP_SECS)
@@ -551,7 +574,7 @@ impl TokenStore {
             Ok(Fresh {
                 token: WorkspaceToken {
                     workspace: workspace.to_string(),
-                    access_token: Secret::new(fresh_record.access_token),
+                    access_token: fresh_record.access_token,
                     expires_at: fresh_record.expires_at,
                     source: "redis",
                     rotating: true,
@@ -611,7 +634,7 @@ pub fn parse_record(raw: &str) -> Result<TokenRecord, String> {
             e.column()
         )
     })?;
-    if record.access_token.trim().is_empty() {
+    if record.access_token.expose().trim().is_empty() {
         return Err("access_token is empty".into());
     }
     Ok(record)

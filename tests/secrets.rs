@@ -8,9 +8,9 @@ use alert_router::deliver::slack::tokens::{TokenRecord, WorkspaceToken, parse_re
 const AMQP_PASSWORD: &str = "amqp-pass-7f3a";
 const REDIS_PASSWORD: &str = "redis-pass-91c2";
 const SMTP_PASSWORD: &str = "smtp-pass-c4d8";
-const ACCESS_TOKEN: &str = "xoxb-access-secret-5e21";
-const REFRESH_TOKEN: &str = "xoxe-refresh-secret-0b77";
-const BOT_TOKEN: &str = "xoxb-env-secret-3a90";
+const ACCESS_TOKEN: &str = "xoxb-test-access-secret-5e21";
+const REFRESH_TOKEN: &str = "xoxe-test-refresh-secret-0b77";
+const BOT_TOKEN: &str = "xoxb-test-env-secret-3a90";
 const CLIENT_SECRET: &str = "client-secret-6d14";
 const SIGNING_SECRET: &str = "signing-secret-8e05";
 

@@ -431,7 +431,7 @@ async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
     let mut cases = per_form(&CHANNELS, |form| async move {
         let case = Case::start_with(form, ChannelSpec::not_member()).await;
         // Without chat:write.public the bot must be a member to post.
-        let scoped = format!("xoxb-no-public-{}", case.env.id);
+        let scoped = format!("xoxb-test-no-public-{}", case.env.id);
         case.env.slack.add_token(
             &scoped,
             TokenSpec::bot(&case.env.workspace, "U0BOT").with_scopes(&[
@@ -900,7 +900,7 @@ async fn one_channel_named_by_name_and_by_id_in_one_event_gets_one_post() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_channels_read_and_groups_read_a_name_is_posted_by_name() {
     let env = TestEnv::start(RULES).await;
-    let token = format!("xoxb-no-read-{}", env.id);
+    let token = format!("xoxb-test-no-read-{}", env.id);
     env.slack.add_token(
         &token,
         TokenSpec::bot(&env.workspace, "U0BOT").with_scopes(&[

@@ -1,16 +1,19 @@
-//! Memory of the `alert-router` binary while it drains a backlog, for several backlog sizes.
+//! Memory of the `alert-router` binary while it drains a backlog, for several backlog sizes and workspace counts.
 //!
 //! ```text
-//! cargo bench --bench backlog [-- --events 10000,100000]
+//! cargo bench --bench backlog [-- --events 10000,100000 --workspaces 1,10000]
 //! ```
 //!
 //! For each size N (default 10,000 and 100,000; `BENCH_BACKLOG` or
-//! `--events` take a comma-separated list): N events are published into a
-//! fresh, isolated topology, then the release `alert-router run` binary is
-//! started as a child process against a fast fake Slack with Slack's rate
-//! limits lifted. Its resident memory is sampled from `/proc` every 20 ms
-//! until the fake has N posts. Prefetch bounds what the worker holds, so the
-//! peak should not grow with N: that is the claim this bench checks.
+//! `--events` take a comma-separated list) and each workspace count W
+//! (default 1 and 10,000; `--workspaces`): N events, event i naming
+//! workspace i mod W (each with its token record in Redis), are published
+//! into a fresh, isolated topology, then the release `alert-router run`
+//! binary is started as a child process against a fast fake Slack with
+//! Slack's rate limits lifted. Its resident memory is sampled from `/proc`
+//! every 20 ms until the fake has N posts. Prefetch bounds what the worker
+//! holds and its caches are bounded, so the peak should grow neither with N
+//! nor with W: that is the claim this bench checks.
 //!
 //! Everything it creates (exchanges, queues, Redis keys) is deleted at the end.
 
@@ -35,10 +38,13 @@ use serde_json::json;
 
 struct Sample {
     events: usize,
+    workspaces: usize,
     publish: Duration,
     drain: Duration,
     /// Resident set when the first post arrived (connected, rules loaded).
     rss_first_post: u64,
+    /// Resident set when half the backlog was posted.
+    rss_half: u64,
     /// Highest resident set seen while draining.
     rss_peak: u64,
     rss_end: u64,
@@ -46,11 +52,14 @@ struct Sample {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let sizes = sizes()?;
+    let sizes = list_arg("events", "BENCH_BACKLOG", "10000,100000")?;
+    let workspace_counts = list_arg("workspaces", "BENCH_WORKSPACES", "1,10000")?;
     let mut samples = Vec::new();
-    for &events in &sizes {
-        eprintln!("[backlog] {events} events");
-        samples.push(run(events).await?);
+    for &workspaces in &workspace_counts {
+        for &events in &sizes {
+            eprintln!("[backlog] {events} events naming {workspaces} workspaces");
+            samples.push(run(events, workspaces).await?);
+        }
     }
     println!();
     println!(
@@ -63,67 +72,80 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| {:>8} | {:>9} | {:>9} | {:>8} | {:>18} | {:>13} | {:>12} |",
+        "| {:>8} | {:>10} | {:>9} | {:>9} | {:>8} | {:>18} | {:>15} | {:>11} | {:>10} |",
         "backlog",
+        "workspaces",
         "publish s",
         "drain s",
         "events/s",
         "RSS at 1st post MB",
+        "RSS at half MB",
         "RSS peak MB",
         "RSS end MB"
     );
     println!(
-        "|{:->10}|{:->11}|{:->11}|{:->10}|{:->20}|{:->15}|{:->14}|",
-        "", "", "", "", "", "", ""
+        "|{:->10}|{:->12}|{:->11}|{:->11}|{:->10}|{:->20}|{:->17}|{:->13}|{:->12}|",
+        "", "", "", "", "", "", "", "", ""
     );
     for s in &samples {
         println!(
-            "| {:>8} | {:>9.2} | {:>9.2} | {:>8.0} | {:>18.1} | {:>13.1} | {:>12.1} |",
+            "| {:>8} | {:>10} | {:>9.2} | {:>9.2} | {:>8.0} | {:>18.1} | {:>15.1} | {:>11.1} | {:>10.1} |",
             s.events,
+            s.workspaces,
             s.publish.as_secs_f64(),
             s.drain.as_secs_f64(),
             s.events as f64 / s.drain.as_secs_f64(),
             mb(s.rss_first_post),
+            mb(s.rss_half),
             mb(s.rss_peak),
             mb(s.rss_end)
         );
     }
-    if let (Some(small), Some(large)) = (samples.first(), samples.last())
+    let smallest = samples.iter().min_by_key(|s| (s.events, s.workspaces));
+    let largest = samples.iter().max_by_key(|s| (s.events, s.workspaces));
+    if let (Some(small), Some(large)) = (smallest, largest)
         && samples.len() > 1
     {
         println!();
         println!(
-            "peak RSS with {} events is {:.2}x the peak with {} ({} times the backlog)",
+            "peak RSS with {} events naming {} workspaces is {:.2}x the peak with {} events naming {}",
             large.events,
+            large.workspaces,
             large.rss_peak as f64 / small.rss_peak.max(1) as f64,
             small.events,
-            large.events / small.events.max(1)
+            small.workspaces,
         );
     }
     Ok(())
 }
 
-fn sizes() -> anyhow::Result<Vec<usize>> {
-    let mut list = std::env::var("BENCH_BACKLOG").ok();
+/// A comma-separated list of positive numbers from `--name`, else the
+/// environment variable `env`, else `default`.
+fn list_arg(name: &str, env: &str, default: &str) -> anyhow::Result<Vec<usize>> {
+    let flag = format!("--{name}");
+    let mut list = std::env::var(env).ok();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if let Some(value) = arg.strip_prefix("--events=") {
+        if let Some(value) = arg.strip_prefix(&format!("{flag}=")) {
             list = Some(value.to_string());
-        } else if arg == "--events" {
-            list = Some(args.next().context("--events needs a value")?);
+        } else if arg == flag {
+            list = Some(
+                args.next()
+                    .with_context(|| format!("{flag} needs a value"))?,
+            );
         }
     }
-    let sizes: Vec<usize> = list
+    let numbers: Vec<usize> = list
         .as_deref()
-        .unwrap_or("10000,100000")
+        .unwrap_or(default)
         .split(',')
         .map(|n| n.trim().parse::<usize>())
         .collect::<Result<_, _>>()
-        .context("--events takes numbers separated by commas")?;
-    if sizes.is_empty() || sizes.contains(&0) {
-        bail!("--events must be positive");
+        .with_context(|| format!("{flag} takes numbers separated by commas"))?;
+    if numbers.is_empty() || numbers.contains(&0) {
+        bail!("{flag} must be positive");
     }
-    Ok(sizes)
+    Ok(numbers)
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -144,10 +166,12 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-async fn run(events: usize) -> anyhow::Result<Sample> {
+async fn run(events: usize, workspaces: usize) -> anyhow::Result<Sample> {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let ns = format!("backlog-{id}");
-    let workspace = format!("T{}", id.to_uppercase());
+    let workspace_ids: Vec<String> = (0..workspaces)
+        .map(|w| format!("T{}W{w}", id.to_uppercase()))
+        .collect();
     let token = format!("xoxb-bench-{id}");
     let dir = tempfile::tempdir()?;
     let rules_path = dir.path().join("rules.yaml");
@@ -171,13 +195,19 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     let mut redis = redis::Client::open(settings.redis.url.expose())?
         .get_multiplexed_async_connection()
         .await?;
-    let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
-                        "team_id": workspace, "bot_user_id": "U0BOT"});
-    let _: () = redis::cmd("SET")
-        .arg(format!("{ns}:slack:token:{workspace}"))
-        .arg(record.to_string())
-        .query_async(&mut redis)
-        .await?;
+    // The fake checks one token; the worker keys everything by workspace.
+    for chunk in workspace_ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for workspace in chunk {
+            let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
+                                "team_id": workspace, "bot_user_id": "U0BOT"});
+            pipe.cmd("SET")
+                .arg(format!("{ns}:slack:token:{workspace}"))
+                .arg(record.to_string())
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut redis).await?;
+    }
 
     let channel = namespace::confirm_channel(&connection).await?;
     topology.declare(&channel).await?;
@@ -185,10 +215,11 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
         .map(|i| {
             json!({
                 "id": format!("{ns}-{i}"), "type": "escalation.triggered", "severity": "high",
-                "title": format!("Checkout error rate above 5 % ({i})"), "workspace": workspace,
+                "title": format!("Checkout error rate above 5 % ({i})"),
                 "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
                 "ticket": {"number": format!("TCK-{i}"), "url": format!("https://tickets.example.com/TCK-{i}")},
                 "labels": {"team": "checkout", "env": "prod"},
+                "workspace": workspace_ids[i % workspaces],
             })
             .to_string()
             .into_bytes()
@@ -198,7 +229,7 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     drop(bodies);
 
     settings.slack.api_url = slack.api_url();
-    settings.slack.default_workspace = Some(workspace.clone());
+    settings.slack.default_workspace = workspace_ids.first().cloned();
     settings.rules.path = rules_path.clone();
     settings.http.listen = "127.0.0.1:0".parse()?;
     settings.log.level = "warn".into();
@@ -213,6 +244,7 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60) + Duration::from_millis(events as u64 * 5);
     let mut rss_first_post = 0;
+    let mut rss_half = 0;
     let mut rss_peak = 0;
     loop {
         let posts = slack.post_count();
@@ -220,6 +252,9 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
             rss_peak = rss_peak.max(high_water).max(now);
             if posts > 0 && rss_first_post == 0 {
                 rss_first_post = now;
+            }
+            if posts >= events / 2 && rss_half == 0 {
+                rss_half = now;
             }
         }
         if posts >= events {
@@ -242,9 +277,11 @@ async fn run(events: usize) -> anyhow::Result<Sample> {
     let _ = connection.close(200, "".into()).await;
     Ok(Sample {
         events,
+        workspaces,
         publish,
         drain,
         rss_first_post,
+        rss_half,
         rss_peak,
         rss_end,
     })

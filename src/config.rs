@@ -126,6 +126,10 @@ pub struct SlackSettings {
     /// How long a token read from Redis is reused before it is read again.
     #[serde(with = "human_duration")]
     pub token_cache_ttl: Duration,
+    /// Most entries each in-process cache (tokens, user ids, channel ids)
+    /// keeps; the least used go first. Bounds memory whatever workspaces and
+    /// addresses producers name.
+    pub cache_capacity: u64,
     /// Posts per second to one channel, across all replicas (Slack allows about 1).
     pub channel_rate_per_second: f64,
     /// Posts to one channel that may go out at once before the rate applies.
@@ -158,6 +162,7 @@ impl Default for SlackSettings {
             retry_base_delay: Duration::from_millis(250),
             retry_budget: Duration::from_secs(10),
             token_cache_ttl: Duration::from_secs(30),
+            cache_capacity: 10_000,
             channel_rate_per_second: 1.0,
             channel_burst: 3,
             workspace_rate_per_minute: 300,
@@ -407,6 +412,12 @@ impl Settings {
         }
         if self.slack.max_attempts == 0 {
             return Err(invalid("slack.max_attempts", "must be at least 1"));
+        }
+        if self.slack.cache_capacity == 0 {
+            return Err(invalid(
+                "slack.cache_capacity",
+                "must be at least 1 (10000 holds every workspace of a large install)",
+            ));
         }
         if self.slack.request_timeout.is_zero() {
             return Err(invalid(

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -147,6 +148,7 @@ pub async fn run(
         secrets.slack_bot_token.clone(),
         settings.slack.default_workspace.clone(),
         settings.slack.token_cache_ttl,
+        settings.slack.cache_capacity,
     );
     if let (Some(client_id), Some(client_secret)) =
         (&secrets.slack_client_id, &secrets.slack_client_secret)
@@ -162,6 +164,7 @@ pub async fn run(
         redis.clone(),
         &settings.redis.key_prefix,
         crate::deliver::slack::users::DEFAULT_TTL,
+        settings.slack.cache_capacity,
     );
     let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
     let channels = ChannelDirectory::new(
@@ -169,6 +172,7 @@ pub async fn run(
         &settings.redis.key_prefix,
         slack.clone(),
         settings.slack.channel_cache_ttl,
+        settings.slack.cache_capacity,
     );
     let addresses = Addresses::new(settings.log.show_addresses);
     let idempotency = Idempotency::new(
@@ -215,7 +219,7 @@ pub async fn run(
     ));
 
     let topology = Topology::from_settings(&settings.amqp, &settings.delivery.retry_delays);
-    let mut backoff = Duration::from_millis(500);
+    let mut delays = reconnect_delays();
     while !shutdown.is_cancelled() {
         let attempt_started = std::time::Instant::now();
         match consume(&settings, &topology, &context, &readiness, &shutdown).await {
@@ -236,14 +240,14 @@ pub async fn run(
                 }
                 // A connection that lived a while starts the backoff afresh.
                 if attempt_started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
+                    delays = reconnect_delays();
                 }
-                error!(error = %e, retry_in = ?backoff, "lost RabbitMQ; reconnecting");
+                let retry_in = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
+                error!(error = %e, ?retry_in, "lost RabbitMQ; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(jitter(backoff)) => {}
+                    _ = tokio::time::sleep(retry_in) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -691,14 +695,20 @@ async fn serve_health(
     }
 }
 
-/// ±25 % so replicas that lost the broker together do not return together.
-fn jitter(delay: Duration) -> Duration {
-    let spread = delay.as_millis() as u64 / 4;
-    if spread == 0 {
-        return delay;
-    }
-    let offset = u64::from(uuid::Uuid::new_v4().as_u128() as u32) % (2 * spread);
-    delay - Duration::from_millis(spread) + Duration::from_millis(offset)
+/// Longest wait between two attempts to reach RabbitMQ.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// Waits between attempts to reach RabbitMQ: 0.5–1 s, doubling up to
+/// 15–30 s. The jitter (up to the delay again) keeps replicas restarted
+/// together from reconnecting in step.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .with_max_delay(RECONNECT_MAX_DELAY / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -725,6 +735,18 @@ mod tests {
             recycle_for(3, &Notices::default()),
             Some(BrokerError::Stranded { deliveries: 3 })
         ));
+    }
+
+    #[test]
+    fn reconnect_waits_double_from_half_a_second_and_never_exceed_thirty_seconds() {
+        let waits: Vec<Duration> = reconnect_delays().take(12).collect();
+        assert!(waits[0] >= Duration::from_millis(500) && waits[0] < Duration::from_secs(1));
+        assert!(waits[1] >= Duration::from_secs(1) && waits[1] < Duration::from_secs(2));
+        assert!(waits.iter().all(|w| *w <= RECONNECT_MAX_DELAY));
+        assert!(
+            waits[11] >= RECONNECT_MAX_DELAY / 2,
+            "reaches the cap: {waits:?}"
+        );
     }
 
     #[test]

@@ -252,6 +252,35 @@ async fn an_email_is_looked_up_once_and_then_served_from_the_shared_cache() {
 }
 
 #[tokio::test]
+async fn an_email_no_slack_user_has_is_looked_up_once_and_every_event_for_it_is_emailed() {
+    let env = TestEnv::start(RULES).await;
+    let worker = env.spawn_worker();
+
+    for i in 0..3 {
+        env.publish(&env.event(
+            &format!("stranger-{i}"),
+            json!({"targets": [{"slack_email": "Stranger@Example.com"}]}),
+        ))
+        .await;
+        env.smtp.wait_for_mails(i + 1, WAIT).await.unwrap();
+    }
+    worker.stop().await;
+    assert_eq!(
+        env.slack.requests_for("users.lookupByEmail").len(),
+        1,
+        "the miss is remembered for a few minutes: a flood of events for an unknown address does not spend the lookup budget"
+    );
+    assert!(env.slack.posts().is_empty());
+    assert!(
+        env.smtp
+            .mails()
+            .iter()
+            .all(|m| m.to == ["Stranger@Example.com"] || m.to == ["stranger@example.com"])
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_direct_message_that_cannot_be_delivered_is_emailed_not_posted_in_a_channel() {
     let env = TestEnv::start(RULES).await;
     let worker = env.spawn_worker();

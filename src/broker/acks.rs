@@ -78,10 +78,13 @@ impl Acks {
 /// What the task knows about the channel's delivery tags.
 #[derive(Debug)]
 struct Ledger {
-    /// Lowest tag not settled yet: every tag below it is settled.
-    next_unsettled: u64,
-    /// Settled tags above `next_unsettled`.
-    settled_above: BTreeSet<u64>,
+    /// Highest tag settled so far (0: none yet).
+    highest_settled: u64,
+    /// Tags below `highest_settled` not settled yet. Kept instead of the
+    /// settled ones so the ledger stays within the prefetch window however
+    /// long one delivery stays unsettled (a confirm timeout under a broker
+    /// alarm) while thousands after it finish.
+    unsettled_below: BTreeSet<u64>,
     /// Acks not sent yet, with when they were queued.
     ready: BTreeMap<u64, Instant>,
 }
@@ -97,24 +100,31 @@ enum Send {
 impl Ledger {
     fn new() -> Ledger {
         Ledger {
-            next_unsettled: 1,
-            settled_above: BTreeSet::new(),
+            highest_settled: 0,
+            unsettled_below: BTreeSet::new(),
             ready: BTreeMap::new(),
         }
     }
 
+    /// Lowest tag not settled yet: every tag below it is settled.
+    fn next_unsettled(&self) -> u64 {
+        self.unsettled_below
+            .first()
+            .copied()
+            .unwrap_or(self.highest_settled + 1)
+    }
+
     fn is_settled(&self, tag: u64) -> bool {
-        tag < self.next_unsettled || self.settled_above.contains(&tag)
+        tag <= self.highest_settled && !self.unsettled_below.contains(&tag)
     }
 
     fn settle(&mut self, tag: u64) {
-        if tag != self.next_unsettled {
-            self.settled_above.insert(tag);
-            return;
-        }
-        self.next_unsettled += 1;
-        while self.settled_above.remove(&self.next_unsettled) {
-            self.next_unsettled += 1;
+        if tag > self.highest_settled {
+            // Tags are consecutive: those skipped are still being worked on.
+            self.unsettled_below.extend(self.highest_settled + 1..tag);
+            self.highest_settled = tag;
+        } else {
+            self.unsettled_below.remove(&tag);
         }
     }
 
@@ -122,7 +132,7 @@ impl Ledger {
     /// acks for those held since `held_since` or earlier (all when `None`).
     fn due(&mut self, held_since: Option<Instant>) -> Vec<Send> {
         let mut due = Vec::new();
-        let above = self.ready.split_off(&self.next_unsettled);
+        let above = self.ready.split_off(&self.next_unsettled());
         let below = std::mem::replace(&mut self.ready, above);
         if let Some((&tag, _)) = below.last_key_value() {
             due.push(Send::Multiple(tag));
@@ -245,7 +255,7 @@ mod tests {
     fn a_settled_prefix_goes_out_as_one_multiple_ack() {
         let now = Instant::now();
         let mut ledger = ledger_with_ready(&[2, 1, 3], now);
-        assert_eq!(ledger.next_unsettled, 4);
+        assert_eq!(ledger.next_unsettled(), 4);
         assert_eq!(tags(&ledger.due(Some(now - HOLD))), [&Send::Multiple(3)]);
         assert!(ledger.ready.is_empty());
     }
@@ -264,7 +274,7 @@ mod tests {
         // When 2 finishes, only 2 is left to ack, and the prefix is whole again.
         ledger.settle(2);
         ledger.ready.insert(2, now);
-        assert_eq!(ledger.next_unsettled, 5);
+        assert_eq!(ledger.next_unsettled(), 5);
         assert_eq!(tags(&ledger.due(Some(now))), [&Send::Multiple(2)]);
     }
 
@@ -276,6 +286,23 @@ mod tests {
         ledger.settle(3);
         ledger.ready.insert(3, now);
         assert_eq!(tags(&ledger.due(Some(now - HOLD))), [&Send::Multiple(3)]);
+    }
+
+    #[test]
+    fn one_delivery_left_unsettled_does_not_grow_the_ledger_as_later_ones_finish() {
+        let mut ledger = Ledger::new();
+        // Tag 1 waits (a confirm timeout under an alarm); 100 000 later ones finish.
+        for tag in 2..=100_001 {
+            ledger.settle(tag);
+            ledger.ready.insert(tag, Instant::now());
+            let _ = ledger.due(None);
+        }
+        assert_eq!(ledger.unsettled_below.len(), 1);
+        assert!(ledger.ready.is_empty());
+        assert_eq!(ledger.next_unsettled(), 1);
+        ledger.settle(1);
+        assert_eq!(ledger.next_unsettled(), 100_002);
+        assert!(ledger.unsettled_below.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use backon::{ConstantBuilder, Retryable};
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -646,19 +647,18 @@ impl Deliverer {
         Ok(found.then(|| format!("slack:{conversation}")))
     }
 
+    /// Records the delivery, trying Redis three times within about a quarter
+    /// of a second: a record lost here costs a history lookup on redelivery.
     pub(super) async fn complete(&self, ticket: &ClaimTicket, target: &crate::event::Target) {
-        for pause in [0, 50, 200] {
-            // No sleep before the first try: even a zero sleep waits for the next timer tick.
-            if pause > 0 {
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            match self.idempotency.complete(ticket).await {
-                Ok(()) => return,
-                Err(e) if pause == 200 => {
-                    warn!(target = %self.addresses.target(target), error = %e, "sent, but could not record it in Redis; a redelivery will look for the post before sending again");
-                }
-                Err(_) => {}
-            }
+        let recorded = (|| self.idempotency.complete(ticket))
+            .retry(
+                ConstantBuilder::default()
+                    .with_delay(Duration::from_millis(100))
+                    .with_max_times(2),
+            )
+            .await;
+        if let Err(e) = recorded {
+            warn!(target = %self.addresses.target(target), error = %e, "sent, but could not record it in Redis; a redelivery will look for the post before sending again");
         }
     }
 

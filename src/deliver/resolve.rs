@@ -12,6 +12,7 @@ use tracing::warn;
 use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::slack::channels::{Destination, Resolution, ResolveError};
 use super::slack::tokens::WorkspaceToken;
+use super::slack::users::Known;
 use super::slack::{Body, SlackError, SlackFailure};
 use super::{Deliverer, SlackUnavailable};
 use crate::event::{Event, Target};
@@ -312,25 +313,45 @@ impl Deliverer {
         }
     }
 
-    /// The Slack user with this email: from the shared cache, else `users.lookupByEmail`.
+    /// The Slack user with this email: from the shared cache, else
+    /// `users.lookupByEmail`. "No such user" is cached too, briefly.
     async fn lookup_user(&self, token: &WorkspaceToken, email: &str) -> Result<String, SlackError> {
-        if let Some(user) = self.users.get(&token.workspace, email).await {
-            return Ok(user);
+        match self.users.get(&token.workspace, email).await {
+            Some(Known::User(user)) => return Ok(user),
+            Some(Known::NoUser) => {
+                return Err(SlackError::new(
+                    "users.lookupByEmail",
+                    "users_not_found",
+                    SlackFailure::Destination,
+                )
+                .with_detail("answered a few minutes ago; not asked again yet".into()));
+            }
+            None => {}
         }
-        let reply = self
+        let reply = match self
             .slack
             .call(
                 "users.lookupByEmail",
                 Some(&token.access_token),
                 &Body::Form(&[("email", email)]),
             )
-            .await?;
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) if e.code == "users_not_found" => {
+                self.users.put(&token.workspace, email, Known::NoUser).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let user = reply
             .pointer("/user/id")
             .and_then(Value::as_str)
             .map(str::to_string);
         if let Some(user) = &user {
-            self.users.put(&token.workspace, email, user).await;
+            self.users
+                .put(&token.workspace, email, Known::User(user.clone()))
+                .await;
         }
         user.ok_or_else(|| {
             SlackError::new(

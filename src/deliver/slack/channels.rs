@@ -16,9 +16,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{ConstantBuilder, Retryable};
+use moka::sync::Cache;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 
@@ -45,8 +46,6 @@ const NO_SCOPE_BACKOFF: Duration = Duration::from_secs(300);
 const PUBLIC_ONLY: &str = "public_only";
 /// Largest page Slack serves.
 const PAGE_LIMIT: &str = "1000";
-/// Entries of the in-process cache before it is cleared (bounded memory).
-const LOCAL_CAPACITY: usize = 10_000;
 /// How long the in-process cache answers without asking Redis.
 const LOCAL_TTL: Duration = Duration::from_secs(5);
 
@@ -129,7 +128,10 @@ pub struct ChannelDirectory {
     listing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// (workspace, name) → resolution, for a few seconds: most events name
     /// the same few channels, and this saves a Redis round trip each.
-    local: Mutex<HashMap<(String, String), (Instant, Resolution)>>,
+    /// Bounded: producers choose the names.
+    local: Cache<(String, String), Resolution>,
+    /// Idle listing gates are dropped beyond this many workspaces.
+    capacity: usize,
 }
 
 /// What Redis holds for one name.
@@ -162,6 +164,7 @@ impl ChannelDirectory {
         key_prefix: &str,
         slack: SlackClient,
         fresh_for: Duration,
+        capacity: u64,
     ) -> ChannelDirectory {
         ChannelDirectory {
             redis,
@@ -169,7 +172,12 @@ impl ChannelDirectory {
             slack,
             fresh_for,
             listing: Mutex::new(HashMap::new()),
-            local: Mutex::new(HashMap::new()),
+            local: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(LOCAL_TTL)
+                .support_invalidation_closures()
+                .build(),
+            capacity: usize::try_from(capacity).unwrap_or(usize::MAX),
         }
     }
 
@@ -468,9 +476,12 @@ impl ChannelDirectory {
             .ignore();
         let mut redis = self.redis.clone();
         pipe.query_async::<()>(&mut redis).await?;
-        if let Ok(mut local) = self.local.lock() {
-            local.retain(|(ws, _), _| ws != workspace);
-        }
+        let workspace = workspace.to_string();
+        // Fails only without `support_invalidation_closures`, which is set;
+        // entries then live out their few seconds anyway.
+        let _ = self
+            .local
+            .invalidate_entries_if(move |(ws, _), _| *ws == workspace);
         Ok(())
     }
 
@@ -505,36 +516,24 @@ impl ChannelDirectory {
 
     fn gate(&self, workspace: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut gates = self.listing.lock().unwrap_or_else(|e| e.into_inner());
-        if gates.len() > LOCAL_CAPACITY {
+        if gates.len() > self.capacity {
             gates.retain(|_, gate| Arc::strong_count(gate) > 1);
         }
         gates.entry(workspace.to_string()).or_default().clone()
     }
 
     fn local_get(&self, workspace: &str, name: &str) -> Option<Resolution> {
-        let local = self.local.lock().ok()?;
-        local
-            .get(&(workspace.to_string(), name.to_string()))
-            .filter(|(at, _)| at.elapsed() < LOCAL_TTL)
-            .map(|(_, found)| found.clone())
+        self.local.get(&(workspace.to_string(), name.to_string()))
     }
 
     fn local_put(&self, workspace: &str, name: &str, found: &Resolution) {
-        if let Ok(mut local) = self.local.lock() {
-            if local.len() >= LOCAL_CAPACITY {
-                local.clear();
-            }
-            local.insert(
-                (workspace.to_string(), name.to_string()),
-                (Instant::now(), found.clone()),
-            );
-        }
+        self.local
+            .insert((workspace.to_string(), name.to_string()), found.clone());
     }
 
     fn local_forget(&self, workspace: &str, name: &str) {
-        if let Ok(mut local) = self.local.lock() {
-            local.remove(&(workspace.to_string(), name.to_string()));
-        }
+        self.local
+            .invalidate(&(workspace.to_string(), name.to_string()));
     }
 
     fn key(&self, kind: &str, workspace: &str) -> String {

@@ -13,6 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use moka::Expiry;
+use moka::sync::Cache;
+
 use backon::{ExponentialBuilder, Retryable};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -114,8 +117,8 @@ pub struct TokenStore {
     key_prefix: String,
     env_token: Option<Secret>,
     default_workspace: Option<String>,
-    cache_ttl: Duration,
-    cache: Mutex<HashMap<String, Cached>>,
+    /// Bounded: producers choose the workspace ids events name.
+    cache: Cache<String, Cached>,
     /// Set when token rotation is configured (`SLACK_CLIENT_ID`/`SECRET`).
     rotation: Option<Rotation>,
     /// Refreshes in progress here, by workspace and the token they replace.
@@ -123,11 +126,31 @@ pub struct TokenStore {
 }
 
 /// A cached read; a rotating token leaves the cache when it is due for refresh.
+#[derive(Clone)]
 struct Cached {
-    at: Instant,
+    /// `None`: Redis has no record for the workspace (a miss, kept briefly).
     token: Option<WorkspaceToken>,
     /// Unix milliseconds after which the entry must not be served.
     until_ms: Option<i64>,
+}
+
+/// How long "no token for this workspace" is remembered: long enough that a
+/// flood of events naming an unknown workspace costs Redis one read every few
+/// seconds, short enough that a newly installed workspace is seen at once.
+const MISS_TTL: Duration = Duration::from_secs(5);
+
+/// Tokens live `token_cache_ttl`; misses [`MISS_TTL`] at most.
+struct CacheLifetimes {
+    hit: Duration,
+}
+
+impl Expiry<String, Cached> for CacheLifetimes {
+    fn expire_after_create(&self, _: &String, cached: &Cached, _: Instant) -> Option<Duration> {
+        Some(match cached.token {
+            Some(_) => self.hit,
+            None => self.hit.min(MISS_TTL),
+        })
+    }
 }
 
 /// One refresh that every caller replacing the same token waits on.
@@ -200,14 +223,17 @@ impl TokenStore {
         env_token: Option<Secret>,
         default_workspace: Option<String>,
         cache_ttl: Duration,
+        cache_capacity: u64,
     ) -> TokenStore {
         TokenStore {
             redis,
             key_prefix: key_prefix.to_string(),
             env_token,
             default_workspace,
-            cache_ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: Cache::builder()
+                .max_capacity(cache_capacity)
+                .expire_after(CacheLifetimes { hit: cache_ttl })
+                .build(),
             rotation: None,
             flights: Mutex::new(HashMap::new()),
         }
@@ -248,12 +274,10 @@ impl TokenStore {
             }));
         };
         let now_ms = chrono::Utc::now().timestamp_millis();
-        if let Ok(cache) = self.cache.lock()
-            && let Some(cached) = cache.get(workspace)
-            && cached.at.elapsed() < self.cache_ttl
+        if let Some(cached) = self.cache.get(workspace)
             && cached.until_ms.is_none_or(|until| now_ms < until)
         {
-            return Ok(cached.token.clone());
+            return Ok(cached.token);
         }
         let stored = self.read(workspace).await?;
         let refresh_at = stored.as_ref().and_then(|fresh| self.refresh_at_ms(fresh));
@@ -284,20 +308,12 @@ impl TokenStore {
 
     /// Forgets the cached token of a workspace (after Slack rejected it).
     pub fn invalidate(&self, workspace: &str) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(workspace);
-        }
+        self.cache.invalidate(workspace);
     }
 
     fn remember(&self, workspace: &str, token: Option<WorkspaceToken>, until_ms: Option<i64>) {
-        if let Ok(mut cache) = self.cache.lock() {
-            let cached = Cached {
-                at: Instant::now(),
-                token,
-                until_ms,
-            };
-            cache.insert(workspace.to_string(), cached);
-        }
+        self.cache
+            .insert(workspace.to_string(), Cached { token, until_ms });
     }
 
     /// When (Unix ms) a rotating token is due for refresh; `None` for tokens

@@ -214,6 +214,28 @@ async fn a_transient_slack_error_is_retried_and_delivered_once() {
 }
 
 #[tokio::test]
+async fn a_slack_call_that_hangs_is_cut_off_by_the_request_timeout_and_the_retry_delivers_once() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.slack.request_timeout = Duration::from_secs(1);
+    // Slack takes the connection and never answers (nor processes the post).
+    env.slack.fail_next("chat.postMessage", 1, Fault::Hang);
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("hung", json!({}))).await;
+    env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    worker.stop().await;
+
+    assert_eq!(env.slack.posts().len(), 1);
+    assert_eq!(env.slack.requests_for("chat.postMessage").len(), 2);
+    assert!(
+        env.smtp.mails().is_empty(),
+        "one hung call is not an outage"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_redelivered_event_is_not_posted_twice() {
     let env = TestEnv::start(BASIC_RULES).await;
     let worker = env.spawn_worker();

@@ -59,6 +59,9 @@ pub struct TestEnv {
     pub dir: tempfile::TempDir,
     connection: lapin::Connection,
     publisher: Publisher,
+    /// Retry queues declared by `start`; a test that changes the delays
+    /// afterwards gets others from its workers, and `cleanup` removes both.
+    declared_retry_queues: Vec<String>,
     redis: redis::aio::MultiplexedConnection,
 }
 
@@ -112,6 +115,11 @@ impl TestEnv {
             .await
             .unwrap();
         let redis = redis_connection(&settings).await;
+        let declared_retry_queues = topology(&settings)
+            .retry_queues
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
 
         let env = TestEnv {
             id,
@@ -123,6 +131,7 @@ impl TestEnv {
             dir,
             connection,
             publisher,
+            declared_retry_queues,
             redis,
         };
         env.store_token(&env.workspace.clone(), &env.token.clone())
@@ -284,6 +293,9 @@ impl TestEnv {
         let topology = topology(&self.settings);
         let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
         queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
+        queues.extend(self.declared_retry_queues.iter().cloned());
+        queues.sort();
+        queues.dedup();
         for queue in queues {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

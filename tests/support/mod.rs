@@ -489,6 +489,15 @@ impl TestEnv {
         InProcessWorker { shutdown, task }
     }
 
+    /// Opens the test's broker connection and publisher again, after a
+    /// broker restart closed them (queue counts and `cleanup` need them).
+    pub async fn reconnect_broker(&mut self) {
+        self.connection = broker::connect(self.settings.amqp.url.expose(), "alert-router tests")
+            .await
+            .unwrap();
+        self.publisher = Publisher::open(&self.connection).await.unwrap();
+    }
+
     /// Deletes the workspace's token record, as if the app were never installed.
     pub async fn delete_token(&self, workspace: &str) {
         let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);

@@ -498,6 +498,15 @@ impl TestEnv {
         self.publisher = Publisher::open(&self.connection).await.unwrap();
     }
 
+    /// Moves this test to the Redis at `url` (e.g. one the test runs itself):
+    /// the workers' setting, the test's connection and the workspace token.
+    pub async fn use_redis(&mut self, url: &str) {
+        self.delete_token(&self.workspace).await;
+        self.settings.redis.url = url.into();
+        self.redis = redis_connection(&self.settings).await;
+        self.store_token(&self.workspace, &self.token).await;
+    }
+
     /// Deletes the workspace's token record, as if the app were never installed.
     pub async fn delete_token(&self, workspace: &str) {
         let key = format!("{}:slack:token:{workspace}", self.settings.redis.key_prefix);

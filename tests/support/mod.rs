@@ -59,6 +59,9 @@ pub struct TestEnv {
     pub dir: tempfile::TempDir,
     connection: lapin::Connection,
     publisher: Publisher,
+    /// Retry queues declared by `start`; a test that changes the delays
+    /// afterwards gets others from its workers, and `cleanup` removes both.
+    declared_retry_queues: Vec<String>,
     redis: redis::aio::MultiplexedConnection,
 }
 
@@ -112,6 +115,11 @@ impl TestEnv {
             .await
             .unwrap();
         let redis = redis_connection(&settings).await;
+        let declared_retry_queues = topology(&settings)
+            .retry_queues
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
 
         let env = TestEnv {
             id,
@@ -123,6 +131,7 @@ impl TestEnv {
             dir,
             connection,
             publisher,
+            declared_retry_queues,
             redis,
         };
         env.store_token(&env.workspace.clone(), &env.token.clone())
@@ -284,6 +293,9 @@ impl TestEnv {
         let topology = topology(&self.settings);
         let mut queues = vec![topology.queue.clone(), topology.dead_letter_queue.clone()];
         queues.extend(topology.retry_queues.iter().map(|q| q.name.clone()));
+        queues.extend(self.declared_retry_queues.iter().cloned());
+        queues.sort();
+        queues.dedup();
         for queue in queues {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -475,6 +487,24 @@ impl TestEnv {
             shutdown.clone(),
         ));
         InProcessWorker { shutdown, task }
+    }
+
+    /// Opens the test's broker connection and publisher again, after a
+    /// broker restart closed them (queue counts and `cleanup` need them).
+    pub async fn reconnect_broker(&mut self) {
+        self.connection = broker::connect(self.settings.amqp.url.expose(), "alert-router tests")
+            .await
+            .unwrap();
+        self.publisher = Publisher::open(&self.connection).await.unwrap();
+    }
+
+    /// Moves this test to the Redis at `url` (e.g. one the test runs itself):
+    /// the workers' setting, the test's connection and the workspace token.
+    pub async fn use_redis(&mut self, url: &str) {
+        self.delete_token(&self.workspace).await;
+        self.settings.redis.url = url.into();
+        self.redis = redis_connection(&self.settings).await;
+        self.store_token(&self.workspace, &self.token).await;
     }
 
     /// Deletes the workspace's token record, as if the app were never installed.

@@ -32,6 +32,7 @@ pub fn worker_env(s: &Settings) -> Vec<(String, String)> {
         ("SLACK__REQUEST_TIMEOUT", millis(s.slack.request_timeout)),
         ("SLACK__RETRY_BASE_DELAY", millis(s.slack.retry_base_delay)),
         ("SLACK__RETRY_BUDGET", millis(s.slack.retry_budget)),
+        ("SLACK__TOKEN_CACHE_TTL", millis(s.slack.token_cache_ttl)),
         (
             "SLACK__CHANNEL_RATE_PER_SECOND",
             s.slack.channel_rate_per_second.to_string(),

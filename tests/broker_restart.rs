@@ -1,0 +1,202 @@
+//! A RabbitMQ restart with events in flight: every event is posted exactly once, nothing is dead-lettered or left pending.
+//!
+//! Restarting the broker closes every client's connections, so the one test
+//! that does it lives alone in this binary (cargo runs test binaries one
+//! after another, so no other test of this suite uses the broker meanwhile)
+//! and starts the broker again in a guard's `Drop`, so a failing assertion
+//! does not leave it stopped.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use support::fake_slack::{Fault, RecordedPost};
+use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
+use tokio_util::sync::CancellationToken;
+
+/// Events in the batch.
+const EVENTS: usize = 200;
+/// Deliveries the worker holds at once (`amqp.prefetch`).
+const PREFETCH: usize = 10;
+/// Posts answered before the restart; the next `PREFETCH` are held by Slack
+/// until the broker is down.
+const POSTED_BEFORE: usize = 50;
+/// Generous: reconnect backoff on a loaded 2-core machine.
+const LONG_WAIT: Duration = Duration::from_secs(180);
+
+/// The RabbitMQ application, stopped for as long as this lives.
+struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    /// Stops the application (every connection is closed; the node stays up).
+    fn stop() -> BrokerStopped {
+        // Made before the stop, so even a stop that half-failed is undone.
+        let stopped = BrokerStopped { started: false };
+        rabbitmqctl(&["stop_app"]);
+        stopped
+    }
+
+    /// Starts the application again and waits until it serves.
+    fn start(mut self) {
+        self.started = true;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            for args in [["-q", "start_app"], ["-q", "await_startup"]] {
+                let _ = Command::new("rabbitmqctl").args(args).status();
+            }
+        }
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn event_ids(posts: &[RecordedPost]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for post in posts {
+        let id = post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Polls until `queue` has no ready messages.
+async fn wait_until_drained(env: &TestEnv, queue: &str) {
+    let deadline = tokio::time::Instant::now() + LONG_WAIT;
+    loop {
+        let ready = env.ready_count(queue).await;
+        if ready == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} still has {ready} ready messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.amqp.prefetch = PREFETCH as u16;
+    // The held posts outlast the restart: no timeout may resend them.
+    env.settings.slack.request_timeout = Duration::from_secs(120);
+    env.settings.delivery.retry_delays = vec![Duration::from_secs(1); 10];
+
+    let ids: Vec<String> = (0..EVENTS).map(|i| format!("restart-{i:03}")).collect();
+    for id in &ids {
+        env.publish(&env.event(id, json!({}))).await;
+    }
+    // The first posts are answered at once; the next ones fill the whole
+    // prefetch window and are held until the broker is down, so their acks
+    // cannot reach it: it must redeliver them, and they must not post twice.
+    let release = CancellationToken::new();
+    env.slack.fail_next(
+        "chat.postMessage",
+        POSTED_BEFORE,
+        Fault::Delay(Duration::ZERO),
+    );
+    env.slack.fail_next(
+        "chat.postMessage",
+        PREFETCH,
+        Fault::HoldUntil(release.clone()),
+    );
+
+    let mut worker = env.start_worker_process();
+    env.slack
+        .wait_for_requests("chat.postMessage", POSTED_BEFORE + PREFETCH, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(env.slack.posts().len(), POSTED_BEFORE, "the rest are held");
+
+    let stopped = tokio::task::spawn_blocking(BrokerStopped::stop)
+        .await
+        .unwrap();
+    // Slack accepts the held posts while no ack can reach the broker.
+    release.cancel();
+    env.slack
+        .wait_for_posts(POSTED_BEFORE + PREFETCH, WAIT)
+        .await
+        .unwrap();
+    // Logged once the held deliveries are finished with.
+    worker.wait_for_log("lost RabbitMQ; reconnecting", 1).await;
+    tokio::task::spawn_blocking(move || stopped.start())
+        .await
+        .unwrap();
+    env.reconnect_broker().await;
+
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, EVENTS, LONG_WAIT)
+        .await
+        .unwrap();
+    worker.wait_for_log("consuming", 2).await;
+    wait_until_drained(&env, &env.settings.amqp.queue).await;
+    let redelivered_and_skipped = worker
+        .log_lines()
+        .iter()
+        .filter(|line| line.contains("already delivered; not sending again"))
+        .count();
+    assert!(worker.stop().await.success());
+
+    let delivered = event_ids(&env.slack.posts());
+    assert_eq!(
+        delivered.keys().cloned().collect::<Vec<_>>(),
+        ids,
+        "every event arrived"
+    );
+    assert!(
+        delivered.values().all(|&n| n == 1),
+        "none twice: {:?}",
+        delivered
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        redelivered_and_skipped >= PREFETCH,
+        "the held events were redelivered and recognised as sent ({redelivered_and_skipped})"
+    );
+    // Nothing pending: the worker is stopped, so unacked deliveries would be ready again.
+    let topology = support::topology(&env.settings);
+    assert_eq!(env.ready_count(&topology.queue).await, 0, "work queue");
+    assert_eq!(
+        env.ready_count(&topology.dead_letter_queue).await,
+        0,
+        "dead letters"
+    );
+    let retry_queues: BTreeSet<&str> = topology
+        .retry_queues
+        .iter()
+        .map(|q| q.name.as_str())
+        .collect();
+    for queue in retry_queues {
+        assert_eq!(env.ready_count(queue).await, 0, "{queue}");
+    }
+    env.cleanup().await;
+}

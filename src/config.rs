@@ -167,7 +167,7 @@ impl Default for SlackSettings {
             channel_burst: 3,
             workspace_rate_per_minute: 300,
             workspace_burst: 10,
-            max_rate_limit_wait: Duration::from_secs(2),
+            max_rate_limit_wait: Duration::from_secs(15),
             channel_cache_ttl: Duration::from_secs(600),
             allowed_workspaces: Vec::new(),
         }

@@ -92,7 +92,8 @@ async fn a_429_pauses_the_channel_and_the_event_still_arrives_once_on_slack() {
 
 #[tokio::test]
 async fn a_long_retry_after_defers_the_event_through_the_broker_without_spending_attempts() {
-    let env = env_with_default_limits().await;
+    let mut env = env_with_default_limits().await;
+    env.settings.slack.max_rate_limit_wait = Duration::from_secs(2);
     // Longer than the 2 s the worker may wait while holding a delivery.
     env.slack.fail_next(
         "chat.postMessage",

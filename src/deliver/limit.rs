@@ -121,6 +121,11 @@ impl RateLimiter {
         }
     }
 
+    /// The time between two posts to one channel once its burst is spent.
+    pub fn channel_interval(&self) -> Duration {
+        Duration::from_millis(self.channel.interval_ms)
+    }
+
     /// Takes a slot to post to `channel`, or says how long to wait before asking again.
     pub async fn try_acquire(
         &self,

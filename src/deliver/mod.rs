@@ -5,7 +5,8 @@
 //!    resolved ([`resolve`]: channel names to ids, emails to user ids), and
 //!    targets that reach the same channel or person merged.
 //! 2. [`post`]: per Slack target, the claim (idempotency) and a rate-limit
-//!    slot, then `chat.postMessage`; Slack's answers are turned into the next
+//!    slot (at once, or in its turn from the channel's queue in
+//!    [`schedule`]: most severe first), then `chat.postMessage`; Slack's answers are turned into the next
 //!    step by one pure function, [`policy::next_step`] (join, resolve again,
 //!    default channel, plain text, refresh the token, wait, or give up).
 //! 3. [`fallback`]: what Slack cannot take is emailed: the target's own
@@ -22,6 +23,7 @@ pub mod limit;
 pub mod policy;
 mod post;
 mod resolve;
+pub mod schedule;
 pub mod slack;
 
 use std::collections::HashSet;
@@ -38,6 +40,7 @@ use email::EmailSender;
 use idempotency::{Claim, ClaimTicket, Idempotency};
 use limit::RateLimiter;
 use post::SlackResult;
+use schedule::Scheduler;
 use slack::SlackClient;
 use slack::channels::ChannelDirectory;
 use slack::tokens::TokenStore;
@@ -137,6 +140,8 @@ pub struct Deliverer {
     limiter: RateLimiter,
     /// Longest inline wait for a rate-limit slot before deferring through the broker.
     max_rate_limit_wait: Duration,
+    /// Posts waiting for their channel's slots.
+    scheduler: Scheduler,
     users: UserDirectory,
     channels: ChannelDirectory,
     /// How recipient addresses appear in log lines.
@@ -180,6 +185,7 @@ impl Deliverer {
             tokens,
             idempotency,
             email,
+            scheduler: Scheduler::new(limiter.clone()),
             limiter,
             max_rate_limit_wait,
             users,

@@ -20,6 +20,7 @@ use super::fallback::{PendingEmail, fallback_addresses};
 use super::idempotency::ClaimTicket;
 use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::resolve::{Action, Resolved, SlackDestination};
+use super::schedule::{Priority, Turn};
 use super::slack::channels::{Destination, Resolution};
 use super::slack::message::{RenderContext, render};
 use super::slack::tokens::WorkspaceToken;
@@ -159,19 +160,32 @@ impl Deliverer {
             }
         };
 
-        // The claim and the first rate-limit slot in one round trip.
-        let claimed = self
-            .limiter
-            .claim_and_acquire(
-                &token.workspace,
-                &destination.channel,
-                self.idempotency.ticket(&event.id, &target.key),
-                self.idempotency.lease_ms(),
-            )
-            .await;
-        let (ticket, lost_attempt, first_wait) = match claimed {
-            Ok((claim, wait)) => match claim_status(claim, &target.key, self.addresses) {
-                Ok((ticket, lost_attempt)) => (ticket, lost_attempt, wait),
+        // Its place in the channel's queue, should it have to wait.
+        let priority = self.scheduler.priority(event.severity);
+        // The claim and the first rate-limit slot in one round trip, unless
+        // posts already wait for this channel: then it queues behind them.
+        let claimed = if self
+            .scheduler
+            .is_busy(&token.workspace, &destination.channel)
+        {
+            self.idempotency
+                .claim(&event.id, &target.key)
+                .await
+                .map(|claim| (claim, Slot::Ask))
+        } else {
+            self.limiter
+                .claim_and_acquire(
+                    &token.workspace,
+                    &destination.channel,
+                    self.idempotency.ticket(&event.id, &target.key),
+                    self.idempotency.lease_ms(),
+                )
+                .await
+                .map(|(claim, wait)| (claim, wait.map_or(Slot::Taken, Slot::WaitFor)))
+        };
+        let (ticket, lost_attempt, first_slot) = match claimed {
+            Ok((claim, slot)) => match claim_status(claim, &target.key, self.addresses) {
+                Ok((ticket, lost_attempt)) => (ticket, lost_attempt, slot),
                 Err(status) => return SlackResult::Done(report(&routed.target, status)),
             },
             Err(e) => return SlackResult::Done(report(&routed.target, redis_failure(&e))),
@@ -203,10 +217,6 @@ impl Deliverer {
             }
         }
 
-        let first_slot = match first_wait {
-            None => Slot::Taken,
-            Some(wait) => Slot::WaitFor(wait),
-        };
         let mut may_have_sent = false;
         let outcome = self
             .post(
@@ -218,6 +228,7 @@ impl Deliverer {
                 default_channel,
                 &ticket,
                 first_slot,
+                priority,
                 &mut may_have_sent,
             )
             .await;
@@ -273,6 +284,7 @@ impl Deliverer {
         default_channel: Option<&str>,
         ticket: &ClaimTicket,
         first_slot: Slot,
+        priority: Priority,
         may_have_sent: &mut bool,
     ) -> Result<String, PostFailure> {
         let mut token = token.clone();
@@ -308,7 +320,14 @@ impl Deliverer {
                         target,
                     };
                     match self
-                        .post_once(event, &context, &channel, &token, slot, &mut waited)
+                        .post_once(
+                            event,
+                            &context,
+                            &channel,
+                            &token,
+                            (slot, priority),
+                            &mut waited,
+                        )
                         .await
                     {
                         Ok(landed) => return Ok(landed),
@@ -443,8 +462,9 @@ impl Deliverer {
         }))
     }
 
-    /// One `chat.postMessage` through the shared rate limit. Waits inline up
-    /// to `max_rate_limit_wait` in all (`waited` carries the total across
+    /// One `chat.postMessage` through the shared rate limit. Without a slot
+    /// in hand it waits its turn in the channel's queue, up to
+    /// `max_rate_limit_wait` in all (`waited` carries the total across
     /// calls); a 429 pauses the channel for every replica and goes back to
     /// waiting for a slot.
     async fn post_once(
@@ -453,27 +473,29 @@ impl Deliverer {
         context: &RenderContext<'_>,
         channel: &str,
         token: &WorkspaceToken,
-        first_slot: Slot,
+        (first_slot, priority): (Slot, Priority),
         waited: &mut Duration,
     ) -> Result<String, AttemptFailure> {
         let payload = render(event, context).to(channel).to_json();
         let mut slot = first_slot;
         loop {
-            let acquired = match std::mem::replace(&mut slot, Slot::Ask) {
-                Slot::Taken => Ok(None),
-                Slot::WaitFor(wait) => Ok(Some(wait)),
-                Slot::Ask => self.limiter.try_acquire(&token.workspace, channel).await,
-            };
-            match acquired {
-                Ok(None) => {}
-                Ok(Some(wait)) if *waited + wait <= self.max_rate_limit_wait => {
-                    tokio::time::sleep(wait).await;
-                    *waited += wait;
-                    continue;
+            let budget = self.max_rate_limit_wait.saturating_sub(*waited);
+            match std::mem::replace(&mut slot, Slot::Ask) {
+                Slot::Taken => {}
+                Slot::WaitFor(wait) if wait > budget => {
+                    return Err(AttemptFailure::Deferred(wait));
                 }
-                Ok(Some(wait)) => return Err(AttemptFailure::Deferred(wait)),
-                // Slack's own 429 still protects the channel; do not stall on Redis.
-                Err(e) => warn!(error = %e, "cannot check the shared rate limit; posting anyway"),
+                Slot::WaitFor(_) | Slot::Ask => {
+                    let asked = tokio::time::Instant::now();
+                    let turn = self
+                        .scheduler
+                        .turn(&token.workspace, channel, priority, budget)
+                        .await;
+                    *waited += asked.elapsed();
+                    if let Turn::Defer(wait) = turn {
+                        return Err(AttemptFailure::Deferred(wait));
+                    }
+                }
             }
             let result = self
                 .slack

@@ -171,6 +171,7 @@ pub async fn run(
         redis.clone(),
         &settings.redis.key_prefix,
         slack.clone(),
+        limiter.clone(),
         settings.slack.channel_cache_ttl,
         settings.slack.cache_capacity,
     );

@@ -169,3 +169,44 @@ rules: []
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn lookups_by_email_stay_within_slacks_tier_3_budget_for_the_workspace() {
+    let env = env_with_default_limits().await;
+    // users.lookupByEmail is Tier 3: 50 a minute, with short bursts.
+    env.slack
+        .set_method_rate_limit("users.lookupByEmail", 50, 10);
+    let people = 15;
+    for i in 0..people {
+        env.slack.add_user(
+            &format!("U0PERSON{i:02}"),
+            &format!("person{i}@example.com"),
+        );
+    }
+    let worker = env.spawn_worker();
+
+    for i in 0..people {
+        env.publish(&env.event(
+            &format!("dm-{i}"),
+            json!({"targets": [{"slack_email": format!("person{i}@example.com")}]}),
+        ))
+        .await;
+    }
+    env.slack
+        .wait_for_posts(people, Duration::from_secs(60))
+        .await
+        .unwrap();
+    worker.stop().await;
+
+    assert_eq!(env.slack.rate_limited_count(), 0, "no 429 from Slack");
+    assert_eq!(
+        env.slack.requests_for("users.lookupByEmail").len(),
+        people,
+        "one lookup per address"
+    );
+    assert!(
+        env.smtp.mails().is_empty(),
+        "waiting for the lookup budget is not a reason to email"
+    );
+    env.cleanup().await;
+}

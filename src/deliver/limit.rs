@@ -6,9 +6,13 @@
 //! a slot from both atomically, on Redis's clock. A 429's `Retry-After` is
 //! written as a pause that every replica honours.
 
+use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use serde_json::Value;
+
+use super::slack::{SlackError, SlackFailure, honoured_retry_after};
 
 use super::idempotency::{Claim, ClaimTicket, claim_lua};
 use crate::config::SlackSettings;
@@ -61,6 +65,37 @@ end
 return {claimed[1], claimed[2], 0, claimed[3]}
 "#;
 
+/// One bucket and its pause, for the per-workspace limits of the Web API's
+/// tiers. Answers 0 when a slot was taken, else the milliseconds to wait.
+const METHOD_GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local paused_until = tonumber(redis.call('GET', KEYS[2]) or '0')
+if paused_until > now then return paused_until - now end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+if tat - tolerance > now then return tat - tolerance - now end
+redis.call('SET', KEYS[1], tat + interval, 'PX', tat + interval - now + tolerance + 1000)
+return 0
+"#;
+
+/// Slack's per-workspace limit of a Web API method other than
+/// `chat.postMessage`, by its documented tier: Tier 2 is "20+ per minute",
+/// Tier 3 "50+ per minute", both with occasional bursts.
+fn tier_of(method: &str) -> Option<Bucket> {
+    match method {
+        "conversations.list" => Some(Bucket::new(20.0 / 60.0, 4)),
+        "users.lookupByEmail"
+        | "conversations.join"
+        | "conversations.open"
+        | "conversations.history"
+        | "chat.update" => Some(Bucket::new(50.0 / 60.0, 10)),
+        _ => None,
+    }
+}
+
 /// Records a `Retry-After` pause, never shortening a longer one.
 const PAUSE: &str = r#"
 local t = redis.call('TIME')
@@ -97,8 +132,10 @@ pub struct RateLimiter {
     redis: ConnectionManager,
     key_prefix: String,
     channel: Bucket,
+    channel_burst: u32,
     workspace: Bucket,
     gcra: redis::Script,
+    method_gcra: redis::Script,
     pause: redis::Script,
 }
 
@@ -112,11 +149,13 @@ impl RateLimiter {
             redis,
             key_prefix: key_prefix.to_string(),
             channel: Bucket::new(settings.channel_rate_per_second, settings.channel_burst),
+            channel_burst: settings.channel_burst.max(1),
             workspace: Bucket::new(
                 f64::from(settings.workspace_rate_per_minute) / 60.0,
                 settings.workspace_burst,
             ),
             gcra: redis::Script::new(&format!("{}{GCRA}", claim_lua())),
+            method_gcra: redis::Script::new(METHOD_GCRA),
             pause: redis::Script::new(PAUSE),
         }
     }
@@ -124,6 +163,11 @@ impl RateLimiter {
     /// The time between two posts to one channel once its burst is spent.
     pub fn channel_interval(&self) -> Duration {
         Duration::from_millis(self.channel.interval_ms)
+    }
+
+    /// How many posts to one channel may go out at once.
+    pub fn channel_burst(&self) -> u32 {
+        self.channel_burst
     }
 
     /// Takes a slot to post to `channel`, or says how long to wait before asking again.
@@ -183,6 +227,104 @@ impl RateLimiter {
         ))
     }
 
+    /// Takes a slot of `method`'s bucket in `workspace` (its Web API tier,
+    /// shared by every replica), or says how long to wait. Methods without a
+    /// tier here always get one.
+    pub async fn try_acquire_method(
+        &self,
+        workspace: &str,
+        method: &str,
+    ) -> Result<Option<Duration>, redis::RedisError> {
+        let Some(bucket) = tier_of(method) else {
+            return Ok(None);
+        };
+        let mut redis = self.redis.clone();
+        let wait_ms: u64 = self
+            .method_gcra
+            .key(self.key(workspace, Some(method), "method-rate"))
+            .key(self.key(workspace, Some(method), "method-pause"))
+            .arg(bucket.interval_ms)
+            .arg(bucket.tolerance_ms)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
+    /// Runs `call` (one call of `method` with a workspace's token) within the
+    /// method's tier: waits for a slot up to `max_wait` in all, and answers
+    /// a longer wait as Slack would, `ratelimited` with the wait as its
+    /// Retry-After, so the caller's policy defers the event. A 429 from Slack
+    /// pauses the method in the workspace for every replica.
+    pub async fn call_within_tier<F, Fut>(
+        &self,
+        workspace: &str,
+        method: &'static str,
+        max_wait: Duration,
+        call: F,
+    ) -> Result<Value, SlackError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Value, SlackError>>,
+    {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.try_acquire_method(workspace, method).await {
+                Ok(None) => {}
+                Ok(Some(wait)) if waited + wait <= max_wait => {
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    continue;
+                }
+                Ok(Some(wait)) => {
+                    return Err(SlackError::new(
+                        method,
+                        "ratelimited",
+                        SlackFailure::Transient {
+                            retry_after: Some(wait),
+                        },
+                    )
+                    .with_detail(format!("the workspace's {method} budget is spent")));
+                }
+                // Slack's own 429 still protects the method; do not stall on Redis.
+                Err(e) => {
+                    tracing::warn!(error = %e, method, "cannot check the shared rate limit; calling anyway")
+                }
+            }
+            let result = call().await;
+            let pause = match &result {
+                Err(e) if e.code == "ratelimited" => e
+                    .retry_after()
+                    .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1))),
+                _ => return result,
+            };
+            tracing::warn!(
+                method,
+                ?pause,
+                "slack rate-limited the method; pausing it for every replica"
+            );
+            if let Err(e) = self.pause_method(workspace, method, pause).await {
+                tracing::warn!(error = %e, "cannot record the pause in Redis");
+            }
+            if waited + pause > max_wait {
+                return result;
+            }
+        }
+    }
+
+    /// Makes every replica hold off `method` in `workspace` for `retry_after` (after a 429).
+    pub async fn pause_method(
+        &self,
+        workspace: &str,
+        method: &str,
+        retry_after: Duration,
+    ) -> Result<(), redis::RedisError> {
+        self.pause_key(
+            self.key(workspace, Some(method), "method-pause"),
+            retry_after,
+        )
+        .await
+    }
+
     /// Makes every replica hold off `channel` for `retry_after` (after a 429).
     pub async fn pause(
         &self,
@@ -190,9 +332,14 @@ impl RateLimiter {
         channel: &str,
         retry_after: Duration,
     ) -> Result<(), redis::RedisError> {
+        self.pause_key(self.key(workspace, Some(channel), "pause"), retry_after)
+            .await
+    }
+
+    async fn pause_key(&self, key: String, retry_after: Duration) -> Result<(), redis::RedisError> {
         let mut redis = self.redis.clone();
         self.pause
-            .key(self.key(workspace, Some(channel), "pause"))
+            .key(key)
             .arg(
                 u64::try_from(retry_after.as_millis())
                     .unwrap_or(u64::MAX)

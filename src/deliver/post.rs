@@ -537,15 +537,26 @@ impl Deliverer {
         }
     }
 
+    /// One call of a tiered method (`conversations.join`, `.open`, `.history`,
+    /// `users.lookupByEmail`) within the workspace's shared budget for it.
+    pub(super) async fn call_within_tier(
+        &self,
+        token: &WorkspaceToken,
+        method: &'static str,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
+        self.limiter
+            .call_within_tier(&token.workspace, method, self.max_rate_limit_wait, || {
+                self.slack
+                    .call_leaving_rate_limits(method, Some(&token.access_token), body)
+            })
+            .await
+    }
+
     /// `conversations.join` for a public channel id.
     async fn join(&self, channel: &str, token: &WorkspaceToken) -> Result<(), SlackError> {
         let body = serde_json::json!({ "channel": channel });
-        self.slack
-            .call(
-                "conversations.join",
-                Some(&token.access_token),
-                &Body::Json(&body),
-            )
+        self.call_within_tier(token, "conversations.join", &Body::Json(&body))
             .await?;
         info!(channel, "joined the channel to post in it");
         Ok(())
@@ -606,12 +617,7 @@ impl Deliverer {
             Destination::User(user) => {
                 let body = serde_json::json!({ "users": user });
                 match self
-                    .slack
-                    .call(
-                        "conversations.open",
-                        Some(&token.access_token),
-                        &Body::Json(&body),
-                    )
+                    .call_within_tier(token, "conversations.open", &Body::Json(&body))
                     .await
                 {
                     Ok(reply) => match reply.pointer("/channel/id").and_then(Value::as_str) {
@@ -635,12 +641,7 @@ impl Deliverer {
             ("limit", "100"),
         ];
         let reply = match self
-            .slack
-            .call(
-                "conversations.history",
-                Some(&token.access_token),
-                &Body::Form(&form),
-            )
+            .call_within_tier(token, "conversations.history", &Body::Form(&form))
             .await
         {
             Ok(reply) => reply,

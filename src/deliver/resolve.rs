@@ -329,10 +329,9 @@ impl Deliverer {
             None => {}
         }
         let reply = match self
-            .slack
-            .call(
+            .call_within_tier(
+                token,
                 "users.lookupByEmail",
-                Some(&token.access_token),
                 &Body::Form(&[("email", email)]),
             )
             .await

@@ -6,8 +6,10 @@
 //! slot, in no order, while other channels idled. Here a delivery that
 //! cannot post at once joins its channel's queue, and one task per busy
 //! channel takes slots from Redis, only while it has someone to give them
-//! to, and hands each to the most severe, then oldest, waiter. Redis stays
-//! the authority, so replicas together still never exceed the limit.
+//! to, and hands each to the most severe, then oldest, waiter. In process a
+//! keyed `governor` limiter paces each channel, so a replica alone never asks
+//! Redis for a slot it knows is not free yet; Redis stays the authority, so
+//! replicas together still never exceed the limit.
 //!
 //! A delivery never waits longer than `slack.max_rate_limit_wait` here: one
 //! whose expected wait (the waiters ahead of it times the channel's
@@ -17,10 +19,12 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use governor::Quota;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::warn;
@@ -94,8 +98,15 @@ struct ChannelQueue {
     driven: bool,
 }
 
+/// This process's pace per channel; keys of idle channels are dropped.
+type LocalPacer = governor::DefaultKeyedRateLimiter<ChannelKey>;
+
+/// Idle channels' pacing state is dropped once the pacer holds this many.
+const PACER_KEYS_KEPT: usize = 1024;
+
 struct Inner {
     limiter: RateLimiter,
+    pacer: LocalPacer,
     /// Only channels with waiters (or a task about to notice it has none).
     queues: Mutex<HashMap<ChannelKey, ChannelQueue>>,
     next_seq: AtomicU64,
@@ -109,8 +120,14 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(limiter: RateLimiter) -> Scheduler {
+        let burst = NonZeroU32::new(limiter.channel_burst()).unwrap_or(NonZeroU32::MIN);
+        // The channel bucket's own pace; Redis shapes the burst further.
+        let quota = Quota::with_period(limiter.channel_interval())
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
         Scheduler {
             inner: Arc::new(Inner {
+                pacer: governor::RateLimiter::keyed(quota),
                 limiter,
                 queues: Mutex::new(HashMap::new()),
                 next_seq: AtomicU64::new(0),
@@ -203,18 +220,25 @@ async fn drive(inner: Arc<Inner>, key: ChannelKey) {
             }
             if queue.waiters.is_empty() {
                 queues.remove(&key);
+                drop(queues);
+                if inner.pacer.len() > PACER_KEYS_KEPT {
+                    inner.pacer.retain_recent();
+                    inner.pacer.shrink_to_fit();
+                }
                 return;
             }
         }
-        match inner.limiter.try_acquire(workspace, channel).await {
-            Ok(None) => {}
-            Ok(Some(wait)) => {
-                tokio::time::sleep_until(Instant::now() + wait).await;
-                continue;
-            }
-            Err(e) => {
-                // Slack's own 429 still protects the channel; do not stall on Redis.
-                warn!(error = %e, "cannot check the shared rate limit; posting anyway");
+        inner.pacer.until_key_ready(&key).await;
+        // Other replicas take slots too: Redis decides.
+        loop {
+            match inner.limiter.try_acquire(workspace, channel).await {
+                Ok(None) => break,
+                Ok(Some(wait)) => tokio::time::sleep_until(Instant::now() + wait).await,
+                Err(e) => {
+                    // Slack's own 429 still protects the channel; do not stall on Redis.
+                    warn!(error = %e, "cannot check the shared rate limit; posting anyway");
+                    break;
+                }
             }
         }
         // A slot is ours: give it to the best waiter still there.

@@ -25,6 +25,7 @@ use serde_json::Value;
 
 use super::client::{Body, SlackClient, SlackError, SlackFailure};
 use super::tokens::WorkspaceToken;
+use crate::deliver::limit::RateLimiter;
 
 /// Never list a workspace twice within this: a name a fresh listing lacks
 /// does not exist (for us), and Tier 2 allows about 20 listings a minute.
@@ -44,6 +45,9 @@ const LIST_WAIT: Duration = Duration::from_secs(15);
 const NO_SCOPE_BACKOFF: Duration = Duration::from_secs(300);
 /// Marks a listing without private channels (no `groups:read`).
 const PUBLIC_ONLY: &str = "public_only";
+/// Longest wait for one page's slot in the workspace's Tier 2 budget; well
+/// under [`LIST_WAIT`], so replicas waiting for this listing do not give up.
+const PAGE_WAIT: Duration = Duration::from_secs(10);
 /// Largest page Slack serves.
 const PAGE_LIMIT: &str = "1000";
 /// How long the in-process cache answers without asking Redis.
@@ -122,6 +126,8 @@ pub struct ChannelDirectory {
     redis: ConnectionManager,
     key_prefix: String,
     slack: SlackClient,
+    /// `conversations.list` is Tier 2: about 20 pages a minute per workspace.
+    limiter: RateLimiter,
     /// How long a listing counts as fresh.
     fresh_for: Duration,
     /// One listing per workspace per process at a time.
@@ -163,6 +169,7 @@ impl ChannelDirectory {
         redis: ConnectionManager,
         key_prefix: &str,
         slack: SlackClient,
+        limiter: RateLimiter,
         fresh_for: Duration,
         capacity: u64,
     ) -> ChannelDirectory {
@@ -170,6 +177,7 @@ impl ChannelDirectory {
             redis,
             key_prefix: key_prefix.to_string(),
             slack,
+            limiter,
             fresh_for,
             listing: Mutex::new(HashMap::new()),
             local: Cache::builder()
@@ -414,13 +422,16 @@ impl ChannelDirectory {
             if !cursor.is_empty() {
                 form.push(("cursor", cursor.as_str()));
             }
+            let body = Body::Form(&form);
             let page = self
-                .slack
-                .call(
-                    "conversations.list",
-                    Some(&token.access_token),
-                    &Body::Form(&form),
-                )
+                .limiter
+                .call_within_tier(&token.workspace, "conversations.list", PAGE_WAIT, || {
+                    self.slack.call_leaving_rate_limits(
+                        "conversations.list",
+                        Some(&token.access_token),
+                        &body,
+                    )
+                })
                 .await?;
             for channel in page
                 .get("channels")

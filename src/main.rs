@@ -191,7 +191,21 @@ fn bad_input(error: anyhow::Error) -> Failure {
     Failure { code: 2, error }
 }
 
+/// Opts this process out of transparent huge pages. On kernels with THP set
+/// to `always`, the allocator's arenas are backed by 2 MiB pages as soon as
+/// one byte of each is touched: an idle worker then holds 48 MB instead of 34.
+/// The worker's heap is small and its hot data fits the TLB either way.
+fn keep_memory_in_small_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes one integer argument and changes only
+    // how this process's future page faults are served.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_memory_in_small_pages();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

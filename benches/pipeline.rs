@@ -1,14 +1,21 @@
 //! End-to-end throughput and latency of alert-router on the real RabbitMQ and Redis.
 //!
+//! Two modes: the unlimited one (the default), the pipeline against the bare
+//! broker loop with Slack's rate limits lifted; and the rate-limited one
+//! (`--rate-limited`, below), draining a burst under Slack's limits.
+//!
+//! # Unlimited mode
+//!
 //! ```text
 //! cargo bench --bench pipeline [-- --events N --rounds R --rate R --seconds S --channels K --prefetch P --log]
 //! ```
 //!
-//! (or `BENCH_EVENTS`, `BENCH_RATE`, `BENCH_SECONDS`, `BENCH_CHANNELS`,
-//! `BENCH_PREFETCH`, `BENCH_ROUNDS`, `BENCH_LOG=1`). Phases 1 and 2 take
-//! turns for R rounds (default 5); the verdict is the median of the rounds'
-//! worker/baseline ratios, so a slow spell of a shared machine, which hits
-//! one round, does not decide the comparison.
+//! (or `BENCH_EVENTS` (default 20,000), `BENCH_RATE`, `BENCH_SECONDS`,
+//! `BENCH_CHANNELS` (default 1), `BENCH_PREFETCH`, `BENCH_ROUNDS`,
+//! `BENCH_LOG=1`). Phases 1 and 2 take turns for R rounds (default 5); the
+//! verdict is the median of the rounds' worker/baseline ratios, so a slow
+//! spell of a shared machine, which hits one round, does not decide the
+//! comparison.
 //! One run measures, side by side on the same broker:
 //!
 //! 1. **baseline**: a bare lapin loop on a fresh quorum work queue (a whole
@@ -33,6 +40,40 @@
 //! `BENCH_IDLE_SECS` (default 0.5) is the pause before phase 3;
 //! `BENCH_LATENCY_DUMP=FILE` writes `index latency_ms` per event of phase 3.
 //!
+//! # Rate-limited mode
+//!
+//! ```text
+//! cargo bench --bench pipeline -- --rate-limited [--events N --channels K --workspaces W --workers 1,3 --prefetch P --worker-logs DIR]
+//! ```
+//!
+//! (or `BENCH_RATE_LIMITED=1`, `BENCH_EVENTS`, `BENCH_CHANNELS`,
+//! `BENCH_WORKSPACES`, `BENCH_WORKERS`, `BENCH_PREFETCH`, `BENCH_WORKER_LOGS`).
+//! The test suite's full fake Slack enforces Slack's limit per channel, one
+//! post a second after a burst of three, and answers HTTP 429 with
+//! `Retry-After` beyond it; the limit per workspace is raised to 6,000 a
+//! minute (burst 100) in the fake and in the worker's settings alike, and the
+//! worker's channel limit stays at its defaults (1 a second, burst 3), as do
+//! its delay queues for deferred events (5 s, 30 s, …). N
+//! events (default 1,500) go to K channels (default 120; event i to channel
+//! i mod K, by the same rules as above) in W workspaces (default 3; channel
+//! k in workspace k mod W, each with its own token record in Redis). For
+//! each entry of `--workers` (default 1 and 3), in a namespace and a fake of
+//! its own, that many release `alert-router run` processes start and
+//! consume, then all N events are published at once (confirms awaited after
+//! the last publish). Each run reports:
+//!
+//! - **drain**: the first publish → the last event's post;
+//! - **ideal**: the busiest channel's (M − 3) / 1 s, what Slack's limit
+//!   allows at best (the target is a drain within 1.2× of it);
+//! - events/s (events posted / drain), publish → post latency p50 and p99 per event;
+//! - the fake's 429s (the target is none), and the broker deferrals ("rate
+//!   limited; deferred") and 429s ("slack rate-limited the channel") counted
+//!   in the workers' info logs (JSON; kept in `--worker-logs DIR`, else
+//!   deleted);
+//! - events posted, posts in all (a duplicate shows), the events each worker
+//!   delivered, the slowest channel, what is left in the work queue and the
+//!   dead-letter queue.
+//!
 //! Everything it creates (exchanges, queues, Redis keys) is deleted at the end.
 
 // The same allocator as the alert-router binary, so the worker runs here as it does in production.
@@ -54,9 +95,9 @@ mod worker_process;
 use std::time::{Duration, Instant};
 
 use alert_router::broker::{self, Topology};
-use alert_router::config::{LogFormat, Settings};
+use alert_router::config::{DeliverySettings, LogFormat, Settings, SlackSettings};
 use anyhow::{Context as _, bail};
-use fake_slack::{ChannelSpec, FakeSlack};
+use fake_slack::{ChannelSpec, FakeSlack, RecordedPost};
 use fast_slack::FastSlack;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -79,6 +120,14 @@ struct Options {
     /// Baseline and end-to-end runs, taking turns; the medians are reported.
     rounds: usize,
     log: bool,
+    /// The rate-limited mode instead of the unlimited one.
+    rate_limited: bool,
+    /// Rate-limited mode: workspaces the channels are spread over.
+    workspaces: usize,
+    /// Rate-limited mode: one run per entry, with that many worker processes.
+    workers: Vec<usize>,
+    /// Rate-limited mode: keep the workers' info logs in this directory.
+    worker_logs: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -86,14 +135,31 @@ impl Options {
         fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
             std::env::var(name).ok().and_then(|v| v.parse().ok())
         }
+        fn list(value: &str) -> anyhow::Result<Vec<usize>> {
+            value
+                .split(',')
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .with_context(|| format!("bad number {v:?}"))
+                })
+                .collect()
+        }
+        // The two modes have their own defaults for these.
+        let mut events: Option<usize> = env("BENCH_EVENTS");
+        let mut channels: Option<usize> = env("BENCH_CHANNELS");
         let mut options = Options {
-            events: env("BENCH_EVENTS").unwrap_or(20_000),
+            events: 0,
             rate: env("BENCH_RATE").unwrap_or(1_000.0),
             seconds: env("BENCH_SECONDS").unwrap_or(5.0),
-            channels: env("BENCH_CHANNELS").unwrap_or(1),
+            channels: 0,
             prefetch: env("BENCH_PREFETCH"),
             rounds: env("BENCH_ROUNDS").unwrap_or(5),
             log: std::env::var("BENCH_LOG").is_ok_and(|v| v == "1"),
+            rate_limited: std::env::var("BENCH_RATE_LIMITED").is_ok_and(|v| v == "1"),
+            workspaces: env("BENCH_WORKSPACES").unwrap_or(3),
+            workers: list(&std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "1,3".into()))?,
+            worker_logs: std::env::var_os("BENCH_WORKER_LOGS").map(Into::into),
         };
         // `cargo bench` passes `--bench`; anything unknown is ignored likewise.
         let mut args = std::env::args().skip(1);
@@ -109,22 +175,36 @@ impl Options {
                     .with_context(|| format!("{name} needs a value"))
             };
             match name.as_str() {
-                "--events" => options.events = value()?.parse()?,
+                "--events" => events = Some(value()?.parse()?),
                 "--rate" => options.rate = value()?.parse()?,
                 "--seconds" => options.seconds = value()?.parse()?,
-                "--channels" => options.channels = value()?.parse()?,
+                "--channels" => channels = Some(value()?.parse()?),
                 "--prefetch" => options.prefetch = Some(value()?.parse()?),
                 "--rounds" => options.rounds = value()?.parse()?,
                 "--log" => options.log = true,
+                "--rate-limited" => options.rate_limited = true,
+                "--workspaces" => options.workspaces = value()?.parse()?,
+                "--workers" => options.workers = list(&value()?)?,
+                "--worker-logs" => options.worker_logs = Some(value()?.into()),
                 _ => {}
             }
         }
+        (options.events, options.channels) = if options.rate_limited {
+            (events.unwrap_or(1_500), channels.unwrap_or(120))
+        } else {
+            (events.unwrap_or(20_000), channels.unwrap_or(1))
+        };
         if options.events == 0
             || options.channels == 0
             || options.rate <= 0.0
             || options.rounds == 0
+            || options.workspaces == 0
+            || options.workers.is_empty()
+            || options.workers.contains(&0)
         {
-            bail!("--events, --channels, --rate and --rounds must be positive");
+            bail!(
+                "--events, --channels, --rate, --rounds, --workspaces and --workers must be positive"
+            );
         }
         Ok(options)
     }
@@ -175,6 +255,19 @@ impl Namespace {
 
     fn topology(&self) -> Topology {
         Topology::from_settings(&self.settings.amqp, &self.settings.delivery.retry_delays)
+    }
+
+    /// `count` workspaces with their bot tokens: the namespace's own, then others like it.
+    fn workspaces(&self, count: usize) -> Vec<(String, String)> {
+        (0..count)
+            .map(|w| match w {
+                0 => (self.workspace.clone(), self.token.clone()),
+                _ => (
+                    format!("{}W{w}", self.workspace),
+                    format!("{}-w{w}", self.token),
+                ),
+            })
+            .collect()
     }
 }
 
@@ -267,9 +360,11 @@ async fn baseline(
     })
 }
 
-/// A fake Slack with the namespace's token and the bench channels, no rate limits.
-fn prepare_slack(slack: &FakeSlack, ns: &Namespace, channels: usize) {
-    slack.add_bot_token(&ns.token, &ns.workspace, "U0BOT");
+/// A fake Slack with the workspaces' tokens and the bench channels.
+fn prepare_slack(slack: &FakeSlack, workspaces: &[(String, String)], channels: usize) {
+    for (workspace, token) in workspaces {
+        slack.add_bot_token(token, workspace, "U0BOT");
+    }
     for k in 0..channels {
         slack.add_channel(
             &format!("{CHANNEL_PREFIX}{k}"),
@@ -279,16 +374,15 @@ fn prepare_slack(slack: &FakeSlack, ns: &Namespace, channels: usize) {
     }
 }
 
+/// The token record of `workspace` in the namespace's Redis keys.
 async fn store_token(
     redis: &mut redis::aio::MultiplexedConnection,
     ns: &Namespace,
+    (workspace, token): (&str, &str),
 ) -> anyhow::Result<()> {
-    let record = json!({"access_token": ns.token, "refresh_token": null, "expires_at": null,
-                        "team_id": ns.workspace, "bot_user_id": "U0BOT"});
-    let key = format!(
-        "{}:slack:token:{}",
-        ns.settings.redis.key_prefix, ns.workspace
-    );
+    let record = json!({"access_token": token, "refresh_token": null, "expires_at": null,
+                        "team_id": workspace, "bot_user_id": "U0BOT"});
+    let key = format!("{}:slack:token:{workspace}", ns.settings.redis.key_prefix);
     let _: () = redis::cmd("SET")
         .arg(key)
         .arg(record.to_string())
@@ -312,7 +406,14 @@ impl Worker {
         } else {
             std::process::Stdio::null()
         };
-        let child = worker_process::command(settings, log).spawn()?;
+        Worker::spawn_logging_to(settings, log)
+    }
+
+    fn spawn_logging_to(
+        settings: &Settings,
+        log: impl Into<std::process::Stdio>,
+    ) -> anyhow::Result<Worker> {
+        let child = worker_process::command(settings, log.into()).spawn()?;
         let pid = child.id().context("the worker exited at once")?;
         Ok(Worker { child, pid })
     }
@@ -603,25 +704,35 @@ impl SlackUnderTest<'_> {
                     .wait_for_posts(n, timeout)
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.lines().next().unwrap_or_default()))?;
-                Ok(posts
-                    .iter()
-                    .map(|post| {
-                        let id = post
-                            .metadata
-                            .as_ref()
-                            .and_then(|m| m.pointer("/event_payload/event_id"))
-                            .and_then(serde_json::Value::as_str)
-                            .unwrap_or_default();
-                        (post.received_at, id.to_string())
-                    })
-                    .collect())
+                Ok(arrivals(&posts))
             }
         }
     }
 }
 
+/// Each post's arrival time and event id (from its metadata), as the full fake recorded them.
+fn arrivals(posts: &[RecordedPost]) -> Vec<(Instant, String)> {
+    posts
+        .iter()
+        .map(|post| {
+            let id = post
+                .metadata
+                .as_ref()
+                .and_then(|m| m.pointer("/event_payload/event_id"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default();
+            (post.received_at, id.to_string())
+        })
+        .collect()
+}
+
 /// Messages ready in a queue (not counting unacked ones).
 async fn ready_count(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
+    Ok(queue_state(connection, queue).await?.message_count())
+}
+
+/// A queue's ready messages and consumers, by a passive declare.
+async fn queue_state(connection: &Connection, queue: &str) -> anyhow::Result<lapin::Queue> {
     let channel = connection.create_channel().await?;
     let q = channel
         .queue_declare(
@@ -634,7 +745,7 @@ async fn ready_count(connection: &Connection, queue: &str) -> anyhow::Result<u32
         )
         .await?;
     let _ = channel.close(200, "".into()).await;
-    Ok(q.message_count())
+    Ok(q)
 }
 
 fn loadavg() -> String {
@@ -658,6 +769,9 @@ fn verdict(ok: bool) -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse()?;
+    if options.rate_limited {
+        return rate_limited(&options).await;
+    }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_before = loadavg();
 
@@ -678,7 +792,7 @@ async fn main() -> anyhow::Result<()> {
             (LogFormat::Text, "warn".into())
         };
     }
-    prepare_slack(&full, &full_ns, options.channels);
+    prepare_slack(&full, &full_ns.workspaces(1), options.channels);
 
     let amqp_url = base.settings.amqp.url.expose().to_string();
     let connection = broker::connect(&amqp_url, "alert-router bench").await?;
@@ -993,10 +1107,321 @@ async fn prepare_queue(
     ns: &Namespace,
     bodies: &[Vec<u8>],
 ) -> anyhow::Result<Duration> {
-    store_token(redis, ns).await?;
+    store_token(redis, ns, (&ns.workspace, &ns.token)).await?;
     let channel = confirm_channel(connection).await?;
     ns.topology().declare(&channel).await?;
     let took = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
     let _ = channel.close(200, "".into()).await;
     Ok(took)
+}
+
+// ---------------------------------------------------------------------------
+// Rate-limited mode
+// ---------------------------------------------------------------------------
+
+/// Slack's limit per channel, as the rate-limited mode's fake enforces it:
+/// one post a second…
+const SLACK_CHANNEL_RATE: f64 = 1.0;
+/// …after a burst of three.
+const SLACK_CHANNEL_BURST: u32 = 3;
+/// The limit per workspace, raised in the fake and in the worker's settings
+/// alike, so that the channels' limit is the one that counts.
+const WORKSPACE_RATE_PER_MINUTE: u32 = 6_000;
+const WORKSPACE_BURST: u32 = 100;
+/// The issue's target: drained within this multiple of the ideal, without a 429.
+const DRAIN_TARGET: f64 = 1.2;
+
+/// One run of the rate-limited mode.
+struct RateRun {
+    workers: usize,
+    /// First publish → the last event's (first) post.
+    drain: Duration,
+    /// The busiest channel's (M − burst) / rate.
+    ideal: Duration,
+    /// Publish → first post, per event posted.
+    latency: Latency,
+    /// Distinct events posted, and posts in all.
+    posted: usize,
+    posts: usize,
+    /// HTTP 429 answers of the fake, and on how many channels.
+    too_many_requests: usize,
+    channels_429: usize,
+    /// Lines of the workers' info logs: broker deferrals ("rate limited;
+    /// deferred") and the 429s they got ("slack rate-limited the channel").
+    deferrals: usize,
+    logged_429s: usize,
+    /// "delivered" lines of each worker's log.
+    delivered: Vec<usize>,
+    /// The channel whose last post came last, and when (after the first publish).
+    slowest: (String, Duration),
+    left_ready: u32,
+    dead: u32,
+}
+
+impl RateRun {
+    fn ratio(&self) -> f64 {
+        self.drain.as_secs_f64() / self.ideal.as_secs_f64()
+    }
+
+    fn met(&self, events: usize) -> bool {
+        self.ratio() <= DRAIN_TARGET
+            && self.too_many_requests == 0
+            && self.posted == events
+            && self.posts == events
+    }
+}
+
+/// `--rate-limited`: N events over K channels published at once, against the
+/// full fake with Slack's limits; one run per entry of `--workers`.
+async fn rate_limited(options: &Options) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_before = loadavg();
+    let defaults = Settings::default();
+    let connection = broker::connect(defaults.amqp.url.expose(), "alert-router bench").await?;
+    let mut redis = redis::Client::open(defaults.redis.url.expose())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let rules = rules(options.channels);
+    let mut runs = Vec::new();
+    for &workers in &options.workers {
+        eprintln!(
+            "[bench] rate-limited: {} events over {} channels in {} workspaces, {workers} worker(s)",
+            options.events, options.channels, options.workspaces
+        );
+        runs.push(rate_limited_run(options, &connection, &mut redis, &rules, workers).await?);
+    }
+    let _ = connection.close(200, "".into()).await;
+
+    let n = options.events;
+    println!();
+    println!(
+        "alert-router rate-limited bench: {n} events over {} channels in {} workspaces, published at once; prefetch {}",
+        options.channels,
+        options.workspaces,
+        options.prefetch.unwrap_or(defaults.amqp.prefetch)
+    );
+    println!(
+        "fake Slack: {SLACK_CHANNEL_RATE}/s per channel, burst {SLACK_CHANNEL_BURST}, HTTP 429 with Retry-After beyond; \
+         {WORKSPACE_RATE_PER_MINUTE}/min per workspace, burst {WORKSPACE_BURST} (the worker's settings too)"
+    );
+    println!(
+        "machine: {cpus} CPUs; load average {load_before} (start), {} (end)",
+        loadavg()
+    );
+    println!();
+    println!(
+        "| workers | drain s | ideal s | drain/ideal | events/s | p50 s | p99 s | 429s | deferrals | target <= {DRAIN_TARGET}x, no 429 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for run in &runs {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+            run.workers,
+            run.drain.as_secs_f64(),
+            run.ideal.as_secs_f64(),
+            run.ratio(),
+            rate(run.posted, run.drain),
+            run.latency.percentile(50.0).as_secs_f64(),
+            run.latency.percentile(99.0).as_secs_f64(),
+            run.too_many_requests,
+            run.deferrals,
+            verdict(run.met(n))
+        );
+    }
+    println!();
+    for run in &runs {
+        println!(
+            "{} worker(s): published in {}; {} of {n} events posted, {} posts in all; delivered per worker {}; \
+             429s on {} channel(s), {} in the workers' logs; slowest channel {} (last post at {:.2} s); \
+             {} left ready in the work queue, {} dead-lettered",
+            run.workers,
+            ms(run.latency.publish_span),
+            run.posted,
+            run.posts,
+            run.delivered
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
+            run.channels_429,
+            run.logged_429s,
+            run.slowest.0,
+            run.slowest.1.as_secs_f64(),
+            run.left_ready,
+            run.dead
+        );
+    }
+    Ok(())
+}
+
+/// One run with `workers` worker processes, in a namespace and a fake Slack of its own.
+async fn rate_limited_run(
+    options: &Options,
+    connection: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+    rules: &str,
+    workers: usize,
+) -> anyhow::Result<RateRun> {
+    let slack = FakeSlack::start().await;
+    slack.set_channel_rate_limit(SLACK_CHANNEL_RATE, SLACK_CHANNEL_BURST);
+    slack.set_workspace_rate_limit(f64::from(WORKSPACE_RATE_PER_MINUTE) / 60.0, WORKSPACE_BURST);
+    let mut ns = Namespace::new(&format!("rate{workers}"), rules, &slack.api_url())?;
+    let settings = &mut ns.settings;
+    // The worker's channel limit at its defaults (Slack's); the workspace's raised as in the fake.
+    let slack_defaults = SlackSettings::default();
+    settings.slack.channel_rate_per_second = slack_defaults.channel_rate_per_second;
+    settings.slack.channel_burst = slack_defaults.channel_burst;
+    settings.slack.workspace_rate_per_minute = WORKSPACE_RATE_PER_MINUTE;
+    settings.slack.workspace_burst = WORKSPACE_BURST;
+    // A deferred event waits in the delay queues a deployment has.
+    settings.delivery.retry_delays = DeliverySettings::default().retry_delays;
+    if let Some(prefetch) = options.prefetch {
+        settings.amqp.prefetch = prefetch;
+    }
+    // Info lines, to count the deferrals.
+    (settings.log.format, settings.log.level) = (LogFormat::Json, "info".into());
+
+    let result = rate_limited_measure(options, connection, redis, &slack, &ns, workers).await;
+    let cleaned = namespace::delete(connection, redis, &ns.settings).await;
+    slack.shutdown();
+    let run = result?;
+    cleaned.context("cleanup")?;
+    Ok(run)
+}
+
+async fn rate_limited_measure(
+    options: &Options,
+    connection: &Connection,
+    redis: &mut redis::aio::MultiplexedConnection,
+    slack: &FakeSlack,
+    ns: &Namespace,
+    workers: usize,
+) -> anyhow::Result<RateRun> {
+    let (n, channels) = (options.events, options.channels);
+    // Channel k is in workspace k mod W; event i goes to channel i mod K.
+    let workspaces = ns.workspaces(options.workspaces);
+    prepare_slack(slack, &workspaces, channels);
+    for (workspace, token) in &workspaces {
+        store_token(redis, ns, (workspace, token)).await?;
+    }
+    let channel = confirm_channel(connection).await?;
+    ns.topology().declare(&channel).await?;
+
+    let temp_logs = tempfile::tempdir()?;
+    let log_dir = options.worker_logs.as_deref().unwrap_or(temp_logs.path());
+    std::fs::create_dir_all(log_dir)?;
+    let logs: Vec<std::path::PathBuf> = (1..=workers)
+        .map(|k| log_dir.join(format!("{}-worker{k}.log", ns.settings.redis.key_prefix)))
+        .collect();
+    let mut running = Vec::new();
+    for path in &logs {
+        running.push(Worker::spawn_logging_to(
+            &ns.settings,
+            std::fs::File::create(path)?,
+        )?);
+    }
+    // Every worker consumes before the first publish.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_state(connection, &ns.settings.amqp.queue)
+        .await?
+        .consumer_count()
+        < workers as u32
+    {
+        if Instant::now() > deadline {
+            bail!("{workers} worker(s) not consuming after 30 s (their logs: --worker-logs)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let workspace = &workspaces[i % channels % workspaces.len()].0;
+            event_body(&format!("rl-{i}"), workspace, i, channels)
+        })
+        .collect();
+    let busiest = (0..channels)
+        .map(|k| (k..n).step_by(channels).count())
+        .max()
+        .unwrap_or(0);
+    let ideal = Duration::from_secs_f64(
+        busiest.saturating_sub(SLACK_CHANNEL_BURST as usize) as f64 / SLACK_CHANNEL_RATE,
+    );
+    let (sent_at, publish_span) =
+        paced_publish(&channel, &ns.settings.amqp.exchange, &bodies, f64::INFINITY).await?;
+    let _ = channel.close(200, "".into()).await;
+    let timeout = ideal * 3 + Duration::from_secs(60);
+    if let Err(e) = slack.wait_for_posts(n, timeout).await {
+        // Report what did arrive.
+        eprintln!("[bench] {}", e.lines().next().unwrap_or_default());
+    }
+    for worker in running {
+        worker.stop().await?;
+    }
+
+    let posts = slack.posts();
+    let started = sent_at.first().copied().context("nothing published")?;
+    // Each event's first post.
+    let mut first_posts: std::collections::HashMap<usize, Instant> = Default::default();
+    for (at, id) in arrivals(&posts) {
+        if let Some(i) = id.strip_prefix("rl-").and_then(|i| i.parse().ok()) {
+            let first = first_posts.entry(i).or_insert(at);
+            *first = (*first).min(at);
+        }
+    }
+    let drain = first_posts
+        .values()
+        .max()
+        .map_or(Duration::ZERO, |last| last.duration_since(started));
+    let mut samples: Vec<Duration> = first_posts
+        .iter()
+        .filter_map(|(i, at)| Some(at.saturating_duration_since(*sent_at.get(*i)?)))
+        .collect();
+    samples.sort();
+    let mut last_by_channel: std::collections::HashMap<&str, Instant> = Default::default();
+    for post in &posts {
+        let last = last_by_channel
+            .entry(&post.channel_id)
+            .or_insert(post.received_at);
+        *last = (*last).max(post.received_at);
+    }
+    let slowest = last_by_channel
+        .iter()
+        .max_by_key(|(_, at)| **at)
+        .map(|(c, at)| (c.to_string(), at.duration_since(started)))
+        .unwrap_or_default();
+    let refused: std::collections::HashSet<String> = slack
+        .requests_for("chat.postMessage")
+        .iter()
+        .filter(|r| r.status == Some(429))
+        .map(|r| r.params["channel"].to_string())
+        .collect();
+    // Per worker: its log's lines with this message.
+    let count_lines = |message: &str| -> anyhow::Result<Vec<usize>> {
+        let needle = format!("\"message\":\"{message}\"");
+        logs.iter()
+            .map(|path| Ok(std::fs::read_to_string(path)?.matches(&needle).count()))
+            .collect()
+    };
+    Ok(RateRun {
+        workers,
+        drain,
+        ideal,
+        latency: Latency {
+            sent: n,
+            publish_span,
+            samples,
+        },
+        posted: first_posts.len(),
+        posts: posts.len(),
+        too_many_requests: slack.rate_limited_count(),
+        channels_429: refused.len(),
+        deferrals: count_lines("rate limited; deferred")?.iter().sum(),
+        logged_429s: count_lines("slack rate-limited the channel; pausing it for every replica")?
+            .iter()
+            .sum(),
+        delivered: count_lines("delivered")?,
+        slowest,
+        left_ready: ready_count(connection, &ns.settings.amqp.queue).await?,
+        dead: ready_count(connection, &ns.settings.amqp.dead_letter_queue).await?,
+    })
 }

@@ -138,14 +138,17 @@ impl Settler {
                 })
             }
             Outcome::Defer { wait, detail } => {
-                // The shortest delay queue that covers the wait (else the longest there is).
+                // The longest delay queue within the wait (else the shortest):
+                // back a little early, an event waits its remaining time or
+                // is deferred again; back late, its channel may sit idle (a
+                // 16 s wait would otherwise take the 30 s queue).
                 let Some(queue) = self
                     .topology
                     .retry_queues
                     .iter()
-                    .filter(|q| q.delay >= wait)
-                    .min_by_key(|q| q.delay)
-                    .or_else(|| self.topology.retry_queues.iter().max_by_key(|q| q.delay))
+                    .filter(|q| q.delay <= wait)
+                    .max_by_key(|q| q.delay)
+                    .or_else(|| self.topology.retry_queues.iter().min_by_key(|q| q.delay))
                 else {
                     // Settings require at least one delay queue; without one, let the broker redeliver.
                     self.acks.nack(delivery, true);

@@ -343,7 +343,7 @@ async fn consume_on(
         )
         .await?;
     let mut watch = Watch::start(&[("consume", consuming), ("publish", publishing)]);
-    let acks = Acks::start(channel.clone());
+    let acks = Acks::start(channel.clone(), settings.amqp.prefetch);
     let publishing_channel = publisher.channel().clone();
     let publishing_status = publishing.status().clone();
     let settler = Settler::new(publisher, topology.clone(), acks.clone());

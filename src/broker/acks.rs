@@ -43,10 +43,12 @@ pub struct Acks {
 }
 
 impl Acks {
-    /// Starts the task for `channel`, a new channel (its first delivery tag is 1).
-    pub fn start(channel: Channel) -> Acks {
+    /// Starts the task for `channel`, a new channel (its first delivery tag
+    /// is 1) consumed with `prefetch`: a quarter of the window settled in
+    /// order goes out as one ack at once, less within [`HOLD`].
+    pub fn start(channel: Channel, prefetch: u16) -> Acks {
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, receiver));
+        tokio::spawn(run(channel, receiver, usize::from(prefetch / 4)));
         Acks { commands }
     }
 
@@ -87,6 +89,10 @@ struct Ledger {
     unsettled_below: BTreeSet<u64>,
     /// Acks not sent yet, with when they were queued.
     ready: BTreeMap<u64, Instant>,
+    /// A settled prefix this long goes out at once; a shorter one waits up
+    /// to [`HOLD`] for more. Acked one by one as they finish, the deliveries
+    /// of a quorum queue cost the broker a Raft command and a refill each.
+    batch: usize,
 }
 
 /// One frame to send.
@@ -98,11 +104,12 @@ enum Send {
 }
 
 impl Ledger {
-    fn new() -> Ledger {
+    fn new(batch: usize) -> Ledger {
         Ledger {
             highest_settled: 0,
             unsettled_below: BTreeSet::new(),
             ready: BTreeMap::new(),
+            batch: batch.max(1),
         }
     }
 
@@ -128,14 +135,25 @@ impl Ledger {
         }
     }
 
-    /// The acks due now: one `multiple` ack for the settled prefix, single
-    /// acks for those held since `held_since` or earlier (all when `None`).
+    /// The acks due now: one `multiple` ack for the settled prefix once it
+    /// is `batch` long or held since `held_since`, single acks for those
+    /// past an unfinished delivery held since `held_since` or earlier (all
+    /// when `None`).
     fn due(&mut self, held_since: Option<Instant>) -> Vec<Send> {
         let mut due = Vec::new();
         let above = self.ready.split_off(&self.next_unsettled());
         let below = std::mem::replace(&mut self.ready, above);
-        if let Some((&tag, _)) = below.last_key_value() {
-            due.push(Send::Multiple(tag));
+        let prefix_due = below.len() >= self.batch
+            || match held_since {
+                None => true,
+                Some(limit) => below.values().any(|at| *at <= limit),
+            };
+        if prefix_due {
+            if let Some((&tag, _)) = below.last_key_value() {
+                due.push(Send::Multiple(tag));
+            }
+        } else {
+            self.ready.extend(below);
         }
         self.ready.retain(|&tag, at| {
             let held_long_enough = held_since.is_none_or(|limit| *at <= limit);
@@ -153,8 +171,8 @@ impl Ledger {
     }
 }
 
-async fn run(channel: Channel, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut ledger = Ledger::new();
+async fn run(channel: Channel, mut commands: mpsc::UnboundedReceiver<Command>, batch: usize) {
+    let mut ledger = Ledger::new(batch);
     let mut batch = Vec::with_capacity(256);
     loop {
         let received = match ledger.next_deadline() {
@@ -243,7 +261,7 @@ mod tests {
     }
 
     fn ledger_with_ready(settled: &[u64], at: Instant) -> Ledger {
-        let mut ledger = Ledger::new();
+        let mut ledger = Ledger::new(1);
         for &tag in settled {
             ledger.settle(tag);
             ledger.ready.insert(tag, at);
@@ -289,8 +307,28 @@ mod tests {
     }
 
     #[test]
+    fn a_short_settled_prefix_waits_a_moment_for_more_then_goes_as_one_ack() {
+        let now = Instant::now();
+        let mut ledger = Ledger::new(4);
+        for tag in 1..=3 {
+            ledger.settle(tag);
+            ledger.ready.insert(tag, now);
+        }
+        assert!(ledger.due(Some(now - HOLD)).is_empty(), "3 of 4: held");
+        ledger.settle(4);
+        ledger.ready.insert(4, now);
+        assert_eq!(tags(&ledger.due(Some(now - HOLD))), [&Send::Multiple(4)]);
+        // A short prefix goes once it has been held for HOLD.
+        ledger.settle(5);
+        ledger.ready.insert(5, now);
+        assert!(ledger.due(Some(now - HOLD)).is_empty());
+        assert_eq!(tags(&ledger.due(Some(now))), [&Send::Multiple(5)]);
+        assert_eq!(ledger.next_deadline(), None);
+    }
+
+    #[test]
     fn one_delivery_left_unsettled_does_not_grow_the_ledger_as_later_ones_finish() {
-        let mut ledger = Ledger::new();
+        let mut ledger = Ledger::new(1);
         // Tag 1 waits (a confirm timeout under an alarm); 100 000 later ones finish.
         for tag in 2..=100_001 {
             ledger.settle(tag);
@@ -319,7 +357,7 @@ mod tests {
 
     #[test]
     fn nothing_is_due_when_nothing_finished() {
-        let mut ledger = Ledger::new();
+        let mut ledger = Ledger::new(1);
         assert!(ledger.due(None).is_empty());
         assert_eq!(ledger.next_deadline(), None);
     }

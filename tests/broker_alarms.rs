@@ -10,11 +10,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{BASIC_RULES, TestEnv, WAIT};
+use support::{BASIC_RULES, TestEnv, WAIT, rabbitmqctl};
 
 /// The broker's memory alarm, raised for as long as this lives.
 struct MemoryAlarm {
@@ -44,20 +43,6 @@ impl Drop for MemoryAlarm {
             wait_for_memory_alarm(false);
         }
     }
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn wait_for_memory_alarm(on: bool) {

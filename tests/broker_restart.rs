@@ -8,13 +8,13 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::fake_slack::{Fault, RecordedPost};
-use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
+use support::fake_slack::Fault;
+use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT, rabbitmqctl};
 use tokio_util::sync::CancellationToken;
 
 /// Events in the batch.
@@ -56,48 +56,6 @@ impl Drop for BrokerStopped {
                 let _ = Command::new("rabbitmqctl").args(args).status();
             }
         }
-    }
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn event_ids(posts: &[RecordedPost]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for post in posts {
-        let id = post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        *counts.entry(id).or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Polls until `queue` has no ready messages.
-async fn wait_until_drained(env: &TestEnv, queue: &str) {
-    let deadline = tokio::time::Instant::now() + LONG_WAIT;
-    loop {
-        let ready = env.ready_count(queue).await;
-        if ready == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} still has {ready} ready messages"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -156,7 +114,8 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {
         .await
         .unwrap();
     worker.wait_for_log("consuming", 2).await;
-    wait_until_drained(&env, &env.settings.amqp.queue).await;
+    env.wait_until_drained(&env.settings.amqp.queue, LONG_WAIT)
+        .await;
     let redelivered_and_skipped = worker
         .log_lines()
         .iter()
@@ -164,7 +123,7 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {
         .count();
     assert!(worker.stop().await.success());
 
-    let delivered = event_ids(&env.slack.posts());
+    let delivered = support::posts_per_event(&env.slack.posts());
     assert_eq!(
         delivered.keys().cloned().collect::<Vec<_>>(),
         ids,

@@ -7,13 +7,13 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
-use support::fake_slack::{Fault, RecordedPost};
+use support::fake_slack::Fault;
 use support::{ESCALATIONS, TestEnv, WAIT, WorkerProcess};
 use tokio_util::sync::CancellationToken;
 
@@ -139,34 +139,6 @@ fn dump_exists(dir: &Path) -> bool {
     dir.join("dump.rdb").exists()
 }
 
-fn event_ids(posts: &[RecordedPost]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for post in posts {
-        let id = post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        *counts.entry(id).or_insert(0) += 1;
-    }
-    counts
-}
-
-/// Polls until `queue` has no ready messages.
-async fn wait_until_drained(env: &TestEnv, queue: &str) {
-    let deadline = tokio::time::Instant::now() + LONG_WAIT;
-    loop {
-        let ready = env.ready_count(queue).await;
-        if ready == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue} still has {ready} ready messages"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until every event in `ids` has been sent to a delay queue at least
 /// once (the worker logs `event{id=…}: … retrying later`).
 async fn wait_until_retried(worker: &WorkerProcess, ids: &BTreeSet<String>) {
@@ -272,10 +244,11 @@ async fn redis_restarted_with_its_data_delays_events_without_emailing_or_posting
         .wait_for_posts_to(ESCALATIONS, BEFORE + DURING, LONG_WAIT)
         .await
         .unwrap();
-    wait_until_drained(&env, &env.settings.amqp.queue).await;
+    env.wait_until_drained(&env.settings.amqp.queue, LONG_WAIT)
+        .await;
     assert!(worker.stop().await.success());
 
-    let delivered = event_ids(&env.slack.posts());
+    let delivered = support::posts_per_event(&env.slack.posts());
     let mut expected: Vec<String> = before.iter().chain(&during).cloned().collect();
     expected.sort();
     assert_eq!(

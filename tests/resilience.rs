@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -20,18 +19,6 @@ rules:
     matchers: ['team="b"']
     notify: [{slack_channel: C0TEAMB}]
 "#;
-
-fn event_ids(posts: &[support::fake_slack::RecordedPost]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for post in posts {
-        let id = post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        *counts.entry(id).or_insert(0) += 1;
-    }
-    counts
-}
 
 #[tokio::test]
 async fn sigterm_with_events_in_flight_drains_them_and_exits_0() {
@@ -109,7 +96,7 @@ async fn a_worker_killed_mid_batch_delivers_every_event_exactly_once_after_resta
         .unwrap();
     assert!(second.stop().await.success());
 
-    let delivered = event_ids(&env.slack.posts());
+    let delivered = support::posts_per_event(&env.slack.posts());
     assert_eq!(delivered.len(), 40, "every event arrived: {delivered:?}");
     assert!(
         delivered.values().all(|&n| n == 1),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use alert_router::config::SlackSettings;
 use serde_json::json;
 use support::fake_slack::{ChannelSpec, Fault, RecordedPost};
-use support::{BASIC_RULES, ESCALATIONS, TestEnv};
+use support::{BASIC_RULES, ESCALATIONS, TestEnv, event_id};
 
 /// Long enough for any of these backlogs on a loaded runner.
 const DRAIN: Duration = Duration::from_secs(90);
@@ -24,13 +24,6 @@ async fn env_with_slack_limits() -> TestEnv {
     env.settings.slack.max_rate_limit_wait = defaults.max_rate_limit_wait;
     env.slack.set_channel_rate_limit(1.0, 3);
     env
-}
-
-fn event_id(post: &RecordedPost) -> String {
-    post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test]

@@ -518,3 +518,55 @@ impl TestEnv {
             .unwrap();
     }
 }
+
+/// The event id a post carries in its message metadata.
+pub fn event_id(post: &fake_slack::RecordedPost) -> String {
+    post.metadata.as_ref().unwrap()["event_payload"]["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// How many posts each event id got: "each once" is every count being 1.
+pub fn posts_per_event(
+    posts: &[fake_slack::RecordedPost],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for post in posts {
+        *counts.entry(event_id(post)).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Runs `rabbitmqctl -q ARGS` and returns its output; a failure fails the test.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl TestEnv {
+    /// Polls until `queue` has no ready messages, failing after `within`.
+    pub async fn wait_until_drained(&self, queue: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ready = self.ready_count(queue).await;
+            if ready == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} still has {ready} ready messages"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

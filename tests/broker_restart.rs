@@ -13,9 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::fake_slack::Fault;
 use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT, rabbitmqctl};
-use tokio_util::sync::CancellationToken;
 
 /// Events in the batch.
 const EVENTS: usize = 200;
@@ -74,17 +72,7 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {
     // The first posts are answered at once; the next ones fill the whole
     // prefetch window and are held until the broker is down, so their acks
     // cannot reach it: it must redeliver them, and they must not post twice.
-    let release = CancellationToken::new();
-    env.slack.fail_next(
-        "chat.postMessage",
-        POSTED_BEFORE,
-        Fault::Delay(Duration::ZERO),
-    );
-    env.slack.fail_next(
-        "chat.postMessage",
-        PREFETCH,
-        Fault::HoldUntil(release.clone()),
-    );
+    let release = env.slack.answer_then_hold(POSTED_BEFORE, PREFETCH);
 
     let mut worker = env.start_worker_process();
     env.slack

@@ -13,9 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
-use support::fake_slack::Fault;
 use support::{ESCALATIONS, TestEnv, WAIT, WorkerProcess};
-use tokio_util::sync::CancellationToken;
 
 /// Every event would have an address to fall back to.
 const RULES_WITH_EMAIL: &str = r#"version: 1
@@ -186,17 +184,7 @@ async fn redis_restarted_with_its_data_delays_events_without_emailing_or_posting
     // The first posts are answered at once; the next ones fill the whole
     // prefetch window and are held until Redis is down, so their outcome
     // cannot be recorded there.
-    let release = CancellationToken::new();
-    env.slack.fail_next(
-        "chat.postMessage",
-        POSTED_BEFORE,
-        Fault::Delay(Duration::ZERO),
-    );
-    env.slack.fail_next(
-        "chat.postMessage",
-        PREFETCH,
-        Fault::HoldUntil(release.clone()),
-    );
+    let release = env.slack.answer_then_hold(POSTED_BEFORE, PREFETCH);
 
     let mut worker = env.start_worker_process();
     env.slack

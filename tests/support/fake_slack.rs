@@ -719,6 +719,19 @@ impl FakeSlack {
         }
     }
 
+    /// Answers the next `answered` posts at once and holds the `held` after
+    /// them until the returned token is cancelled (then they are processed).
+    pub fn answer_then_hold(
+        &self,
+        answered: usize,
+        held: usize,
+    ) -> tokio_util::sync::CancellationToken {
+        let release = tokio_util::sync::CancellationToken::new();
+        self.fail_next("chat.postMessage", answered, Fault::Delay(Duration::ZERO));
+        self.fail_next("chat.postMessage", held, Fault::HoldUntil(release.clone()));
+        release
+    }
+
     /// Every `chat.postMessage`/`chat.update` to this channel (id, `#name`,
     /// name or user id) gets `fault` until `clear_faults()`.
     pub fn fail_channel(&self, channel: &str, fault: Fault) {

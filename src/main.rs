@@ -203,7 +203,14 @@ fn keep_memory_in_small_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes one integer argument and changes only
     // how this process's future page faults are served.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        // Best effort: a kernel without it (before 3.15) keeps THP.
+        let _ = libc::prctl(
+            libc::PR_SET_THP_DISABLE,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
     }
 }
 

@@ -307,9 +307,11 @@ pub fn delay_label(delay: Duration) -> String {
 /// Largest AMQP frame the worker proposes (the broker's default is 128 KiB).
 /// lapin keeps a receive and a send buffer of 32 frames per connection,
 /// zero-filled: at 128 KiB that is 16 MiB resident for the worker's two
-/// connections, for events of a few KiB. At 16 KiB it is 2 MiB; a larger
-/// message is simply sent in more frames.
-const FRAME_MAX: u32 = 16 * 1024;
+/// connections, for events of a few KiB. At 32 KiB it is 4 MiB; a larger
+/// body is simply sent in more frames. A message's headers travel in one
+/// frame and cannot be split: 32 KiB leaves producers' headers, `x-death` and
+/// the worker's own ample room.
+const FRAME_MAX: u32 = 32 * 1024;
 
 /// Opens a connection named after this process, so `rabbitmqctl list_connections` tells who is who.
 /// Gives up after the default `amqp.connect_timeout`.

@@ -90,8 +90,7 @@ fn tier_of(method: &str) -> Option<Bucket> {
         "users.lookupByEmail"
         | "conversations.join"
         | "conversations.open"
-        | "conversations.history"
-        | "chat.update" => Some(Bucket::new(50.0 / 60.0, 10)),
+        | "conversations.history" => Some(Bucket::new(50.0 / 60.0, 10)),
         _ => None,
     }
 }
@@ -308,6 +307,9 @@ impl RateLimiter {
             if waited + pause > max_wait {
                 return result;
             }
+            // Wait here too: the shared pause may not have been recorded.
+            tokio::time::sleep(pause).await;
+            waited += pause;
         }
     }
 

@@ -546,11 +546,19 @@ impl Deliverer {
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
         self.limiter
-            .call_within_tier(&token.workspace, method, self.max_rate_limit_wait, || {
+            .call_within_tier(&token.workspace, method, self.tier_wait(), || {
                 self.slack
                     .call_leaving_rate_limits(method, Some(&token.access_token), body)
             })
             .await
+    }
+
+    /// Longest wait for one tiered call's slot. A delivery may make several
+    /// (a lookup, a join, a history check) besides its post's own wait, so
+    /// each gets a third of `slack.max_rate_limit_wait`: what is held stays
+    /// within about twice that.
+    fn tier_wait(&self) -> Duration {
+        self.max_rate_limit_wait / 3
     }
 
     /// `conversations.join` for a public channel id.

@@ -346,6 +346,7 @@ impl Deliverer {
         let user = reply
             .pointer("/user/id")
             .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
             .map(str::to_string);
         if let Some(user) = &user {
             self.users

@@ -96,6 +96,9 @@ struct ChannelQueue {
     /// A task hands out this channel's slots (one per channel, so that
     /// the order holds).
     driven: bool,
+    /// When Redis said the next slot is free (a 429's pause included): a
+    /// newcomer's wait starts there, not now.
+    next_slot_at: Option<Instant>,
 }
 
 /// This process's pace per channel; keys of idle channels are dropped.
@@ -164,7 +167,7 @@ impl Scheduler {
     ) -> Turn {
         let key = (workspace.to_string(), channel.to_string());
         let interval = self.inner.limiter.channel_interval();
-        let (granted, start_driver) = {
+        let (granted, start_driver, deadline) = {
             let mut queues = self.lock();
             let queue = queues.entry(key.clone()).or_default();
             let ahead = queue
@@ -172,28 +175,43 @@ impl Scheduler {
                 .iter()
                 .filter(|w| w.priority > priority && !w.grant.is_closed())
                 .count();
-            let expected = interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
-            if expected > budget {
+            let now = Instant::now();
+            let paused = queue
+                .next_slot_at
+                .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+            let expected =
+                paused + interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
+            if budget.is_zero() || expected > budget {
                 if !queue.driven {
                     queues.remove(&key);
                 }
-                return Turn::Defer(expected);
+                return Turn::Defer(expected.max(interval));
             }
             let (grant, granted) = oneshot::channel();
             let start_driver = !queue.driven;
             queue.driven = true;
             queue.waiters.push(Waiter { priority, grant });
-            (granted, start_driver)
+            (granted, start_driver, now + budget)
         };
         if start_driver {
             let inner = Arc::clone(&self.inner);
-            tokio::spawn(drive(inner, key));
+            tokio::spawn(drive(inner, key.clone()));
         }
-        match tokio::time::timeout(budget, granted).await {
+        match tokio::time::timeout_at(deadline, granted).await {
             Ok(Ok(())) => Turn::Go,
             // Timed out (or the driver is gone): the dropped receiver tells
-            // the driver to skip this waiter.
-            Ok(Err(_)) | Err(_) => Turn::Defer(interval),
+            // the driver to skip this waiter. Come back when the channel
+            // is expected to have room.
+            Ok(Err(_)) | Err(_) => {
+                let paused = self
+                    .lock()
+                    .get(&key)
+                    .and_then(|q| q.next_slot_at)
+                    .map_or(Duration::ZERO, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    });
+                Turn::Defer(paused.max(interval))
+            }
         }
     }
 
@@ -233,7 +251,18 @@ async fn drive(inner: Arc<Inner>, key: ChannelKey) {
         loop {
             match inner.limiter.try_acquire(workspace, channel).await {
                 Ok(None) => break,
-                Ok(Some(wait)) => tokio::time::sleep_until(Instant::now() + wait).await,
+                Ok(Some(wait)) => {
+                    let at = Instant::now() + wait;
+                    if let Some(queue) = inner
+                        .queues
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_mut(&key)
+                    {
+                        queue.next_slot_at = Some(at);
+                    }
+                    tokio::time::sleep_until(at).await;
+                }
                 Err(e) => {
                     // Slack's own 429 still protects the channel; do not stall on Redis.
                     warn!(error = %e, "cannot check the shared rate limit; posting anyway");

@@ -144,12 +144,29 @@ struct CacheLifetimes {
     hit: Duration,
 }
 
-impl Expiry<String, Cached> for CacheLifetimes {
-    fn expire_after_create(&self, _: &String, cached: &Cached, _: Instant) -> Option<Duration> {
-        Some(match cached.token {
+impl CacheLifetimes {
+    fn of(&self, cached: &Cached) -> Duration {
+        match cached.token {
             Some(_) => self.hit,
             None => self.hit.min(MISS_TTL),
-        })
+        }
+    }
+}
+
+impl Expiry<String, Cached> for CacheLifetimes {
+    fn expire_after_create(&self, _: &String, cached: &Cached, _: Instant) -> Option<Duration> {
+        Some(self.of(cached))
+    }
+
+    /// A rewritten entry lives as long as a new one (moka would keep the old deadline).
+    fn expire_after_update(
+        &self,
+        _: &String,
+        cached: &Cached,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(cached))
     }
 }
 

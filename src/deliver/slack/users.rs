@@ -17,8 +17,8 @@ pub const NO_USER_TTL: Duration = Duration::from_secs(5 * 60);
 /// How long this process reuses an answer before reading Redis again.
 const LOCAL_TTL: Duration = Duration::from_secs(60);
 
-/// Stored in Redis for an address no Slack user has (user ids never are empty).
-const NO_USER: &str = "";
+/// Stored in Redis for an address no Slack user has (not a user id's shape).
+const NO_USER: &str = "!none";
 
 /// What is known of an address in one workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +74,7 @@ impl UserDirectory {
         let stored: Option<String> = redis.get(&key).await.ok().flatten();
         let known = match stored?.as_str() {
             NO_USER => Known::NoUser,
+            "" => return None,
             user => Known::User(user.to_string()),
         };
         self.local.insert(key, known.clone());

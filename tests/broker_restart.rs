@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
@@ -129,21 +128,6 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {
         redelivered_and_skipped >= PREFETCH,
         "the held events were redelivered and recognised as sent ({redelivered_and_skipped})"
     );
-    // Nothing pending: the worker is stopped, so unacked deliveries would be ready again.
-    let topology = support::topology(&env.settings);
-    assert_eq!(env.ready_count(&topology.queue).await, 0, "work queue");
-    assert_eq!(
-        env.ready_count(&topology.dead_letter_queue).await,
-        0,
-        "dead letters"
-    );
-    let retry_queues: BTreeSet<&str> = topology
-        .retry_queues
-        .iter()
-        .map(|q| q.name.as_str())
-        .collect();
-    for queue in retry_queues {
-        assert_eq!(env.ready_count(queue).await, 0, "{queue}");
-    }
+    env.assert_nothing_pending().await;
     env.cleanup().await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use alert_router::config::SlackSettings;
 use serde_json::json;
 use support::fake_slack::Fault;
-use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
+use support::{BASIC_RULES, ESCALATIONS, RULES_WITH_EMAIL, TestEnv, WAIT};
 
 /// A test namespace with the worker's default (Slack-sized) rate limits.
 async fn env_with_default_limits() -> TestEnv {
@@ -130,16 +130,7 @@ async fn a_long_retry_after_defers_the_event_through_the_broker_without_spending
 
 #[tokio::test]
 async fn a_channel_rate_limited_past_the_deferral_limit_falls_back_to_email() {
-    let mut env = TestEnv::start(
-        r#"version: 1
-defaults:
-  slack_channel: C0ESCALATE
-  email: ["oncall@example.com"]
-unmatched: default
-rules: []
-"#,
-    )
-    .await;
+    let mut env = TestEnv::start(RULES_WITH_EMAIL).await;
     env.settings.delivery.max_rate_limit_deferral = Duration::from_secs(1);
     // Slack keeps saying "later": every post gets a long Retry-After.
     env.slack.fail_next(

@@ -13,16 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{ESCALATIONS, TestEnv, WAIT, WorkerProcess};
-
-/// Every event would have an address to fall back to.
-const RULES_WITH_EMAIL: &str = r#"version: 1
-defaults:
-  slack_channel: C0ESCALATE
-  email: ["oncall@example.com"]
-unmatched: default
-rules: []
-"#;
+use support::{ESCALATIONS, RULES_WITH_EMAIL, TestEnv, WAIT, WorkerProcess};
 
 /// Events published before Redis stops.
 const BEFORE: usize = 100;
@@ -261,21 +252,6 @@ async fn redis_restarted_with_its_data_delays_events_without_emailing_or_posting
             .map(|m| m.subject.clone())
             .collect::<Vec<_>>()
     );
-    // Nothing pending: the worker is stopped, so unacked deliveries would be ready again.
-    let topology = support::topology(&env.settings);
-    assert_eq!(env.ready_count(&topology.queue).await, 0, "work queue");
-    assert_eq!(
-        env.ready_count(&topology.dead_letter_queue).await,
-        0,
-        "dead letters"
-    );
-    let retry_queues: BTreeSet<&str> = topology
-        .retry_queues
-        .iter()
-        .map(|q| q.name.as_str())
-        .collect();
-    for queue in retry_queues {
-        assert_eq!(env.ready_count(queue).await, 0, "{queue}");
-    }
+    env.assert_nothing_pending().await;
     env.cleanup().await;
 }

@@ -25,15 +25,8 @@ use serde_json::{Value, json};
 use support::fake_slack::{ChannelSpec, Fault, RecordedPost, TokenSpec};
 use support::{ESCALATIONS, PAYMENTS, TestEnv, WAIT, topology};
 
-/// No rules: the events name their own targets. The default channel is the
-/// escalations channel, the fallback address the on-call list.
-const RULES: &str = r#"version: 1
-defaults:
-  slack_channel: C0ESCALATE
-  email: ["oncall@example.com"]
-unmatched: default
-rules: []
-"#;
+/// No rules: the events name their own targets.
+const RULES: &str = support::RULES_WITH_EMAIL;
 
 /// The channel the channel forms name.
 const TARGET_ID: &str = "C0TARGET";

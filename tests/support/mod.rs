@@ -37,6 +37,15 @@ pub const ESCALATIONS: &str = "C0ESCALATE";
 pub const PAYMENTS: &str = "C0PAYMENTS";
 
 /// Rules that send everything to the escalations channel, and payments to its own.
+/// No rules: the default channel, and the on-call list to fall back to by email.
+pub const RULES_WITH_EMAIL: &str = r#"version: 1
+defaults:
+  slack_channel: C0ESCALATE
+  email: ["oncall@example.com"]
+unmatched: default
+rules: []
+"#;
+
 pub const BASIC_RULES: &str = r#"version: 1
 defaults:
   slack_channel: "C0ESCALATE"
@@ -554,6 +563,22 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 }
 
 impl TestEnv {
+    /// Nothing waits in the work, retry or dead-letter queues. With the
+    /// workers stopped, an unacked delivery would be ready again, so this
+    /// also says nothing was left unsettled.
+    pub async fn assert_nothing_pending(&self) {
+        let topology = topology(&self.settings);
+        assert_eq!(self.ready_count(&topology.queue).await, 0, "work queue");
+        assert_eq!(
+            self.ready_count(&topology.dead_letter_queue).await,
+            0,
+            "dead letters"
+        );
+        for queue in &topology.retry_queues {
+            assert_eq!(self.ready_count(&queue.name).await, 0, "{}", queue.name);
+        }
+    }
+
     /// Polls until `queue` has no ready messages, failing after `within`.
     pub async fn wait_until_drained(&self, queue: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;

@@ -67,7 +67,7 @@
 //!   allows at best (the target is a drain within 1.2× of it);
 //! - events/s (events posted / drain), publish → post latency p50 and p99 per event;
 //! - the fake's 429s (the target is none), and the broker deferrals ("rate
-//!   limited; deferred") and 429s ("slack rate-limited the channel") counted
+//!   limited; deferred") and 429s ("slack rate-limited it", a channel or a method) counted
 //!   in the workers' info logs (JSON; kept in `--worker-logs DIR`, else
 //!   deleted);
 //! - events posted, posts in all (a duplicate shows), the events each worker
@@ -1147,7 +1147,7 @@ struct RateRun {
     too_many_requests: usize,
     channels_429: usize,
     /// Lines of the workers' info logs: broker deferrals ("rate limited;
-    /// deferred") and the 429s they got ("slack rate-limited the channel").
+    /// deferred") and the 429s they got ("slack rate-limited it", a channel or a method).
     deferrals: usize,
     logged_429s: usize,
     /// "delivered" lines of each worker's log.
@@ -1416,7 +1416,7 @@ async fn rate_limited_measure(
         too_many_requests: slack.rate_limited_count(),
         channels_429: refused.len(),
         deferrals: count_lines("rate limited; deferred")?.iter().sum(),
-        logged_429s: count_lines("slack rate-limited the channel; pausing it for every replica")?
+        logged_429s: count_lines("slack rate-limited it; pausing it for every replica")?
             .iter()
             .sum(),
         delivered: count_lines("delivered")?,

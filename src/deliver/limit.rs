@@ -290,52 +290,56 @@ impl RateLimiter {
                 }
             }
             let result = call().await;
-            let pause = match &result {
-                Err(e) if e.code == "ratelimited" => e
-                    .retry_after()
-                    .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1))),
+            match &result {
+                Err(e) if e.code == "ratelimited" => {
+                    let key = self.key(workspace, Some(method), "method-pause");
+                    if self
+                        .wait_out_429(key, e, &mut waited, max_wait)
+                        .await
+                        .is_err()
+                    {
+                        return result;
+                    }
+                }
                 _ => return result,
-            };
-            tracing::warn!(
-                method,
-                ?pause,
-                "slack rate-limited the method; pausing it for every replica"
-            );
-            if let Err(e) = self.pause_method(workspace, method, pause).await {
-                tracing::warn!(error = %e, "cannot record the pause in Redis");
             }
-            if waited + pause > max_wait {
-                return result;
-            }
-            // Wait here too: the shared pause may not have been recorded.
-            tokio::time::sleep(pause).await;
-            waited += pause;
         }
     }
 
-    /// Makes every replica hold off `method` in `workspace` for `retry_after` (after a 429).
-    pub async fn pause_method(
+    /// After Slack's 429 (`error`): holds off what `pause_key` names for every
+    /// replica, for the `Retry-After` asked (1 s when none), and waits it out
+    /// here too (the shared pause may not have been recorded) when that fits
+    /// in what is left of `max_wait`; else answers the pause, for a deferral.
+    pub async fn wait_out_429(
         &self,
-        workspace: &str,
-        method: &str,
-        retry_after: Duration,
-    ) -> Result<(), redis::RedisError> {
-        self.pause_key(
-            self.key(workspace, Some(method), "method-pause"),
-            retry_after,
-        )
-        .await
+        pause_key: String,
+        error: &SlackError,
+        waited: &mut Duration,
+        max_wait: Duration,
+    ) -> Result<(), Duration> {
+        let pause = error
+            .retry_after()
+            .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1)));
+        tracing::warn!(
+            method = error.method,
+            key = %pause_key,
+            ?pause,
+            "slack rate-limited it; pausing it for every replica"
+        );
+        if let Err(e) = self.pause_key(pause_key, pause).await {
+            tracing::warn!(error = %e, "cannot record the pause in Redis");
+        }
+        if *waited + pause > max_wait {
+            return Err(pause);
+        }
+        tokio::time::sleep(pause).await;
+        *waited += pause;
+        Ok(())
     }
 
-    /// Makes every replica hold off `channel` for `retry_after` (after a 429).
-    pub async fn pause(
-        &self,
-        workspace: &str,
-        channel: &str,
-        retry_after: Duration,
-    ) -> Result<(), redis::RedisError> {
-        self.pause_key(self.key(workspace, Some(channel), "pause"), retry_after)
-            .await
+    /// The key of the pause a 429 puts on posts to `channel`.
+    pub fn channel_pause_key(&self, workspace: &str, channel: &str) -> String {
+        self.key(workspace, Some(channel), "pause")
     }
 
     async fn pause_key(&self, key: String, retry_after: Duration) -> Result<(), redis::RedisError> {

@@ -24,7 +24,7 @@ use super::schedule::{Priority, Turn};
 use super::slack::channels::{Destination, Resolution};
 use super::slack::message::{RenderContext, render};
 use super::slack::tokens::WorkspaceToken;
-use super::slack::{Body, SlackError, SlackFailure, honoured_retry_after};
+use super::slack::{Body, SlackError, SlackFailure};
 use super::{
     Deliverer, LostAttempt, SlackUnavailable, TargetReport, TargetStatus, claim_status, failed,
     redis_failure, report,
@@ -514,23 +514,14 @@ impl Deliverer {
                     return Ok(format!("slack:{landed}"));
                 }
                 Err(e) if e.code == "ratelimited" => {
-                    let pause = e
-                        .retry_after()
-                        .unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1)));
-                    warn!(
-                        channel,
-                        ?pause,
-                        "slack rate-limited the channel; pausing it for every replica"
-                    );
-                    if let Err(redis) = self.limiter.pause(&token.workspace, channel, pause).await {
-                        warn!(error = %redis, "cannot record the pause in Redis");
-                    }
-                    if *waited + pause > self.max_rate_limit_wait {
+                    let key = self.limiter.channel_pause_key(&token.workspace, channel);
+                    if let Err(pause) = self
+                        .limiter
+                        .wait_out_429(key, &e, waited, self.max_rate_limit_wait)
+                        .await
+                    {
                         return Err(AttemptFailure::Deferred(pause));
                     }
-                    // Wait here too: the shared pause may not have been recorded.
-                    tokio::time::sleep(pause).await;
-                    *waited += pause;
                 }
                 Err(e) => return Err(AttemptFailure::Slack(e)),
             }

@@ -56,6 +56,12 @@ pub struct Event {
     /// Explicit recipients, in addition to what the rules route to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<Vec<Target>>,
+    /// The incident this event belongs to; absent, the ticket number names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_key: Option<String>,
+    /// Who acknowledged it (on `*.acknowledged` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<Assignee>,
 }
 
 /// How urgent an event is, most urgent first.
@@ -85,6 +91,34 @@ impl Severity {
 impl fmt::Display for Severity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Where an incident stands, as its latest event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentState {
+    Open,
+    Acknowledged,
+    Resolved,
+}
+
+impl IncidentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentState::Open => "open",
+            IncidentState::Acknowledged => "acknowledged",
+            IncidentState::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<IncidentState> {
+        match text {
+            "open" => Some(IncidentState::Open),
+            "acknowledged" => Some(IncidentState::Acknowledged),
+            "resolved" => Some(IncidentState::Resolved),
+            _ => None,
+        }
     }
 }
 
@@ -270,6 +304,9 @@ impl Event {
         if let Some(comment) = &self.comment {
             check_len("comment", comment, 0, 4_000)?;
         }
+        if let Some(dedup_key) = &self.dedup_key {
+            check_len("dedup_key", dedup_key, 1, 200)?;
+        }
         for (i, target) in self.targets.iter().flatten().enumerate() {
             if let Some(value) = target.value()
                 && value.trim().is_empty()
@@ -305,6 +342,27 @@ impl Event {
                     .map(String::as_str)
                     .unwrap_or(""),
             ),
+        }
+    }
+
+    /// The incident this event belongs to, if any: its `dedup_key`, else its
+    /// ticket number. Events with neither stand alone.
+    pub fn incident_key(&self) -> Option<Cow<'_, str>> {
+        if let Some(key) = &self.dedup_key {
+            return Some(Cow::Borrowed(key));
+        }
+        let number = self.ticket.as_ref()?.number.as_deref()?;
+        (!number.trim().is_empty()).then(|| Cow::Owned(format!("ticket:{number}")))
+    }
+
+    /// What this event says about its incident's state.
+    pub fn incident_state(&self) -> IncidentState {
+        if self.kind.ends_with(".resolved") {
+            IncidentState::Resolved
+        } else if self.kind.ends_with(".acknowledged") {
+            IncidentState::Acknowledged
+        } else {
+            IncidentState::Open
         }
     }
 

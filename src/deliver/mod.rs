@@ -19,6 +19,7 @@
 pub mod email;
 mod fallback;
 pub mod idempotency;
+pub mod incident;
 pub mod limit;
 pub mod policy;
 mod post;

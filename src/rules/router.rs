@@ -452,6 +452,8 @@ mod tests {
             ),
             comment: None,
             targets: None,
+            dedup_key: None,
+            acknowledged_by: None,
         }
     }
 

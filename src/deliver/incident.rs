@@ -1,0 +1,517 @@
+//! Incidents in Redis: each destination's first message, the state (open, acknowledged, resolved) and who acknowledged it.
+//!
+//! Events with the same `dedup_key` (else ticket number) in one workspace are
+//! one incident. The first notification of an incident at a destination is a
+//! new message; later ones reply in its thread, and `*.acknowledged` /
+//! `*.resolved` events update every first message. That needs, shared by
+//! every replica and kept across restarts, where each first message is
+//! (channel id and `ts`) and how the incident stands: one Redis hash per
+//! incident, written only by the Lua scripts below so that two replicas
+//! handling two events of one incident at once agree on what came first.
+//!
+//! Hash fields: `state`, `severity` (the most severe so far), `level` (the
+//! highest), `event` (the first event's JSON, re-rendered by updates),
+//! `first_at` (ms), `ack_by`, `ack_at`, `resolved_at`, `msg:<destination>`
+//! (`<channel> <ts>`, or `pending <ms>` while a first post is under way),
+//! `seen:<event id>` (what the incident was before that event, so a
+//! redelivered event is judged as it was the first time) and
+//! `emailed:<destination>` (when Slack could not take it and email did).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::event::{Event, IncidentState, Severity};
+
+/// A first message: where it is, to thread replies under it and update it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstMessage {
+    /// The channel id Slack answered with (a `D…` id for a DM).
+    pub channel: String,
+    pub ts: String,
+}
+
+/// One incident as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incident {
+    pub state: IncidentState,
+    /// The most severe severity any of its events had.
+    pub severity: Option<Severity>,
+    /// The highest escalation level any of its events had.
+    pub level: Option<u64>,
+    /// The first event's JSON, from which updates re-render the first messages.
+    pub first_event: Option<String>,
+    /// When the incident was first seen (Unix ms, Redis's clock).
+    pub first_at_ms: u64,
+    /// The Slack user who acknowledged it (`U…`), or a name.
+    pub acknowledged_by: Option<String>,
+    pub acknowledged_at_ms: Option<u64>,
+    pub resolved_at_ms: Option<u64>,
+    /// First messages by destination (see [`Incidents::destination_of`]).
+    pub messages: BTreeMap<String, FirstMessage>,
+    /// Destinations whose notifications went to email, and when (Unix ms).
+    pub emailed: BTreeMap<String, u64>,
+}
+
+/// What an event found when it joined its incident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The event started the incident (or a new one after a resolved one).
+    pub is_first: bool,
+    /// The event is more severe, or at a higher level, than any before it:
+    /// its thread replies are also broadcast to the channel.
+    pub rose: bool,
+    /// The incident after the event.
+    pub incident: Incident,
+}
+
+/// Where a destination's first message stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstPost {
+    /// None yet, and this caller now posts it: record it with
+    /// [`Incidents::record_first`], or [`Incidents::abandon_first`] on failure.
+    Ours,
+    /// Reply in this message's thread.
+    Exists(FirstMessage),
+    /// Another delivery is posting it now: ask again shortly.
+    InFlight,
+}
+
+/// Why an acknowledgement from a click did or did not change the incident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acknowledgement {
+    /// It was open; it is acknowledged by the clicker now.
+    Acknowledged(Incident),
+    /// It was already acknowledged or resolved: nothing changed.
+    Already(Incident),
+    /// No incident by that key is kept (expired, or never seen).
+    NotTracked,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncidentError {
+    #[error("cannot reach the incident store in Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The incident store; cheap to clone.
+#[derive(Clone)]
+pub struct Incidents {
+    redis: ConnectionManager,
+    key_prefix: String,
+    ttl: Duration,
+    observe: redis::Script,
+    first_post: redis::Script,
+    record_first: redis::Script,
+    abandon_first: redis::Script,
+    acknowledge: redis::Script,
+    reopen: redis::Script,
+}
+
+/// A first post marked in flight longer than this is taken to have died
+/// with its worker: the next event posts the first message itself.
+const FIRST_POST_STALE_MS: u64 = 60_000;
+
+/// Reads the whole hash as a flat list after the change, so one round trip
+/// both updates and reads the incident.
+const OBSERVE: &str = r#"
+local key, state, severity, level, event, ttl, event_id, ack_by =
+  KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seen = redis.call('HGET', key, 'seen:' .. event_id)
+local first, rose
+if seen then
+  first = string.sub(seen, 1, 1) == '1'
+  rose = string.sub(seen, 2, 2) == '1'
+else
+  local current = redis.call('HGET', key, 'state')
+  if current == 'resolved' and state == 'open' then
+    -- A new problem after the last one was resolved: a new incident.
+    redis.call('DEL', key)
+    current = false
+  end
+  if not current then
+    first = true
+    rose = false
+    redis.call('HSET', key, 'state', 'open', 'severity', severity, 'level', level, 'event', event, 'first_at', now)
+  else
+    first = false
+    local was_severity = tonumber(redis.call('HGET', key, 'severity') or '99')
+    local was_level = tonumber(redis.call('HGET', key, 'level') or '-1')
+    rose = severity < was_severity or level > was_level
+    if severity < was_severity then redis.call('HSET', key, 'severity', severity) end
+    if level > was_level then redis.call('HSET', key, 'level', level) end
+  end
+  redis.call('HSET', key, 'seen:' .. event_id, (first and '1' or '0') .. (rose and '1' or '0'))
+  local now_state = redis.call('HGET', key, 'state')
+  if state == 'acknowledged' and now_state == 'open' then
+    redis.call('HSET', key, 'state', 'acknowledged', 'ack_at', now)
+    if ack_by ~= '' then redis.call('HSET', key, 'ack_by', ack_by) end
+  elseif state == 'resolved' and now_state ~= 'resolved' then
+    redis.call('HSET', key, 'state', 'resolved', 'resolved_at', now)
+  end
+end
+redis.call('PEXPIRE', key, ttl)
+return {first and 1 or 0, rose and 1 or 0, redis.call('HGETALL', key)}
+"#;
+
+/// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.
+const FIRST_POST: &str = r#"
+local key, field, stale = KEYS[1], ARGV[1], tonumber(ARGV[2])
+if redis.call('EXISTS', key) == 0 then return {0, ''} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = redis.call('HGET', key, field)
+if current then
+  local since = string.match(current, '^pending (%d+)$')
+  if not since then return {1, current} end
+  if now - tonumber(since) < stale then return {2, ''} end
+end
+redis.call('HSET', key, field, 'pending ' .. now)
+return {0, ''}
+"#;
+
+const RECORD_FIRST: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and not string.match(current, '^pending ') then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+const ABANDON_FIRST: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and string.match(current, '^pending ') then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if ARGV[2] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('HSETNX', KEYS[1], 'emailed:' .. ARGV[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+return 0
+"#;
+
+/// `{0, hash}` acknowledged now; `{1, hash}` already; `{2, {}}` not tracked.
+const ACKNOWLEDGE: &str = r#"
+local key, by = KEYS[1], ARGV[1]
+if redis.call('EXISTS', key) == 0 then return {2, {}} end
+if redis.call('HGET', key, 'state') ~= 'open' then return {1, redis.call('HGETALL', key)} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', key, 'state', 'acknowledged', 'ack_by', by, 'ack_at', now)
+return {0, redis.call('HGETALL', key)}
+"#;
+
+/// Undoes a click's acknowledgement whose event could not be published.
+const REOPEN: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') == 'acknowledged' and redis.call('HGET', KEYS[1], 'ack_by') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', 'open')
+  redis.call('HDEL', KEYS[1], 'ack_by', 'ack_at')
+  return 1
+end
+return 0
+"#;
+
+impl Incidents {
+    pub fn new(redis: ConnectionManager, key_prefix: &str, ttl: Duration) -> Incidents {
+        Incidents {
+            redis,
+            key_prefix: key_prefix.to_string(),
+            ttl,
+            observe: redis::Script::new(OBSERVE),
+            first_post: redis::Script::new(FIRST_POST),
+            record_first: redis::Script::new(RECORD_FIRST),
+            abandon_first: redis::Script::new(ABANDON_FIRST),
+            acknowledge: redis::Script::new(ACKNOWLEDGE),
+            reopen: redis::Script::new(REOPEN),
+        }
+    }
+
+    fn key(&self, workspace: &str, incident: &str) -> String {
+        format!("{}:incident:{workspace}:{incident}", self.key_prefix)
+    }
+
+    /// The hash field of a destination's first message.
+    fn message_field(destination: &str) -> String {
+        format!("msg:{destination}")
+    }
+
+    /// Joins `event` to its incident (starting it if it is the first),
+    /// applies what the event says (acknowledged, resolved) and answers the
+    /// incident as it is now. Idempotent per event id.
+    pub async fn observe(
+        &self,
+        workspace: &str,
+        incident: &str,
+        event: &Event,
+    ) -> Result<Observed, IncidentError> {
+        let event_json = serde_json::to_string(event).unwrap_or_default();
+        let level = event
+            .level
+            .and_then(|l| i64::try_from(l).ok())
+            .unwrap_or(-1);
+        let acknowledged_by = event
+            .acknowledged_by
+            .as_ref()
+            .and_then(|who| {
+                who.slack_user
+                    .clone()
+                    .or_else(|| who.name.clone())
+                    .or_else(|| who.email.clone())
+            })
+            .unwrap_or_default();
+        let mut redis = self.redis.clone();
+        let (first, rose, fields): (i64, i64, Vec<String>) = self
+            .observe
+            .key(self.key(workspace, incident))
+            .arg(event.incident_state().as_str())
+            .arg(severity_rank(event.severity))
+            .arg(level)
+            .arg(event_json)
+            .arg(millis(self.ttl))
+            .arg(&event.id)
+            .arg(acknowledged_by)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(Observed {
+            is_first: first == 1,
+            rose: rose == 1,
+            incident: Incident::from_fields(fields),
+        })
+    }
+
+    /// Whether the first message to `destination` exists, is being posted,
+    /// or is this caller's to post.
+    pub async fn first_post(
+        &self,
+        workspace: &str,
+        incident: &str,
+        destination: &str,
+    ) -> Result<FirstPost, IncidentError> {
+        let mut redis = self.redis.clone();
+        let (code, found): (i64, String) = self
+            .first_post
+            .key(self.key(workspace, incident))
+            .arg(Self::message_field(destination))
+            .arg(FIRST_POST_STALE_MS)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(match code {
+            0 => FirstPost::Ours,
+            1 => match parse_message(&found) {
+                Some(message) => FirstPost::Exists(message),
+                None => FirstPost::Ours,
+            },
+            _ => FirstPost::InFlight,
+        })
+    }
+
+    /// Records where the first message to `destination` landed.
+    pub async fn record_first(
+        &self,
+        workspace: &str,
+        incident: &str,
+        destination: &str,
+        message: &FirstMessage,
+    ) -> Result<(), IncidentError> {
+        let mut redis = self.redis.clone();
+        self.record_first
+            .key(self.key(workspace, incident))
+            .arg(Self::message_field(destination))
+            .arg(format!("{} {}", message.channel, message.ts))
+            .invoke_async::<i64>(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// Gives up this caller's first post to `destination`; `emailed` notes
+    /// that the notification went to email instead (for the catch-up note
+    /// when Slack takes the incident again).
+    pub async fn abandon_first(
+        &self,
+        workspace: &str,
+        incident: &str,
+        destination: &str,
+        emailed: bool,
+    ) -> Result<(), IncidentError> {
+        let mut redis = self.redis.clone();
+        self.abandon_first
+            .key(self.key(workspace, incident))
+            .arg(Self::message_field(destination))
+            .arg(if emailed { destination } else { "" })
+            .invoke_async::<i64>(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// Acknowledges an open incident for a click on its button.
+    pub async fn acknowledge(
+        &self,
+        workspace: &str,
+        incident: &str,
+        by: &str,
+    ) -> Result<Acknowledgement, IncidentError> {
+        let mut redis = self.redis.clone();
+        let (code, fields): (i64, Vec<String>) = self
+            .acknowledge
+            .key(self.key(workspace, incident))
+            .arg(by)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(match code {
+            0 => Acknowledgement::Acknowledged(Incident::from_fields(fields)),
+            1 => Acknowledgement::Already(Incident::from_fields(fields)),
+            _ => Acknowledgement::NotTracked,
+        })
+    }
+
+    /// Takes back a click's acknowledgement by `by` (its event could not be published).
+    pub async fn reopen(
+        &self,
+        workspace: &str,
+        incident: &str,
+        by: &str,
+    ) -> Result<(), IncidentError> {
+        let mut redis = self.redis.clone();
+        self.reopen
+            .key(self.key(workspace, incident))
+            .arg(by)
+            .invoke_async::<i64>(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// The incident as stored, if it is kept.
+    pub async fn get(
+        &self,
+        workspace: &str,
+        incident: &str,
+    ) -> Result<Option<Incident>, IncidentError> {
+        let mut redis = self.redis.clone();
+        let fields: Vec<String> = redis::cmd("HGETALL")
+            .arg(self.key(workspace, incident))
+            .query_async(&mut redis)
+            .await?;
+        Ok((!fields.is_empty()).then(|| Incident::from_fields(fields)))
+    }
+}
+
+impl Incident {
+    fn from_fields(fields: Vec<String>) -> Incident {
+        let mut incident = Incident {
+            state: IncidentState::Open,
+            severity: None,
+            level: None,
+            first_event: None,
+            first_at_ms: 0,
+            acknowledged_by: None,
+            acknowledged_at_ms: None,
+            resolved_at_ms: None,
+            messages: BTreeMap::new(),
+            emailed: BTreeMap::new(),
+        };
+        let mut pairs = fields.into_iter();
+        while let (Some(name), Some(value)) = (pairs.next(), pairs.next()) {
+            match name.as_str() {
+                "state" => {
+                    incident.state = IncidentState::parse(&value).unwrap_or(IncidentState::Open);
+                }
+                "severity" => incident.severity = value.parse().ok().and_then(severity_of_rank),
+                "level" => incident.level = value.parse::<i64>().ok().and_then(|l| l.try_into().ok()),
+                "event" => incident.first_event = Some(value),
+                "first_at" => incident.first_at_ms = value.parse().unwrap_or(0),
+                "ack_by" => incident.acknowledged_by = Some(value),
+                "ack_at" => incident.acknowledged_at_ms = value.parse().ok(),
+                "resolved_at" => incident.resolved_at_ms = value.parse().ok(),
+                other => {
+                    if let Some(destination) = other.strip_prefix("msg:") {
+                        if let Some(message) = parse_message(&value) {
+                            incident.messages.insert(destination.to_string(), message);
+                        }
+                    } else if let Some(destination) = other.strip_prefix("emailed:")
+                        && let Ok(at) = value.parse()
+                    {
+                        incident.emailed.insert(destination.to_string(), at);
+                    }
+                }
+            }
+        }
+        incident
+    }
+}
+
+/// `C… ts` as a first message; `pending …` is none yet.
+fn parse_message(text: &str) -> Option<FirstMessage> {
+    let (channel, ts) = text.split_once(' ')?;
+    (channel != "pending" && !channel.is_empty() && !ts.is_empty()).then(|| FirstMessage {
+        channel: channel.to_string(),
+        ts: ts.to_string(),
+    })
+}
+
+/// Critical is 0: a lower rank is more severe.
+fn severity_rank(severity: Severity) -> u8 {
+    match severity {
+        Severity::Critical => 0,
+        Severity::High => 1,
+        Severity::Medium => 2,
+        Severity::Low => 3,
+        Severity::Info => 4,
+    }
+}
+
+fn severity_of_rank(rank: u8) -> Option<Severity> {
+    Some(match rank {
+        0 => Severity::Critical,
+        1 => Severity::High,
+        2 => Severity::Medium,
+        3 => Severity::Low,
+        4 => Severity::Info,
+        _ => return None,
+    })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<String> {
+        pairs
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+            .collect()
+    }
+
+    #[test]
+    fn a_stored_incident_reads_back_with_its_messages_and_skips_first_posts_in_flight() {
+        let incident = Incident::from_fields(fields(&[
+            ("state", "acknowledged"),
+            ("severity", "1"),
+            ("level", "-1"),
+            ("first_at", "1700000000000"),
+            ("ack_by", "U0LEAD"),
+            ("ack_at", "1700000060000"),
+            ("msg:slack:T1:C0PAY", "C0PAY 1700000000.000100"),
+            ("msg:slack:T1:U0LEAD", "pending 1700000000000"),
+            ("emailed:slack:T1:C0OPS", "1700000001000"),
+            ("seen:e1", "10"),
+        ]));
+        assert_eq!(incident.state, IncidentState::Acknowledged);
+        assert_eq!(incident.severity, Some(Severity::High));
+        assert_eq!(incident.level, None);
+        assert_eq!(incident.acknowledged_by.as_deref(), Some("U0LEAD"));
+        assert_eq!(
+            incident.messages.get("slack:T1:C0PAY"),
+            Some(&FirstMessage {
+                channel: "C0PAY".into(),
+                ts: "1700000000.000100".into()
+            })
+        );
+        assert_eq!(incident.messages.len(), 1);
+        assert_eq!(incident.emailed.get("slack:T1:C0OPS"), Some(&1700000001000));
+    }
+}

@@ -13,6 +13,9 @@
 //! its post: [`Claim::AcquiredAfterCrash`] tells the caller to look for that
 //! post before sending again.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -70,6 +73,8 @@ pub struct Idempotency {
     lease: Duration,
     /// Built once: a script hashes its source when created.
     scripts: Scripts,
+    /// Claims held by this process, renewed by one task.
+    renewals: Arc<Renewals>,
     /// Keys of email targets hold the address; this is how logs show it.
     addresses: crate::redact::Addresses,
 }
@@ -93,18 +98,21 @@ const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// ours, but an earlier holder's attempt marker from `since` remains (and
 /// `where` names the channel it had rerouted to, if it had); `{-1, 0, ''}`
 /// the record says done; `{-2, pttl, ''}` another holder's lease runs `pttl`
-/// more. The marker holds `<since>` or `<since>:<channel>`.
+/// more. The marker holds `<since>` or `<since>:<channel>`; `now` is the
+/// caller's `now_ms()`, asked once per script.
 pub(super) fn claim_lua() -> String {
     format!(
-        "local function claim(key, marker, value, lease_ms)
+        "local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function claim(key, marker, value, lease_ms, now)
   if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then
     local earlier = redis.call('GET', marker)
     if earlier then
       local since, where = string.match(earlier, '^(%d+):?(.*)$')
       return {{1, tonumber(since) or 0, where or ''}}
     end
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     redis.call('SET', marker, now, 'PX', {marker_ttl})
     return {{0, 0, ''}}
   end
@@ -162,10 +170,11 @@ impl Idempotency {
             done_ttl,
             lease,
             addresses: crate::redact::Addresses::default(),
+            renewals: Arc::default(),
             scripts: Scripts {
                 // One round trip whether or not the claim is free.
                 claim: redis::Script::new(&format!(
-                    "{}return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])",
+                    "{}return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], now_ms())",
                     claim_lua()
                 )),
                 extend: redis::Script::new(
@@ -227,8 +236,9 @@ return 1",
     /// Records the send as done for the configured retention.
     pub async fn complete(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
         let mut redis = self.redis.clone();
+        // Not atomic, and need not be: a marker outliving its `done` record
+        // is never read (the claim finds the record first).
         redis::pipe()
-            .atomic()
             .cmd("SET")
             .arg(&ticket.key)
             .arg(DONE)
@@ -280,30 +290,36 @@ return 1",
 
     /// Renews the claim every third of its lease until the returned guard
     /// is dropped: the holder keeps it however long the send takes, and a
-    /// holder that dies stops renewing.
+    /// holder that dies stops renewing. One task per process renews every
+    /// claim held longer than a third of the lease; most posts finish long
+    /// before that, so holding a claim costs a map entry, not a task.
     pub fn keep_alive(&self, ticket: &ClaimTicket) -> LeaseKeeper {
-        let this = self.clone();
-        let ticket = ticket.clone();
-        let every = (self.lease / 3).max(Duration::from_millis(100));
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                match this.extend(&ticket).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(
-                            key = %this.addresses.text(&ticket.key),
-                            "lost an idempotency claim while sending (the worker stalled longer than delivery.claim_lease); another worker may send it too"
-                        );
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot renew an idempotency claim"),
-                }
-            }
+        let id = self.renewals.next_id.fetch_add(1, Ordering::Relaxed);
+        self.renewals.lock().insert(
+            id,
+            Held {
+                ticket: ticket.clone(),
+                since: tokio::time::Instant::now(),
+            },
+        );
+        self.renewals.started.get_or_init(|| {
+            tokio::spawn(renew_held_claims(
+                self.clone_for_renewals(),
+                Arc::downgrade(&self.renewals),
+            ));
         });
-        LeaseKeeper { task }
+        LeaseKeeper {
+            renewals: Arc::clone(&self.renewals),
+            id,
+        }
+    }
+
+    /// A copy for the renewal task that does not keep the claims it renews alive.
+    fn clone_for_renewals(&self) -> Idempotency {
+        Idempotency {
+            renewals: Arc::default(),
+            ..self.clone()
+        }
     }
 
     /// Gives the claim back (only if still ours), so a later attempt may
@@ -328,22 +344,76 @@ return 1",
     }
 }
 
-/// Renews a claim in the background while it lives (see [`Idempotency::keep_alive`]).
+/// Keeps a claim renewed while it lives (see [`Idempotency::keep_alive`]).
 pub struct LeaseKeeper {
-    task: tokio::task::JoinHandle<()>,
+    renewals: Arc<Renewals>,
+    id: u64,
 }
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
-        self.task.abort();
+        self.renewals.lock().remove(&self.id);
+    }
+}
+
+/// The claims this process holds, shared by every clone of an [`Idempotency`].
+#[derive(Default)]
+struct Renewals {
+    held: Mutex<HashMap<u64, Held>>,
+    next_id: AtomicU64,
+    /// The renewal task is started with the first claim held.
+    started: OnceLock<()>,
+}
+
+struct Held {
+    ticket: ClaimTicket,
+    since: tokio::time::Instant,
+}
+
+impl Renewals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Every third of the lease, renews each claim held at least that long,
+/// until the last [`Idempotency`] holding `renewals` is gone.
+async fn renew_held_claims(idempotency: Idempotency, renewals: Weak<Renewals>) {
+    let every = (idempotency.lease / 3).max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(renewals) = renewals.upgrade() else {
+            return;
+        };
+        let due: Vec<(u64, ClaimTicket)> = renewals
+            .lock()
+            .iter()
+            .filter(|(_, held)| held.since.elapsed() >= every)
+            .map(|(id, held)| (*id, held.ticket.clone()))
+            .collect();
+        for (id, ticket) in due {
+            match idempotency.extend(&ticket).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Once lost, renewing it again cannot help.
+                    if renewals.lock().remove(&id).is_some() {
+                        tracing::warn!(
+                            key = %idempotency.addresses.text(&ticket.key),
+                            "lost an idempotency claim while sending (the worker stalled longer than delivery.claim_lease); another worker may send it too"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew an idempotency claim"),
+            }
+        }
     }
 }
 
 /// A value no other claim holds: this process's random id and a counter
 /// (a fresh UUID per claim cost a `getrandom` call per post).
 fn claim_value() -> String {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
     static PROCESS: OnceLock<uuid::Uuid> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let process = PROCESS.get_or_init(uuid::Uuid::new_v4);

@@ -417,7 +417,9 @@ impl Incident {
                     incident.state = IncidentState::parse(&value).unwrap_or(IncidentState::Open);
                 }
                 "severity" => incident.severity = value.parse().ok().and_then(severity_of_rank),
-                "level" => incident.level = value.parse::<i64>().ok().and_then(|l| l.try_into().ok()),
+                "level" => {
+                    incident.level = value.parse::<i64>().ok().and_then(|l| l.try_into().ok())
+                }
                 "event" => incident.first_event = Some(value),
                 "first_at" => incident.first_at_ms = value.parse().unwrap_or(0),
                 "ack_by" => incident.acknowledged_by = Some(value),

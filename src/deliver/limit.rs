@@ -38,20 +38,20 @@ const BURST_JITTER_ALLOWANCE_MS: u64 = 250;
 /// elsewhere); otherwise the claim is ours, whatever the buckets say.
 const GCRA: &str = r#"
 local claimed = {0, 0, ''}
+local now = now_ms()
 if KEYS[4] then
-  claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6])
+  claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6], now)
   if claimed[1] < 0 then return {claimed[1], claimed[2], 0, claimed[3]} end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local paused_until = tonumber(redis.call('GET', KEYS[3]) or '0')
+local state = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
+local paused_until = tonumber(state[3] or '0')
 if paused_until > now then return {claimed[1], claimed[2], paused_until - now, claimed[3]} end
 local wait = 0
 local tats = {}
 for i = 1, 2 do
   local interval = tonumber(ARGV[2 * i - 1])
   local tolerance = tonumber(ARGV[2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local tat = tonumber(state[i] or '0')
   if tat < now then tat = now end
   local allowed_at = tat - tolerance
   if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end

@@ -64,6 +64,8 @@ pub struct Observed {
     pub rose: bool,
     /// The incident after the event.
     pub incident: Incident,
+    /// Per destination asked about, in the order asked.
+    pub first_posts: Vec<FirstPost>,
 }
 
 /// Where a destination's first message stands.
@@ -120,6 +122,7 @@ local key, state, severity, level, event, ttl, event_id, ack_by =
   KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stale_ms = STALE_MS
 local seen = redis.call('HGET', key, 'seen:' .. event_id)
 local first, rose
 if seen then
@@ -154,7 +157,22 @@ else
   end
 end
 redis.call('PEXPIRE', key, ttl)
-return {first and 1 or 0, rose and 1 or 0, redis.call('HGETALL', key)}
+-- Each destination's first message: there, being posted, or ours to post.
+local posts = {}
+for i = 8, #ARGV do
+  local field = 'msg:' .. ARGV[i]
+  local current = redis.call('HGET', key, field)
+  local since = current and string.match(current, '^pending (%d+)$')
+  if current and not since then
+    posts[#posts + 1] = 1
+  elseif since and now - tonumber(since) < stale_ms then
+    posts[#posts + 1] = 2
+  else
+    redis.call('HSET', key, field, 'pending ' .. now)
+    posts[#posts + 1] = 0
+  end
+end
+return {first and 1 or 0, rose and 1 or 0, redis.call('HGETALL', key), posts}
 "#;
 
 /// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.
@@ -218,7 +236,9 @@ impl Incidents {
             redis,
             key_prefix: key_prefix.to_string(),
             ttl,
-            observe: redis::Script::new(OBSERVE),
+            observe: redis::Script::new(
+                &OBSERVE.replace("STALE_MS", &FIRST_POST_STALE_MS.to_string()),
+            ),
             first_post: redis::Script::new(FIRST_POST),
             record_first: redis::Script::new(RECORD_FIRST),
             abandon_first: redis::Script::new(ABANDON_FIRST),
@@ -238,12 +258,14 @@ impl Incidents {
 
     /// Joins `event` to its incident (starting it if it is the first),
     /// applies what the event says (acknowledged, resolved) and answers the
-    /// incident as it is now. Idempotent per event id.
+    /// incident as it is now, and where each of `destinations` has its
+    /// first message (see [`FirstPost`]). Idempotent per event id.
     pub async fn observe(
         &self,
         workspace: &str,
         incident: &str,
         event: &Event,
+        destinations: &[&str],
     ) -> Result<Observed, IncidentError> {
         let event_json = serde_json::to_string(event).unwrap_or_default();
         let level = event
@@ -261,22 +283,38 @@ impl Incidents {
             })
             .unwrap_or_default();
         let mut redis = self.redis.clone();
-        let (first, rose, fields): (i64, i64, Vec<String>) = self
-            .observe
-            .key(self.key(workspace, incident))
-            .arg(event.incident_state().as_str())
+        let mut call = self.observe.key(self.key(workspace, incident));
+        call.arg(event.incident_state().as_str())
             .arg(severity_rank(event.severity))
             .arg(level)
             .arg(event_json)
             .arg(millis(self.ttl))
             .arg(&event.id)
-            .arg(acknowledged_by)
-            .invoke_async(&mut redis)
-            .await?;
+            .arg(acknowledged_by);
+        for destination in destinations {
+            call.arg(*destination);
+        }
+        let (first, rose, fields, posts): (i64, i64, Vec<String>, Vec<i64>) =
+            call.invoke_async(&mut redis).await?;
+        let incident = Incident::from_fields(fields);
+        let first_posts = destinations
+            .iter()
+            .zip(posts)
+            .map(|(destination, code)| match code {
+                1 => incident
+                    .messages
+                    .get(*destination)
+                    .cloned()
+                    .map_or(FirstPost::Ours, FirstPost::Exists),
+                2 => FirstPost::InFlight,
+                _ => FirstPost::Ours,
+            })
+            .collect();
         Ok(Observed {
             is_first: first == 1,
             rose: rose == 1,
-            incident: Incident::from_fields(fields),
+            incident,
+            first_posts,
         })
     }
 

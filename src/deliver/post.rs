@@ -318,6 +318,7 @@ impl Deliverer {
                         plain_text,
                         without_metadata,
                         target,
+                        ..RenderContext::default()
                     };
                     match self
                         .post_once(

@@ -44,6 +44,40 @@ pub struct RenderContext<'a> {
     /// The target as routed (`slack_channel:#payments`), carried in the
     /// metadata so a lost post can be recognised for its target.
     pub target: &'a str,
+    /// The incident the event belongs to: the Acknowledge button names it.
+    pub incident: Option<IncidentRef<'a>>,
+    /// How the incident stands, for a first message being updated; `None`
+    /// for a new post (open, with its Acknowledge button).
+    pub status: Option<Status<'a>>,
+    /// Set when this post is a step of an escalation chain: said at the top.
+    pub escalation: Option<&'a str>,
+    /// Said at the top when earlier notifications of the incident went to
+    /// email because Slack could not take them.
+    pub emailed_note: Option<&'a str>,
+}
+
+/// Which incident a message is about, as the Acknowledge button carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct IncidentRef<'a> {
+    pub workspace: &'a str,
+    pub key: &'a str,
+}
+
+/// What the Acknowledge button's `value` holds: enough to find the incident.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AckButtonValue {
+    /// Workspace.
+    pub w: String,
+    /// Incident key.
+    pub k: String,
+}
+
+/// An incident's state, shown on its first messages once it changes.
+#[derive(Debug, Clone, Copy)]
+pub enum Status<'a> {
+    /// `by` is a Slack user id (`U…`) or a name; `at_unix` when.
+    Acknowledged { by: Option<&'a str>, at_unix: i64 },
+    Resolved { at_unix: i64 },
 }
 
 /// The `chat.postMessage` body for one event. Typed rather than a
@@ -62,12 +96,40 @@ pub struct Message<'a> {
     pub metadata: Option<Metadata<'a>>,
     pub unfurl_links: bool,
     pub unfurl_media: bool,
+    /// A reply in this message's thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_ts: Option<&'a str>,
+    /// A thread reply also shown in the channel.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reply_broadcast: bool,
+    /// For `chat.update`: the message to replace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<&'a str>,
 }
 
 impl<'a> Message<'a> {
     /// The same message addressed to `channel` (a channel id, `#name` or user id).
     pub fn to(mut self, channel: &'a str) -> Message<'a> {
         self.channel = Some(channel);
+        self
+    }
+
+    /// The same message as a reply in the thread of `ts`, also shown in
+    /// the channel when `broadcast`.
+    pub fn in_thread(mut self, ts: &'a str, broadcast: bool) -> Message<'a> {
+        self.thread_ts = Some(ts);
+        self.reply_broadcast = broadcast;
+        self
+    }
+
+    /// The `chat.update` body replacing message `ts` in `channel` with this
+    /// one. Without metadata: Slack keeps the message's own when none is sent.
+    pub fn replacing(mut self, channel: &'a str, ts: &'a str) -> Message<'a> {
+        self.channel = Some(channel);
+        self.ts = Some(ts);
+        self.metadata = None;
+        self.unfurl_links = false;
+        self.unfurl_media = false;
         self
     }
 
@@ -176,6 +238,30 @@ pub struct MetadataPayload<'a> {
 /// The `chat.postMessage` fields for one event, without `channel`.
 pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> {
     let mut blocks = Vec::with_capacity(6);
+    if let Some(status) = context.status {
+        blocks.push(Block::Context {
+            elements: vec![TextObject::mrkdwn(status_line(status))],
+        });
+    }
+    if let Some(after) = context.escalation {
+        blocks.push(Block::Context {
+            elements: vec![TextObject::mrkdwn(truncate(
+                &format!(
+                    ":rotating_light: *Escalated*: not acknowledged {} after it was first notified.",
+                    escape(after)
+                ),
+                SECTION_LIMIT,
+            ))],
+        });
+    }
+    if let Some(note) = context.emailed_note {
+        blocks.push(Block::Context {
+            elements: vec![TextObject::mrkdwn(truncate(
+                &format!(":email: {}", escape(note)),
+                SECTION_LIMIT,
+            ))],
+        });
+    }
     if let Some(intended) = context.rerouted_from {
         blocks.push(Block::Context {
             elements: vec![TextObject::mrkdwn(truncate(
@@ -266,14 +352,26 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         });
     }
 
-    let mut actions = vec![Button {
-        kind: "button",
-        action_id: ACK_ACTION_ID,
-        text: TextObject::plain("Acknowledge".into()),
-        style: Some("primary"),
-        value: Some(truncate(&event.id, BUTTON_VALUE_LIMIT)),
-        url: None,
-    }];
+    let mut actions = Vec::with_capacity(2);
+    // Only an open incident can be acknowledged; a value Slack would refuse
+    // (over its limit) leaves the button out rather than the message.
+    if let (None, Some(incident)) = (context.status, context.incident) {
+        let value = serde_json::to_string(&AckButtonValue {
+            w: incident.workspace.to_string(),
+            k: incident.key.to_string(),
+        })
+        .unwrap_or_default();
+        if !value.is_empty() && value.chars().count() <= BUTTON_VALUE_LIMIT {
+            actions.push(Button {
+                kind: "button",
+                action_id: ACK_ACTION_ID,
+                text: TextObject::plain("Acknowledge".into()),
+                style: Some("primary"),
+                value: Some(value),
+                url: None,
+            });
+        }
+    }
     if let Some(url) = event
         .ticket
         .as_ref()
@@ -289,7 +387,9 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
             url: Some(url),
         });
     }
-    blocks.push(Block::Actions { elements: actions });
+    if !actions.is_empty() {
+        blocks.push(Block::Actions { elements: actions });
+    }
 
     let mut context_line = format!("`{}` · event `{}`", escape(&event.kind), escape(&event.id));
     if let Some(rule) = context.rule {
@@ -300,7 +400,10 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         text: fallback_text(event, context),
         blocks,
         attachments: vec![Attachment {
-            color: severity_color(event.severity),
+            color: match context.status {
+                Some(Status::Resolved { .. }) => RESOLVED_COLOR,
+                _ => severity_color(event.severity),
+            },
             blocks: vec![Block::Context {
                 elements: vec![TextObject::mrkdwn(truncate(&context_line, SECTION_LIMIT))],
             }],
@@ -315,12 +418,53 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         }),
         unfurl_links: false,
         unfurl_media: false,
+        thread_ts: None,
+        reply_broadcast: false,
+        ts: None,
     };
     if context.plain_text {
         message.plain_text()
     } else {
         message
     }
+}
+
+/// The colour bar of a resolved incident's messages.
+pub const RESOLVED_COLOR: &str = "#2EB67D";
+
+/// `✅ Acknowledged by <@U0LEAD> at <date>`: a user id is shown as the
+/// user (no notification: updates do not notify), anything else as text.
+fn status_line(status: Status<'_>) -> String {
+    let when = |at: i64| {
+        let fallback = chrono::DateTime::from_timestamp(at, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        format!("<!date^{at}^{{date_short_pretty}} {{time}}|{fallback}>")
+    };
+    match status {
+        Status::Acknowledged { by, at_unix } => {
+            let who = match by {
+                Some(id) if is_user_id(id) => format!(" by <@{id}>"),
+                Some(name) if !name.trim().is_empty() => {
+                    format!(" by {}", escape(&truncate(name, 200)))
+                }
+                _ => String::new(),
+            };
+            format!(":white_check_mark: *Acknowledged*{who} at {}", when(at_unix))
+        }
+        Status::Resolved { at_unix } => {
+            format!(":large_green_circle: *Resolved* at {}", when(at_unix))
+        }
+    }
+}
+
+/// A Slack user id: `U` or `W` and upper-case letters and digits.
+fn is_user_id(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    matches!(bytes.next(), Some(b'U' | b'W'))
+        && text.len() >= 3
+        && text.len() <= 32
+        && bytes.all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 /// The notification text: what phones and screen readers show.
@@ -727,5 +871,119 @@ mod tests {
                 .to_string()
                 .contains("javascript")
         );
+    }
+
+    fn ack_button(message: &Value) -> Option<Value> {
+        message["blocks"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["type"] == "actions")
+            .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+            .find(|e| e["action_id"] == ACK_ACTION_ID)
+    }
+
+    #[test]
+    fn an_open_incident_has_an_acknowledge_button_naming_it_and_an_update_does_not() {
+        let e = event(
+            r#"{"id":"e-1","type":"escalation.triggered","severity":"high","title":"Checkout down","dedup_key":"chk-1"}"#,
+        );
+        let incident = IncidentRef {
+            workspace: "T0AEXY01",
+            key: "chk-1",
+        };
+        let open = rendered(
+            &e,
+            &RenderContext {
+                incident: Some(incident),
+                ..RenderContext::default()
+            },
+        );
+        let button = ack_button(&open).expect("an open incident can be acknowledged");
+        let value: AckButtonValue =
+            serde_json::from_str(button["value"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            value,
+            AckButtonValue {
+                w: "T0AEXY01".into(),
+                k: "chk-1".into()
+            }
+        );
+
+        let acknowledged = rendered(
+            &e,
+            &RenderContext {
+                incident: Some(incident),
+                status: Some(Status::Acknowledged {
+                    by: Some("U0LEAD"),
+                    at_unix: 1_700_000_000,
+                }),
+                ..RenderContext::default()
+            },
+        );
+        assert!(ack_button(&acknowledged).is_none(), "the button is gone");
+        assert_eq!(
+            acknowledged["attachments"][0]["color"],
+            severity_color(Severity::High)
+        );
+        assert!(
+            acknowledged["blocks"][0]["elements"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(":white_check_mark: *Acknowledged* by <@U0LEAD> at <!date^1700000000^")
+        );
+
+        let resolved = rendered(
+            &e,
+            &RenderContext {
+                incident: Some(incident),
+                status: Some(Status::Resolved {
+                    at_unix: 1_700_000_600,
+                }),
+                ..RenderContext::default()
+            },
+        );
+        assert!(ack_button(&resolved).is_none());
+        assert_eq!(resolved["attachments"][0]["color"], RESOLVED_COLOR);
+    }
+
+    #[test]
+    fn an_acknowledger_named_by_the_producer_cannot_mention_anyone() {
+        let line = status_line(Status::Acknowledged {
+            by: Some("<!channel> Ana"),
+            at_unix: 0,
+        });
+        assert!(line.contains("by &lt;!channel&gt; Ana"), "{line}");
+    }
+
+    #[test]
+    fn a_thread_reply_and_an_update_carry_what_slack_needs() {
+        let e = event(r#"{"id":"e-2","type":"issue.updated","severity":"low","title":"t"}"#);
+        let reply: Value = serde_json::from_slice(
+            &render(&e, &RenderContext::default())
+                .to("C0PAY")
+                .in_thread("1700000000.000100", true)
+                .to_json(),
+        )
+        .unwrap();
+        assert_eq!(reply["thread_ts"], "1700000000.000100");
+        assert_eq!(reply["reply_broadcast"], true);
+        let quiet: Value = serde_json::from_slice(
+            &render(&e, &RenderContext::default())
+                .to("C0PAY")
+                .in_thread("1700000000.000100", false)
+                .to_json(),
+        )
+        .unwrap();
+        assert!(quiet.get("reply_broadcast").is_none());
+        let update: Value = serde_json::from_slice(
+            &render(&e, &RenderContext::default())
+                .replacing("D0DM", "1700000000.000100")
+                .to_json(),
+        )
+        .unwrap();
+        assert_eq!(update["channel"], "D0DM");
+        assert_eq!(update["ts"], "1700000000.000100");
+        assert!(update.get("metadata").is_none(), "Slack keeps the original's");
+        assert!(update.get("thread_ts").is_none());
     }
 }

@@ -400,7 +400,7 @@ fn explain(e: &crate::deliver::slack::SlackError) -> String {
     let code = e.code.as_str();
     let what = match code {
         "invalid_code" => {
-            "the code was already used or has expired (each works once, for 10 minutes)"
+            "the code was already used or has expired; each works once, within 10 minutes"
         }
         "bad_redirect_uri" => {
             "the redirect URL differs from the one the install started with; \
@@ -418,7 +418,7 @@ fn explain(e: &crate::deliver::slack::SlackError) -> String {
         _ if e.is_transient() => "Slack could not be reached or failed; try again in a minute",
         _ => "Slack refused the exchange",
     };
-    format!("Slack did not give a token: {what} ({code}).")
+    format!("Slack did not give a token ({code}): {what}.")
 }
 
 async fn complete(ready: &Ready, params: &HashMap<String, String>) -> Result<Installed, Failure> {

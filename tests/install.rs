@@ -284,7 +284,7 @@ async fn bad_callbacks_answer_400_and_store_nothing() {
     env.slack.approve_installs_as(&team, "Target Team");
     let site = Site::start(&env, true, true).await;
     let before = stored_workspaces(&env).await;
-    assert_eq!(before, [env.workspace.clone()]);
+    assert_eq!(before, std::slice::from_ref(&env.workspace));
     let callback = site.callback_url();
 
     // Missing state: the code Slack sent is not even exchanged.
@@ -399,6 +399,9 @@ async fn without_the_client_credentials_or_a_public_url_the_pages_say_what_to_se
 
     assert!(env.slack.authorize_requests().is_empty());
     assert!(env.slack.requests_for("oauth.v2.access").is_empty());
-    assert_eq!(stored_workspaces(&env).await, [env.workspace.clone()]);
+    assert_eq!(
+        stored_workspaces(&env).await,
+        std::slice::from_ref(&env.workspace)
+    );
     env.cleanup().await;
 }

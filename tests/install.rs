@@ -405,3 +405,42 @@ async fn without_the_client_credentials_or_a_public_url_the_pages_say_what_to_se
     );
     env.cleanup().await;
 }
+
+#[test]
+fn the_readme_manifest_asks_for_the_scopes_the_install_asks_for_and_names_the_worker_urls() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## Create the Slack app").unwrap()..];
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap();
+    let manifest: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+    assert_eq!(
+        manifest["oauth_config"]["scopes"]["bot"],
+        json!(DEFAULT_BOT_SCOPES)
+    );
+    assert_eq!(
+        manifest["oauth_config"]["redirect_urls"],
+        json!(["https://YOUR-HOST/slack/oauth/callback"])
+    );
+    assert_eq!(
+        manifest["settings"]["interactivity"]["request_url"],
+        "https://YOUR-HOST/slack/interactions"
+    );
+    // The settings file lists the same defaults.
+    let file = alert_router::config::Settings::load_from(
+        Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/alert-router.yaml"
+        ))),
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(file.slack.oauth_scopes, DEFAULT_BOT_SCOPES);
+    assert_eq!(
+        file.slack.oauth_state_ttl,
+        std::time::Duration::from_secs(600)
+    );
+}

@@ -2664,9 +2664,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery)
         )
             .into_response()
     };
-    let mut g = shared.lock();
-    g.authorize_requests.push(args.clone());
-    drop(g);
+    shared.lock().authorize_requests.push(args.clone());
     shared.bump();
     let mut g = shared.lock();
     let arg = |name: &str| args.get(name).filter(|v| !v.is_empty()).cloned();

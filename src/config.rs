@@ -150,7 +150,40 @@ pub struct SlackSettings {
     /// is always allowed: the operator chose it.
     #[serde(with = "string_list")]
     pub allowed_workspaces: Vec<String>,
+    /// Slack's consent page, where `GET /slack/install` sends the installer.
+    pub oauth_authorize_url: String,
+    /// Bot scopes `GET /slack/install` asks for (comma-separated in the environment).
+    #[serde(with = "string_list")]
+    pub oauth_scopes: Vec<String>,
+    /// How long an install link (its signed `state`) stays valid.
+    #[serde(with = "human_duration")]
+    pub oauth_state_ttl: Duration,
 }
+
+/// The bot scopes the worker's Web API calls need, asked for by `GET /slack/install`.
+///
+/// `chat:write` posts and DMs (`chat.postMessage`, `chat.update`);
+/// `channels:join` joins a public channel on `not_in_channel`; `im:write`
+/// opens the DM conversation the lost-post check reads; `users:read` and
+/// `users:read.email` look `slack_email` targets up (Slack grants the
+/// second only with the first); `channels:read` and `groups:read` map
+/// channel names to ids (`conversations.list`); `channels:history`,
+/// `groups:history` and `im:history` read a channel back after a crash.
+/// Not `chat:write.public`: it would let the bot post in public channels
+/// without joining them, and a bot outside a channel cannot read its
+/// history, so the lost-post check would be lost there.
+pub const DEFAULT_BOT_SCOPES: &[&str] = &[
+    "chat:write",
+    "channels:join",
+    "im:write",
+    "users:read",
+    "users:read.email",
+    "channels:read",
+    "groups:read",
+    "channels:history",
+    "groups:history",
+    "im:history",
+];
 
 impl Default for SlackSettings {
     fn default() -> Self {
@@ -170,6 +203,9 @@ impl Default for SlackSettings {
             max_rate_limit_wait: Duration::from_secs(15),
             channel_cache_ttl: Duration::from_secs(600),
             allowed_workspaces: Vec::new(),
+            oauth_authorize_url: "https://slack.com/oauth/v2/authorize".into(),
+            oauth_scopes: DEFAULT_BOT_SCOPES.iter().map(|s| s.to_string()).collect(),
+            oauth_state_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -251,18 +287,34 @@ impl Default for DeliverySettings {
     }
 }
 
-/// Health and metrics endpoint.
+/// Health and metrics endpoint, and the Slack install pages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// `/healthz`, `/readyz` and `/metrics` listen here.
+    /// `/healthz`, `/readyz`, `/metrics` and `/slack/…` listen here.
     pub listen: SocketAddr,
+    /// The address people and Slack reach `http.listen` at, e.g.
+    /// `https://alerts.example.com` (behind a proxy, with its path prefix).
+    /// The OAuth redirect URL is this plus `/slack/oauth/callback`; without
+    /// it `/slack/install` only says to set it.
+    pub public_url: Option<String>,
+}
+
+impl HttpSettings {
+    /// `public_url` if set and not blank (an empty variable means unset).
+    pub fn public_url(&self) -> Option<&str> {
+        self.public_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            public_url: None,
         }
     }
 }
@@ -354,6 +406,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("delivery.retry_delays")
                 .with_list_parse_key("slack.allowed_workspaces")
+                .with_list_parse_key("slack.oauth_scopes")
                 .with_list_parse_key("email.allowed_domains")
                 .try_parsing(true)
                 .source(Some(env)),
@@ -474,6 +527,38 @@ impl Settings {
                 return Err(invalid(
                     "slack.allowed_workspaces",
                     format!("holds {workspace:?}; list workspace ids such as `T0AEXY01`"),
+                ));
+            }
+        }
+        check_url(
+            "slack.oauth_authorize_url",
+            &self.slack.oauth_authorize_url,
+            &["https", "http"],
+        )?;
+        if self.slack.oauth_scopes.is_empty()
+            || self
+                .slack
+                .oauth_scopes
+                .iter()
+                .any(|scope| scope.contains(',') || scope.chars().any(char::is_whitespace))
+        {
+            return Err(invalid(
+                "slack.oauth_scopes",
+                "must list bot scopes such as `chat:write`, one per entry",
+            ));
+        }
+        if self.slack.oauth_state_ttl.is_zero() {
+            return Err(invalid(
+                "slack.oauth_state_ttl",
+                "must be longer than 0s, e.g. `10m`",
+            ));
+        }
+        if let Some(public_url) = self.http.public_url() {
+            check_url("http.public_url", public_url, &["https", "http"])?;
+            if public_url.contains(['?', '#']) {
+                return Err(invalid(
+                    "http.public_url",
+                    "must be a base address without `?` or `#`, e.g. `https://alerts.example.com`",
                 ));
             }
         }
@@ -890,6 +975,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("email.allowed_domains"), "{err}");
+    }
+
+    #[test]
+    fn install_settings_have_defaults_and_are_checked() {
+        let s = load_with(None, &[]).unwrap();
+        assert_eq!(
+            s.slack.oauth_authorize_url,
+            "https://slack.com/oauth/v2/authorize"
+        );
+        assert_eq!(s.slack.oauth_scopes, DEFAULT_BOT_SCOPES);
+        assert_eq!(s.slack.oauth_state_ttl, Duration::from_secs(600));
+        assert_eq!(s.http.public_url(), None);
+        let s = load_with(
+            None,
+            &[
+                ("ALERT_ROUTER__SLACK__OAUTH_SCOPES", "chat:write, im:write"),
+                (
+                    "ALERT_ROUTER__HTTP__PUBLIC_URL",
+                    "https://alerts.example.com/",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.slack.oauth_scopes, ["chat:write", "im:write"]);
+        assert_eq!(s.http.public_url(), Some("https://alerts.example.com/"));
+        let s = load_with(None, &[("ALERT_ROUTER__HTTP__PUBLIC_URL", "")]).unwrap();
+        assert_eq!(s.http.public_url(), None, "empty means unset");
+        let err = load_with(
+            None,
+            &[("ALERT_ROUTER__HTTP__PUBLIC_URL", "alerts.example.com")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("http.public_url"), "{err}");
+        let err = load_with(None, &[("ALERT_ROUTER__SLACK__OAUTH_SCOPES", "")]).unwrap_err();
+        assert!(err.to_string().contains("slack.oauth_scopes"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | [`redact`] | recipient addresses as logs and dead-letter headers show them (`a***@example.com`) |
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
+//! | [`install`] | the Slack OAuth install pages (`/slack/install`, `/slack/oauth/callback`): signed `state`, code exchange, the token record |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
 //! | [`telemetry`] | logging, Prometheus metrics, one function per counted fact |
 
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod config;
 pub mod deliver;
 pub mod event;
+pub mod install;
 pub mod redact;
 pub mod reload;
 pub mod rules;

@@ -80,6 +80,10 @@ fn describe() {
         "1 while RabbitMQ blocks the worker's connection (memory or disk alarm)."
     );
     describe_counter!(
+        INSTALLS,
+        "Slack install pages served, by result (started, installed, denied, bad_state, slack_error, refused, store_failed, not_configured)."
+    );
+    describe_counter!(
         CONFIRM_TIMEOUTS,
         "Republishes the broker did not confirm within amqp.confirm_timeout; their deliveries were left for redelivery."
     );
@@ -95,6 +99,7 @@ const RULES_COUNT: &str = "alert_router_rules";
 const BROKER_CONNECTED: &str = "alert_router_broker_connected";
 const BROKER_BLOCKED: &str = "alert_router_broker_blocked";
 const CONFIRM_TIMEOUTS: &str = "alert_router_broker_confirm_timeouts_total";
+const INSTALLS: &str = "alert_router_slack_installs_total";
 
 /// An event left the worker: `outcome` is `acked`, `retried` or `dead_lettered`.
 pub fn record_event(outcome: &'static str, reason: &'static str, took: Duration) {
@@ -149,4 +154,9 @@ pub fn record_broker_blocked(blocked: bool) {
 /// A republish whose confirm did not come in time.
 pub fn record_confirm_timeout() {
     counter!(CONFIRM_TIMEOUTS).increment(1);
+}
+
+/// One step of a Slack install: `started` (sent to Slack), `installed`, or why not.
+pub fn record_install(result: &'static str) {
+    counter!(INSTALLS, "result" => result).increment(1);
 }

@@ -176,6 +176,8 @@ pub async fn run(
         settings.slack.cache_capacity,
     );
     let addresses = Addresses::new(settings.log.show_addresses);
+    let install = crate::install::Install::new(&settings, &secrets, slack.clone(), redis.clone());
+    install.log_status();
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
@@ -212,7 +214,12 @@ pub async fn run(
             addr: settings.http.listen,
             source,
         })?;
-    let http = tokio::spawn(serve_health(listener, readiness.clone(), shutdown.clone()));
+    let http = tokio::spawn(serve_health(
+        listener,
+        readiness.clone(),
+        crate::install::router(install),
+        shutdown.clone(),
+    ));
     let watcher = tokio::spawn(crate::reload::watch(
         settings.rules.path.clone(),
         Arc::clone(&context.rules),
@@ -655,6 +662,7 @@ fn forbidden_target(forbidden: &crate::trust::Forbidden) -> Outcome {
 async fn serve_health(
     listener: tokio::net::TcpListener,
     readiness: Readiness,
+    install: axum::Router,
     shutdown: CancellationToken,
 ) {
     use axum::Router;
@@ -687,7 +695,8 @@ async fn serve_health(
                     }
                 }
             }),
-        );
+        )
+        .merge(install);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

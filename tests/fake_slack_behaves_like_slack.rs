@@ -1780,3 +1780,221 @@ async fn channel_lifecycle_rename_archive_unarchive_delete() {
             .ok()
     );
 }
+
+async fn exchange(
+    c: &reqwest::Client,
+    s: &FakeSlack,
+    id: &str,
+    secret: &str,
+    code: &str,
+    redirect_uri: &str,
+) -> Resp {
+    post_form(
+        c,
+        s,
+        "oauth.v2.access",
+        None,
+        &[
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("client_id", id),
+            ("client_secret", secret),
+        ],
+    )
+    .await
+}
+
+const REDIRECT: &str = "https://alerts.example.com/slack/oauth/callback";
+
+#[tokio::test]
+async fn an_authorization_code_is_exchanged_once_for_a_bot_token_shaped_as_slack_documents() {
+    let (s, c) = setup().await;
+    s.set_oauth_client("123.456", "shh");
+    let code = s.authorization_code("T0NEW", REDIRECT);
+
+    let r = exchange(&c, &s, "123.456", "shh", &code, REDIRECT).await;
+    assert!(r.ok(), "{}", r.raw);
+    let access = r.body["access_token"].as_str().unwrap().to_string();
+    assert!(access.starts_with("xoxb-"), "{access}");
+    assert_eq!(r.body["token_type"], "bot");
+    assert_eq!(r.body["scope"], DEFAULT_BOT_SCOPES.join(","));
+    assert!(r.body["bot_user_id"].as_str().unwrap().starts_with('U'));
+    assert!(r.body["app_id"].as_str().unwrap().starts_with('A'));
+    assert_eq!(r.body["team"]["id"], "T0NEW");
+    assert!(r.body["team"]["name"].is_string());
+    assert!(r.body["enterprise"].is_null());
+    assert_eq!(r.body["is_enterprise_install"], false);
+    assert!(r.body["authed_user"]["id"].is_string());
+    assert!(
+        r.body.get("refresh_token").is_none() && r.body.get("expires_in").is_none(),
+        "no rotation: the token does not expire: {}",
+        r.raw
+    );
+    // The token works, for its workspace.
+    let t = post_form(&c, &s, "auth.test", Some(&access), &[]).await;
+    assert!(t.ok(), "{}", t.raw);
+    assert_eq!(t.body["team_id"], "T0NEW");
+    let installs = s.installs();
+    assert_eq!(installs.len(), 1);
+    assert_eq!(installs[0].access_token, access);
+    assert_eq!(installs[0].code, code);
+
+    // Once only.
+    let again = exchange(&c, &s, "123.456", "shh", &code, REDIRECT).await;
+    assert_eq!(again.error(), Some("invalid_code"), "{}", again.raw);
+    assert_eq!(s.installs().len(), 1);
+    // A code never issued, and none at all.
+    assert_eq!(
+        exchange(&c, &s, "123.456", "shh", "1.nope", REDIRECT)
+            .await
+            .error(),
+        Some("invalid_code")
+    );
+    let r = post_form(
+        &c,
+        &s,
+        "oauth.v2.access",
+        None,
+        &[("client_id", "123.456"), ("client_secret", "shh")],
+    )
+    .await;
+    assert_eq!(r.error(), Some("invalid_code"));
+}
+
+#[tokio::test]
+async fn a_code_exchange_checks_the_client_and_the_redirect_uri() {
+    let (s, c) = setup().await;
+    s.set_oauth_client("123.456", "shh");
+    let code = s.authorization_code("T0NEW", REDIRECT);
+    assert_eq!(
+        exchange(&c, &s, "999.999", "shh", &code, REDIRECT)
+            .await
+            .error(),
+        Some("invalid_client_id")
+    );
+    assert_eq!(
+        exchange(&c, &s, "123.456", "wrong", &code, REDIRECT)
+            .await
+            .error(),
+        Some("bad_client_secret")
+    );
+    assert_eq!(
+        exchange(
+            &c,
+            &s,
+            "123.456",
+            "shh",
+            &code,
+            "https://evil.example/slack/oauth/callback"
+        )
+        .await
+        .error(),
+        Some("bad_redirect_uri")
+    );
+    let r = post_form(
+        &c,
+        &s,
+        "oauth.v2.access",
+        None,
+        &[
+            ("code", &code),
+            ("client_id", "123.456"),
+            ("client_secret", "shh"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r.error(),
+        Some("bad_redirect_uri"),
+        "it was sent at authorize time"
+    );
+    // Refused attempts did not spend the code; HTTP Basic and an explicit grant_type work too.
+    let r = into_resp(
+        c.post(s.method_url("oauth.v2.access"))
+            .basic_auth("123.456", Some("shh"))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+}
+
+#[tokio::test]
+async fn with_rotation_on_an_install_mints_an_expiring_token_and_a_refresh_token_that_works() {
+    let (s, c) = setup().await;
+    s.set_oauth_client("123.456", "shh");
+    s.set_token_rotation(true);
+    let code = s.authorization_code("T0NEW", REDIRECT);
+    let r = exchange(&c, &s, "123.456", "shh", &code, REDIRECT).await;
+    assert!(r.ok(), "{}", r.raw);
+    let access = r.body["access_token"].as_str().unwrap();
+    assert!(access.starts_with("xoxe.xoxb-"), "{access}");
+    assert_eq!(r.body["expires_in"], ACCESS_TOKEN_EXPIRES_IN);
+    let refresh_token = r.body["refresh_token"].as_str().unwrap();
+    assert!(refresh_token.starts_with("xoxe-1-"), "{refresh_token}");
+    assert!(post_form(&c, &s, "auth.test", Some(access), &[]).await.ok());
+    let refreshed = refresh(&c, &s, "123.456", "shh", refresh_token).await;
+    assert!(refreshed.ok(), "{}", refreshed.raw);
+    assert_eq!(refreshed.body["team"]["id"], "T0NEW");
+}
+
+#[tokio::test]
+async fn the_consent_page_sends_the_browser_back_with_a_code_or_access_denied() {
+    let (s, _) = setup().await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    s.set_oauth_client("123.456", "shh");
+    let visit = |client_id: &str, scope: &str| {
+        let mut url = url::Url::parse(&s.authorize_url()).unwrap();
+        url.query_pairs_mut()
+            .append_pair("client_id", client_id)
+            .append_pair("scope", scope)
+            .append_pair("redirect_uri", REDIRECT)
+            .append_pair("state", "s-1");
+        c.get(url).send()
+    };
+    let r = visit("123.456", "chat:write,im:write").await.unwrap();
+    assert_eq!(r.status(), 400, "no one signed in yet");
+
+    s.approve_installs_as("T0NEW", "New Team");
+    let r = visit("999.999", "chat:write").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("invalid_client_id"));
+    let r = visit("123.456", "").await.unwrap();
+    assert_eq!(r.status(), 400, "no scopes");
+
+    let r = visit("123.456", "chat:write,im:write").await.unwrap();
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    assert!(back.as_str().starts_with(REDIRECT), "{back}");
+    let query: std::collections::HashMap<_, _> = back.query_pairs().into_owned().collect();
+    assert_eq!(query["state"], "s-1");
+    let granted = exchange(&c, &s, "123.456", "shh", &query["code"], REDIRECT).await;
+    assert!(granted.ok(), "{}", granted.raw);
+    assert_eq!(
+        granted.body["scope"], "chat:write,im:write",
+        "what was asked"
+    );
+    assert_eq!(granted.body["team"]["name"], "New Team");
+    assert_eq!(s.authorize_requests().len(), 4);
+
+    s.deny_installs();
+    let r = visit("123.456", "chat:write").await.unwrap();
+    assert_eq!(r.status(), 302);
+    let back = url::Url::parse(r.headers()["location"].to_str().unwrap()).unwrap();
+    let query: std::collections::HashMap<_, _> = back.query_pairs().into_owned().collect();
+    assert_eq!(
+        query.get("error").map(String::as_str),
+        Some("access_denied")
+    );
+    assert_eq!(query["state"], "s-1");
+    assert!(!query.contains_key("code"));
+}

@@ -6,7 +6,10 @@
 //! 429 with `Retry-After`, unknown methods are HTTP 404 `unknown_method`.
 //!
 //! Everything is programmable from the test (tokens, channels, users, OAuth
-//! refresh tokens, rate limits, faults) and every request is recorded.
+//! refresh tokens and install codes, rate limits, faults) and every request
+//! is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
+//! it approves (or, when told, denies) as the installer the test chose and
+//! sends the browser back to `redirect_uri` with a code, as Slack does.
 //! Waiting helpers use a `tokio::sync::watch` channel with a timeout, never
 //! sleeps.
 #![allow(dead_code)]
@@ -254,6 +257,23 @@ pub struct IssuedTokens {
     pub used_refresh_token: String,
 }
 
+/// Tokens minted by a successful `oauth.v2.access` code exchange (an install).
+#[derive(Clone, Debug)]
+pub struct InstalledTokens {
+    pub access_token: String,
+    /// Set when token rotation is on.
+    pub refresh_token: Option<String>,
+    pub expires_in: Option<u64>,
+    pub team_id: String,
+    pub bot_user_id: String,
+    pub scopes: Vec<String>,
+    /// The code that was exchanged.
+    pub code: String,
+}
+
+/// How long an authorization code can be exchanged, as Slack documents.
+pub const AUTHORIZATION_CODE_LIFETIME: Duration = Duration::from_secs(600);
+
 // ---------------------------------------------------------------------------
 // State
 // ---------------------------------------------------------------------------
@@ -281,6 +301,26 @@ struct RefreshEntry {
     revoked_at: Option<Instant>,
 }
 
+/// An authorization code minted by the consent page (or a test).
+#[derive(Clone, Debug)]
+struct AuthCode {
+    team_id: String,
+    team_name: String,
+    bot_user_id: String,
+    scopes: Vec<String>,
+    /// The `redirect_uri` the authorize request sent; the exchange must send it again.
+    redirect_uri: Option<String>,
+    issued_at: Instant,
+    used: bool,
+}
+
+/// Who approves installs at the fake consent page.
+#[derive(Clone, Debug)]
+enum Installer {
+    Approve { team_id: String, team_name: String },
+    Deny,
+}
+
 struct Bucket {
     tokens: f64,
     last: Instant,
@@ -297,6 +337,13 @@ struct Inner {
     refresh_grace: Duration,
     refresh_count: usize,
     issued: Vec<IssuedTokens>,
+    auth_codes: HashMap<String, AuthCode>,
+    /// Whether installs mint rotating tokens (`xoxe.xoxb-…` with a refresh token).
+    token_rotation: bool,
+    installer: Option<Installer>,
+    installs: Vec<InstalledTokens>,
+    /// Query arguments of every `GET /oauth/v2/authorize`.
+    authorize_requests: Vec<HashMap<String, String>>,
     /// `expires_in` of minted access tokens; `None` is [`ACCESS_TOKEN_EXPIRES_IN`].
     access_token_lifetime: Option<u64>,
     /// When minted access tokens start answering `token_expired`, as Slack's do.
@@ -331,6 +378,30 @@ impl Inner {
         let v = now.max(self.last_ts_micros + 1);
         self.last_ts_micros = v;
         format!("{}.{:06}", v / 1_000_000, v % 1_000_000)
+    }
+
+    fn mint_code(
+        &mut self,
+        team_id: &str,
+        team_name: &str,
+        scopes: Vec<String>,
+        redirect_uri: Option<String>,
+    ) -> String {
+        let n = self.next_id();
+        let code = format!("{n}.{}", uuid::Uuid::new_v4().simple());
+        self.auth_codes.insert(
+            code.clone(),
+            AuthCode {
+                team_id: team_id.to_string(),
+                team_name: team_name.to_string(),
+                bot_user_id: format!("U0BOT{n}"),
+                scopes,
+                redirect_uri,
+                issued_at: Instant::now(),
+                used: false,
+            },
+        );
+        code
     }
 
     fn next_id(&mut self) -> u64 {
@@ -430,6 +501,7 @@ impl FakeSlack {
         });
         let app = Router::new()
             .route("/api/{method}", any(handle))
+            .route("/oauth/v2/authorize", axum::routing::get(authorize))
             .fallback(|| async {
                 json_reply(
                     StatusCode::NOT_FOUND,
@@ -463,6 +535,11 @@ impl FakeSlack {
     /// `http://127.0.0.1:PORT/api` (methods at `/api/<method>`).
     pub fn api_url(&self) -> String {
         format!("http://{}/api", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT/oauth/v2/authorize`, the consent page.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}/oauth/v2/authorize", self.addr)
     }
 
     /// `http://127.0.0.1:PORT/api/<method>`
@@ -642,6 +719,49 @@ impl FakeSlack {
     /// answer `token_expired` once that time has passed.
     pub fn set_access_token_lifetime(&self, secs: u64) {
         self.lock().access_token_lifetime = Some(secs);
+    }
+
+    /// Mints an authorization code for an install into `team_id` with
+    /// [`DEFAULT_BOT_SCOPES`], as Slack's consent page would for an
+    /// authorize request that sent `redirect_uri`. It works once, for
+    /// [`AUTHORIZATION_CODE_LIFETIME`].
+    pub fn authorization_code(&self, team_id: &str, redirect_uri: &str) -> String {
+        let scopes = DEFAULT_BOT_SCOPES.iter().map(|s| s.to_string()).collect();
+        self.lock().mint_code(
+            team_id,
+            &format!("Team {team_id}"),
+            scopes,
+            Some(redirect_uri.to_string()),
+        )
+    }
+
+    /// Installs mint rotating tokens (`xoxe.xoxb-…`, a refresh token and
+    /// `expires_in`), as when the app has token rotation turned on.
+    pub fn set_token_rotation(&self, on: bool) {
+        self.lock().token_rotation = on;
+    }
+
+    /// The consent page approves every install as an admin of this workspace.
+    pub fn approve_installs_as(&self, team_id: &str, team_name: &str) {
+        self.lock().installer = Some(Installer::Approve {
+            team_id: team_id.to_string(),
+            team_name: team_name.to_string(),
+        });
+    }
+
+    /// The consent page answers every install with "Cancel" (`error=access_denied`).
+    pub fn deny_installs(&self) {
+        self.lock().installer = Some(Installer::Deny);
+    }
+
+    /// Tokens minted by code exchanges, oldest first.
+    pub fn installs(&self) -> Vec<InstalledTokens> {
+        self.lock().installs.clone()
+    }
+
+    /// The query of every visit to the consent page, oldest first.
+    pub fn authorize_requests(&self) -> Vec<HashMap<String, String>> {
+        self.lock().authorize_requests.clone()
     }
 
     /// Number of successful refreshes.
@@ -2375,8 +2495,8 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
     }
     match req.str("grant_type").as_deref() {
         Some("refresh_token") => {}
-        // The authorization-code flow is not modelled: no code is valid.
-        None | Some("authorization_code") => return Reply::err("invalid_code"),
+        // `grant_type` is optional for the code exchange, as in Slack's SDKs.
+        None | Some("authorization_code") => return exchange_code(g, req),
         Some(_) => return Reply::err("invalid_grant_type"),
     }
     let Some(used) = req.nonempty("refresh_token") else {
@@ -2445,4 +2565,144 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
         "enterprise": null,
         "is_enterprise_install": false,
     }))
+}
+
+/// `oauth.v2.access` with a code: once, in time, with the same `redirect_uri`.
+fn exchange_code(g: &mut Inner, req: &Req) -> Reply {
+    let Some(code) = req.nonempty("code") else {
+        return Reply::err("invalid_code");
+    };
+    let Some(entry) = g.auth_codes.get_mut(&code) else {
+        return Reply::err("invalid_code");
+    };
+    if entry.used || entry.issued_at.elapsed() >= AUTHORIZATION_CODE_LIFETIME {
+        return Reply::err("invalid_code");
+    }
+    if let Some(want) = &entry.redirect_uri
+        && req.str("redirect_uri").as_deref() != Some(want.as_str())
+    {
+        return Reply::err("bad_redirect_uri");
+    }
+    entry.used = true;
+    let entry = entry.clone();
+    let now = Instant::now();
+    let suffix = g.random_suffix();
+    let rotating = g.token_rotation;
+    let expires_in = g.access_token_lifetime.unwrap_or(ACCESS_TOKEN_EXPIRES_IN);
+    let access = if rotating {
+        format!("xoxe.xoxb-1-{suffix}")
+    } else {
+        format!("xoxb-1-{suffix}")
+    };
+    g.tokens.insert(
+        access.clone(),
+        TokenSpec {
+            team_id: entry.team_id.clone(),
+            bot_user_id: entry.bot_user_id.clone(),
+            scopes: entry.scopes.clone(),
+            state: TokenState::Valid,
+        },
+    );
+    let refresh = rotating.then(|| format!("xoxe-1-{}", g.random_suffix()));
+    if let Some(refresh) = &refresh {
+        g.token_expires_at
+            .insert(access.clone(), now + Duration::from_secs(expires_in));
+        g.refresh_tokens.insert(
+            refresh.clone(),
+            RefreshEntry {
+                team_id: entry.team_id.clone(),
+                bot_user_id: entry.bot_user_id.clone(),
+                scopes: entry.scopes.clone(),
+                revoked_at: None,
+            },
+        );
+    }
+    g.installs.push(InstalledTokens {
+        access_token: access.clone(),
+        refresh_token: refresh.clone(),
+        expires_in: rotating.then_some(expires_in),
+        team_id: entry.team_id.clone(),
+        bot_user_id: entry.bot_user_id.clone(),
+        scopes: entry.scopes.clone(),
+        code,
+    });
+    let mut body = json!({
+        "ok": true,
+        "access_token": access,
+        "token_type": "bot",
+        "scope": entry.scopes.join(","),
+        "bot_user_id": entry.bot_user_id,
+        "app_id": "A0FAKESLACK",
+        "team": {"id": entry.team_id, "name": entry.team_name},
+        "enterprise": null,
+        "authed_user": {"id": "U0INSTALLER"},
+        "is_enterprise_install": false,
+    });
+    if let Some(refresh) = refresh {
+        body["refresh_token"] = json!(refresh);
+        body["expires_in"] = json!(expires_in);
+    }
+    Reply::ok(body)
+}
+
+/// `GET /oauth/v2/authorize`: Slack's consent page, answered at once as the
+/// installer the test chose. Errors are pages, as Slack shows them; the
+/// answer is a redirect back to `redirect_uri` with `code` (or
+/// `error=access_denied`) and the `state` unchanged.
+async fn authorize(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    let mut args = Map::new();
+    parse_form(query.as_deref().unwrap_or(""), &mut args);
+    let args: HashMap<String, String> = args
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    let page = |text: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            format!("<html><body><h1>Something went wrong</h1><p>{text}</p></body></html>"),
+        )
+            .into_response()
+    };
+    shared.lock().authorize_requests.push(args.clone());
+    shared.bump();
+    let mut g = shared.lock();
+    let arg = |name: &str| args.get(name).filter(|v| !v.is_empty()).cloned();
+    if g.oauth_client.as_ref().map(|(id, _)| id) != arg("client_id").as_ref() {
+        return page("invalid_client_id");
+    }
+    let Some(redirect_uri) = arg("redirect_uri") else {
+        // Slack would use the app's one Redirect URL; the fake knows none.
+        return page("bad_redirect_uri: the fake needs redirect_uri");
+    };
+    let Ok(mut back) = url::Url::parse(&redirect_uri) else {
+        return page("bad_redirect_uri");
+    };
+    let scopes: Vec<String> = arg("scope")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if scopes.is_empty() {
+        return page("invalid_scope: no bot scopes requested");
+    }
+    let outcome = match g.installer.clone() {
+        None => return page("no one is signed in (call approve_installs_as or deny_installs)"),
+        Some(Installer::Deny) => ("error", "access_denied".to_string()),
+        Some(Installer::Approve { team_id, team_name }) => (
+            "code",
+            g.mint_code(&team_id, &team_name, scopes, Some(redirect_uri.clone())),
+        ),
+    };
+    drop(g);
+    {
+        let mut pairs = back.query_pairs_mut();
+        pairs.append_pair(outcome.0, &outcome.1);
+        if let Some(state) = arg("state") {
+            pairs.append_pair("state", &state);
+        }
+    }
+    (StatusCode::FOUND, [(header::LOCATION, back.to_string())]).into_response()
 }

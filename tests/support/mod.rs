@@ -265,8 +265,15 @@ impl TestEnv {
 
     /// Starts `alert-router run` as a child process whose log lines the test can wait for.
     pub fn start_worker_process(&self) -> WorkerProcess {
+        self.start_worker_process_with(&[])
+    }
+
+    /// [`TestEnv::start_worker_process`] with more variables in its environment
+    /// (secrets, settings `worker_env` does not carry).
+    pub fn start_worker_process_with(&self, vars: &[(&str, &str)]) -> WorkerProcess {
         let mut child = self
             .command()
+            .envs(vars.iter().copied())
             .arg("run")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -729,6 +729,51 @@ pub mod admin {
             .map_err(|e| e.to_string())
     }
 
+    /// Writes a freshly installed workspace's record together with what is
+    /// known of its lifetime (`expires_in` of `oauth.v2.access`), as a
+    /// refresh does, so a short-lived rotating token is refreshed in time;
+    /// a stale note of an earlier install goes. One transaction: a replica
+    /// never reads the new record with the old note.
+    pub async fn store_installed(
+        redis: &mut ConnectionManager,
+        key_prefix: &str,
+        record: &TokenRecord,
+        expires_in: Option<i64>,
+    ) -> Result<(), redis::RedisError> {
+        let workspace = record.team_id.as_str();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let json = serde_json::to_string(record).map_err(encode_error)?;
+        pipe.set(TokenStore::key(key_prefix, workspace), json)
+            .ignore();
+        let lifetime_key = TokenStore::lifetime_key(key_prefix, workspace);
+        match (record.expires_at, expires_in) {
+            (Some(expires_at), Some(expires_in)) if expires_in > 0 => {
+                let note = serde_json::to_string(&super::Lifetime {
+                    expires_at,
+                    expires_in,
+                })
+                .map_err(encode_error)?;
+                let keep = u64::try_from(expires_in + super::LIFETIME_KEEP_SECS).unwrap_or(1);
+                pipe.set_ex(lifetime_key, note, keep).ignore();
+            }
+            _ => {
+                pipe.del(lifetime_key).ignore();
+            }
+        }
+        pipe.query_async(redis).await
+    }
+
+    /// A record that cannot be encoded, as a Redis client error (it never
+    /// happens for plain strings and numbers; the message holds no secret).
+    fn encode_error(e: serde_json::Error) -> redis::RedisError {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "cannot encode the token record",
+            e.to_string(),
+        ))
+    }
+
     /// Every stored workspace with its record (or why it cannot be read).
     pub async fn list(
         redis: &mut ConnectionManager,

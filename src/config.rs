@@ -270,6 +270,11 @@ pub struct DeliverySettings {
     /// for counts as Slack unavailable and falls back to email.
     #[serde(with = "human_duration")]
     pub max_rate_limit_deferral: Duration,
+    /// How long an incident (its first messages, state and escalation) is
+    /// kept after its last event: later events of it thread under its first
+    /// messages, and its Acknowledge button works, for this long.
+    #[serde(with = "human_duration")]
+    pub incident_ttl: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -283,6 +288,7 @@ impl Default for DeliverySettings {
             drain_timeout: Duration::from_secs(30),
             claim_lease: Duration::from_secs(10),
             max_rate_limit_deferral: Duration::from_secs(30 * 60),
+            incident_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -514,6 +520,12 @@ impl Settings {
             return Err(invalid(
                 "delivery.claim_lease",
                 "must be at least 300ms (it is renewed every third of itself), e.g. `10s`",
+            ));
+        }
+        if self.delivery.incident_ttl < Duration::from_secs(60) {
+            return Err(invalid(
+                "delivery.incident_ttl",
+                "must be at least 1m (incidents must outlive their escalation steps), e.g. `7d`",
             ));
         }
         if matches!(&self.slack.default_workspace, Some(ws) if ws.trim().is_empty()) {

@@ -345,14 +345,18 @@ impl Event {
         }
     }
 
-    /// The incident this event belongs to, if any: its `dedup_key`, else its
-    /// ticket number. Events with neither stand alone.
-    pub fn incident_key(&self) -> Option<Cow<'_, str>> {
+    /// The incident this event belongs to: its `dedup_key`, else
+    /// `ticket:<number>`, else `event:<id>` (an incident of its own, so that
+    /// its Acknowledge button works too). An `escalation.acknowledged`
+    /// event for it carries this as its `dedup_key`, which maps back here.
+    pub fn incident_key(&self) -> Cow<'_, str> {
         if let Some(key) = &self.dedup_key {
-            return Some(Cow::Borrowed(key));
+            return Cow::Borrowed(key);
         }
-        let number = self.ticket.as_ref()?.number.as_deref()?;
-        (!number.trim().is_empty()).then(|| Cow::Owned(format!("ticket:{number}")))
+        match self.ticket.as_ref().and_then(|t| t.number.as_deref()) {
+            Some(number) if !number.trim().is_empty() => Cow::Owned(format!("ticket:{number}")),
+            _ => Cow::Owned(format!("event:{}", self.id)),
+        }
     }
 
     /// What this event says about its incident's state.

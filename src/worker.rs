@@ -24,6 +24,7 @@ use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
 use crate::deliver::email::EmailSender;
 use crate::deliver::idempotency::Idempotency;
+use crate::deliver::incident::Incidents;
 use crate::deliver::limit::RateLimiter;
 use crate::deliver::slack::SlackClient;
 use crate::deliver::slack::channels::ChannelDirectory;
@@ -178,6 +179,11 @@ pub async fn run(
     let addresses = Addresses::new(settings.log.show_addresses);
     let install = crate::install::Install::new(&settings, &secrets, slack.clone(), redis.clone());
     install.log_status();
+    let incidents = Incidents::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        settings.delivery.incident_ttl,
+    );
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
@@ -194,6 +200,7 @@ pub async fn run(
             slack,
             tokens,
             idempotency,
+            incidents,
             email,
             limiter,
             max_rate_limit_wait: settings.slack.max_rate_limit_wait,

@@ -235,20 +235,32 @@ return 1",
 
     /// Records the send as done for the configured retention.
     pub async fn complete(&self, ticket: &ClaimTicket) -> Result<(), redis::RedisError> {
+        self.complete_and(ticket, &[]).await
+    }
+
+    /// [`Idempotency::complete`], with `also` (what else the send changed,
+    /// such as where an incident's first message landed) in the same round trip.
+    pub async fn complete_and(
+        &self,
+        ticket: &ClaimTicket,
+        also: &[redis::Cmd],
+    ) -> Result<(), redis::RedisError> {
         let mut redis = self.redis.clone();
         // Not atomic, and need not be: a marker outliving its `done` record
         // is never read (the claim finds the record first).
-        redis::pipe()
-            .cmd("SET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
             .arg(&ticket.key)
             .arg(DONE)
             .arg("PX")
             .arg(millis(self.done_ttl))
             .ignore()
             .del(&ticket.marker)
-            .ignore()
-            .query_async::<()>(&mut redis)
-            .await
+            .ignore();
+        for cmd in also {
+            pipe.add_command(cmd.clone()).ignore();
+        }
+        pipe.query_async::<()>(&mut redis).await
     }
 
     /// Records on the claim's attempt marker that the post now goes to

@@ -362,6 +362,41 @@ impl Incidents {
         Ok(())
     }
 
+    /// The commands that record a post to `destination` (see
+    /// [`super::idempotency::Idempotency::complete_and`]): where the first
+    /// message landed, when `first` is it, and that Slack takes the
+    /// incident again (the catch-up note has been said).
+    pub fn posted_commands(
+        &self,
+        workspace: &str,
+        incident: &str,
+        destination: &str,
+        first: Option<&FirstMessage>,
+        clear_emailed: bool,
+    ) -> Vec<redis::Cmd> {
+        let key = self.key(workspace, incident);
+        let mut commands = Vec::with_capacity(3);
+        if let Some(message) = first {
+            // Only the delivery that marked the first post pending gets
+            // here, so it writes without comparing.
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key)
+                .arg(Self::message_field(destination))
+                .arg(format!("{} {}", message.channel, message.ts));
+            commands.push(hset);
+            // Never a hash without a lifetime, should the incident have gone meanwhile.
+            let mut expire = redis::cmd("PEXPIRE");
+            expire.arg(&key).arg(millis(self.ttl));
+            commands.push(expire);
+        }
+        if clear_emailed {
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&key).arg(format!("emailed:{destination}"));
+            commands.push(hdel);
+        }
+        commands
+    }
+
     /// Gives up this caller's first post to `destination`; `emailed` notes
     /// that the notification went to email instead (for the catch-up note
     /// when Slack takes the incident again).

@@ -90,7 +90,8 @@ fn tier_of(method: &str) -> Option<Bucket> {
         "users.lookupByEmail"
         | "conversations.join"
         | "conversations.open"
-        | "conversations.history" => Some(Bucket::new(50.0 / 60.0, 10)),
+        | "conversations.history"
+        | "chat.update" => Some(Bucket::new(50.0 / 60.0, 10)),
         _ => None,
     }
 }

@@ -26,6 +26,7 @@ mod post;
 mod resolve;
 pub mod schedule;
 pub mod slack;
+mod thread;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -39,6 +40,7 @@ use crate::redact::Addresses;
 use crate::rules::Routing;
 use email::EmailSender;
 use idempotency::{Claim, ClaimTicket, Idempotency};
+use incident::Incidents;
 use limit::RateLimiter;
 use post::SlackResult;
 use schedule::Scheduler;
@@ -58,6 +60,9 @@ pub enum TargetStatus {
     Failed { detail: String, retryable: bool },
     /// Not sent yet: the channel's rate limit has no slot for `wait`.
     Deferred { wait: Duration },
+    /// Nothing to do, and nothing to retry: an update of a message Slack
+    /// no longer has (deleted, or its channel archived), say.
+    Skipped { reason: String },
 }
 
 /// One target and what happened to it.
@@ -126,6 +131,7 @@ impl fmt::Display for DeliveryReport {
                 TargetStatus::Deferred { wait } => {
                     format!("{} waits {wait:?} for a rate-limit slot", t.target)
                 }
+                TargetStatus::Skipped { reason } => format!("{} skipped: {reason}", t.target),
             })
             .collect();
         f.write_str(&parts.join("; "))
@@ -137,6 +143,8 @@ pub struct Deliverer {
     slack: SlackClient,
     tokens: TokenStore,
     idempotency: Idempotency,
+    /// Incidents: first messages to thread under and update, and their state.
+    incidents: Incidents,
     email: EmailSender,
     limiter: RateLimiter,
     /// Longest inline wait for a rate-limit slot before deferring through the broker.
@@ -154,6 +162,7 @@ pub struct DelivererParts {
     pub slack: SlackClient,
     pub tokens: TokenStore,
     pub idempotency: Idempotency,
+    pub incidents: Incidents,
     pub email: EmailSender,
     pub limiter: RateLimiter,
     pub max_rate_limit_wait: Duration,
@@ -174,6 +183,7 @@ impl Deliverer {
             slack,
             tokens,
             idempotency,
+            incidents,
             email,
             limiter,
             max_rate_limit_wait,
@@ -185,6 +195,7 @@ impl Deliverer {
             slack,
             tokens,
             idempotency,
+            incidents,
             email,
             scheduler: Scheduler::new(limiter.clone()),
             limiter,
@@ -243,11 +254,52 @@ impl Deliverer {
             }
         }
 
-        let results =
-            join_all(resolved.iter().map(|target| {
-                self.slack_phase(event, target, &token, default_channel, waited_enough)
-            }))
-            .await;
+        // The incident: where its first messages are, and what this event changes.
+        let incident_key = event.incident_key();
+        let observed = match &token {
+            Ok(token) => {
+                let destinations: Vec<&str> = resolved
+                    .iter()
+                    .filter(|t| matches!(t.action, resolve::Action::Slack(_)))
+                    .map(|t| t.dedupe.as_str())
+                    .collect();
+                match self
+                    .incidents
+                    .observe(&token.workspace, &incident_key, event, &destinations)
+                    .await
+                {
+                    Ok(observed) => Some(observed),
+                    Err(e) => {
+                        let detail = e.to_string();
+                        let reports = routing
+                            .targets
+                            .iter()
+                            .map(|r| failed(&r.target, detail.clone(), true))
+                            .collect();
+                        return DeliveryReport { targets: reports };
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let plans = thread::plans(
+            &resolved,
+            observed.as_ref(),
+            token.as_ref().ok().map(|t| t.workspace.as_str()),
+            &incident_key,
+        );
+
+        let results = join_all(resolved.iter().zip(&plans).map(|(target, plan)| {
+            self.slack_phase(
+                event,
+                target,
+                &token,
+                default_channel,
+                waited_enough,
+                plan.as_ref(),
+            )
+        }))
+        .await;
         let mut reports = Vec::with_capacity(results.len());
         let mut pending = Vec::new();
         for result in results {
@@ -257,6 +309,14 @@ impl Deliverer {
             }
         }
         reports.extend(self.email_phase(event, pending).await);
+        if let (Some(observed), Ok(token)) = (&observed, &token)
+            && event.incident_state() != crate::event::IncidentState::Open
+        {
+            reports.extend(
+                self.update_first_messages(observed, token, &incident_key)
+                    .await,
+            );
+        }
         DeliveryReport { targets: reports }
     }
 }
@@ -332,6 +392,7 @@ fn report(target: &Target, status: TargetStatus) -> TargetReport {
             retryable: false, ..
         } => "failed",
         TargetStatus::Deferred { .. } => "deferred",
+        TargetStatus::Skipped { .. } => "skipped",
     };
     crate::telemetry::record_target(target.kind(), result);
     TargetReport {

@@ -23,6 +23,8 @@ pub enum Method {
     /// `conversations.history`: looking for a post a crashed worker may have made.
     History,
     LookupByEmail,
+    /// `chat.update`: an incident's first message showing its new state.
+    Update,
 }
 
 impl Method {
@@ -34,6 +36,7 @@ impl Method {
             Method::List => "conversations.list",
             Method::History => "conversations.history",
             Method::LookupByEmail => "users.lookupByEmail",
+            Method::Update => "chat.update",
         }
     }
 }
@@ -133,6 +136,8 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
             SlackFailure::Destination => Step::EmailPerson,
             _ => unavailable,
         },
+        // The message stays as it was; nothing else can stand in for it.
+        Method::Update => unavailable,
     }
 }
 
@@ -200,13 +205,14 @@ mod tests {
         SlackError::new(method.name(), code, failure)
     }
 
-    const ALL_METHODS: [Method; 6] = [
+    const ALL_METHODS: [Method; 7] = [
         Method::PostMessage,
         Method::Join,
         Method::Open,
         Method::List,
         Method::History,
         Method::LookupByEmail,
+        Method::Update,
     ];
 
     /// The README's table, row by row: method, target, Slack's answer, what

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::fallback::{PendingEmail, fallback_addresses};
 use super::idempotency::ClaimTicket;
+use super::incident::{FirstMessage, FirstPost};
 use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::resolve::{Action, Resolved, SlackDestination};
 use super::schedule::{Priority, Turn};
@@ -25,6 +26,7 @@ use super::slack::channels::{Destination, Resolution};
 use super::slack::message::{RenderContext, render};
 use super::slack::tokens::WorkspaceToken;
 use super::slack::{Body, SlackError, SlackFailure};
+use super::thread::ThreadPlan;
 use super::{
     Deliverer, LostAttempt, SlackUnavailable, TargetReport, TargetStatus, claim_status, failed,
     redis_failure, report,
@@ -68,8 +70,23 @@ const MAX_STEPS: usize = 12;
 /// (clock differences between Redis and Slack).
 const HISTORY_SLACK: Duration = Duration::from_secs(60);
 
+/// Where a post landed.
+struct Landed {
+    channel: String,
+    /// The message's `ts` (absent when a lost post was found by another way).
+    ts: Option<String>,
+}
+
+impl Landed {
+    fn to(&self) -> String {
+        format!("slack:{}", self.channel)
+    }
+}
+
 impl Deliverer {
-    /// Claims a Slack target and posts it, following Slack's answers.
+    /// Claims a Slack target and posts it, following Slack's answers: the
+    /// first message of its incident there, or a reply in that message's
+    /// thread (`plan`, when the incident is tracked).
     pub(super) async fn slack_phase<'a>(
         &self,
         event: &Event,
@@ -77,6 +94,51 @@ impl Deliverer {
         token: &Result<WorkspaceToken, SlackUnavailable>,
         default_channel: Option<&str>,
         waited_enough: bool,
+        plan: Option<&ThreadPlan<'_>>,
+    ) -> SlackResult<'a> {
+        let mut plan = plan.cloned();
+        // Another delivery is posting the message this one replies under.
+        if let Some(p) = plan.as_mut()
+            && p.first == FirstPost::InFlight
+        {
+            match self.wait_for_first_post(p).await {
+                Ok(found) => p.first = found,
+                Err(wait) => {
+                    return SlackResult::Done(report(
+                        &target.routed.target,
+                        TargetStatus::Deferred { wait },
+                    ));
+                }
+            }
+        }
+        let result = self
+            .post_target(
+                event,
+                target,
+                token,
+                default_channel,
+                waited_enough,
+                plan.as_ref(),
+            )
+            .await;
+        if let Some(p) = &plan {
+            match &result {
+                SlackResult::Done(r) if matches!(r.status, TargetStatus::Delivered { .. }) => {}
+                SlackResult::Done(_) => self.first_post_not_made(p, false).await,
+                SlackResult::NeedsEmail(_) => self.first_post_not_made(p, true).await,
+            }
+        }
+        result
+    }
+
+    async fn post_target<'a>(
+        &self,
+        event: &Event,
+        target: &Resolved<'a>,
+        token: &Result<WorkspaceToken, SlackUnavailable>,
+        default_channel: Option<&str>,
+        waited_enough: bool,
+        plan: Option<&ThreadPlan<'_>>,
     ) -> SlackResult<'a> {
         let routed = target.routed;
         // Rate limits that outlast `delivery.max_rate_limit_deferral` count as
@@ -160,6 +222,19 @@ impl Deliverer {
             }
         };
 
+        // A reply goes where the first message is (a DM's `D…` id, say).
+        let replying;
+        let destination = match plan.and_then(ThreadPlan::parent) {
+            Some(parent) => {
+                replying = SlackDestination {
+                    channel: parent.channel.clone(),
+                    ..destination.clone()
+                };
+                &replying
+            }
+            None => destination,
+        };
+
         // Its place in the channel's queue, should it have to wait.
         let priority = self.scheduler.priority(event.severity);
         // The claim and the first rate-limit slot in one round trip, unless
@@ -199,11 +274,12 @@ impl Deliverer {
                 .await
             {
                 Ok(Some(landed)) => {
-                    self.complete(&ticket, &routed.target).await;
-                    info!(target = %self.addresses.target(&routed.target), to = %landed, "a worker that crashed had posted this; recorded, not posted again");
+                    self.complete_posted(&ticket, &routed.target, plan, &landed)
+                        .await;
+                    info!(target = %self.addresses.target(&routed.target), to = %landed.to(), "a worker that crashed had posted this; recorded, not posted again");
                     return SlackResult::Done(report(
                         &routed.target,
-                        TargetStatus::Delivered { to: landed },
+                        TargetStatus::Delivered { to: landed.to() },
                     ));
                 }
                 Ok(None) => {}
@@ -229,13 +305,16 @@ impl Deliverer {
                 &ticket,
                 first_slot,
                 priority,
+                plan,
                 &mut may_have_sent,
             )
             .await;
         match outcome {
-            Ok(to) => {
-                self.complete(&ticket, &routed.target).await;
-                info!(target = %self.addresses.target(&routed.target), to = %to, "delivered");
+            Ok(landed) => {
+                self.complete_posted(&ticket, &routed.target, plan, &landed)
+                    .await;
+                let to = landed.to();
+                info!(target = %self.addresses.target(&routed.target), to = %to, thread = landed_in_thread(plan, &landed), "delivered");
                 SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
             }
             Err(PostFailure::Deferred(wait)) if waited_enough => {
@@ -285,8 +364,10 @@ impl Deliverer {
         ticket: &ClaimTicket,
         first_slot: Slot,
         priority: Priority,
+        plan: Option<&ThreadPlan<'_>>,
         may_have_sent: &mut bool,
-    ) -> Result<String, PostFailure> {
+    ) -> Result<Landed, PostFailure> {
+        let emailed_note = plan.and_then(ThreadPlan::emailed_note);
         let mut token = token.clone();
         let mut channel = destination.channel.clone();
         let mut tried = destination.tried();
@@ -318,13 +399,20 @@ impl Deliverer {
                         plain_text,
                         without_metadata,
                         target,
+                        incident: plan.map(ThreadPlan::incident),
+                        emailed_note: emailed_note.as_deref(),
                         ..RenderContext::default()
                     };
+                    // In the thread while the post goes where its parent is.
+                    let thread = plan
+                        .and_then(|p| p.parent().map(|parent| (parent, p.rose)))
+                        .filter(|(parent, _)| parent.channel == channel)
+                        .map(|(parent, rose)| (parent.ts.as_str(), rose));
                     match self
                         .post_once(
                             event,
                             &context,
-                            &channel,
+                            (&channel, thread),
                             &token,
                             (slot, priority),
                             &mut waited,
@@ -472,12 +560,16 @@ impl Deliverer {
         &self,
         event: &Event,
         context: &RenderContext<'_>,
-        channel: &str,
+        (channel, thread): (&str, Option<(&str, bool)>),
         token: &WorkspaceToken,
         (first_slot, priority): (Slot, Priority),
         waited: &mut Duration,
-    ) -> Result<String, AttemptFailure> {
-        let payload = render(event, context).to(channel).to_json();
+    ) -> Result<Landed, AttemptFailure> {
+        let mut message = render(event, context).to(channel);
+        if let Some((ts, broadcast)) = thread {
+            message = message.in_thread(ts, broadcast);
+        }
+        let payload = message.to_json();
         let mut slot = first_slot;
         loop {
             let budget = self.max_rate_limit_wait.saturating_sub(*waited);
@@ -508,11 +600,14 @@ impl Deliverer {
                 .await;
             match result {
                 Ok(reply) => {
-                    let landed = reply
-                        .get("channel")
-                        .and_then(Value::as_str)
-                        .unwrap_or(channel);
-                    return Ok(format!("slack:{landed}"));
+                    return Ok(Landed {
+                        channel: reply
+                            .get("channel")
+                            .and_then(Value::as_str)
+                            .unwrap_or(channel)
+                            .to_string(),
+                        ts: reply.get("ts").and_then(Value::as_str).map(str::to_string),
+                    });
                 }
                 Err(e) if e.code == "ratelimited" => {
                     let key = self.limiter.channel_pause_key(&token.workspace, channel);
@@ -601,8 +696,8 @@ impl Deliverer {
         destination: &SlackDestination,
         token: &WorkspaceToken,
         lost: &LostAttempt,
-    ) -> Result<Option<String>, Duration> {
-        let on_error = |method: Method, e: &SlackError| -> Result<Option<String>, Duration> {
+    ) -> Result<Option<Landed>, Duration> {
+        let on_error = |method: Method, e: &SlackError| -> Result<Option<Landed>, Duration> {
             match policy::next_step(method, destination.kind, e, Tried::default()) {
                 Step::Wait(wait) => Err(wait),
                 _ => {
@@ -652,7 +747,7 @@ impl Deliverer {
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .any(|message| {
+            .find(|message| {
                 let payload = message.pointer("/metadata/event_payload");
                 message
                     .pointer("/metadata/event_type")
@@ -667,13 +762,59 @@ impl Deliverer {
                         .and_then(Value::as_str)
                         .is_none_or(|t| t == target)
             });
-        Ok(found.then(|| format!("slack:{conversation}")))
+        Ok(found.map(|message| Landed {
+            ts: message
+                .get("ts")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            channel: conversation,
+        }))
+    }
+
+    /// [`Deliverer::complete`] for a post, recording in the same round trip
+    /// where an incident's first message landed.
+    async fn complete_posted(
+        &self,
+        ticket: &ClaimTicket,
+        target: &crate::event::Target,
+        plan: Option<&ThreadPlan<'_>>,
+        landed: &Landed,
+    ) {
+        let also = match plan {
+            Some(plan) => {
+                let first = match (&plan.first, &landed.ts) {
+                    (FirstPost::Ours, Some(ts)) => Some(FirstMessage {
+                        channel: landed.channel.clone(),
+                        ts: ts.clone(),
+                    }),
+                    _ => None,
+                };
+                self.incidents.posted_commands(
+                    plan.workspace,
+                    plan.key,
+                    plan.destination,
+                    first.as_ref(),
+                    plan.emailed_since_ms.is_some(),
+                )
+            }
+            None => Vec::new(),
+        };
+        self.complete_with(ticket, target, &also).await;
     }
 
     /// Records the delivery, trying Redis three times within about a quarter
     /// of a second: a record lost here costs a history lookup on redelivery.
     pub(super) async fn complete(&self, ticket: &ClaimTicket, target: &crate::event::Target) {
-        let recorded = (|| self.idempotency.complete(ticket))
+        self.complete_with(ticket, target, &[]).await;
+    }
+
+    async fn complete_with(
+        &self,
+        ticket: &ClaimTicket,
+        target: &crate::event::Target,
+        also: &[redis::Cmd],
+    ) {
+        let recorded = (|| self.idempotency.complete_and(ticket, also))
             .retry(
                 ConstantBuilder::default()
                     .with_delay(Duration::from_millis(100))
@@ -699,6 +840,12 @@ fn may_have_landed(error: &SlackError) -> bool {
         error.code.as_str(),
         "timeout" | "network_error" | "fatal_error" | "internal_error"
     ) || error.code.starts_with("http_5")
+}
+
+/// For the log: whether the post went into an incident's thread.
+fn landed_in_thread(plan: Option<&ThreadPlan<'_>>, landed: &Landed) -> bool {
+    plan.and_then(ThreadPlan::parent)
+        .is_some_and(|parent| parent.channel == landed.channel)
 }
 
 fn unavailable(error: &SlackError) -> PostFailure {

@@ -76,8 +76,13 @@ pub struct AckButtonValue {
 #[derive(Debug, Clone, Copy)]
 pub enum Status<'a> {
     /// `by` is a Slack user id (`U…`) or a name; `at_unix` when.
-    Acknowledged { by: Option<&'a str>, at_unix: i64 },
-    Resolved { at_unix: i64 },
+    Acknowledged {
+        by: Option<&'a str>,
+        at_unix: i64,
+    },
+    Resolved {
+        at_unix: i64,
+    },
 }
 
 /// The `chat.postMessage` body for one event. Typed rather than a
@@ -450,7 +455,10 @@ fn status_line(status: Status<'_>) -> String {
                 }
                 _ => String::new(),
             };
-            format!(":white_check_mark: *Acknowledged*{who} at {}", when(at_unix))
+            format!(
+                ":white_check_mark: *Acknowledged*{who} at {}",
+                when(at_unix)
+            )
         }
         Status::Resolved { at_unix } => {
             format!(":large_green_circle: *Resolved* at {}", when(at_unix))
@@ -929,7 +937,9 @@ mod tests {
             acknowledged["blocks"][0]["elements"][0]["text"]
                 .as_str()
                 .unwrap()
-                .starts_with(":white_check_mark: *Acknowledged* by <@U0LEAD> at <!date^1700000000^")
+                .starts_with(
+                    ":white_check_mark: *Acknowledged* by <@U0LEAD> at <!date^1700000000^"
+                )
         );
 
         let resolved = rendered(
@@ -983,7 +993,10 @@ mod tests {
         .unwrap();
         assert_eq!(update["channel"], "D0DM");
         assert_eq!(update["ts"], "1700000000.000100");
-        assert!(update.get("metadata").is_none(), "Slack keeps the original's");
+        assert!(
+            update.get("metadata").is_none(),
+            "Slack keeps the original's"
+        );
         assert!(update.get("thread_ts").is_none());
     }
 }

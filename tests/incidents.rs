@@ -1,0 +1,240 @@
+//! Incidents in Slack: later events reply in the first message's thread, a rise is broadcast, acknowledged and resolved events update every first message.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::fake_slack::RecordedPost;
+use support::{ESCALATIONS, PAYMENTS, TestEnv, WAIT, event_id};
+
+/// Payments events go to the payments channel by id, by name, to a user by
+/// id and to a user by email; everything else to the default channel.
+const RULES: &str = r#"version: 1
+defaults:
+  slack_channel: "C0ESCALATE"
+unmatched: default
+rules:
+  - name: payments
+    matchers:
+      - team="payments"
+    notify:
+      - slack_channel: C0PAYMENTS
+      - slack_user: U0LEAD
+      - slack_email: second@example.com
+"#;
+
+const LEAD: &str = "U0LEAD";
+const SECOND: &str = "U0SECOND";
+
+async fn env() -> TestEnv {
+    let env = TestEnv::start(RULES).await;
+    env.slack.add_user(LEAD, "lead@example.com");
+    env.slack.add_user(SECOND, "second@example.com");
+    env
+}
+
+fn payments(env: &TestEnv, id: &str, extra: Value) -> Value {
+    let mut event = env.event(
+        id,
+        json!({"dedup_key": "checkout-down", "labels": {"team": "payments"}}),
+    );
+    if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    event
+}
+
+/// The Acknowledge button's value in a post, if it has one.
+fn ack_button(post: &RecordedPost) -> Option<String> {
+    post.blocks
+        .as_ref()?
+        .as_array()?
+        .iter()
+        .filter(|b| b["type"] == "actions")
+        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["action_id"] == "alert_router_ack")
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
+fn posts_of(env: &TestEnv, id: &str) -> Vec<RecordedPost> {
+    env.slack
+        .posts()
+        .into_iter()
+        .filter(|p| event_id(p) == id)
+        .collect()
+}
+
+fn color(post: &RecordedPost) -> String {
+    post.attachments.as_ref().map_or(String::new(), |a| {
+        a[0]["color"].as_str().unwrap_or_default().to_string()
+    })
+}
+
+#[tokio::test]
+async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_then_resolved_update_the_first_messages()
+ {
+    let env = env().await;
+    let worker = env.spawn_worker();
+
+    // The first event: a new message at each of the three destinations.
+    env.publish(&payments(&env, "first", json!({"severity": "high"})))
+        .await;
+    env.slack.wait_for_posts(3, WAIT).await.unwrap();
+    let firsts = posts_of(&env, "first");
+    assert_eq!(firsts.len(), 3);
+    for post in &firsts {
+        assert_eq!(post.thread_ts, None, "a first message is top-level");
+        let value: Value = serde_json::from_str(&ack_button(post).expect("a button")).unwrap();
+        assert_eq!(value["k"], "checkout-down");
+        assert_eq!(value["w"], env.workspace.as_str());
+    }
+    let first_at = |channel_id: &str| {
+        firsts
+            .iter()
+            .find(|p| p.channel_id == channel_id)
+            .unwrap_or_else(|| panic!("a first message in {channel_id}"))
+            .clone()
+    };
+    let channel_first = first_at(PAYMENTS);
+    let lead_dm = firsts
+        .iter()
+        .find(|p| p.channel == LEAD)
+        .expect("posted to the lead by user id")
+        .clone();
+    let second_dm = firsts
+        .iter()
+        .find(|p| p.channel == SECOND)
+        .expect("posted to the second by the id their email resolved to")
+        .clone();
+    assert!(lead_dm.channel_id.starts_with('D') && second_dm.channel_id.starts_with('D'));
+
+    // A follow-up of the same severity: replies, not broadcast, each in its
+    // own destination's thread, sent to the conversation id Slack answered.
+    env.publish(&payments(&env, "second", json!({"severity": "high"})))
+        .await;
+    env.slack.wait_for_posts(6, WAIT).await.unwrap();
+    for parent in [&channel_first, &lead_dm, &second_dm] {
+        let reply = posts_of(&env, "second")
+            .into_iter()
+            .find(|p| p.channel_id == parent.channel_id)
+            .unwrap_or_else(|| panic!("a reply in {}", parent.channel_id));
+        assert_eq!(reply.channel, parent.channel_id, "replies go to the id");
+        assert_eq!(reply.thread_ts.as_deref(), Some(parent.ts.as_str()));
+        assert!(reply.body.get("reply_broadcast").is_none());
+    }
+
+    // More severe: still in the thread, and broadcast to the channel.
+    env.publish(&payments(&env, "worse", json!({"severity": "critical"})))
+        .await;
+    env.slack.wait_for_posts(9, WAIT).await.unwrap();
+    let worse = posts_of(&env, "worse")
+        .into_iter()
+        .find(|p| p.channel_id == PAYMENTS)
+        .unwrap();
+    assert_eq!(worse.thread_ts.as_deref(), Some(channel_first.ts.as_str()));
+    assert_eq!(worse.body["reply_broadcast"], true);
+
+    // Acknowledged: every first message updated, by its id, button gone.
+    env.publish(&payments(
+        &env,
+        "ack",
+        json!({"type": "escalation.acknowledged", "severity": "critical",
+               "acknowledged_by": {"slack_user": LEAD, "name": "Lead"}}),
+    ))
+    .await;
+    let updates = env.slack.wait_for_updates(3, WAIT).await.unwrap();
+    for parent in [&channel_first, &lead_dm, &second_dm] {
+        let update = updates
+            .iter()
+            .find(|u| u.channel_id == parent.channel_id)
+            .unwrap_or_else(|| panic!("{} updated", parent.channel_id));
+        assert_eq!(update.ts, parent.ts);
+        assert_eq!(
+            update.channel, parent.channel_id,
+            "chat.update takes the id"
+        );
+        assert!(ack_button(update).is_none(), "the button is gone");
+        let status = update.blocks.as_ref().unwrap()[0]["elements"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            status.contains("Acknowledged") && status.contains("<@U0LEAD>"),
+            "{status}"
+        );
+        assert_eq!(
+            color(update),
+            color(parent),
+            "acknowledged keeps its colour"
+        );
+    }
+
+    // Resolved: green.
+    env.publish(&payments(
+        &env,
+        "resolved",
+        json!({"type": "escalation.resolved", "severity": "info"}),
+    ))
+    .await;
+    let updates = env.slack.wait_for_updates(6, WAIT).await.unwrap();
+    let resolved: Vec<&RecordedPost> = updates[3..].iter().collect();
+    assert_eq!(resolved.len(), 3);
+    for update in resolved {
+        assert_eq!(color(update), "#2EB67D");
+        assert!(ack_button(update).is_none());
+        assert!(
+            update.blocks.as_ref().unwrap()[0]["elements"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("Resolved")
+        );
+    }
+
+    worker.stop().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_of_one_incident_published_together_make_one_first_message_and_replies() {
+    let env = env().await;
+    for i in 0..5 {
+        env.publish(&env.event(
+            &format!("burst-{i}"),
+            json!({"ticket": {"number": "TCK-7"}}),
+        ))
+        .await;
+    }
+    // All five are in the queue (and in the worker's window) at once.
+    let worker = env.spawn_worker();
+    let posts = env.slack.wait_for_posts(5, WAIT).await.unwrap();
+    worker.stop().await;
+
+    let top_level: Vec<&RecordedPost> = posts.iter().filter(|p| p.thread_ts.is_none()).collect();
+    assert_eq!(top_level.len(), 1, "one first message: {posts:#?}");
+    for reply in posts.iter().filter(|p| p.thread_ts.is_some()) {
+        assert_eq!(reply.thread_ts.as_deref(), Some(top_level[0].ts.as_str()));
+        assert_eq!(reply.channel_id, ESCALATIONS);
+    }
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_of_different_incidents_and_standalone_events_each_start_their_own_message() {
+    let env = env().await;
+    let worker = env.spawn_worker();
+    env.publish(&env.event("a", json!({"dedup_key": "a"})))
+        .await;
+    env.publish(&env.event("b", json!({"dedup_key": "b"})))
+        .await;
+    env.publish(&env.event("c", json!({}))).await;
+    env.publish(&env.event("d", json!({}))).await;
+    let posts = env.slack.wait_for_posts(4, WAIT).await.unwrap();
+    worker.stop().await;
+    assert!(posts.iter().all(|p| p.thread_ts.is_none()), "{posts:#?}");
+    // A standalone event can be acknowledged too: its button names it.
+    let standalone = posts.iter().find(|p| event_id(p) == "c").unwrap();
+    let value: Value = serde_json::from_str(&ack_button(standalone).unwrap()).unwrap();
+    assert_eq!(value["k"], "event:c");
+    env.cleanup().await;
+}

@@ -26,6 +26,7 @@
 pub mod broker;
 pub mod config;
 pub mod deliver;
+pub mod escalation;
 pub mod event;
 pub mod install;
 pub mod redact;

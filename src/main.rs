@@ -846,6 +846,25 @@ fn rules_test(
             outln!("no rule matches: the event would be dead-lettered (no_route)")
         }
     }
+    if routing.disposition == Disposition::Deliver && !routing.escalations.is_empty() {
+        outln!();
+        outln!(
+            "escalation (if incident {} is neither acknowledged nor resolved; the first event of an incident starts it):",
+            event.incident_key()
+        );
+        for chain in &routing.escalations {
+            for (i, step) in chain.steps.iter().enumerate() {
+                let targets: Vec<String> = step.notify.iter().map(ToString::to_string).collect();
+                outln!(
+                    "  {}. after {:>6}  {}  (rule {})",
+                    i + 1,
+                    step.after_text,
+                    targets.join(", "),
+                    chain.rule
+                );
+            }
+        }
+    }
     Ok(())
 }
 

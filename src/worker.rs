@@ -184,6 +184,7 @@ pub async fn run(
         &settings.redis.key_prefix,
         settings.delivery.incident_ttl,
     );
+    let escalations = crate::escalation::Schedule::new(redis.clone(), &settings.redis.key_prefix);
     let idempotency = Idempotency::new(
         redis,
         &settings.redis.key_prefix,
@@ -200,7 +201,8 @@ pub async fn run(
             slack,
             tokens,
             idempotency,
-            incidents,
+            incidents: incidents.clone(),
+            escalations: escalations.clone(),
             email,
             limiter,
             max_rate_limit_wait: settings.slack.max_rate_limit_wait,
@@ -227,6 +229,13 @@ pub async fn run(
         crate::install::router(install),
         shutdown.clone(),
     ));
+    let escalator = tokio::spawn(crate::escalation::run(
+        settings.clone(),
+        escalations,
+        incidents,
+        Arc::clone(&context.rules),
+        shutdown.clone(),
+    ));
     let watcher = tokio::spawn(crate::reload::watch(
         settings.rules.path.clone(),
         Arc::clone(&context.rules),
@@ -244,6 +253,7 @@ pub async fn run(
                 shutdown.cancel();
                 let _ = http.await;
                 let _ = watcher.await;
+                let _ = escalator.await;
                 return Err(WorkerError::Topology(e));
             }
             Err(e) => {
@@ -271,6 +281,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = http.await;
     let _ = watcher.await;
+    let _ = escalator.await;
     info!("stopped");
     Ok(())
 }
@@ -518,7 +529,8 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Op
             Ok(event) => {
                 let waited_enough = crate::settle::deferred_for(&delivery.properties)
                     .is_some_and(|waited| waited >= context.max_rate_limit_deferral);
-                handle(context, event, waited_enough).await
+                let escalation = escalation_step(&delivery.properties);
+                handle(context, event, waited_enough, escalation).await
             }
             // Parser messages may quote a value, an address among them.
             Err(e) => Outcome::DeadLetter {
@@ -559,8 +571,13 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Op
 /// route → deliver, as an [`Outcome`]; every detail with its addresses
 /// shown as `log.show_addresses` says, since details become log lines and
 /// dead-letter headers.
-async fn handle(context: &Context, event: Event, waited_enough: bool) -> Outcome {
-    match handle_event(context, event, waited_enough).await {
+async fn handle(
+    context: &Context,
+    event: Event,
+    waited_enough: bool,
+    escalation: Option<(String, String)>,
+) -> Outcome {
+    match handle_event(context, event, waited_enough, escalation).await {
         Outcome::RetryLater { detail } => Outcome::RetryLater {
             detail: context.addresses.text(&detail).into_owned(),
         },
@@ -576,14 +593,30 @@ async fn handle(context: &Context, event: Event, waited_enough: bool) -> Outcome
     }
 }
 
-async fn handle_event(context: &Context, event: Event, waited_enough: bool) -> Outcome {
+/// The rule and the delay of an escalation step's event (see
+/// [`crate::escalation`]), from its headers.
+fn escalation_step(properties: &lapin::BasicProperties) -> Option<(String, String)> {
+    let rule = broker::header_str(properties, crate::escalation::RULE_HEADER)?;
+    let after = broker::header_str(properties, crate::escalation::AFTER_HEADER).unwrap_or_default();
+    Some((rule, after))
+}
+
+async fn handle_event(
+    context: &Context,
+    event: Event,
+    waited_enough: bool,
+    escalation: Option<(String, String)>,
+) -> Outcome {
     // The producer is not trusted with where its event goes: refused whole,
     // before anything is sent, for an operator to fix and replay.
     if let Err(forbidden) = context.trust.check_workspace(&event) {
         return forbidden_target(&forbidden);
     }
     let rules = context.rules.load_full();
-    let routing = rules.route(&event);
+    let routing = match &escalation {
+        Some((rule, after)) => rules.route_escalation(&event, rule, after),
+        None => rules.route(&event),
+    };
     if routing.disposition == Disposition::Deliver
         && let Err(forbidden) = context
             .trust

@@ -12,7 +12,7 @@
 //! Hash fields: `state`, `severity` (the most severe so far), `level` (the
 //! highest), `event` (the first event's JSON, re-rendered by updates),
 //! `first_at` (ms), `ack_by`, `ack_at`, `resolved_at`, `msg:<destination>`
-//! (`<channel> <ts>`, or `pending <ms>` while a first post is under way),
+//! (`<channel> <ts>`, or `pending <ms> <event id>` while a first post is under way),
 //! `seen:<event id>` (what the incident was before that event, so a
 //! redelivered event is judged as it was the first time) and
 //! `emailed:<destination>` (when Slack could not take it and email did).
@@ -162,13 +162,16 @@ local posts = {}
 for i = 8, #ARGV do
   local field = 'msg:' .. ARGV[i]
   local current = redis.call('HGET', key, field)
-  local since = current and string.match(current, '^pending (%d+)$')
+  local since, owner
+  if current then since, owner = string.match(current, '^pending (%d+) ?(.*)$') end
   if current and not since then
     posts[#posts + 1] = 1
-  elseif since and now - tonumber(since) < stale_ms then
+  elseif since and owner ~= event_id and now - tonumber(since) < stale_ms then
     posts[#posts + 1] = 2
   else
-    redis.call('HSET', key, field, 'pending ' .. now)
+    -- Free, stale, or this very event's (a redelivery after a crash: its
+    -- idempotency claim keeps two copies from both posting).
+    redis.call('HSET', key, field, 'pending ' .. now .. ' ' .. event_id)
     posts[#posts + 1] = 0
   end
 end
@@ -176,6 +179,7 @@ return {first and 1 or 0, rose and 1 or 0, redis.call('HGETALL', key), posts}
 "#;
 
 /// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.
+/// A stale mark is taken over (its owner is marked as unknown: `-`).
 const FIRST_POST: &str = r#"
 local key, field, stale = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if redis.call('EXISTS', key) == 0 then return {0, ''} end
@@ -183,11 +187,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local current = redis.call('HGET', key, field)
 if current then
-  local since = string.match(current, '^pending (%d+)$')
+  local since = string.match(current, '^pending (%d+)')
   if not since then return {1, current} end
   if now - tonumber(since) < stale then return {2, ''} end
 end
-redis.call('HSET', key, field, 'pending ' .. now)
+redis.call('HSET', key, field, 'pending ' .. now .. ' -')
 return {0, ''}
 "#;
 

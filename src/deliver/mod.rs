@@ -145,6 +145,8 @@ pub struct Deliverer {
     idempotency: Idempotency,
     /// Incidents: first messages to thread under and update, and their state.
     incidents: Incidents,
+    /// Escalation steps, scheduled when an incident starts.
+    escalations: crate::escalation::Schedule,
     email: EmailSender,
     limiter: RateLimiter,
     /// Longest inline wait for a rate-limit slot before deferring through the broker.
@@ -163,6 +165,7 @@ pub struct DelivererParts {
     pub tokens: TokenStore,
     pub idempotency: Idempotency,
     pub incidents: Incidents,
+    pub escalations: crate::escalation::Schedule,
     pub email: EmailSender,
     pub limiter: RateLimiter,
     pub max_rate_limit_wait: Duration,
@@ -184,6 +187,7 @@ impl Deliverer {
             tokens,
             idempotency,
             incidents,
+            escalations,
             email,
             limiter,
             max_rate_limit_wait,
@@ -196,6 +200,7 @@ impl Deliverer {
             tokens,
             idempotency,
             incidents,
+            escalations,
             email,
             scheduler: Scheduler::new(limiter.clone()),
             limiter,
@@ -282,11 +287,35 @@ impl Deliverer {
             }
             Err(_) => None,
         };
+        // The first event of an incident starts its rules' escalation chains.
+        if let (Some(observed), Ok(token)) = (&observed, &token)
+            && observed.is_first
+            && event.incident_state() == crate::event::IncidentState::Open
+            && !routing.escalations.is_empty()
+            && let Err(e) = self
+                .escalations
+                .schedule(
+                    &token.workspace,
+                    &incident_key,
+                    observed.incident.first_at_ms,
+                    &routing.escalations,
+                )
+                .await
+        {
+            let detail = e.to_string();
+            let reports = routing
+                .targets
+                .iter()
+                .map(|r| failed(&r.target, detail.clone(), true))
+                .collect();
+            return DeliveryReport { targets: reports };
+        }
         let plans = thread::plans(
             &resolved,
             observed.as_ref(),
             token.as_ref().ok().map(|t| t.workspace.as_str()),
             &incident_key,
+            routing.escalated_after.as_deref(),
         );
 
         let results = join_all(resolved.iter().zip(&plans).map(|(target, plan)| {

@@ -401,7 +401,10 @@ impl Deliverer {
                         target,
                         incident: plan.map(ThreadPlan::incident),
                         emailed_note: emailed_note.as_deref(),
-                        ..RenderContext::default()
+                        escalation: plan.and_then(|p| p.escalated_after),
+                        // A reply says what its event says; a first message
+                        // shows where the incident stands.
+                        status: plan.filter(|p| p.parent().is_none()).and_then(|p| p.status),
                     };
                     // In the thread while the post goes where its parent is.
                     let thread = plan

@@ -34,6 +34,12 @@ pub(super) struct ThreadPlan<'a> {
     /// Since when Slack could not take this destination's notifications of
     /// the incident and they went to email (Unix ms), if they did.
     pub emailed_since_ms: Option<u64>,
+    /// For an escalation step's post: how long the incident went unacknowledged.
+    pub escalated_after: Option<&'a str>,
+    /// How the incident stands if no longer open: a first message posted
+    /// after an acknowledgement (events can arrive out of order) shows it
+    /// and has no button.
+    pub status: Option<Status<'a>>,
 }
 
 impl ThreadPlan<'_> {
@@ -70,6 +76,7 @@ pub(super) fn plans<'a>(
     observed: Option<&'a Observed>,
     workspace: Option<&'a str>,
     key: &'a str,
+    escalated_after: Option<&'a str>,
 ) -> Vec<Option<ThreadPlan<'a>>> {
     let (Some(observed), Some(workspace)) = (observed, workspace) else {
         return resolved.iter().map(|_| None).collect();
@@ -90,6 +97,8 @@ pub(super) fn plans<'a>(
                 first,
                 rose: observed.rose,
                 emailed_since_ms: observed.incident.emailed.get(&target.dedupe).copied(),
+                escalated_after,
+                status: status_of(&observed.incident),
             })
         })
         .collect()

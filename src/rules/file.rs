@@ -20,7 +20,10 @@ use crate::event::Target;
 const VERSION: &str = "1";
 const TOP_KEYS: &[&str] = &["version", "defaults", "unmatched", "rules"];
 const DEFAULTS_KEYS: &[&str] = &["slack_channel", "email"];
-const RULE_KEYS: &[&str] = &["name", "matchers", "notify", "email", "continue"];
+const RULE_KEYS: &[&str] = &[
+    "name", "matchers", "notify", "email", "continue", "escalate",
+];
+const STEP_KEYS: &[&str] = &["after", "notify"];
 const TARGET_KINDS: &[&str] = &[
     "slack_channel",
     "slack_user",
@@ -49,6 +52,20 @@ pub(crate) struct RuleSpec {
     pub notify: Vec<Target>,
     pub email: Vec<String>,
     pub continue_: bool,
+    /// Steps notified while the incident stays unacknowledged, in order.
+    pub escalate: Vec<EscalationStep>,
+}
+
+/// One step of a rule's escalation chain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EscalationStep {
+    /// After the first notification, if still neither acknowledged nor resolved.
+    #[serde(skip)]
+    pub after: std::time::Duration,
+    /// The duration as written (`15m`), for messages.
+    #[serde(rename = "after")]
+    pub after_text: String,
+    pub notify: Vec<Target>,
 }
 
 /// Parses and validates a rules file. On success, also returns the warnings.
@@ -622,6 +639,11 @@ impl Checker<'_> {
             },
         };
 
+        let escalate = match fields.get("escalate") {
+            Some(list) => self.escalate(list, &label),
+            None => Vec::new(),
+        };
+
         if self.errors.len() > errors_before {
             return None;
         }
@@ -631,7 +653,94 @@ impl Checker<'_> {
             notify,
             email,
             continue_,
+            escalate,
         })
+    }
+
+    /// `escalate: [{after: 15m, notify: [...]}, ...]`: positive, increasing
+    /// durations, each step with somebody to notify.
+    fn escalate(&mut self, list: &Node, label: &str) -> Vec<EscalationStep> {
+        let mut steps: Vec<EscalationStep> = Vec::new();
+        for (i, item) in self
+            .list(list, &format!("`escalate` of {label}"))
+            .iter()
+            .enumerate()
+        {
+            let what = format!("step {} of `escalate` of {label}", i + 1);
+            let Some(fields) = self.fields(item, &what, STEP_KEYS) else {
+                continue;
+            };
+            let after = self.required(&fields, "after", &what).and_then(|node| {
+                let text = match &node.value {
+                    Value::Str(s) | Value::Number(s) => s.clone(),
+                    other => {
+                        self.error(
+                            node,
+                            format!(
+                                "`after` of {what} must be a duration such as `15m`, found {}",
+                                other.describe()
+                            ),
+                        );
+                        return None;
+                    }
+                };
+                match humantime::parse_duration(text.trim()) {
+                    Ok(after) if after.is_zero() => {
+                        self.error(node, format!("`after` of {what} must be longer than 0"));
+                        None
+                    }
+                    Ok(after) => {
+                        if let Some(previous) = steps.last()
+                            && after <= previous.after
+                        {
+                            self.error(
+                                node,
+                                format!(
+                                    "`after` of {what} ({text}) must be later than the step before it ({})",
+                                    previous.after_text
+                                ),
+                            );
+                            return None;
+                        }
+                        Some((after, text))
+                    }
+                    Err(e) => {
+                        self.error(
+                            node,
+                            format!(
+                                "`after` of {what} is not a duration (`{text}`: {e}); write e.g. `15m`, `1h 30m`"
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
+            let mut notify = Vec::new();
+            if let Some(targets) = self.required(&fields, "notify", &what) {
+                let items = self.list(targets, &format!("`notify` of {what}"));
+                if items.is_empty() {
+                    self.error(
+                        targets,
+                        format!("`notify` of {what} is empty: a step must notify someone"),
+                    );
+                }
+                for target in items {
+                    if let Some(target) = self.target(target) {
+                        notify.push(target);
+                    }
+                }
+            }
+            if let Some((after, after_text)) = after
+                && !notify.is_empty()
+            {
+                steps.push(EscalationStep {
+                    after,
+                    after_text,
+                    notify,
+                });
+            }
+        }
+        steps
     }
 
     /// Every event has one of five severities: a severity matcher that accepts
@@ -801,7 +910,20 @@ pub fn json_schema() -> serde_json::Value {
                         "items": {"$ref": "#/$defs/target"}
                     },
                     "email": {"description": "This rule's fallback recipients.", "type": "array", "items": email},
-                    "continue": {"description": "Let later rules match too.", "type": "boolean", "default": false}
+                    "continue": {"description": "Let later rules match too.", "type": "boolean", "default": false},
+                    "escalate": {
+                        "description": "Escalation chain: each step notifies its targets when the incident is still neither acknowledged nor resolved `after` its first notification.",
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["after", "notify"],
+                            "additionalProperties": false,
+                            "properties": {
+                                "after": {"description": "A duration such as `15m`; later than the step before.", "type": "string"},
+                                "notify": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/target"}}
+                            }
+                        }
+                    }
                 }
             },
             "target": {
@@ -884,9 +1006,59 @@ rules:
             [
                 "2:1: unknown key `defualts` in the rules file; allowed keys: version, defaults, unmatched, rules",
                 "4:3: unknown key `slack_chanel` in `defaults`; allowed keys: slack_channel, email",
-                "8:5: unknown key `contineu` in a rule; allowed keys: name, matchers, notify, email, continue",
+                "8:5: unknown key `contineu` in a rule; allowed keys: name, matchers, notify, email, continue, escalate",
             ]
         );
+    }
+
+    #[test]
+    fn escalation_steps_need_positive_increasing_durations_and_someone_to_notify() {
+        let yaml = "\
+version: 1
+rules:
+  - name: a
+    notify: []
+    escalate:
+      - after: 15m
+        notify: [{slack_user: U0HEAD}]
+      - after: 10m
+        notify: [{slack_channel: '#ic'}]
+      - after: 0s
+        notify: [{slack_user: U0VP}]
+      - after: soon
+        notify: [{slack_user: U0VP}]
+      - after: 1h
+        notify: []
+      - after: 2h
+        notfy: [{slack_user: U0VP}]
+";
+        assert_eq!(
+            errors(yaml),
+            [
+                "8:16: `after` of step 2 of `escalate` of rule `a` (10m) must be later than the step before it (15m)",
+                "10:16: `after` of step 3 of `escalate` of rule `a` must be longer than 0",
+                "12:16: `after` of step 4 of `escalate` of rule `a` is not a duration (`soon`: expected number at 0); write e.g. `15m`, `1h 30m`",
+                "15:17: `notify` of step 5 of `escalate` of rule `a` is empty: a step must notify someone",
+                "16:9: step 6 of `escalate` of rule `a` is missing required key `notify`",
+                "17:9: unknown key `notfy` in step 6 of `escalate` of rule `a`; allowed keys: after, notify",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rule_s_escalation_chain_is_kept_in_order() {
+        let loaded = Rules::from_yaml(
+            "version: 1\nrules:\n  - name: a\n    notify: []\n    escalate:\n      - after: 15m\n        notify: [{slack_user: U0HEAD}]\n      - after: 1h 30m\n        notify: [assignee]\n",
+            "rules.yaml",
+        )
+        .unwrap();
+        let first = loaded.rules.escalation_step("a", 0).unwrap();
+        assert_eq!(first.after, std::time::Duration::from_secs(15 * 60));
+        assert_eq!(first.notify, [Target::SlackUser("U0HEAD".into())]);
+        let second = loaded.rules.escalation_step("a", 1).unwrap();
+        assert_eq!(second.after, std::time::Duration::from_secs(90 * 60));
+        assert_eq!(second.after_text, "1h 30m");
+        assert!(loaded.rules.escalation_step("a", 2).is_none());
     }
 
     #[test]
@@ -1032,7 +1204,7 @@ rules:
                 "6:16: invalid matcher `severity=~\"(\"`: invalid regex `(`: unclosed group",
                 "7:30: the `slack_channel` target is empty",
                 "8:11: duplicate rule name `a` (first defined at line 5)",
-                "10:5: unknown key `extra` in a rule; allowed keys: name, matchers, notify, email, continue",
+                "10:5: unknown key `extra` in a rule; allowed keys: name, matchers, notify, email, continue, escalate",
             ]
         );
         let shown = Rules::from_yaml(yaml, "rules.yaml")

@@ -13,9 +13,12 @@ use std::fmt;
 
 use serde::Serialize;
 
+pub use file::EscalationStep;
 pub use file::json_schema;
 pub use matcher::{MatchOp, Matcher, MatcherError};
-pub use router::{Disposition, Explanation, RoutedTarget, Routing, RuleStep, Rules, Unmatched};
+pub use router::{
+    Disposition, EscalationChain, Explanation, RoutedTarget, Routing, RuleStep, Rules, Unmatched,
+};
 
 /// A compiled rules file together with the warnings found while loading it.
 #[derive(Debug)]

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::file::{self, FileSpec};
+use super::file::{self, EscalationStep, FileSpec};
 use super::matcher::Matcher;
 use super::{Diagnostic, Loaded, RulesErrors};
 use crate::event::{Event, Target};
@@ -47,6 +48,7 @@ struct Rule {
     /// The rule's `email`, else `defaults.email`, resolved once at load.
     fallback_emails: Vec<String>,
     continue_: bool,
+    escalate: Arc<[EscalationStep]>,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,20 @@ pub struct Routing {
     /// Names of the rules that matched, in order.
     pub matched_rules: Vec<String>,
     pub disposition: Disposition,
+    /// The escalation chains of the matched rules that have one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub escalations: Vec<EscalationChain>,
+    /// Set for an escalation step's event: how long the incident went
+    /// unacknowledged (`15m`), said in the message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalated_after: Option<String>,
+}
+
+/// A matched rule's escalation chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EscalationChain {
+    pub rule: String,
+    pub steps: Arc<[EscalationStep]>,
 }
 
 /// The fate of an event as a whole.
@@ -203,6 +219,7 @@ impl Rules {
                 plan,
                 notify: r.notify,
                 continue_: r.continue_,
+                escalate: r.escalate.into(),
             });
         }
         Rules {
@@ -239,6 +256,7 @@ impl Rules {
         };
         let mut targets: Vec<RoutedTarget> = Vec::new();
         let mut matched_rules: Vec<String> = Vec::new();
+        let mut escalations: Vec<EscalationChain> = Vec::new();
         let mut stopped = false;
         for rule in &self.rules {
             if stopped {
@@ -271,6 +289,12 @@ impl Rules {
                 continue;
             }
             matched_rules.push(rule.name.clone());
+            if !rule.escalate.is_empty() {
+                escalations.push(EscalationChain {
+                    rule: rule.name.clone(),
+                    steps: Arc::clone(&rule.escalate),
+                });
+            }
             for target in &rule.notify {
                 push_unique(
                     &mut targets,
@@ -307,7 +331,50 @@ impl Rules {
             targets,
             matched_rules,
             disposition,
+            escalations,
+            escalated_after: None,
         }
+    }
+
+    /// The routing of an escalation step's event: its own targets only (the
+    /// step's, put there when it fired), with `rule`'s fallback emails; the
+    /// rules are not applied again, or the incident's first destinations
+    /// would be notified once more.
+    pub fn route_escalation(&self, event: &Event, rule: &str, after: &str) -> Routing {
+        let fallback = self
+            .rules
+            .iter()
+            .find(|r| r.name == rule)
+            .map_or(self.default_emails.as_slice(), |r| {
+                r.fallback_emails.as_slice()
+            });
+        let mut targets = Vec::new();
+        for target in event.own_targets() {
+            push_unique(&mut targets, resolve(target, event), Some(rule), fallback);
+        }
+        let disposition = if targets.is_empty() {
+            Disposition::Silenced {
+                rule: rule.to_string(),
+            }
+        } else {
+            Disposition::Deliver
+        };
+        Routing {
+            targets,
+            matched_rules: vec![rule.to_string()],
+            disposition,
+            escalations: Vec::new(),
+            escalated_after: Some(after.to_string()),
+        }
+    }
+
+    /// Step `index` of rule `rule`'s escalation chain in these rules, if
+    /// they still have it (the rules may have been reloaded since it was set).
+    pub fn escalation_step(&self, rule: &str, index: usize) -> Option<&EscalationStep> {
+        self.rules
+            .iter()
+            .find(|r| r.name == rule)
+            .and_then(|r| r.escalate.get(index))
     }
 
     fn unmatched_disposition(&self, targets: &mut Vec<RoutedTarget>) -> Disposition {

@@ -809,6 +809,10 @@ mod tests {
             &e,
             &RenderContext {
                 rule: Some("payments-critical"),
+                incident: Some(IncidentRef {
+                    workspace: "T1",
+                    key: "ticket:TCK-2041",
+                }),
                 ..RenderContext::default()
             },
         );

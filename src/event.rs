@@ -347,16 +347,25 @@ impl Event {
 
     /// The incident this event belongs to: its `dedup_key`, else
     /// `ticket:<number>`, else `event:<id>` (an incident of its own, so that
-    /// its Acknowledge button works too). An `escalation.acknowledged`
+    /// its Acknowledge button works too); one longer than 200 characters is
+    /// cut to 120 and a hash of the whole. An `escalation.acknowledged`
     /// event for it carries this as its `dedup_key`, which maps back here.
     pub fn incident_key(&self) -> Cow<'_, str> {
         if let Some(key) = &self.dedup_key {
             return Cow::Borrowed(key);
         }
-        match self.ticket.as_ref().and_then(|t| t.number.as_deref()) {
-            Some(number) if !number.trim().is_empty() => Cow::Owned(format!("ticket:{number}")),
-            _ => Cow::Owned(format!("event:{}", self.id)),
+        let key = match self.ticket.as_ref().and_then(|t| t.number.as_deref()) {
+            Some(number) if !number.trim().is_empty() => format!("ticket:{number}"),
+            _ => format!("event:{}", self.id),
+        };
+        // Within `dedup_key`'s 200 characters, so an acknowledgement can carry it.
+        if key.chars().count() <= 200 {
+            return Cow::Owned(key);
         }
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(Sha256::digest(key.as_bytes()));
+        let prefix: String = key.chars().take(120).collect();
+        Cow::Owned(format!("{prefix}~{digest}"))
     }
 
     /// What this event says about its incident's state.
@@ -587,5 +596,30 @@ mod tests {
             Some("x-1")
         );
         assert_eq!(sniff_id(b"nope"), None);
+    }
+
+    #[test]
+    fn an_incident_is_its_dedup_key_else_its_ticket_else_the_event_and_fits_a_dedup_key() {
+        let decode = |json: &str| Event::decode(json.as_bytes(), DEFAULT_MAX_BODY_BYTES).unwrap();
+        let base = r#""type":"issue.created","severity":"low","title":"t""#;
+        let keyed = decode(&format!(
+            r#"{{"id":"e1",{base},"dedup_key":"db-down","ticket":{{"number":"T-1"}}}}"#
+        ));
+        assert_eq!(keyed.incident_key(), "db-down");
+        let ticket = decode(&format!(
+            r#"{{"id":"e1",{base},"ticket":{{"number":"T-1"}}}}"#
+        ));
+        assert_eq!(ticket.incident_key(), "ticket:T-1");
+        let alone = decode(&format!(r#"{{"id":"e1",{base}}}"#));
+        assert_eq!(alone.incident_key(), "event:e1");
+        let long_id = "x".repeat(200);
+        let long = decode(&format!(r#"{{"id":"{long_id}",{base}}}"#));
+        let key = long.incident_key();
+        assert!(key.chars().count() <= 200, "{key}");
+        assert!(key.starts_with("event:xxx"));
+        let ack = decode(&format!(
+            r#"{{"id":"ack-1","type":"escalation.acknowledged","severity":"low","title":"t","dedup_key":"{key}"}}"#
+        ));
+        assert_eq!(ack.incident_key(), key, "an acknowledgement maps back");
     }
 }

@@ -238,3 +238,75 @@ async fn events_of_different_incidents_and_standalone_events_each_start_their_ow
     assert_eq!(value["k"], "event:c");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_follow_up_whose_first_message_was_deleted_becomes_the_new_first_message() {
+    let env = env().await;
+    let worker = env.spawn_worker();
+    env.publish(&env.event("one", json!({"dedup_key": "disk"})))
+        .await;
+    let first = env.slack.wait_for_posts(1, WAIT).await.unwrap()[0].clone();
+    // Somebody deletes the alert in Slack.
+    env.slack.delete_message(&first.channel_id, &first.ts);
+
+    env.publish(&env.event("two", json!({"dedup_key": "disk"})))
+        .await;
+    let posts = env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    let second = &posts[1];
+    assert_eq!(second.thread_ts, None, "Slack had no thread: a new message");
+    let refused = env
+        .slack
+        .requests_for("chat.postMessage")
+        .into_iter()
+        .filter(|r| r.error.as_deref() == Some("thread_not_found"))
+        .count();
+    assert_eq!(refused, 1, "the reply was tried first");
+
+    env.publish(&env.event("three", json!({"dedup_key": "disk"})))
+        .await;
+    let posts = env.slack.wait_for_posts(3, WAIT).await.unwrap();
+    assert_eq!(
+        posts[2].thread_ts.as_deref(),
+        Some(second.ts.as_str()),
+        "later events reply under the new first message"
+    );
+    worker.stop().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_first_post_after_slack_comes_back_says_the_incident_went_to_email_meanwhile() {
+    let env = TestEnv::start(support::RULES_WITH_EMAIL).await;
+    env.slack.set_outage(true);
+    let worker = env.spawn_worker();
+    env.publish(&env.event("during", json!({"dedup_key": "db"})))
+        .await;
+    env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+
+    env.slack.set_outage(false);
+    env.publish(&env.event("after", json!({"dedup_key": "db"})))
+        .await;
+    let posts = env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    let note = posts[0].blocks.as_ref().unwrap().to_string();
+    assert!(
+        note.contains("could not take earlier notifications") && note.contains("went by email"),
+        "{note}"
+    );
+
+    // Said once: the next post of the incident replies without it.
+    env.publish(&env.event("later", json!({"dedup_key": "db"})))
+        .await;
+    let posts = env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    assert_eq!(posts[1].thread_ts.as_deref(), Some(posts[0].ts.as_str()));
+    assert!(
+        !posts[1]
+            .blocks
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("went by email")
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}

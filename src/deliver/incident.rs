@@ -208,7 +208,7 @@ local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and string.match(current, '^pending ') then redis.call('HDEL', KEYS[1], ARGV[1]) end
 if ARGV[2] ~= '' then
   local t = redis.call('TIME')
-  redis.call('HSETNX', KEYS[1], 'emailed:' .. ARGV[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('HSETNX', KEYS[1], 'emailed:' .. ARGV[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 return 0
 "#;

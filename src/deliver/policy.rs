@@ -65,6 +65,8 @@ pub struct Tried {
     pub resolved_from_name: bool,
     /// The channel's id is known (joining needs the id).
     pub have_channel_id: bool,
+    /// Posted as a top-level message after the incident's thread was refused.
+    pub without_thread: bool,
 }
 
 /// The next step.
@@ -85,6 +87,9 @@ pub enum Step {
     PostPlainText,
     /// Slack refused the metadata: post again without it.
     PostWithoutMetadata,
+    /// The incident's thread is gone (its first message deleted) or the
+    /// channel takes no replies: post as a new top-level message.
+    PostWithoutThread,
     /// The person cannot be messaged on Slack: email them.
     EmailPerson,
     /// The app may not list channels: post by `#name`.
@@ -141,8 +146,18 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
     }
 }
 
+/// Answers to a reply (`thread_ts`) that a top-level post would not get.
+const THREAD_REFUSED: [&str; 3] = [
+    "thread_not_found",
+    "invalid_thread_ts",
+    "restricted_action_non_threadable_channel",
+];
+
 fn after_post(kind: TargetKind, error: &SlackError, tried: Tried) -> Step {
     let code = error.code.as_str();
+    if THREAD_REFUSED.contains(&code) && !tried.without_thread {
+        return Step::PostWithoutThread;
+    }
     match (&error.failure, kind) {
         (SlackFailure::Transient { .. }, _) => Step::SlackUnavailable { transient: true },
         // A direct message never lands in a shared channel.

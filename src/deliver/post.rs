@@ -75,6 +75,9 @@ struct Landed {
     channel: String,
     /// The message's `ts` (absent when a lost post was found by another way).
     ts: Option<String>,
+    /// A new top-level message (not a reply): the incident's first message
+    /// at this destination from now on.
+    top_level: bool,
 }
 
 impl Landed {
@@ -409,7 +412,7 @@ impl Deliverer {
                     // In the thread while the post goes where its parent is.
                     let thread = plan
                         .and_then(|p| p.parent().map(|parent| (parent, p.rose)))
-                        .filter(|(parent, _)| parent.channel == channel)
+                        .filter(|(parent, _)| parent.channel == channel && !tried.without_thread)
                         .map(|(parent, rose)| (parent.ts.as_str(), rose));
                     match self
                         .post_once(
@@ -521,6 +524,10 @@ impl Deliverer {
                     tried.plain_text = true;
                     plain_text = true;
                 }
+                Step::PostWithoutThread => {
+                    warn!(channel, error = %error, "the incident's thread is gone; posting a new message");
+                    tried.without_thread = true;
+                }
                 Step::PostWithoutMetadata => {
                     warn!(channel, error = %error, "slack refused the message metadata; posting without it");
                     tried.without_metadata = true;
@@ -610,6 +617,7 @@ impl Deliverer {
                             .unwrap_or(channel)
                             .to_string(),
                         ts: reply.get("ts").and_then(Value::as_str).map(str::to_string),
+                        top_level: thread.is_none(),
                     });
                 }
                 Err(e) if e.code == "ratelimited" => {
@@ -766,6 +774,7 @@ impl Deliverer {
                         .is_none_or(|t| t == target)
             });
         Ok(found.map(|message| Landed {
+            top_level: message.get("thread_ts").is_none(),
             ts: message
                 .get("ts")
                 .and_then(Value::as_str)
@@ -785,8 +794,10 @@ impl Deliverer {
     ) {
         let also = match plan {
             Some(plan) => {
-                let first = match (&plan.first, &landed.ts) {
-                    (FirstPost::Ours, Some(ts)) => Some(FirstMessage {
+                // A top-level post is the incident's first message here: the
+                // first one, or a new one where the thread was gone.
+                let first = match &landed.ts {
+                    Some(ts) if landed.top_level => Some(FirstMessage {
                         channel: landed.channel.clone(),
                         ts: ts.clone(),
                     }),

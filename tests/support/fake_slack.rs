@@ -14,7 +14,7 @@
 //! sleeps.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -356,6 +356,10 @@ struct Inner {
     channel_faults: HashMap<String, Fault>,
     outage: bool,
     posts: Vec<RecordedPost>,
+    /// Messages that exist (channel id, ts): not forgotten by
+    /// `clear_records`, removed by `delete_message`. A reply's `thread_ts`
+    /// and an update's `ts` must name one.
+    messages: HashSet<(String, String)>,
     updates: Vec<RecordedPost>,
     requests: Vec<RecordedRequest>,
     last_ts_micros: u64,
@@ -922,6 +926,14 @@ impl FakeSlack {
             .filter(|r| r.method == method)
             .cloned()
             .collect()
+    }
+
+    /// Deletes a message, as a person in Slack would: replies to it get
+    /// `thread_not_found`, updates of it `message_not_found`.
+    pub fn delete_message(&self, channel_id: &str, ts: &str) {
+        self.lock()
+            .messages
+            .remove(&(channel_id.to_string(), ts.to_string()));
     }
 
     /// Forgets recorded posts, updates and requests (not the configuration).
@@ -1838,6 +1850,18 @@ fn message_json(spec: &TokenSpec, ts: &str, c: &Content, thread_ts: Option<&str>
     m
 }
 
+/// A message timestamp as Slack writes it: `1700000000.000100`.
+fn is_message_ts(ts: &str) -> bool {
+    ts.split_once('.').is_some_and(|(seconds, micros)| {
+        !seconds.is_empty()
+            && micros.len() == 6
+            && seconds
+                .bytes()
+                .chain(micros.bytes())
+                .all(|b| b.is_ascii_digit())
+    })
+}
+
 fn post_message(
     g: &mut Inner,
     req: &Req,
@@ -1868,7 +1892,16 @@ fn post_message(
         warnings.push("message_truncated");
     }
     let thread_ts = req.nonempty("thread_ts");
+    if let Some(parent) = &thread_ts {
+        if !is_message_ts(parent) {
+            return Reply::err("invalid_thread_ts");
+        }
+        if !g.messages.contains(&(channel_id.clone(), parent.clone())) {
+            return Reply::err("thread_not_found");
+        }
+    }
     let ts = g.next_ts();
+    g.messages.insert((channel_id.clone(), ts.clone()));
     g.posts.push(RecordedPost {
         method: req.method.clone(),
         channel: given,
@@ -1918,6 +1951,9 @@ fn chat_update(
     let Some(ts) = req.nonempty("ts") else {
         return Reply::err("message_not_found");
     };
+    if !g.messages.contains(&(channel.clone(), ts.clone())) {
+        return Reply::err("message_not_found");
+    }
     let Some(original) = g
         .posts
         .iter()

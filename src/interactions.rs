@@ -250,7 +250,10 @@ async fn interact(
     body: Body,
 ) -> Response {
     let ready = match &interactions.setup {
-        Setup::Off(why) => return plain(StatusCode::SERVICE_UNAVAILABLE, why),
+        Setup::Off(why) => {
+            telemetry::record_interaction("not_configured");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, why);
+        }
         Setup::Ready(ready) => ready,
     };
     let declared = header_str(&headers, header::CONTENT_LENGTH.as_str())
@@ -305,8 +308,8 @@ async fn interact(
     let responder = ready.responder.clone();
     tokio::spawn(async move {
         if reopen
-            && let (Some(value), Some(user)) = (&click.value, &click.user)
-            && let Err(e) = incidents.reopen(&value.w, &value.k, &user.id).await
+            && let Some(value) = &click.value
+            && let Err(e) = incidents.reopen(&value.w, &value.k, &click.user.id).await
         {
             error!(
                 workspace = %value.w, incident = %value.k, error = %e,
@@ -364,9 +367,8 @@ struct Action {
 /// A click on the Acknowledge button.
 #[derive(Debug)]
 struct Click {
-    /// `None`: a user is required, checked in [`Click::read`]; kept optional
-    /// so the spawned reply task can be written without unwraps.
-    user: Option<User>,
+    /// The clicker.
+    user: User,
     /// The incident the button names; `None` when its value cannot be read
     /// (a message from before buttons named their incident).
     value: Option<AckButtonValue>,
@@ -405,7 +407,7 @@ impl Click {
             .and_then(|v| serde_json::from_str::<AckButtonValue>(v).ok())
             .filter(|v| !v.w.is_empty() && !v.k.is_empty());
         Ok(Some(Click {
-            user: Some(user),
+            user,
             value,
             response_url: payload.response_url,
         }))
@@ -498,7 +500,8 @@ fn slack_date(unix: i64) -> String {
 impl Ready {
     async fn act(&self, click: &Click) -> Outcome {
         let deadline = Instant::now() + ANSWER_BUDGET;
-        let (Some(value), Some(user)) = (&click.value, &click.user) else {
+        let user = &click.user;
+        let Some(value) = &click.value else {
             return Outcome::NotTracked;
         };
         // A replayed request (the same signed body within the 5 minutes) is
@@ -548,6 +551,11 @@ impl Ready {
                 );
                 Outcome::Acknowledged { title: event.title }
             }
+            // Taken back (in the reply task) so that a second click can try
+            // again. A confirm that only timed out may still be stored; its
+            // event then acknowledges the incident when the worker handles
+            // it, and the worst case after a second click is a second
+            // escalation.acknowledged (with its own id).
             Err(e) => {
                 error!(
                     workspace = %value.w, incident = %value.k, error = %e,
@@ -1023,7 +1031,7 @@ mod tests {
         let click = Click::read(&form(&click_payload(r#"{"w":"T1","k":"chk-1"}"#)))
             .unwrap()
             .unwrap();
-        assert_eq!(click.user.as_ref().unwrap().id, "U0ANA");
+        assert_eq!(click.user.id, "U0ANA");
         assert_eq!(
             click.value,
             Some(AckButtonValue {

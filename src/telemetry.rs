@@ -85,7 +85,7 @@ fn describe() {
     );
     describe_counter!(
         INTERACTIONS,
-        "Requests to /slack/interactions, by result (acknowledged, already, not_tracked, accepted, bad_signature, stale, bad_request, publish_failed, store_failed)."
+        "Requests to /slack/interactions, by result (acknowledged, already, not_tracked, accepted, bad_signature, stale, bad_request, publish_failed, store_failed, not_configured)."
     );
     describe_counter!(
         CONFIRM_TIMEOUTS,

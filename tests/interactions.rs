@@ -519,6 +519,7 @@ async fn without_a_signing_secret_the_endpoint_says_interactivity_is_off() {
     let incident = store.get(&env.workspace, &key).await.unwrap().unwrap();
     assert_eq!(incident.state, IncidentState::Open);
     assert!(env.slack.responses().is_empty());
+    assert_eq!(counter(&endpoint.metrics().await, "not_configured"), 1);
 
     let log = endpoint.stop().await;
     assert_eq!(

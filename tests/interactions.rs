@@ -293,8 +293,8 @@ async fn a_signed_click_acknowledges_the_incident_once_and_publishes_escalation_
     assert_eq!(by.name.as_deref(), Some("u0ana"));
     assert_eq!(message_id.as_deref(), Some(event.id.as_str()));
     assert_eq!(
-        event.incident_key().as_deref(),
-        Some(key.as_str()),
+        event.incident_key(),
+        key.as_str(),
         "maps back to the same incident"
     );
 
@@ -588,6 +588,47 @@ async fn an_acknowledgement_the_broker_does_not_take_is_taken_back_and_a_second_
     assert_eq!(counter(&metrics, "acknowledged"), 1, "{metrics}");
     let log = endpoint.stop().await;
     assert!(log.contains("the acknowledgement is taken back"), "{log}");
+    acks.close().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_click_on_a_posted_message_updates_it_through_the_queue() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let acks = Acknowledgements::bind(&env).await;
+    let endpoint = Endpoint::start(&env, Some(SECRET)).await;
+    let key = format!("chk-{}", env.id);
+    env.publish(&env.event(
+        "first",
+        json!({"dedup_key": key, "severity": "critical", "title": "Checkout down"}),
+    ))
+    .await;
+    let posted = env.slack.wait_for_posts(1, WAIT).await.unwrap().remove(0);
+
+    // The click Slack sends for that message's button.
+    let click = Click::on_post(&posted, ACK_ACTION, "U0ANA").expect("an Acknowledge button");
+    let (status, _, took) = endpoint.send(&env.slack.click(&click, SECRET)).await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let (published, _) = acks.take().await.expect("published");
+    assert_eq!(published["dedup_key"], key.as_str());
+    assert_eq!(published["title"], "Checkout down");
+
+    // The event comes back through the work queue and updates the message.
+    let updates = env.slack.wait_for_updates(1, WAIT).await.unwrap();
+    assert_eq!(updates[0].channel_id, posted.channel_id);
+    assert_eq!(updates[0].ts, posted.ts);
+    assert_eq!(
+        support::fake_slack::button_value(&updates[0], ACK_ACTION),
+        None,
+        "the button is gone"
+    );
+    let updated = updates[0].blocks.as_ref().unwrap().to_string();
+    assert!(updated.contains("<@U0ANA>"), "{updated}");
+    env.slack.wait_for_responses(1, WAIT).await.unwrap();
+
+    endpoint.stop().await;
     acks.close().await;
     env.assert_nothing_pending().await;
     env.cleanup().await;

@@ -20,6 +20,7 @@
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`install`] | the Slack OAuth install pages (`/slack/install`, `/slack/oauth/callback`): signed `state`, code exchange, the token record |
+//! | [`interactions`] | the Slack interactivity endpoint (`/slack/interactions`): signed clicks on Acknowledge → the incident acknowledged once → `escalation.acknowledged` published with confirms |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
 //! | [`telemetry`] | logging, Prometheus metrics, one function per counted fact |
 
@@ -29,6 +30,7 @@ pub mod deliver;
 pub mod escalation;
 pub mod event;
 pub mod install;
+pub mod interactions;
 pub mod redact;
 pub mod reload;
 pub mod rules;

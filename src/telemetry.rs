@@ -84,6 +84,10 @@ fn describe() {
         "Slack install pages served, by result (started, installed, denied, bad_state, slack_error, refused, store_failed, not_configured)."
     );
     describe_counter!(
+        INTERACTIONS,
+        "Requests to /slack/interactions, by result (acknowledged, already, not_tracked, accepted, bad_signature, stale, bad_request, publish_failed, store_failed, not_configured)."
+    );
+    describe_counter!(
         CONFIRM_TIMEOUTS,
         "Republishes the broker did not confirm within amqp.confirm_timeout; their deliveries were left for redelivery."
     );
@@ -100,6 +104,7 @@ const BROKER_CONNECTED: &str = "alert_router_broker_connected";
 const BROKER_BLOCKED: &str = "alert_router_broker_blocked";
 const CONFIRM_TIMEOUTS: &str = "alert_router_broker_confirm_timeouts_total";
 const INSTALLS: &str = "alert_router_slack_installs_total";
+const INTERACTIONS: &str = "alert_router_slack_interactions_total";
 
 /// An event left the worker: `outcome` is `acked`, `retried` or `dead_lettered`.
 pub fn record_event(outcome: &'static str, reason: &'static str, took: Duration) {
@@ -159,4 +164,9 @@ pub fn record_confirm_timeout() {
 /// One step of a Slack install: `started` (sent to Slack), `installed`, or why not.
 pub fn record_install(result: &'static str) {
     counter!(INSTALLS, "result" => result).increment(1);
+}
+
+/// One request to the interactivity endpoint: what a click came to, or why it was refused.
+pub fn record_interaction(result: &'static str) {
+    counter!(INTERACTIONS, "result" => result).increment(1);
 }

@@ -184,6 +184,9 @@ pub async fn run(
         &settings.redis.key_prefix,
         settings.delivery.incident_ttl,
     );
+    let interactions =
+        crate::interactions::Interactions::new(&settings, &secrets, incidents.clone())?;
+    interactions.log_status();
     let escalations = crate::escalation::Schedule::new(redis.clone(), &settings.redis.key_prefix);
     let idempotency = Idempotency::new(
         redis,
@@ -226,7 +229,7 @@ pub async fn run(
     let http = tokio::spawn(serve_health(
         listener,
         readiness.clone(),
-        crate::install::router(install),
+        crate::install::router(install).merge(crate::interactions::router(interactions)),
         shutdown.clone(),
     ));
     let escalator = tokio::spawn(crate::escalation::run(

@@ -1998,3 +1998,152 @@ async fn the_consent_page_sends_the_browser_back_with_a_code_or_access_denied() 
     assert_eq!(query["state"], "s-1");
     assert!(!query.contains_key("code"));
 }
+
+// The worked example in Slack's "Verifying requests from Slack".
+const DOC_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+const DOC_BODY: &str = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
+
+#[test]
+fn clicks_are_signed_as_in_slacks_worked_example() {
+    assert_eq!(
+        slack_signature(DOC_SECRET, "1531420618", DOC_BODY),
+        "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"
+    );
+}
+
+#[tokio::test]
+async fn a_click_is_a_signed_form_post_of_a_block_actions_payload_with_the_whole_message() {
+    let (slack, c) = setup().await;
+    let value = r#"{"w":"T0TEST","k":"chk-1"}"#;
+    let blocks = json!([
+        {"type": "section", "text": {"type": "mrkdwn", "text": "Checkout down"}},
+        {"type": "actions", "elements": [
+            {"type": "button", "action_id": "alert_router_ack", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": value},
+            {"type": "button", "action_id": "open", "text": {"type": "plain_text", "text": "Open"}, "url": "https://example.com/t/1"},
+        ]},
+    ]);
+    let r = post_json(
+        &c,
+        &slack,
+        "chat.postMessage",
+        Some(TOKEN),
+        json!({"channel": "C0GENERAL", "text": "Checkout down", "blocks": blocks}),
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    let post = slack.posts().pop().unwrap();
+    assert_eq!(
+        button_value(&post, "alert_router_ack").as_deref(),
+        Some(value)
+    );
+    assert_eq!(button_value(&post, "missing"), None);
+    assert!(Click::on_post(&post, "missing", "U0ANA").is_none());
+
+    let click = Click::on_post(&post, "alert_router_ack", "U0ANA").unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signed = slack.click(&click, "the-signing-secret");
+    let at: i64 = signed.timestamp.parse().unwrap();
+    assert!((at - before).abs() <= 1, "now: {at} vs {before}");
+    assert_eq!(
+        signed.signature,
+        slack_signature("the-signing-secret", &signed.timestamp, &signed.body)
+    );
+
+    // One form field, `payload`, holding JSON whose slashes are escaped as Slack's are.
+    let fields: Vec<(String, String)> = url::form_urlencoded::parse(signed.body.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields[0].0, "payload");
+    assert!(
+        fields[0].1.contains(r"http:\/\/127.0.0.1"),
+        "{}",
+        fields[0].1
+    );
+    let payload: Value = serde_json::from_str(&fields[0].1).unwrap();
+    assert_eq!(payload, signed.payload);
+    assert_eq!(payload["type"], "block_actions");
+    assert_eq!(payload["user"]["id"], "U0ANA");
+    assert_eq!(payload["user"]["team_id"], TEAM);
+    assert_eq!(payload["team"]["id"], TEAM);
+    assert_eq!(payload["container"]["type"], "message");
+    assert_eq!(payload["container"]["channel_id"], "C0GENERAL");
+    assert_eq!(payload["container"]["message_ts"], post.ts.as_str());
+    assert_eq!(payload["message"]["ts"], post.ts.as_str());
+    assert_eq!(payload["message"]["blocks"], blocks);
+    assert_eq!(payload["actions"][0]["type"], "button");
+    assert_eq!(payload["actions"][0]["action_id"], "alert_router_ack");
+    assert_eq!(payload["actions"][0]["value"], value);
+    assert!(payload["trigger_id"].as_str().unwrap().contains('.'));
+    assert_eq!(payload["response_url"], signed.response_url.as_str());
+    assert!(
+        signed
+            .response_url
+            .starts_with(&format!("{}/actions/{TEAM}/", slack.base_url()))
+    );
+    let again = slack.click(&click, "the-signing-secret");
+    assert_ne!(again.response_url, signed.response_url, "one per click");
+
+    let old = slack.click_at(&click, "the-signing-secret", 1_700_000_000);
+    assert_eq!(old.timestamp, "1700000000");
+    assert_eq!(
+        old.signature,
+        slack_signature("the-signing-secret", "1700000000", &old.body)
+    );
+}
+
+#[tokio::test]
+async fn a_response_url_takes_json_messages_and_records_them() {
+    let (slack, c) = setup().await;
+    let signed = slack.click(
+        &Click::new(TEAM, "U0ANA", "alert_router_ack", "v"),
+        "secret",
+    );
+    let message = json!({"response_type": "ephemeral", "replace_original": false, "text": "Done."});
+    let r = c
+        .post(&signed.response_url)
+        .json(&message)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let responses = slack.wait_for_responses(1, WAIT).await.unwrap();
+    assert_eq!(responses[0].text(), "Done.");
+    assert!(responses[0].is_ephemeral());
+    assert!(signed.response_url.ends_with(&responses[0].path));
+    assert_eq!(
+        responses[0].content_type.as_deref(),
+        Some("application/json")
+    );
+
+    let r = c
+        .post(&signed.response_url)
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body("text=hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.text().await.unwrap(), "invalid_payload");
+
+    let r = c
+        .post(format!(
+            "{}/actions/{TEAM}/1/never-issued",
+            slack.base_url()
+        ))
+        .json(&message)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.text().await.unwrap(), "no_service");
+    assert_eq!(
+        slack.responses().len(),
+        2,
+        "a URL no click had is not recorded"
+    );
+}

@@ -10,6 +10,12 @@
 //! is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
 //! it approves (or, when told, denies) as the installer the test chose and
 //! sends the browser back to `redirect_uri` with a code, as Slack does.
+//!
+//! Interactivity: [`FakeSlack::click`] builds the request Slack sends to an
+//! app's interactivity URL when someone clicks a button (a signed
+//! `block_actions` form post, see [`Click`]), with a `response_url` on this
+//! fake; `POST /actions/…` records what the app answers there
+//! ([`FakeSlack::responses`]).
 //! Waiting helpers use a `tokio::sync::watch` channel with a timeout, never
 //! sleeps.
 #![allow(dead_code)]
@@ -271,6 +277,29 @@ pub struct InstalledTokens {
     pub code: String,
 }
 
+/// A post an app made to a click's `response_url`.
+#[derive(Clone, Debug)]
+pub struct RecordedResponse {
+    /// The path of the `response_url` it went to (`/actions/T…/…`).
+    pub path: String,
+    pub content_type: Option<String>,
+    /// The JSON body (`Null` if it was not JSON).
+    pub body: Value,
+    pub received_at: Instant,
+}
+
+impl RecordedResponse {
+    /// The message's `text`.
+    pub fn text(&self) -> &str {
+        self.body["text"].as_str().unwrap_or_default()
+    }
+
+    /// Shown only to the clicker, leaving the original message alone.
+    pub fn is_ephemeral(&self) -> bool {
+        self.body["response_type"] == "ephemeral" && self.body["replace_original"] == false
+    }
+}
+
 /// How long an authorization code can be exchanged, as Slack documents.
 pub const AUTHORIZATION_CODE_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -362,6 +391,10 @@ struct Inner {
     messages: HashSet<(String, String)>,
     updates: Vec<RecordedPost>,
     requests: Vec<RecordedRequest>,
+    /// Posts to `response_url`s, in arrival order.
+    responses: Vec<RecordedResponse>,
+    /// Paths of the `response_url`s clicks were given.
+    response_urls: std::collections::HashSet<String>,
     last_ts_micros: u64,
     id_counter: u64,
     /// Largest page `conversations.list` returns, whatever `limit` asks.
@@ -506,6 +539,7 @@ impl FakeSlack {
         let app = Router::new()
             .route("/api/{method}", any(handle))
             .route("/oauth/v2/authorize", axum::routing::get(authorize))
+            .route("/actions/{*rest}", axum::routing::post(response_url))
             .fallback(|| async {
                 json_reply(
                     StatusCode::NOT_FOUND,
@@ -919,6 +953,26 @@ impl FakeSlack {
         self.lock().requests.clone()
     }
 
+    /// What apps posted to `response_url`s.
+    pub fn responses(&self) -> Vec<RecordedResponse> {
+        self.lock().responses.clone()
+    }
+
+    /// Returns once at least `n` posts to `response_url`s are recorded.
+    pub async fn wait_for_responses(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RecordedResponse>, String> {
+        self.wait_until(timeout, |g| {
+            (g.responses.len() >= n).then(|| g.responses.clone())
+        })
+        .await
+        .map_err(|g| {
+            format!("timed out after {timeout:?} waiting for {n} response_url post(s)\n{g}")
+        })
+    }
+
     pub fn requests_for(&self, method: &str) -> Vec<RecordedRequest> {
         self.lock()
             .requests
@@ -942,6 +996,7 @@ impl FakeSlack {
         g.posts.clear();
         g.updates.clear();
         g.requests.clear();
+        g.responses.clear();
         g.rate_limited = 0;
     }
 
@@ -2741,4 +2796,252 @@ async fn authorize(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery)
         }
     }
     (StatusCode::FOUND, [(header::LOCATION, back.to_string())]).into_response()
+}
+
+// ---------------------------------------------------------------------------
+// Interactivity: clicks as Slack sends them, and their response_url
+// ---------------------------------------------------------------------------
+
+/// A click on a button of a message, as Slack reports it to the app.
+#[derive(Clone, Debug)]
+pub struct Click {
+    pub team_id: String,
+    pub user_id: String,
+    /// The clicker's name (Slack sends it as `user.name` and `user.username`).
+    pub user_name: String,
+    pub channel_id: String,
+    pub message_ts: String,
+    pub action_id: String,
+    /// The button's `value`, as the app set it.
+    pub value: String,
+    /// The message's blocks as posted: Slack sends the whole message along.
+    pub blocks: Value,
+}
+
+impl Click {
+    /// A click by `user_id` on a button with this `action_id` and `value`,
+    /// on a message the test made up.
+    pub fn new(team_id: &str, user_id: &str, action_id: &str, value: &str) -> Click {
+        Click {
+            team_id: team_id.to_string(),
+            user_id: user_id.to_string(),
+            user_name: user_id.to_lowercase(),
+            channel_id: "C0FAKECLICK".to_string(),
+            message_ts: "1700000000.000100".to_string(),
+            action_id: action_id.to_string(),
+            value: value.to_string(),
+            blocks: json!([]),
+        }
+    }
+
+    /// A click by `user_id` on the button `action_id` of a recorded post;
+    /// `None` when the post has no such button.
+    pub fn on_post(post: &RecordedPost, action_id: &str, user_id: &str) -> Option<Click> {
+        let value = button_value(post, action_id)?;
+        Some(Click {
+            team_id: post.team_id.clone(),
+            user_id: user_id.to_string(),
+            user_name: user_id.to_lowercase(),
+            channel_id: post.channel_id.clone(),
+            message_ts: post.ts.clone(),
+            action_id: action_id.to_string(),
+            value,
+            blocks: blocks_of(post),
+        })
+    }
+}
+
+/// A post's blocks, whether sent as JSON or as a form field holding JSON.
+fn blocks_of(post: &RecordedPost) -> Value {
+    match &post.blocks {
+        Some(Value::String(text)) => serde_json::from_str(text).unwrap_or(Value::Null),
+        Some(blocks) => blocks.clone(),
+        None => json!([]),
+    }
+}
+
+/// The `value` of the button `action_id` in a recorded post's `actions` blocks.
+pub fn button_value(post: &RecordedPost, action_id: &str) -> Option<String> {
+    blocks_of(post)
+        .as_array()?
+        .iter()
+        .filter(|b| b["type"] == "actions")
+        .flat_map(|b| b["elements"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["action_id"] == action_id)?["value"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// `v0=` + hex HMAC-SHA256 keyed by the signing secret over
+/// `v0:{timestamp}:{body}`: Slack's `X-Slack-Signature`.
+pub fn slack_signature(signing_secret: &str, timestamp: &str, body: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(signing_secret.as_bytes())
+        .expect("HMAC takes any key");
+    mac.update(format!("v0:{timestamp}:{body}").as_bytes());
+    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The request Slack sends for a click: a form body with one field,
+/// `payload` (the JSON), and the two signature headers.
+#[derive(Clone, Debug)]
+pub struct SignedClick {
+    /// `payload=<url-encoded JSON>`, byte for byte what is signed.
+    pub body: String,
+    /// `X-Slack-Request-Timestamp`.
+    pub timestamp: String,
+    /// `X-Slack-Signature`.
+    pub signature: String,
+    /// The payload as JSON.
+    pub payload: Value,
+    pub response_url: String,
+}
+
+impl SignedClick {
+    /// The request to the app's interactivity URL, with Slack's headers.
+    pub fn request(&self, http: &reqwest::Client, url: &str) -> reqwest::RequestBuilder {
+        http.post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-slack-request-timestamp", &self.timestamp)
+            .header("x-slack-signature", &self.signature)
+            .body(self.body.clone())
+    }
+
+    /// The same request with another signature (a forgery).
+    pub fn with_signature(&self, signature: &str) -> SignedClick {
+        SignedClick {
+            signature: signature.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
+impl FakeSlack {
+    /// The request Slack sends when `click` happens now, signed with
+    /// `signing_secret`; its `response_url` is on this fake.
+    pub fn click(&self, click: &Click, signing_secret: &str) -> SignedClick {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.click_at(click, signing_secret, now)
+    }
+
+    /// [`FakeSlack::click`] with `X-Slack-Request-Timestamp` = `timestamp`
+    /// (Unix seconds), e.g. an old request.
+    pub fn click_at(&self, click: &Click, signing_secret: &str, timestamp: i64) -> SignedClick {
+        let (response_url, trigger_id) = {
+            let mut g = self.lock();
+            let n = g.next_id();
+            let path = format!(
+                "/actions/{}/{n}/{}",
+                click.team_id,
+                uuid::Uuid::new_v4().simple()
+            );
+            g.response_urls.insert(path.clone());
+            (
+                format!("{}{path}", self.base_url()),
+                format!("{n}.{}", uuid::Uuid::new_v4().simple()),
+            )
+        };
+        let action_ts = format!("{timestamp}.{:06}", timestamp.rem_euclid(1_000_000));
+        // The fields of Slack's block_actions reference, for a button in a
+        // channel message of a non-enterprise workspace.
+        let payload = json!({
+            "type": "block_actions",
+            "user": {
+                "id": click.user_id,
+                "username": click.user_name,
+                "name": click.user_name,
+                "team_id": click.team_id,
+            },
+            "api_app_id": "A0FAKEAPP",
+            "token": "fake-verification-token",
+            "container": {
+                "type": "message",
+                "message_ts": click.message_ts,
+                "channel_id": click.channel_id,
+                "is_ephemeral": false,
+            },
+            "trigger_id": trigger_id,
+            "team": {"id": click.team_id, "domain": "fake-workspace"},
+            "enterprise": null,
+            "is_enterprise_install": false,
+            "channel": {"id": click.channel_id, "name": "fake-channel"},
+            "message": {
+                "type": "message",
+                "subtype": "bot_message",
+                "bot_id": "B0FAKEBOT",
+                "app_id": "A0FAKEAPP",
+                "ts": click.message_ts,
+                "team": click.team_id,
+                "blocks": click.blocks,
+            },
+            "state": {"values": {}},
+            "response_url": response_url,
+            "actions": [{
+                "action_id": click.action_id,
+                "block_id": "fake-block",
+                "text": {"type": "plain_text", "text": "Acknowledge", "emoji": true},
+                "value": click.value,
+                "style": "primary",
+                "type": "button",
+                "action_ts": action_ts,
+            }],
+        });
+        // Slack's JSON escapes every `/` (`https:\/\/hooks.slack.com\/…`); a
+        // `/` only ever occurs inside JSON strings, so this is that encoding.
+        let json = payload.to_string().replace('/', "\\/");
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("payload", &json)
+            .finish();
+        let timestamp = timestamp.to_string();
+        SignedClick {
+            signature: slack_signature(signing_secret, &timestamp, &body),
+            body,
+            timestamp,
+            payload,
+            response_url,
+        }
+    }
+}
+
+/// `POST /actions/…`: a click's `response_url`. Takes a JSON message, as
+/// Slack's does; answers 200 `ok`, 400 `invalid_payload` for anything that
+/// is not a JSON object, 404 `no_service` for a URL no click was given.
+/// (Slack's limit of 5 posts within 30 minutes is not enforced.)
+async fn response_url(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = |status: StatusCode, body: &'static str| {
+        (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+    };
+    let mut g = shared.lock();
+    if !g.response_urls.contains(uri.path()) {
+        return text(StatusCode::NOT_FOUND, "no_service");
+    }
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let is_json = content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/json"));
+    g.responses.push(RecordedResponse {
+        path: uri.path().to_string(),
+        content_type,
+        body: parsed.clone(),
+        received_at: Instant::now(),
+    });
+    drop(g);
+    shared.bump();
+    if is_json && parsed.is_object() {
+        text(StatusCode::OK, "ok")
+    } else {
+        text(StatusCode::BAD_REQUEST, "invalid_payload")
+    }
 }

@@ -176,6 +176,10 @@ struct Ready {
     max_event_bytes: usize,
 }
 
+/// How long a request's signature is remembered: longer than the
+/// timestamps accepted either side of now, so a replay is either stale or seen.
+const REPLAY_WINDOW: Duration = Duration::from_secs(2 * MAX_SKEW_SECS as u64 + 60);
+
 const OFF: &str = "Slack interactivity is off: set SLACK_SIGNING_SECRET (the app's Basic Information page) \
      in the worker's environment and restart it; until then the Acknowledge button does nothing.";
 
@@ -282,6 +286,22 @@ async fn interact(
         return plain(
             StatusCode::UNAUTHORIZED,
             "This request is not signed by Slack for this app.",
+        );
+    }
+    // Slack signs every request anew: the same signature twice within the
+    // timestamp window is somebody replaying a captured request. (Without
+    // Redis the click below cannot act either; it says so.)
+    if let Some(signature) = header_str(&headers, "x-slack-signature")
+        && let Ok(false) = ready
+            .incidents
+            .first_sight_of_request(signature, REPLAY_WINDOW)
+            .await
+    {
+        telemetry::record_interaction("replayed");
+        warn!("Slack interaction refused: a replay of a request already seen");
+        return plain(
+            StatusCode::UNAUTHORIZED,
+            "This request was already received once.",
         );
     }
     let click = match Click::read(&body) {

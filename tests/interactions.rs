@@ -302,12 +302,13 @@ async fn a_signed_click_acknowledges_the_incident_once_and_publishes_escalation_
     assert_eq!(incident.state, IncidentState::Acknowledged);
     assert_eq!(incident.acknowledged_by.as_deref(), Some("U0ANA"));
 
-    // Another person's click, then the first request replayed byte for byte
-    // (its signature still fresh): each finds the incident acknowledged.
+    // Another person's click finds the incident acknowledged; the first
+    // request replayed byte for byte (its timestamp still fresh) is refused.
     let second = env.slack.click(&ack_click(&env, &key, "U0BOB"), SECRET);
     assert_eq!(endpoint.send(&second).await.0, 200);
-    assert_eq!(endpoint.send(&click).await.0, 200);
-    let told = env.slack.wait_for_responses(3, WAIT).await.unwrap();
+    assert_eq!(endpoint.send(&click).await.0, 401, "a replay");
+    let told = env.slack.wait_for_responses(2, WAIT).await.unwrap();
+    assert_eq!(told.len(), 2, "the replay is not answered");
     for answer in &told[1..] {
         assert!(answer.is_ephemeral());
         assert!(
@@ -329,7 +330,8 @@ async fn a_signed_click_acknowledges_the_incident_once_and_publishes_escalation_
 
     let metrics = endpoint.metrics().await;
     assert_eq!(counter(&metrics, "acknowledged"), 1, "{metrics}");
-    assert_eq!(counter(&metrics, "already"), 2, "{metrics}");
+    assert_eq!(counter(&metrics, "already"), 1, "{metrics}");
+    assert_eq!(counter(&metrics, "replayed"), 1, "{metrics}");
     assert!(!metrics.contains(SECRET));
     let log = endpoint.stop().await;
     assert!(

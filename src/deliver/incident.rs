@@ -458,6 +458,26 @@ impl Incidents {
         Ok(())
     }
 
+    /// Whether a signed request (by its signature) is seen for the first
+    /// time within `window`: Slack signs each request anew, so a second
+    /// sight is a replay.
+    pub async fn first_sight_of_request(
+        &self,
+        signature: &str,
+        window: Duration,
+    ) -> Result<bool, IncidentError> {
+        let mut redis = self.redis.clone();
+        let fresh: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:slack:request:{signature}", self.key_prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(window))
+            .query_async(&mut redis)
+            .await?;
+        Ok(fresh.is_some())
+    }
+
     /// The incident as stored, if it is kept.
     pub async fn get(
         &self,

@@ -596,19 +596,36 @@ async fn an_acknowledgement_the_broker_does_not_take_is_taken_back_and_a_second_
 }
 
 #[tokio::test]
-async fn a_click_on_a_posted_message_updates_it_through_the_queue() {
+async fn two_workers_post_reply_take_a_click_update_the_message_and_turn_it_green_when_resolved() {
     let env = TestEnv::start(BASIC_RULES).await;
     let acks = Acknowledgements::bind(&env).await;
+    // Two replicas consume; one of them also serves the interactivity endpoint.
     let endpoint = Endpoint::start(&env, Some(SECRET)).await;
+    let mut other = env.start_worker_process();
+    other.wait_for_log("consuming", 1).await;
     let key = format!("chk-{}", env.id);
-    env.publish(&env.event(
-        "first",
-        json!({"dedup_key": key, "severity": "critical", "title": "Checkout down"}),
-    ))
-    .await;
+    let incident = |id: &str, extra: Value| {
+        let mut event = env.event(
+            id,
+            json!({"dedup_key": key, "severity": "high", "title": "Checkout down"}),
+        );
+        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+            base.extend(extra);
+        }
+        event
+    };
+    env.publish(&incident("first", json!({}))).await;
     let posted = env.slack.wait_for_posts(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(posted.thread_ts, None);
 
-    // The click Slack sends for that message's button.
+    // A follow-up, whichever replica takes it, replies in the thread.
+    env.publish(&incident("follow-up", json!({"comment": "still failing"})))
+        .await;
+    let posts = env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    assert_eq!(posts[1].thread_ts.as_deref(), Some(posted.ts.as_str()));
+    assert_eq!(posts[1].channel, posted.channel_id);
+
+    // The click Slack sends for the first message's button.
     let click = Click::on_post(&posted, ACK_ACTION, "U0ANA").expect("an Acknowledge button");
     let (status, _, took) = endpoint.send(&env.slack.click(&click, SECRET)).await;
     assert_eq!(status, 200);
@@ -630,7 +647,29 @@ async fn a_click_on_a_posted_message_updates_it_through_the_queue() {
     assert!(updated.contains("<@U0ANA>"), "{updated}");
     env.slack.wait_for_responses(1, WAIT).await.unwrap();
 
+    // Resolved: the first message turns green.
+    env.publish(&incident(
+        "resolved",
+        json!({"type": "escalation.resolved", "severity": "info"}),
+    ))
+    .await;
+    let updates = env.slack.wait_for_updates(2, WAIT).await.unwrap();
+    assert_eq!(updates[1].ts, posted.ts);
+    assert_eq!(
+        updates[1].attachments.as_ref().unwrap()[0]["color"],
+        "#2EB67D"
+    );
+    assert!(
+        updates[1]
+            .blocks
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("Resolved")
+    );
+
     endpoint.stop().await;
+    assert!(other.stop().await.success());
     acks.close().await;
     env.assert_nothing_pending().await;
     env.cleanup().await;

@@ -62,7 +62,9 @@ pub struct Observed {
     /// The event is more severe, or at a higher level, than any before it:
     /// its thread replies are also broadcast to the channel.
     pub rose: bool,
-    /// The incident after the event.
+    /// The incident after the event: whole for an event that acknowledges
+    /// or resolves it (it updates every first message); otherwise its state
+    /// and what concerns the event's own destinations.
     pub incident: Incident,
     /// Per destination asked about, in the order asked.
     pub first_posts: Vec<FirstPost>,
@@ -175,7 +177,27 @@ for i = 8, #ARGV do
     posts[#posts + 1] = 0
   end
 end
-return {first and 1 or 0, rose and 1 or 0, redis.call('HGETALL', key), posts}
+-- Everything (the first event and every first message) only when this
+-- event updates the first messages; otherwise what its posts need.
+local fields
+if state ~= 'open' then
+  fields = redis.call('HGETALL', key)
+else
+  fields = {}
+  local names = {'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
+  for i = 8, #ARGV do
+    names[#names + 1] = 'msg:' .. ARGV[i]
+    names[#names + 1] = 'emailed:' .. ARGV[i]
+  end
+  local values = redis.call('HMGET', key, unpack(names))
+  for i, name in ipairs(names) do
+    if values[i] then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = values[i]
+    end
+  end
+end
+return {first and 1 or 0, rose and 1 or 0, fields, posts}
 "#;
 
 /// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.

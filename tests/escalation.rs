@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::fake_slack::RecordedPost;
 use support::{TestEnv, WAIT, event_id, redis_connection};
 
@@ -33,17 +33,6 @@ async fn env() -> TestEnv {
     env.slack.add_user(LEAD, "lead@example.com");
     env.slack.add_user(HEAD, "head@example.com");
     env
-}
-
-fn incident_event(env: &TestEnv, id: &str, extra: Value) -> Value {
-    let mut event = env.event(
-        id,
-        json!({"dedup_key": "checkout-down", "labels": {"team": "payments"}}),
-    );
-    if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
-        base.extend(extra);
-    }
-    event
 }
 
 fn posts_to(env: &TestEnv, user: &str) -> Vec<RecordedPost> {
@@ -81,7 +70,7 @@ async fn an_unacknowledged_incident_escalates_once_even_when_the_worker_that_sta
 {
     let env = env().await;
     let mut first = env.start_worker_process();
-    env.publish(&incident_event(&env, "started", json!({})))
+    env.publish(&env.checkout_incident("started", json!({})))
         .await;
     env.slack.wait_for_posts(1, WAIT).await.unwrap();
     assert_eq!(scheduled(&env).await, 1, "the step is scheduled in Redis");
@@ -117,11 +106,10 @@ async fn an_unacknowledged_incident_escalates_once_even_when_the_worker_that_sta
 async fn an_acknowledged_incident_does_not_escalate() {
     let env = env().await;
     let mut worker = env.start_worker_process();
-    env.publish(&incident_event(&env, "started", json!({})))
+    env.publish(&env.checkout_incident("started", json!({})))
         .await;
     env.slack.wait_for_posts(1, WAIT).await.unwrap();
-    env.publish(&incident_event(
-        &env,
+    env.publish(&env.checkout_incident(
         "acked",
         json!({"type": "escalation.acknowledged", "acknowledged_by": {"slack_user": LEAD}}),
     ))
@@ -138,11 +126,10 @@ async fn an_acknowledged_incident_does_not_escalate() {
 async fn a_resolved_incident_does_not_escalate() {
     let env = env().await;
     let mut worker = env.start_worker_process();
-    env.publish(&incident_event(&env, "started", json!({})))
+    env.publish(&env.checkout_incident("started", json!({})))
         .await;
     env.slack.wait_for_posts(1, WAIT).await.unwrap();
-    env.publish(&incident_event(
-        &env,
+    env.publish(&env.checkout_incident(
         "resolved",
         json!({"type": "escalation.resolved", "severity": "info"}),
     ))

@@ -32,17 +32,6 @@ async fn env() -> TestEnv {
     env
 }
 
-fn payments(env: &TestEnv, id: &str, extra: Value) -> Value {
-    let mut event = env.event(
-        id,
-        json!({"dedup_key": "checkout-down", "labels": {"team": "payments"}}),
-    );
-    if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
-        base.extend(extra);
-    }
-    event
-}
-
 /// The Acknowledge button's value in a post, if it has one.
 fn ack_button(post: &RecordedPost) -> Option<String> {
     post.blocks
@@ -76,7 +65,7 @@ async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_
     let worker = env.spawn_worker();
 
     // The first event: a new message at each of the three destinations.
-    env.publish(&payments(&env, "first", json!({"severity": "high"})))
+    env.publish(&env.checkout_incident("first", json!({"severity": "high"})))
         .await;
     env.slack.wait_for_posts(3, WAIT).await.unwrap();
     let firsts = posts_of(&env, "first");
@@ -109,7 +98,7 @@ async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_
 
     // A follow-up of the same severity: replies, not broadcast, each in its
     // own destination's thread, sent to the conversation id Slack answered.
-    env.publish(&payments(&env, "second", json!({"severity": "high"})))
+    env.publish(&env.checkout_incident("second", json!({"severity": "high"})))
         .await;
     env.slack.wait_for_posts(6, WAIT).await.unwrap();
     for parent in [&channel_first, &lead_dm, &second_dm] {
@@ -123,7 +112,7 @@ async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_
     }
 
     // More severe: still in the thread, and broadcast to the channel.
-    env.publish(&payments(&env, "worse", json!({"severity": "critical"})))
+    env.publish(&env.checkout_incident("worse", json!({"severity": "critical"})))
         .await;
     env.slack.wait_for_posts(9, WAIT).await.unwrap();
     let worse = posts_of(&env, "worse")
@@ -134,8 +123,7 @@ async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_
     assert_eq!(worse.body["reply_broadcast"], true);
 
     // Acknowledged: every first message updated, by its id, button gone.
-    env.publish(&payments(
-        &env,
+    env.publish(&env.checkout_incident(
         "ack",
         json!({"type": "escalation.acknowledged", "severity": "critical",
                "acknowledged_by": {"slack_user": LEAD, "name": "Lead"}}),
@@ -169,8 +157,7 @@ async fn later_events_reply_in_the_thread_at_every_destination_and_acknowledged_
     }
 
     // Resolved: green.
-    env.publish(&payments(
-        &env,
+    env.publish(&env.checkout_incident(
         "resolved",
         json!({"type": "escalation.resolved", "severity": "info"}),
     ))

@@ -235,13 +235,7 @@ impl Deliverer {
             }),
             Err(e) if e.is_transient() => {
                 // Without Redis there is no idempotency either: wait for it.
-                let detail = e.to_string();
-                let reports = routing
-                    .targets
-                    .iter()
-                    .map(|r| failed(&r.target, detail.clone(), true))
-                    .collect();
-                return DeliveryReport { targets: reports };
+                return all_failed(routing, &e.to_string());
             }
             Err(e) => Err(SlackUnavailable {
                 reason: e.to_string(),
@@ -275,13 +269,7 @@ impl Deliverer {
                 {
                     Ok(observed) => Some(observed),
                     Err(e) => {
-                        let detail = e.to_string();
-                        let reports = routing
-                            .targets
-                            .iter()
-                            .map(|r| failed(&r.target, detail.clone(), true))
-                            .collect();
-                        return DeliveryReport { targets: reports };
+                        return all_failed(routing, &e.to_string());
                     }
                 }
             }
@@ -302,13 +290,7 @@ impl Deliverer {
                 )
                 .await
         {
-            let detail = e.to_string();
-            let reports = routing
-                .targets
-                .iter()
-                .map(|r| failed(&r.target, detail.clone(), true))
-                .collect();
-            return DeliveryReport { targets: reports };
+            return all_failed(routing, &e.to_string());
         }
         let plans = thread::plans(
             &resolved,
@@ -395,6 +377,17 @@ fn claim_status(
                 wait: remaining.max(Duration::from_millis(100)),
             })
         }
+    }
+}
+
+/// Every target of `routing` failed for one reason that may pass (Redis).
+fn all_failed(routing: &Routing, detail: &str) -> DeliveryReport {
+    DeliveryReport {
+        targets: routing
+            .targets
+            .iter()
+            .map(|r| failed(&r.target, detail.to_string(), true))
+            .collect(),
     }
 }
 

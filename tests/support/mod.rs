@@ -165,6 +165,19 @@ impl TestEnv {
         event
     }
 
+    /// An event of the payments team's `checkout-down` incident: one
+    /// incident for every call, as its `dedup_key` says.
+    pub fn checkout_incident(&self, id: &str, extra: Value) -> Value {
+        let mut event = self.event(
+            id,
+            json!({"dedup_key": "checkout-down", "labels": {"team": "payments"}}),
+        );
+        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+            base.extend(extra);
+        }
+        event
+    }
+
     /// Publishes raw bytes to the test's exchange, persistent, with confirms.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
         self.publisher

@@ -125,45 +125,66 @@ local key, state, severity, level, event, ttl, event_id, ack_by =
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stale_ms = STALE_MS
-local seen = redis.call('HGET', key, 'seen:' .. event_id)
+-- One read of everything this event needs, one write of what it changes:
+-- `h` is the incident's fields as they are after this event.
+local names = {'seen:' .. event_id, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
+for i = 8, #ARGV do
+  names[#names + 1] = 'msg:' .. ARGV[i]
+  names[#names + 1] = 'emailed:' .. ARGV[i]
+end
+local values = redis.call('HMGET', key, unpack(names))
+local h = {}
+for i = 2, #names do
+  if values[i] then h[names[i]] = values[i] end
+end
+local seen = values[1]
+local writes = {}
+local function set(field, value)
+  h[field] = value
+  writes[#writes + 1] = field
+  writes[#writes + 1] = value
+end
 local first, rose
 if seen then
   first = string.sub(seen, 1, 1) == '1'
   rose = string.sub(seen, 2, 2) == '1'
 else
-  local current = redis.call('HGET', key, 'state')
-  if current == 'resolved' and state == 'open' then
+  if h['state'] == 'resolved' and state == 'open' then
     -- A new problem after the last one was resolved: a new incident.
     redis.call('DEL', key)
-    current = false
+    h = {}
   end
-  if not current then
-    first = true
-    rose = false
-    redis.call('HSET', key, 'state', 'open', 'severity', severity, 'level', level, 'event', event, 'first_at', now)
+  if not h['state'] then
+    first, rose = true, false
+    set('state', 'open')
+    set('severity', severity)
+    set('level', level)
+    set('first_at', now)
+    writes[#writes + 1] = 'event'
+    writes[#writes + 1] = event
   else
     first = false
-    local was_severity = tonumber(redis.call('HGET', key, 'severity') or '99')
-    local was_level = tonumber(redis.call('HGET', key, 'level') or '-1')
+    local was_severity = tonumber(h['severity'] or '99')
+    local was_level = tonumber(h['level'] or '-1')
     rose = severity < was_severity or level > was_level
-    if severity < was_severity then redis.call('HSET', key, 'severity', severity) end
-    if level > was_level then redis.call('HSET', key, 'level', level) end
+    if severity < was_severity then set('severity', severity) end
+    if level > was_level then set('level', level) end
   end
-  redis.call('HSET', key, 'seen:' .. event_id, (first and '1' or '0') .. (rose and '1' or '0'))
-  local now_state = redis.call('HGET', key, 'state')
-  if state == 'acknowledged' and now_state == 'open' then
-    redis.call('HSET', key, 'state', 'acknowledged', 'ack_at', now)
-    if ack_by ~= '' then redis.call('HSET', key, 'ack_by', ack_by) end
-  elseif state == 'resolved' and now_state ~= 'resolved' then
-    redis.call('HSET', key, 'state', 'resolved', 'resolved_at', now)
+  set('seen:' .. event_id, (first and '1' or '0') .. (rose and '1' or '0'))
+  if state == 'acknowledged' and h['state'] == 'open' then
+    set('state', 'acknowledged')
+    set('ack_at', now)
+    if ack_by ~= '' then set('ack_by', ack_by) end
+  elseif state == 'resolved' and h['state'] ~= 'resolved' then
+    set('state', 'resolved')
+    set('resolved_at', now)
   end
 end
-redis.call('PEXPIRE', key, ttl)
 -- Each destination's first message: there, being posted, or ours to post.
 local posts = {}
 for i = 8, #ARGV do
   local field = 'msg:' .. ARGV[i]
-  local current = redis.call('HGET', key, field)
+  local current = h[field]
   local since, owner
   if current then since, owner = string.match(current, '^pending (%d+) ?(.*)$') end
   if current and not since then
@@ -173,28 +194,21 @@ for i = 8, #ARGV do
   else
     -- Free, stale, or this very event's (a redelivery after a crash: its
     -- idempotency claim keeps two copies from both posting).
-    redis.call('HSET', key, field, 'pending ' .. now .. ' ' .. event_id)
+    set(field, 'pending ' .. now .. ' ' .. event_id)
     posts[#posts + 1] = 0
   end
 end
+if #writes > 0 then redis.call('HSET', key, unpack(writes)) end
+redis.call('PEXPIRE', key, ttl)
 -- Everything (the first event and every first message) only when this
 -- event updates the first messages; otherwise what its posts need.
-local fields
+local fields = {}
 if state ~= 'open' then
   fields = redis.call('HGETALL', key)
 else
-  fields = {}
-  local names = {'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
-  for i = 8, #ARGV do
-    names[#names + 1] = 'msg:' .. ARGV[i]
-    names[#names + 1] = 'emailed:' .. ARGV[i]
-  end
-  local values = redis.call('HMGET', key, unpack(names))
-  for i, name in ipairs(names) do
-    if values[i] then
-      fields[#fields + 1] = name
-      fields[#fields + 1] = values[i]
-    end
+  for name, value in pairs(h) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = tostring(value)
   end
 end
 return {first and 1 or 0, rose and 1 or 0, fields, posts}

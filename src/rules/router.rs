@@ -935,6 +935,28 @@ rules:
     }
 
     #[test]
+    fn own_targets_only_applies_no_rule_and_falls_back_to_the_emails_given() {
+        let r = rules(LAYERED);
+        // Matches `audit` and `payments`, which must not add recipients.
+        let mut e = event("issue.created", Severity::Critical, &[("team", "payments")]);
+        e.targets = Some(vec![
+            Target::SlackChannel("#payments".into()),
+            Target::SlackChannel("#payments".into()),
+        ]);
+        let routing = Routing::own_targets_only(&e, r.default_emails());
+        assert_eq!(targets(&routing), ["slack_channel:#payments"]);
+        assert_eq!(routing.disposition, Disposition::Deliver);
+        assert!(routing.matched_rules.is_empty() && routing.escalations.is_empty());
+        assert_eq!(routing.targets[0].rule, None);
+        assert_eq!(routing.targets[0].fallback_emails, ["oncall@example.com"]);
+
+        e.targets = None;
+        let nowhere = Routing::own_targets_only(&e, &[]);
+        assert!(nowhere.targets.is_empty());
+        assert_eq!(nowhere.disposition, Disposition::DeadLetter);
+    }
+
+    #[test]
     fn routing_serializes_for_the_cli() {
         let routing = unmatched("drop", "");
         assert_eq!(

@@ -18,6 +18,7 @@
 //! | [`trust`] | which workspaces and email domains an event may name (`forbidden_target`) |
 //! | [`redact`] | recipient addresses as logs and dead-letter headers show them (`a***@example.com`) |
 //! | [`reload`] | hot reload of the rules file on change or SIGHUP, keeping the last good rules |
+//! | [`send_test`] | `alert-router send-test`: one test notification through the worker's delivery path, and where it landed |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`install`] | the Slack OAuth install pages (`/slack/install`, `/slack/oauth/callback`): signed `state`, code exchange, the token record |
 //! | [`interactions`] | the Slack interactivity endpoint (`/slack/interactions`): signed clicks on Acknowledge → the incident acknowledged once → `escalation.acknowledged` published with confirms |
@@ -34,6 +35,7 @@ pub mod interactions;
 pub mod redact;
 pub mod reload;
 pub mod rules;
+pub mod send_test;
 pub mod settle;
 pub mod telemetry;
 pub mod trust;

@@ -11,7 +11,7 @@ use alert_router::deliver::slack::tokens::{TokenRecord, admin};
 use alert_router::deliver::slack::{Body, SlackClient};
 use alert_router::event::Event;
 use alert_router::rules::{Disposition, Rules};
-use alert_router::{telemetry, worker};
+use alert_router::{send_test, telemetry, worker};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::future::join_all;
@@ -62,6 +62,25 @@ enum Command {
         command: TokensCommand,
         /// Print JSON for scripts.
         #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Send a test notification through the whole delivery path and say where it landed.
+    ///
+    /// Delivers in this process as the worker would (token, channel or user
+    /// lookup, idempotency, rate limits, Slack's errors, email fallback),
+    /// without the broker. Exit 0 when it reached Slack or email, 1 when not.
+    SendTest {
+        /// Workspace (team) id whose token to use, e.g. T0AEXY01.
+        #[arg(long)]
+        workspace: String,
+        /// Where: a channel id (C…, G…), #channel-name, user id (U…, W…) or email address.
+        #[arg(long, value_name = "C…|#name|U…|EMAIL")]
+        to: String,
+        /// The message's title (default: "alert-router test notification").
+        #[arg(long, value_name = "TEXT")]
+        message: Option<String>,
+        /// Print the delivery report as JSON, for scripts.
+        #[arg(long)]
         json: bool,
     },
     /// Inspect and replay the dead-letter queue.
@@ -243,6 +262,19 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish { file } => publish(&settings, file).await,
         Command::Dlq { command, json } => dlq(&settings, command, json).await,
+        Command::SendTest {
+            workspace,
+            to,
+            message,
+            json,
+        } => {
+            let request = send_test::Request {
+                workspace,
+                to,
+                message,
+            };
+            send_test(&settings, &request, json).await
+        }
         Command::Tokens { command, json } => tokens(&settings, command, json).await,
         Command::Rules {
             command: RulesCommand::Check { path },
@@ -712,6 +744,45 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
         }
     }
     Ok(())
+}
+
+/// Sends one test notification and prints where it landed, one line per
+/// target (or the report as JSON).
+async fn send_test(
+    settings: &Settings,
+    request: &send_test::Request,
+    json: bool,
+) -> Result<(), Failure> {
+    // Warnings only: the printed lines say what happened; RUST_LOG=info
+    // shows every step the delivery took.
+    telemetry::init(&alert_router::config::LogSettings {
+        level: "warn".into(),
+        ..settings.log.clone()
+    });
+    let sent = send_test::send(settings, &Secrets::from_env(), request)
+        .await
+        .map_err(|e| {
+            let code = if e.is_bad_input() { 2 } else { 1 };
+            Failure {
+                code,
+                error: anyhow::Error::from(e).context("nothing sent"),
+            }
+        })?;
+    if let send_test::RulesUsed::NotLoaded { why, .. } = &sent.rules {
+        eprintln!("warning: {why}; sent without a default channel or fallback email");
+    }
+    if json {
+        outln!("{}", to_json(&sent.to_json())?);
+    } else {
+        for line in sent.lines() {
+            outln!("{line}");
+        }
+    }
+    if sent.delivered() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("the test notification {} was not delivered", sent.event.id).into())
+    }
 }
 
 fn confirm(prompt: &str) -> Result<bool, Failure> {

@@ -129,90 +129,24 @@ pub async fn run(
     info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
     telemetry::record_rules_load(true, Some(loaded.rules.rule_count()));
 
-    let redis = redis::Client::open(settings.redis.url.expose())
-        .and_then(|client| {
-            client.get_connection_manager_lazy(
-                redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(2),
-            )
-        })
-        .map_err(|source| WorkerError::Redis {
-            url: settings.redis.url.redacted(),
-            source,
-        })?;
-    let slack = SlackClient::new(&settings.slack)?;
-    let mut tokens = TokenStore::new(
-        redis.clone(),
-        &settings.redis.key_prefix,
-        secrets.slack_bot_token.clone(),
-        settings.slack.default_workspace.clone(),
-        settings.slack.token_cache_ttl,
-        settings.slack.cache_capacity,
-    );
-    if let (Some(client_id), Some(client_secret)) =
-        (&secrets.slack_client_id, &secrets.slack_client_secret)
-    {
-        tokens = tokens.with_rotation(Rotation {
-            slack: slack.clone(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-        });
-        info!("token rotation enabled");
-    }
-    let users = UserDirectory::new(
-        redis.clone(),
-        &settings.redis.key_prefix,
-        crate::deliver::slack::users::DEFAULT_TTL,
-        settings.slack.cache_capacity,
-    );
-    let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
-    let channels = ChannelDirectory::new(
-        redis.clone(),
-        &settings.redis.key_prefix,
-        slack.clone(),
-        limiter.clone(),
-        settings.slack.channel_cache_ttl,
-        settings.slack.cache_capacity,
-    );
-    let addresses = Addresses::new(settings.log.show_addresses);
-    let install = crate::install::Install::new(&settings, &secrets, slack.clone(), redis.clone());
+    let DeliveryPath {
+        deliverer,
+        redis,
+        slack,
+        incidents,
+        escalations,
+        addresses,
+    } = delivery_path(&settings, &secrets)?;
+    let install = crate::install::Install::new(&settings, &secrets, slack, redis);
     install.log_status();
-    let incidents = Incidents::new(
-        redis.clone(),
-        &settings.redis.key_prefix,
-        settings.delivery.incident_ttl,
-    );
     let interactions =
         crate::interactions::Interactions::new(&settings, &secrets, incidents.clone())?;
     interactions.log_status();
-    let escalations = crate::escalation::Schedule::new(redis.clone(), &settings.redis.key_prefix);
-    let idempotency = Idempotency::new(
-        redis,
-        &settings.redis.key_prefix,
-        settings.delivery.idempotency_ttl,
-        settings.delivery.claim_lease,
-    )
-    .with_addresses(addresses);
-    let email = EmailSender::new(&settings.email)?;
     let trust = TrustPolicy::from_settings(&settings);
     info!(allowed = %trust, show_addresses = settings.log.show_addresses, "trust boundaries");
     let context = Arc::new(Context {
         rules: Arc::new(ArcSwap::from_pointee(loaded.rules)),
-        deliverer: Deliverer::new(DelivererParts {
-            slack,
-            tokens,
-            idempotency,
-            incidents: incidents.clone(),
-            escalations: escalations.clone(),
-            email,
-            limiter,
-            max_rate_limit_wait: settings.slack.max_rate_limit_wait,
-            users,
-            channels,
-            addresses,
-        }),
+        deliverer,
         max_body_bytes: settings.amqp.max_body_bytes,
         max_rate_limit_deferral: settings.delivery.max_rate_limit_deferral,
         trust,
@@ -287,6 +221,106 @@ pub async fn run(
     let _ = escalator.await;
     info!("stopped");
     Ok(())
+}
+
+/// The delivery path the worker sends through, and the handles its other
+/// parts (install pages, interactions, escalations) share with it.
+pub struct DeliveryPath {
+    pub deliverer: Deliverer,
+    pub redis: redis::aio::ConnectionManager,
+    pub slack: SlackClient,
+    pub incidents: Incidents,
+    pub escalations: crate::escalation::Schedule,
+    /// How addresses appear in logs and dead-letter details.
+    pub addresses: Addresses,
+}
+
+/// Builds the [`Deliverer`] from settings and secrets: one place, so that
+/// `alert-router send-test` delivers exactly as the worker does. Connects
+/// to nothing yet (Redis connects lazily).
+pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryPath, WorkerError> {
+    let redis = redis::Client::open(settings.redis.url.expose())
+        .and_then(|client| {
+            client.get_connection_manager_lazy(
+                redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(2),
+            )
+        })
+        .map_err(|source| WorkerError::Redis {
+            url: settings.redis.url.redacted(),
+            source,
+        })?;
+    let slack = SlackClient::new(&settings.slack)?;
+    let mut tokens = TokenStore::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        secrets.slack_bot_token.clone(),
+        settings.slack.default_workspace.clone(),
+        settings.slack.token_cache_ttl,
+        settings.slack.cache_capacity,
+    );
+    if let (Some(client_id), Some(client_secret)) =
+        (&secrets.slack_client_id, &secrets.slack_client_secret)
+    {
+        tokens = tokens.with_rotation(Rotation {
+            slack: slack.clone(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+        });
+        info!("token rotation enabled");
+    }
+    let users = UserDirectory::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        crate::deliver::slack::users::DEFAULT_TTL,
+        settings.slack.cache_capacity,
+    );
+    let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
+    let channels = ChannelDirectory::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        slack.clone(),
+        limiter.clone(),
+        settings.slack.channel_cache_ttl,
+        settings.slack.cache_capacity,
+    );
+    let addresses = Addresses::new(settings.log.show_addresses);
+    let incidents = Incidents::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        settings.delivery.incident_ttl,
+    );
+    let escalations = crate::escalation::Schedule::new(redis.clone(), &settings.redis.key_prefix);
+    let idempotency = Idempotency::new(
+        redis.clone(),
+        &settings.redis.key_prefix,
+        settings.delivery.idempotency_ttl,
+        settings.delivery.claim_lease,
+    )
+    .with_addresses(addresses);
+    let email = EmailSender::new(&settings.email)?;
+    Ok(DeliveryPath {
+        deliverer: Deliverer::new(DelivererParts {
+            slack: slack.clone(),
+            tokens,
+            idempotency,
+            incidents: incidents.clone(),
+            escalations: escalations.clone(),
+            email,
+            limiter,
+            max_rate_limit_wait: settings.slack.max_rate_limit_wait,
+            users,
+            channels,
+            addresses,
+        }),
+        redis,
+        slack,
+        incidents,
+        escalations,
+        addresses,
+    })
 }
 
 /// One pair of connections' life: returns `Ok` after a requested stop, `Err`

@@ -96,12 +96,15 @@ impl Deliverer {
                     }
                     let to: Vec<_> = sent.iter().map(|a| self.addresses.address(a)).collect();
                     info!(target = %self.addresses.target(&p.routed.target), ?to, "delivered by email");
-                    reports.push(report(
-                        &p.routed.target,
-                        TargetStatus::Delivered {
-                            to: format!("email:{}", sent.join(",")),
-                        },
-                    ));
+                    reports.push(
+                        report(
+                            &p.routed.target,
+                            TargetStatus::Delivered {
+                                to: format!("email:{}", sent.join(",")),
+                            },
+                        )
+                        .noting(p.reason.clone()),
+                    );
                 }
                 Err((detail, retryable)) => {
                     if let Some(ticket) = &p.ticket {

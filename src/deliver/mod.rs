@@ -73,9 +73,18 @@ pub struct TargetReport {
     /// The target's kind (`slack_channel`, `email`, …), for metrics.
     pub kind: &'static str,
     pub status: TargetStatus,
+    /// Why it did not land at the target itself: the Slack failure behind
+    /// an email fallback, or the Slack error that sent the post to the
+    /// default channel. For people (`alert-router send-test`); `None` when
+    /// it went where it was routed.
+    pub note: Option<String>,
 }
 
 impl TargetReport {
+    fn noting(self, note: Option<String>) -> TargetReport {
+        TargetReport { note, ..self }
+    }
+
     pub fn is_settled(&self) -> bool {
         !matches!(
             self.status,
@@ -421,5 +430,6 @@ fn report(target: &Target, status: TargetStatus) -> TargetReport {
         target: target.to_string(),
         kind: target.kind(),
         status,
+        note: None,
     }
 }

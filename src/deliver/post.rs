@@ -78,6 +78,8 @@ struct Landed {
     /// A new top-level message (not a reply): the incident's first message
     /// at this destination from now on.
     top_level: bool,
+    /// The error that sent the post to the default channel, if one did.
+    rerouted_by: Option<String>,
 }
 
 impl Landed {
@@ -318,7 +320,10 @@ impl Deliverer {
                     .await;
                 let to = landed.to();
                 info!(target = %self.addresses.target(&routed.target), to = %to, thread = landed_in_thread(plan, &landed), "delivered");
-                SlackResult::Done(report(&routed.target, TargetStatus::Delivered { to }))
+                SlackResult::Done(
+                    report(&routed.target, TargetStatus::Delivered { to })
+                        .noting(landed.rerouted_by),
+                )
             }
             Err(PostFailure::Deferred(wait)) if waited_enough => {
                 let unavailable = too_long(wait);
@@ -425,7 +430,12 @@ impl Deliverer {
                         )
                         .await
                     {
-                        Ok(landed) => return Ok(landed),
+                        Ok(landed) => {
+                            return Ok(Landed {
+                                rerouted_by: first_error.as_ref().map(ToString::to_string),
+                                ..landed
+                            });
+                        }
                         Err(AttemptFailure::Deferred(wait)) => {
                             return Err(PostFailure::Deferred(wait));
                         }
@@ -618,6 +628,8 @@ impl Deliverer {
                             .to_string(),
                         ts: reply.get("ts").and_then(Value::as_str).map(str::to_string),
                         top_level: thread.is_none(),
+                        // Set by `post`, which knows why it is posting here.
+                        rerouted_by: None,
                     });
                 }
                 Err(e) if e.code == "ratelimited" => {
@@ -780,6 +792,7 @@ impl Deliverer {
                 .and_then(Value::as_str)
                 .map(str::to_string),
             channel: conversation,
+            rerouted_by: None,
         }))
     }
 

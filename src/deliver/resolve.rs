@@ -175,8 +175,12 @@ impl Deliverer {
             }
         };
         let action = match action {
-            Action::Email { addresses, .. } if addresses.is_empty() => Action::Fail {
-                detail: "Slack cannot take it and there is no email address to fall back to; set `email` on the rule or `defaults.email`".into(),
+            // Said with its reason (no token, say): that is what an operator fixes.
+            Action::Email { addresses, reason } if addresses.is_empty() => Action::Fail {
+                detail: format!(
+                    "{}; there is no email address to fall back to; set `email` on the rule or `defaults.email`",
+                    reason.as_deref().unwrap_or("Slack cannot take it")
+                ),
                 retryable: true,
             },
             other => other,

@@ -198,6 +198,7 @@ impl Deliverer {
                 target,
                 kind: "slack_update",
                 status,
+                note: None,
             });
         }
         reports

@@ -348,10 +348,7 @@ impl Rules {
             .map_or(self.default_emails.as_slice(), |r| {
                 r.fallback_emails.as_slice()
             });
-        let mut targets = Vec::new();
-        for target in event.own_targets() {
-            push_unique(&mut targets, resolve(target, event), Some(rule), fallback);
-        }
+        let targets = own_targets(event, Some(rule), fallback);
         let disposition = if targets.is_empty() {
             Disposition::Silenced {
                 rule: rule.to_string(),
@@ -462,6 +459,36 @@ fn resolve(target: &Target, event: &Event) -> Target {
         }
     }
     target.clone()
+}
+
+impl Routing {
+    /// The routing to the event's own targets and nowhere else, each falling
+    /// back to `fallback_emails`: no rule is applied, nothing escalates.
+    /// What `alert-router send-test` delivers, so the test message goes
+    /// where it was asked to and no rule adds recipients.
+    pub fn own_targets_only(event: &Event, fallback_emails: &[String]) -> Routing {
+        let targets = own_targets(event, None, fallback_emails);
+        Routing {
+            disposition: if targets.is_empty() {
+                Disposition::DeadLetter
+            } else {
+                Disposition::Deliver
+            },
+            targets,
+            matched_rules: Vec::new(),
+            escalations: Vec::new(),
+            escalated_after: None,
+        }
+    }
+}
+
+/// The event's own targets, de-duplicated, each with `rule` and `fallback`.
+fn own_targets(event: &Event, rule: Option<&str>, fallback: &[String]) -> Vec<RoutedTarget> {
+    let mut targets = Vec::new();
+    for target in event.own_targets() {
+        push_unique(&mut targets, resolve(target, event), rule, fallback);
+    }
+    targets
 }
 
 fn present(value: &Option<String>) -> Option<&str> {
@@ -905,6 +932,28 @@ rules:
     fn rules_are_shareable_across_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Rules>();
+    }
+
+    #[test]
+    fn own_targets_only_applies_no_rule_and_falls_back_to_the_emails_given() {
+        let r = rules(LAYERED);
+        // Matches `audit` and `payments`, which must not add recipients.
+        let mut e = event("issue.created", Severity::Critical, &[("team", "payments")]);
+        e.targets = Some(vec![
+            Target::SlackChannel("#payments".into()),
+            Target::SlackChannel("#payments".into()),
+        ]);
+        let routing = Routing::own_targets_only(&e, r.default_emails());
+        assert_eq!(targets(&routing), ["slack_channel:#payments"]);
+        assert_eq!(routing.disposition, Disposition::Deliver);
+        assert!(routing.matched_rules.is_empty() && routing.escalations.is_empty());
+        assert_eq!(routing.targets[0].rule, None);
+        assert_eq!(routing.targets[0].fallback_emails, ["oncall@example.com"]);
+
+        e.targets = None;
+        let nowhere = Routing::own_targets_only(&e, &[]);
+        assert!(nowhere.targets.is_empty());
+        assert_eq!(nowhere.disposition, Disposition::DeadLetter);
     }
 
     #[test]

@@ -74,6 +74,9 @@ async fn an_unacknowledged_incident_escalates_once_even_when_the_worker_that_sta
         .await;
     env.slack.wait_for_posts(1, WAIT).await.unwrap();
     assert_eq!(scheduled(&env).await, 1, "the step is scheduled in Redis");
+    // Killed once its event is settled, before the step is due: the step
+    // lives in Redis, not in the dead process.
+    first.wait_for_log("acked", 1).await;
     first.child.kill().await.unwrap();
 
     // Two replicas take over; either may fire the step, only one does.

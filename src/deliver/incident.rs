@@ -48,7 +48,7 @@ pub struct Incident {
     pub acknowledged_by: Option<String>,
     pub acknowledged_at_ms: Option<u64>,
     pub resolved_at_ms: Option<u64>,
-    /// First messages by destination (see [`Incidents::destination_of`]).
+    /// First messages by destination (a resolved target's identity, e.g. `slack:T1:C0PAY`).
     pub messages: BTreeMap<String, FirstMessage>,
     /// Destinations whose notifications went to email, and when (Unix ms).
     pub emailed: BTreeMap<String, u64>,

@@ -62,6 +62,11 @@ pub struct AmqpSettings {
     /// unacked, to be redelivered; it is never acked on hope.
     #[serde(with = "human_duration")]
     pub confirm_timeout: Duration,
+    /// How often the worker reads the dead-letter queue's depth for
+    /// `/metrics` (one passive declare; the head message is read only when
+    /// the depth changed).
+    #[serde(with = "human_duration")]
+    pub dead_letter_poll_interval: Duration,
 }
 
 impl Default for AmqpSettings {
@@ -78,6 +83,7 @@ impl Default for AmqpSettings {
             max_body_bytes: crate::event::DEFAULT_MAX_BODY_BYTES,
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(15),
+            dead_letter_poll_interval: Duration::from_secs(15),
         }
     }
 }
@@ -461,6 +467,10 @@ impl Settings {
         for (key, value) in [
             ("amqp.connect_timeout", self.amqp.connect_timeout),
             ("amqp.confirm_timeout", self.amqp.confirm_timeout),
+            (
+                "amqp.dead_letter_poll_interval",
+                self.amqp.dead_letter_poll_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than 0s, e.g. `10s`"));

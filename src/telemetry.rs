@@ -46,6 +46,7 @@ pub fn metrics() -> &'static PrometheusHandle {
         // Fails only if another recorder is installed (an embedding program): then ours stays empty.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        register_series();
         handle
     })
 }
@@ -91,6 +92,67 @@ fn describe() {
         CONFIRM_TIMEOUTS,
         "Republishes the broker did not confirm within amqp.confirm_timeout; their deliveries were left for redelivery."
     );
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Messages in the dead-letter queue (queue-wide: every replica reports the same value, so aggregate with max, not sum)."
+    );
+    describe_gauge!(
+        DEAD_LETTER_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest dead letter, from its x-alert-router-failed-at header; 0 when the queue is empty (queue-wide, like the depth)."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        "Slack token refreshes (oauth.v2.access, or a token another replica refreshed), by result (ok, failed_transient, failed)."
+    );
+}
+
+/// Creates the series alerts and dashboards rely on at zero, before anything
+/// happens. `describe_*` only attaches help text: the exporter renders a
+/// metric once it has a value, so without this a counter would first appear
+/// already at 1, and `rate()`/`increase()` would miss that first event (an
+/// alert on the first dead letter would never fire).
+fn register_series() {
+    for (outcome, reason) in [
+        ("acked", "ok"),
+        ("retried", "unsettled_targets"),
+        ("deferred", "rate_limited"),
+        ("dead_lettered", "undeliverable"),
+        ("dead_lettered", "no_route"),
+        ("dead_lettered", "forbidden_target"),
+        ("dead_lettered", "invalid_json"),
+        ("dead_lettered", "invalid_event"),
+        ("dead_lettered", "too_large"),
+    ] {
+        counter!(EVENTS, "outcome" => outcome, "reason" => reason).increment(0);
+    }
+    // Registered with no sample: rendered as empty buckets.
+    let _ = histogram!(EVENT_SECONDS);
+    for result in [
+        "delivered",
+        "emailed",
+        "deferred",
+        "failed",
+        "failed_retryable",
+    ] {
+        counter!(TARGETS, "kind" => "slack_channel", "result" => result).increment(0);
+    }
+    counter!(SLACK_CALLS, "method" => "chat.postMessage", "result" => "ok").increment(0);
+    counter!(SLACK_CALLS, "method" => "chat.postMessage", "result" => "ratelimited").increment(0);
+    for result in ["ok", "invalid"] {
+        counter!(RULES_RELOADS, "result" => result).increment(0);
+    }
+    for result in ["ok", "failed_transient", "failed"] {
+        counter!(TOKEN_REFRESHES, "result" => result).increment(0);
+    }
+    counter!(CONFIRM_TIMEOUTS).increment(0);
+    // Not connected until the worker says so; not blocked until RabbitMQ says so.
+    gauge!(BROKER_CONNECTED).set(0.0);
+    gauge!(BROKER_BLOCKED).set(0.0);
+    counter!(INSTALLS, "result" => "installed").increment(0);
+    counter!(INTERACTIONS, "result" => "acknowledged").increment(0);
+    // The dead-letter gauges are left out on purpose: a 0 before the first
+    // poll would be a claim about the queue nobody made.
 }
 
 const EVENTS: &str = "alert_router_events_total";
@@ -105,6 +167,9 @@ const BROKER_BLOCKED: &str = "alert_router_broker_blocked";
 const CONFIRM_TIMEOUTS: &str = "alert_router_broker_confirm_timeouts_total";
 const INSTALLS: &str = "alert_router_slack_installs_total";
 const INTERACTIONS: &str = "alert_router_slack_interactions_total";
+const DEAD_LETTERS: &str = "alert_router_dead_letter_queue_messages";
+const DEAD_LETTER_AGE: &str = "alert_router_dead_letter_oldest_age_seconds";
+const TOKEN_REFRESHES: &str = "alert_router_token_refreshes_total";
 
 /// An event left the worker: `outcome` is `acked`, `retried` or `dead_lettered`.
 pub fn record_event(outcome: &'static str, reason: &'static str, took: Duration) {
@@ -169,4 +234,17 @@ pub fn record_install(result: &'static str) {
 /// One request to the interactivity endpoint: what a click came to, or why it was refused.
 pub fn record_interaction(result: &'static str) {
     counter!(INTERACTIONS, "result" => result).increment(1);
+}
+
+/// The dead-letter queue as last polled: its depth, and its oldest
+/// message's age (zero when it is empty).
+pub fn record_dead_letters(messages: u32, oldest_age: Duration) {
+    gauge!(DEAD_LETTERS).set(f64::from(messages));
+    gauge!(DEAD_LETTER_AGE).set(oldest_age.as_secs_f64());
+}
+
+/// One token refresh (per refresh, not per caller waiting on it): `ok`,
+/// `failed_transient` (may work on the next try) or `failed` (needs a new token).
+pub fn record_token_refresh(result: &'static str) {
+    counter!(TOKEN_REFRESHES, "result" => result).increment(1);
 }

@@ -404,6 +404,16 @@ async fn consume_on(
             FieldTable::default(),
         )
         .await?;
+    // The dead-letter gauges poll on a channel of their own on the consuming
+    // connection (never blocked by an alarm) and stop with this connection.
+    let dead_letter_gauges = CancellationToken::new();
+    tokio::spawn(broker::dlq_gauges::run(
+        consuming.create_channel().await?,
+        topology.dead_letter_queue.clone(),
+        settings.amqp.dead_letter_poll_interval,
+        dead_letter_gauges.clone(),
+    ));
+    let _stop_gauges = dead_letter_gauges.drop_guard();
     let mut watch = Watch::start(&[("consume", consuming), ("publish", publishing)]);
     let acks = Acks::start(channel.clone(), settings.amqp.prefetch);
     let publishing_channel = publisher.channel().clone();

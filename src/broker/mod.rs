@@ -5,6 +5,7 @@
 
 pub mod acks;
 pub mod dlq;
+pub mod dlq_gauges;
 pub mod watch;
 
 use std::time::Duration;

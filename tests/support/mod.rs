@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_slack;
+pub mod metrics;
 pub mod smtp_sink;
 pub mod worker_env;
 

@@ -412,7 +412,16 @@ impl TokenStore {
             flights.entry(key.clone()).or_default().clone()
         };
         let outcome = flight
-            .get_or_init(|| async { self.refresh_once(stale).await.map_err(Arc::new) })
+            .get_or_init(|| async {
+                // Counted here, once per refresh, not once per caller sharing it.
+                let refreshed = self.refresh_once(stale).await;
+                crate::telemetry::record_token_refresh(match &refreshed {
+                    Ok(_) => "ok",
+                    Err(e) if e.is_transient() => "failed_transient",
+                    Err(_) => "failed",
+                });
+                refreshed.map_err(Arc::new)
+            })
             .await
             .clone();
         // Done: whoever comes later starts anew (and first looks at what is stored).

@@ -2,8 +2,15 @@
 //!
 //! The directory is watched rather than the file because editors and
 //! Kubernetes ConfigMaps replace files (rename, symlink swap) instead of
-//! writing in place. Events are debounced, and a reload whose content did not
-//! change is skipped. Events in flight keep the `Arc<Rules>` they started with.
+//! writing in place. A ConfigMap mounted as a directory holds
+//! `rules.yaml -> ..data/rules.yaml` and `..data -> ..<timestamp>/`; the
+//! kubelet updates it by writing a new `..<timestamp>/` and renaming a new
+//! `..data_tmp` symlink over `..data`, so the file's own link never changes:
+//! any change in the directory is taken as a reason to read the file again
+//! (through the links). Opening or reading a file is not a change (the
+//! reload's own read would otherwise trigger the next one). Events are
+//! debounced, and a reload whose content did not change is skipped. Events in
+//! flight keep the `Arc<Rules>` they started with.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -12,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -114,7 +122,7 @@ pub async fn watch(path: PathBuf, current: Arc<ArcSwap<Rules>>, shutdown: Cancel
         _ => PathBuf::from("."),
     };
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|event| is_change(&event.kind)) {
             let _ = tx.try_send(());
         }
     })
@@ -131,6 +139,19 @@ pub async fn watch(path: PathBuf, current: Arc<ArcSwap<Rules>>, shutdown: Cancel
         }
     };
     watch_changes(path, current, shutdown, rx, hangup_signals()).await;
+}
+
+/// Whether a file event in the rules directory may have changed the rules:
+/// anything but opening or reading a file (inotify reports the reload's own
+/// read of `rules.yaml` as an open in the watched directory). A file closed
+/// after writing counts.
+fn is_change(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
 }
 
 /// The reload loop of [`watch`], fed by its file events (`changes`).
@@ -296,6 +317,81 @@ mod tests {
             .expect("the watcher ends on shutdown")
             .unwrap();
         churn.await.unwrap();
+    }
+
+    #[test]
+    fn opening_or_reading_a_file_is_not_a_change() {
+        use notify::event::{CreateKind, ModifyKind, RenameMode};
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Read)));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_change(&EventKind::Create(CreateKind::Any)));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+        assert!(is_change(&EventKind::Any));
+    }
+
+    /// The kubelet's update of a ConfigMap mounted as a directory, step by
+    /// step as its atomic writer does it.
+    #[cfg(unix)]
+    fn kubelet_update(dir: &Path, version: &str, rules: &str) {
+        use std::os::unix::fs::symlink;
+        let data = dir.join(format!("..{version}"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("rules.yaml"), rules).unwrap();
+        let old = std::fs::read_link(dir.join("..data")).ok();
+        symlink(format!("..{version}"), dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        if !dir.join("rules.yaml").exists() {
+            symlink("..data/rules.yaml", dir.join("rules.yaml")).unwrap();
+        }
+        if let Some(old) = old {
+            std::fs::remove_dir_all(dir.join(old)).unwrap();
+        }
+    }
+
+    /// A ConfigMap update swaps the `..data` symlink and leaves `rules.yaml`
+    /// (a link to `..data/rules.yaml`) as it is; the watcher must still
+    /// reload, through the real inotify watch.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_configmap_update_swapping_the_data_symlink_reloads_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        kubelet_update(dir.path(), "2026_12_02_08_00_00.1", GOOD);
+        let path = dir.path().join("rules.yaml");
+        let current = Arc::new(ArcSwap::from_pointee(Rules::load(&path).unwrap().rules));
+        assert_eq!(current.load().rule_count(), 0);
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(watch(path.clone(), Arc::clone(&current), shutdown.clone()));
+
+        // The watch is set up inside the spawned task: update until the
+        // rules change (each update new content, as a real edit is), not
+        // after a sleep.
+        let reloaded = tokio::time::timeout(Duration::from_secs(10), async {
+            for update in 2.. {
+                let rules = format!("{OTHER}# update {update}\n");
+                kubelet_update(dir.path(), &format!("2026_12_02_08_05_00.{update}"), &rules);
+                for _ in 0..50 {
+                    if current.load().rule_count() == 1 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+        .await;
+        shutdown.cancel();
+        watcher.await.unwrap();
+        assert!(reloaded.is_ok(), "the symlink swap was not seen");
+        assert_eq!(current.load().default_channel(), Some("C2"));
     }
 
     #[tokio::test]

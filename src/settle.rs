@@ -114,7 +114,7 @@ impl Settler {
         match outcome {
             Outcome::Ack { why } => {
                 self.acks.ack(delivery);
-                info!(why, "acked");
+                info!(outcome = "acked", reason = why, "acked");
                 Ok(Settled::Acked)
             }
             Outcome::RetryLater { detail } => {
@@ -131,7 +131,7 @@ impl Settler {
                 let counter = (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempt)));
                 self.delay(delivery, &queue.name, vec![counter], &routing_key, &detail)
                     .await?;
-                warn!(attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
+                warn!(outcome = "retried", reason = "unsettled_targets", attempt, queue = %queue.name, delay = ?queue.delay, %detail, "not all targets reached; retrying later");
                 Ok(Settled::Retried {
                     queue: queue.name.clone(),
                     attempt,
@@ -171,7 +171,7 @@ impl Settler {
                     &detail,
                 )
                 .await?;
-                info!(queue = %queue.name, ?wait, deferrals, "rate limited; deferred");
+                info!(outcome = "deferred", reason = "rate_limited", queue = %queue.name, ?wait, deferrals, "rate limited; deferred");
                 Ok(Settled::Deferred {
                     queue: queue.name.clone(),
                 })
@@ -239,7 +239,7 @@ impl Settler {
             )
             .await?;
         self.acks.ack(delivery);
-        warn!(reason, detail, "dead-lettered");
+        warn!(outcome = "dead_lettered", reason, detail, "dead-lettered");
         Ok(Settled::DeadLettered { reason })
     }
 }

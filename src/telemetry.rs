@@ -23,9 +23,12 @@ pub fn init(settings: &LogSettings) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match settings.format {
+        // Flattened, an event's own `target` field (where it went) would
+        // clash with tracing's (the module): the module is left out.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
+            .with_target(false)
             .with_current_span(true)
             .try_init(),
         LogFormat::Text => builder.with_target(false).try_init(),

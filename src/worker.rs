@@ -570,7 +570,7 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Op
         Ok(event) => event.id.clone(),
         Err(_) => sniff_id(&delivery.data).unwrap_or_else(|| "?".into()),
     };
-    let span = info_span!("event", id = %event_id, redelivered = delivery.redelivered);
+    let span = info_span!("event", event_id = %event_id, redelivered = delivery.redelivered);
     async {
         let outcome = match decoded {
             Ok(event) => {

@@ -129,7 +129,7 @@ fn dump_exists(dir: &Path) -> bool {
 }
 
 /// Waits until every event in `ids` has been sent to a delay queue at least
-/// once (the worker logs `event{id=…}: … retrying later`).
+/// once (the worker logs `event{event_id=…}: … retrying later`).
 async fn wait_until_retried(worker: &WorkerProcess, ids: &BTreeSet<String>) {
     let deadline = tokio::time::Instant::now() + LONG_WAIT;
     loop {
@@ -137,7 +137,7 @@ async fn wait_until_retried(worker: &WorkerProcess, ids: &BTreeSet<String>) {
             .log_lines()
             .iter()
             .filter(|line| line.contains("retrying later"))
-            .filter_map(|line| line.split("event{id=").nth(1)?.split(' ').next())
+            .filter_map(|line| line.split("event{event_id=").nth(1)?.split(' ').next())
             .map(str::to_string)
             .collect();
         let missing: Vec<&String> = ids.difference(&retried).collect();

@@ -319,7 +319,7 @@ impl Deliverer {
                 self.complete_posted(&ticket, &routed.target, plan, &landed)
                     .await;
                 let to = landed.to();
-                info!(target = %self.addresses.target(&routed.target), to = %to, thread = landed_in_thread(plan, &landed), "delivered");
+                info!(target = %self.addresses.target(&routed.target), rule = routed.rule.as_deref().unwrap_or(""), to = %to, thread = landed_in_thread(plan, &landed), "delivered");
                 SlackResult::Done(
                     report(&routed.target, TargetStatus::Delivered { to })
                         .noting(landed.rerouted_by),

@@ -6,26 +6,25 @@
 //! replica's: every replica reports the same numbers, so dashboards and
 //! alerts aggregate them with `max()`, never `sum()`.
 //!
-//! The age comes from the head message's `x-alert-router-failed-at` header,
-//! read with `basic.get` and handed straight back with `basic.nack(requeue)`,
-//! which returns it to the head. The head is read only when the depth has
-//! changed since the last look: new dead letters join the tail, so the
-//! oldest one changes only when messages leave, and leaving changes the
-//! depth. Reading it rarely matters because a quorum queue may count each
-//! return as a delivery (RabbitMQ 4.0 to 4.2 do, and drop a message
-//! returned more often than the queue's delivery limit, 20 by default);
-//! in between, the age is computed from the timestamp already read.
+//! The age is how long the queue has held messages without being emptied,
+//! as this replica has watched it: from the first poll that found it
+//! non-empty until one finds it empty. No message is read for it: RabbitMQ
+//! 3.10's quorum queues put a message handed back with `basic.nack(requeue)`
+//! at the tail, so peeking at the head would reorder the dead letters (and
+//! `dlq replay` promises their order), and RabbitMQ 4.0 to 4.2 count each
+//! return as a delivery. While messages only join the tail it is the oldest
+//! message's age (from when this replica started, at most); after a partial
+//! replay it overstates it. `max()` over the replicas takes the one that has
+//! watched longest.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use lapin::Channel;
-use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{HEADER_FAILED_AT, header_str};
 use crate::telemetry;
 
 /// Polls `queue` on `channel` until `stop` is cancelled or the channel dies
@@ -34,8 +33,7 @@ pub async fn run(channel: Channel, queue: String, interval: Duration, stop: Canc
     let mut gauges = Gauges {
         channel,
         queue,
-        looked_at: None,
-        head_failed_at: None,
+        held_since: None,
     };
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,10 +56,8 @@ pub async fn run(channel: Channel, queue: String, interval: Duration, stop: Canc
 struct Gauges {
     channel: Channel,
     queue: String,
-    /// The depth when the head was last read.
-    looked_at: Option<u32>,
-    /// When the head message was dead-lettered.
-    head_failed_at: Option<DateTime<Utc>>,
+    /// Since when the queue has held messages, as far as this replica saw.
+    held_since: Option<tokio::time::Instant>,
 }
 
 impl Gauges {
@@ -78,59 +74,15 @@ impl Gauges {
             )
             .await?
             .message_count();
-        if messages == 0 {
-            self.looked_at = Some(0);
-            self.head_failed_at = None;
-        } else if self.looked_at != Some(messages) || self.head_failed_at.is_none() {
-            // None: someone (a `dlq` command) holds the head right now; look
-            // again next time rather than guess.
-            if let Some(failed_at) = self.peek_head().await? {
-                self.head_failed_at = Some(failed_at);
-                self.looked_at = Some(messages);
-            }
-        }
-        let age = self
-            .head_failed_at
-            .and_then(|at| (Utc::now() - at).to_std().ok())
-            .unwrap_or_default();
+        let age = if messages == 0 {
+            self.held_since = None;
+            Duration::ZERO
+        } else {
+            self.held_since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+        };
         telemetry::record_dead_letters(messages, age);
         Ok(())
-    }
-
-    /// When the head message was dead-lettered, leaving it at the head.
-    async fn peek_head(&self) -> Result<Option<DateTime<Utc>>, lapin::Error> {
-        let Some(message) = self
-            .channel
-            .basic_get(
-                self.queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let properties = &message.delivery.properties;
-        let failed_at = header_str(properties, HEADER_FAILED_AT)
-            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-            .map(|t| t.with_timezone(&Utc))
-            // Dead-lettered by the broker itself (no header of ours): the
-            // publish timestamp if the producer set one, else first seen now,
-            // so the age is at least a lower bound that keeps growing.
-            .or_else(|| {
-                properties
-                    .timestamp()
-                    .and_then(|t| DateTime::<Utc>::from_timestamp(i64::try_from(t).ok()?, 0))
-            })
-            .unwrap_or_else(Utc::now);
-        self.channel
-            .basic_nack(
-                message.delivery.delivery_tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            )
-            .await?;
-        Ok(Some(failed_at))
     }
 }

@@ -83,6 +83,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the Slack message the worker would post for an event, and a Block Kit Builder link.
+    ///
+    /// Routes the event with the rules (the first matched rule is named in
+    /// the message, as the worker would) and sends nothing. Exit 2 on a bad event.
+    Preview {
+        /// The event: a JSON file, or `-` for standard input.
+        #[arg(value_name = "EVENT.json|-")]
+        event: PathBuf,
+        /// Rules file (default: rules.path from settings).
+        #[arg(long, value_name = "PATH")]
+        rules: Option<PathBuf>,
+    },
     /// Inspect and replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -262,6 +274,10 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Publish { file } => publish(&settings, file).await,
         Command::Dlq { command, json } => dlq(&settings, command, json).await,
+        Command::Preview { event, rules } => {
+            let path = rules.unwrap_or_else(|| settings.rules.path.clone());
+            preview(&settings, &path, event)
+        }
         Command::SendTest {
             workspace,
             to,
@@ -821,6 +837,40 @@ fn human_age(seconds: i64) -> String {
 }
 
 /// Explains the routing of one event without sending anything.
+fn preview(
+    settings: &Settings,
+    path: &std::path::Path,
+    event_file: PathBuf,
+) -> Result<(), Failure> {
+    let loaded = Rules::load(path).map_err(|errors| {
+        bad_input(anyhow::anyhow!(
+            "{} is not valid:\n{errors}",
+            path.display()
+        ))
+    })?;
+    let (source, text) = read_input(Some(event_file)).map_err(bad_input)?;
+    let event = Event::decode(text.trim().as_bytes(), settings.amqp.max_body_bytes)
+        .map_err(|e| bad_input(anyhow::anyhow!("{source}: {e}")))?;
+    let preview = alert_router::preview::Preview::of(
+        &event,
+        &loaded.rules,
+        settings.slack.default_workspace.as_deref(),
+    );
+    let message = preview.render(&event);
+    let json = serde_json::to_string_pretty(&message).context("cannot render JSON")?;
+    outln!("{json}");
+    outln!();
+    match &preview.target {
+        Some(target) => outln!("would post to: {target}"),
+        None => outln!("the rules send this event nowhere: nothing would be posted"),
+    }
+    outln!(
+        "Block Kit Builder: {}",
+        alert_router::preview::builder_url(&message)
+    );
+    Ok(())
+}
+
 fn rules_test(
     path: &std::path::Path,
     event_file: PathBuf,

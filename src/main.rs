@@ -42,7 +42,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker: consume, route, deliver, settle; serve /healthz and /readyz.
-    Run,
+    Run {
+        /// Answer Slack locally (no token needed): log each message and show
+        /// the last ones at /preview on http.listen. Same as `slack.dry_run: true`.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the effective settings (defaults ← file ← environment), secrets redacted.
     Settings,
     /// Publish one JSON event, or NDJSON lines, with publisher confirms.
@@ -267,7 +272,11 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let settings = Settings::load(cli.config.as_deref()).map_err(|e| bad_input(e.into()))?;
     match cli.command {
-        Command::Run => run(settings).await,
+        Command::Run { dry_run } => {
+            let mut settings = settings;
+            settings.slack.dry_run |= dry_run;
+            run(settings).await
+        }
         Command::Settings => {
             outln!("{}", settings.redacted_yaml().trim_end());
             Ok(())

@@ -5,6 +5,9 @@
 //! - [`render_event`]: the message the worker would post for an event, with
 //!   the first matched rule and the incident as the worker names them.
 
+pub mod page;
+pub mod stand_in;
+
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::deliver::slack::message::{IncidentRef, Message, RenderContext, render};

@@ -92,7 +92,8 @@ async fn a_dry_run_needs_no_token_logs_each_message_and_shows_it_at_preview() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(dom.contains("Acknowledge"), "{dom}");
-    } else {
+    } else if std::env::var_os("ALERT_ROUTER_TESTS_NO_CHROMIUM").is_none() {
+        // Set by .ci/run only when the Debian archive is unreachable.
         panic!("{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run does)");
     }
 

@@ -60,6 +60,17 @@ async fn a_dry_run_needs_no_token_logs_each_message_and_shows_it_at_preview() {
         .await;
     assert!(line.contains(&env.id), "{line}");
 
+    // A later event of the incident replies in the first message's thread:
+    // the stand-in's channel ids and `ts` work as Slack's do.
+    env.publish(&env.checkout_incident(
+        "dry-2",
+        json!({"severity": "high", "title": "Still failing"}),
+    ))
+    .await;
+    worker
+        .wait_for_log("dry run: would reply in C0PAYMENTS (thread ", 1)
+        .await;
+
     // The page, HTML-escaped, newest first.
     let url = format!("http://{listen}/preview");
     let body = wait_for_page(&url, &env.id).await;
@@ -71,6 +82,10 @@ async fn a_dry_run_needs_no_token_logs_each_message_and_shows_it_at_preview() {
     );
     assert!(body.contains(&header), "{body}");
     assert!(!body.contains("<b>down</b>"));
+    assert!(
+        body.find("Still failing").unwrap() < body.find(&header).unwrap(),
+        "newest first: {body}"
+    );
 
     // As people would see it: the browser's DOM shows the title.
     if std::path::Path::new(CHROMIUM).exists() {

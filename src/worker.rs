@@ -237,7 +237,9 @@ pub async fn run(
 /// Points `slack.api_url` at an in-process stand-in for Slack (see
 /// [`crate::preview::stand_in`]) and makes sure a token is found: in a dry
 /// run no token is needed, and a missing one would send every event to
-/// email instead of through the Slack path being previewed.
+/// email instead of through the Slack path being previewed. A placeholder
+/// stands in for `SLACK_BOT_TOKEN` and, through [`delivery_path`], serves
+/// every workspace without a stored token.
 async fn dry_run(
     settings: &mut Settings,
     secrets: &mut Secrets,
@@ -301,6 +303,9 @@ pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryP
         settings.slack.token_cache_ttl,
         settings.slack.cache_capacity,
     );
+    if settings.slack.dry_run {
+        tokens = tokens.with_env_token_everywhere();
+    }
     if let (Some(client_id), Some(client_secret)) =
         (&secrets.slack_client_id, &secrets.slack_client_secret)
     {

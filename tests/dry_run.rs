@@ -60,6 +60,19 @@ async fn a_dry_run_needs_no_token_logs_each_message_and_shows_it_at_preview() {
         .await;
     assert!(line.contains(&env.id), "{line}");
 
+    // A workspace with no token and not the default one: served too.
+    env.publish(&env.event(
+        "dry-other",
+        json!({"workspace": "T0OTHER", "severity": "low", "title": "Other workspace"}),
+    ))
+    .await;
+    worker
+        .wait_for_log(
+            "dry run: would post to C0ESCALATE: [LOW] Other workspace",
+            1,
+        )
+        .await;
+
     // A later event of the incident replies in the first message's thread:
     // the stand-in's channel ids and `ts` work as Slack's do.
     env.publish(&env.checkout_incident(

@@ -2,7 +2,7 @@
 //!
 //! - [`builder_url`]: a Block Kit Builder link for a rendered message
 //!   (`alert-router preview EVENT.json`).
-//! - [`render_event`]: the message the worker would post for an event, with
+//! - [`Preview`]: the message the worker would post for an event, with
 //!   the first matched rule and the incident as the worker names them.
 
 pub mod page;

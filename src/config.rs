@@ -158,6 +158,9 @@ pub struct SlackSettings {
     pub allowed_workspaces: Vec<String>,
     /// Slack's consent page, where `GET /slack/install` sends the installer.
     pub oauth_authorize_url: String,
+    /// Answer Slack locally instead of calling it (`run --dry-run`): the
+    /// whole pipeline runs, each message is logged and shown at `/preview`.
+    pub dry_run: bool,
     /// Bot scopes `GET /slack/install` asks for (comma-separated in the environment).
     #[serde(with = "string_list")]
     pub oauth_scopes: Vec<String>,
@@ -196,6 +199,7 @@ impl Default for SlackSettings {
         SlackSettings {
             api_url: "https://slack.com/api".into(),
             default_workspace: None,
+            dry_run: false,
             request_timeout: Duration::from_secs(10),
             max_attempts: 3,
             retry_base_delay: Duration::from_millis(250),

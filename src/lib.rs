@@ -22,6 +22,7 @@
 //! | [`send_test`] | `alert-router send-test`: one test notification through the worker's delivery path, and where it landed |
 //! | [`settle`] | a delivery's outcome → ack, delayed retry or dead-letter |
 //! | [`install`] | the Slack OAuth install pages (`/slack/install`, `/slack/oauth/callback`): signed `state`, code exchange, the token record |
+//! | [`preview`] | seeing it work without Slack: `alert-router preview` (Block Kit JSON and a Block Kit Builder link); [`preview::stand_in`] the in-process Slack stand-in of `run --dry-run`; [`preview::page`] its `/preview` page |
 //! | [`interactions`] | the Slack interactivity endpoint (`/slack/interactions`): signed clicks on Acknowledge → the incident acknowledged once → `escalation.acknowledged` published with confirms |
 //! | [`worker`] | the `run` loop: connect, consume, process concurrently, drain on stop |
 //! | [`telemetry`] | logging, Prometheus metrics, one function per counted fact |
@@ -33,6 +34,7 @@ pub mod escalation;
 pub mod event;
 pub mod install;
 pub mod interactions;
+pub mod preview;
 pub mod redact;
 pub mod reload;
 pub mod rules;

@@ -42,7 +42,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker: consume, route, deliver, settle; serve /healthz and /readyz.
-    Run,
+    Run {
+        /// Answer Slack locally (no token needed): log each message and show
+        /// the last ones at /preview on http.listen. Same as `slack.dry_run: true`.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the effective settings (defaults ← file ← environment), secrets redacted.
     Settings,
     /// Publish one JSON event, or NDJSON lines, with publisher confirms.
@@ -82,6 +87,18 @@ enum Command {
         /// Print the delivery report as JSON, for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the Slack message the worker would post for an event, and a Block Kit Builder link.
+    ///
+    /// Routes the event with the rules (the first matched rule is named in
+    /// the message, as the worker would) and sends nothing. Exit 2 on a bad event.
+    Preview {
+        /// The event: a JSON file, or `-` for standard input.
+        #[arg(value_name = "EVENT.json|-")]
+        event: PathBuf,
+        /// Rules file (default: rules.path from settings).
+        #[arg(long, value_name = "PATH")]
+        rules: Option<PathBuf>,
     },
     /// Inspect and replay the dead-letter queue.
     Dlq {
@@ -255,13 +272,21 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let settings = Settings::load(cli.config.as_deref()).map_err(|e| bad_input(e.into()))?;
     match cli.command {
-        Command::Run => run(settings).await,
+        Command::Run { dry_run } => {
+            let mut settings = settings;
+            settings.slack.dry_run |= dry_run;
+            run(settings).await
+        }
         Command::Settings => {
             outln!("{}", settings.redacted_yaml().trim_end());
             Ok(())
         }
         Command::Publish { file } => publish(&settings, file).await,
         Command::Dlq { command, json } => dlq(&settings, command, json).await,
+        Command::Preview { event, rules } => {
+            let path = rules.unwrap_or_else(|| settings.rules.path.clone());
+            preview(&settings, &path, event)
+        }
         Command::SendTest {
             workspace,
             to,
@@ -821,6 +846,40 @@ fn human_age(seconds: i64) -> String {
 }
 
 /// Explains the routing of one event without sending anything.
+fn preview(
+    settings: &Settings,
+    path: &std::path::Path,
+    event_file: PathBuf,
+) -> Result<(), Failure> {
+    let loaded = Rules::load(path).map_err(|errors| {
+        bad_input(anyhow::anyhow!(
+            "{} is not valid:\n{errors}",
+            path.display()
+        ))
+    })?;
+    let (source, text) = read_input(Some(event_file)).map_err(bad_input)?;
+    let event = Event::decode(text.trim().as_bytes(), settings.amqp.max_body_bytes)
+        .map_err(|e| bad_input(anyhow::anyhow!("{source}: {e}")))?;
+    let preview = alert_router::preview::Preview::of(
+        &event,
+        &loaded.rules,
+        settings.slack.default_workspace.as_deref(),
+    );
+    let message = preview.render(&event);
+    let json = serde_json::to_string_pretty(&message).context("cannot render JSON")?;
+    outln!("{json}");
+    outln!();
+    match &preview.target {
+        Some(target) => outln!("would post to: {target}"),
+        None => outln!("the rules send this event nowhere: nothing would be posted"),
+    }
+    outln!(
+        "Block Kit Builder: {}",
+        alert_router::preview::builder_url(&message)
+    );
+    Ok(())
+}
+
 fn rules_test(
     path: &std::path::Path,
     event_file: PathBuf,

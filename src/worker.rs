@@ -116,8 +116,8 @@ impl Readiness {
 
 /// Runs the worker until `shutdown` is cancelled, then drains and returns.
 pub async fn run(
-    settings: Settings,
-    secrets: Secrets,
+    mut settings: Settings,
+    mut secrets: Secrets,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     // Install the metrics recorder before anything records.
@@ -129,6 +129,11 @@ pub async fn run(
     info!(path = %settings.rules.path.display(), rules = loaded.rules.rule_count(), "routing rules loaded");
     telemetry::record_rules_load(true, Some(loaded.rules.rule_count()));
 
+    let preview = if settings.slack.dry_run {
+        Some(dry_run(&mut settings, &mut secrets, &shutdown).await?)
+    } else {
+        None
+    };
     let DeliveryPath {
         deliverer,
         redis,
@@ -163,7 +168,13 @@ pub async fn run(
     let http = tokio::spawn(serve_health(
         listener,
         readiness.clone(),
-        crate::install::router(install).merge(crate::interactions::router(interactions)),
+        crate::install::router(install)
+            .merge(crate::interactions::router(interactions))
+            .merge(
+                preview
+                    .map(crate::preview::page::router)
+                    .unwrap_or_default(),
+            ),
         shutdown.clone(),
     ));
     let escalator = tokio::spawn(crate::escalation::run(
@@ -223,6 +234,37 @@ pub async fn run(
     Ok(())
 }
 
+/// Points `slack.api_url` at an in-process stand-in for Slack (see
+/// [`crate::preview::stand_in`]) and makes sure a token is found: in a dry
+/// run no token is needed, and a missing one would send every event to
+/// email instead of through the Slack path being previewed. A placeholder
+/// stands in for `SLACK_BOT_TOKEN` and, through [`delivery_path`], serves
+/// every workspace without a stored token.
+async fn dry_run(
+    settings: &mut Settings,
+    secrets: &mut Secrets,
+    shutdown: &CancellationToken,
+) -> Result<crate::preview::stand_in::Recent, WorkerError> {
+    // Unreadable here means unreadable for the rules too, which already loaded.
+    let rules_text = std::fs::read_to_string(&settings.rules.path).unwrap_or_default();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let stand_in = crate::preview::stand_in::start(&rules_text, shutdown.clone())
+        .await
+        .map_err(|source| WorkerError::Listen {
+            addr: listen,
+            source,
+        })?;
+    settings.slack.api_url = stand_in.api_url;
+    if secrets.slack_bot_token.is_none() {
+        secrets.slack_bot_token = Some(crate::config::Secret::new("xoxb-dry-run"));
+    }
+    warn!(
+        preview = %format!("http://{}/preview", settings.http.listen),
+        "dry run: Slack is not called; messages are logged and shown at /preview"
+    );
+    Ok(stand_in.recent)
+}
+
 /// The delivery path the worker sends through, and the handles its other
 /// parts (install pages, interactions, escalations) share with it.
 pub struct DeliveryPath {
@@ -261,6 +303,9 @@ pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryP
         settings.slack.token_cache_ttl,
         settings.slack.cache_capacity,
     );
+    if settings.slack.dry_run {
+        tokens = tokens.with_env_token_everywhere();
+    }
     if let (Some(client_id), Some(client_secret)) =
         (&secrets.slack_client_id, &secrets.slack_client_secret)
     {

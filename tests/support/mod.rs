@@ -285,10 +285,16 @@ impl TestEnv {
     /// [`TestEnv::start_worker_process`] with more variables in its environment
     /// (secrets, settings `worker_env` does not carry).
     pub fn start_worker_process_with(&self, vars: &[(&str, &str)]) -> WorkerProcess {
+        self.start_worker_process_args(&["run"], vars)
+    }
+
+    /// [`TestEnv::start_worker_process_with`] with other arguments than `run`
+    /// (e.g. `run --dry-run`).
+    pub fn start_worker_process_args(&self, args: &[&str], vars: &[(&str, &str)]) -> WorkerProcess {
         let mut child = self
             .command()
             .envs(vars.iter().copied())
-            .arg("run")
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

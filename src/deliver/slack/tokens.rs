@@ -121,6 +121,9 @@ pub struct TokenStore {
     cache: Cache<String, Cached>,
     /// Set when token rotation is configured (`SLACK_CLIENT_ID`/`SECRET`).
     rotation: Option<Rotation>,
+    /// The env token serves every workspace without a stored one, even
+    /// with a default workspace set: a dry run needs no real token anywhere.
+    env_token_everywhere: bool,
     /// Refreshes in progress here, by workspace and the token they replace.
     flights: Mutex<HashMap<(String, String), Arc<Flight>>>,
 }
@@ -252,8 +255,16 @@ impl TokenStore {
                 .expire_after(CacheLifetimes { hit: cache_ttl })
                 .build(),
             rotation: None,
+            env_token_everywhere: false,
             flights: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Lets the env token serve every workspace that has no stored token
+    /// (`run --dry-run`, where Slack is a local stand-in).
+    pub fn with_env_token_everywhere(mut self) -> TokenStore {
+        self.env_token_everywhere = true;
+        self
     }
 
     /// Enables token rotation: tokens near expiry (or reported expired) are
@@ -376,10 +387,11 @@ impl TokenStore {
             }));
         }
         // SLACK_BOT_TOKEN serves the default workspace, or every workspace when no default is set.
-        let env_serves_it = match &self.default_workspace {
-            Some(default) => default == workspace,
-            None => true,
-        };
+        let env_serves_it = self.env_token_everywhere
+            || match &self.default_workspace {
+                Some(default) => default == workspace,
+                None => true,
+            };
         Ok(self
             .env_token
             .clone()

@@ -255,6 +255,18 @@ async fn dry_run(
             source,
         })?;
     settings.slack.api_url = stand_in.api_url;
+    // Email too, or a rule's email target would wait for a mail server
+    // that is not there and end in the dead-letter queue.
+    let smtp = crate::preview::smtp_stand_in::start(
+        Addresses::new(settings.log.show_addresses),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| WorkerError::Listen {
+        addr: listen,
+        source,
+    })?;
+    settings.email.smtp_url = crate::config::SecretUrl::new(format!("smtp://{smtp}"));
     if secrets.slack_bot_token.is_none() {
         secrets.slack_bot_token = Some(crate::config::Secret::new("xoxb-dry-run"));
     }

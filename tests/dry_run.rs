@@ -132,3 +132,30 @@ async fn a_dry_run_needs_no_token_logs_each_message_and_shows_it_at_preview() {
     env.assert_nothing_pending().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_dry_run_takes_email_targets_itself_so_nothing_waits_for_a_mail_server() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    env.slack.shutdown();
+    let mut worker = env.start_worker_process_args(&["run", "--dry-run"], &[]);
+    worker.wait_for_log("consuming", 1).await;
+
+    env.publish(&env.event(
+        "dry-mail",
+        json!({"targets": [{"email": "oncall@example.com"}]}),
+    ))
+    .await;
+    let line = worker.wait_for_log("dry run: would email", 1).await;
+    assert!(
+        line.contains("o***@example.com"),
+        "addresses redacted: {line}"
+    );
+    worker.wait_for_log(r#"acked outcome="acked""#, 1).await;
+    assert!(worker.stop().await.success());
+    assert!(
+        env.smtp.mails().is_empty(),
+        "the configured SMTP server saw nothing"
+    );
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}

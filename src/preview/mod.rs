@@ -4,8 +4,11 @@
 //!   (`alert-router preview EVENT.json`).
 //! - [`Preview`]: the message the worker would post for an event, with
 //!   the first matched rule and the incident as the worker names them.
+//! - [`stand_in`] and [`smtp_stand_in`]: what answers for Slack and for the
+//!   SMTP server in `run --dry-run`.
 
 pub mod page;
+pub mod smtp_stand_in;
 pub mod stand_in;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};

@@ -268,7 +268,8 @@ async fn dry_run(
     })?;
     settings.email.smtp_url = crate::config::SecretUrl::new(format!("smtp://{smtp}"));
     if secrets.slack_bot_token.is_none() {
-        secrets.slack_bot_token = Some(crate::config::Secret::new("xoxb-dry-run"));
+        // Not shaped like a Slack token, so no secret scanner mistakes it for one.
+        secrets.slack_bot_token = Some(crate::config::Secret::new("dry-run-placeholder"));
     }
     warn!(
         preview = %format!("http://{}/preview", settings.http.listen),

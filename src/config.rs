@@ -63,8 +63,8 @@ pub struct AmqpSettings {
     #[serde(with = "human_duration")]
     pub confirm_timeout: Duration,
     /// How often the worker reads the dead-letter queue's depth for
-    /// `/metrics` (one passive declare; the head message is read only when
-    /// the depth changed).
+    /// `/metrics` (one passive declare, and one Redis script for the oldest
+    /// letter's age; no message is read).
     #[serde(with = "human_duration")]
     pub dead_letter_poll_interval: Duration,
 }

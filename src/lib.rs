@@ -13,7 +13,7 @@
 //! | [`config`] | settings: defaults ← YAML file ← environment, validated once at start |
 //! | [`event`] | the event model and its validation (a bad event is poison, never retried) |
 //! | [`rules`] | the routing rules file, Alertmanager-style matchers, the pure router |
-//! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::watch`] `connection.blocked` and errors; [`broker::dlq`] the dead-letter tools; [`broker::dlq_gauges`] the dead-letter queue's depth and age for `/metrics` |
+//! | [`broker`] | RabbitMQ: topology, publisher with confirms; [`broker::acks`] batched acks; [`broker::watch`] `connection.blocked` and errors; [`broker::dlq`] the dead-letter tools; [`broker::dlq_gauges`] the dead-letter queue's depth and age for `/metrics`, dated by [`broker::dlq_ledger`] |
 //! | [`deliver`] | one event's delivery, top to bottom: resolve targets (channel names to ids, emails to users), claim and post each to Slack, email what Slack cannot take; [`deliver::policy`] the one decision "Slack answered X → next step"; [`deliver::idempotency`] claims with renewed leases and attempt markers; [`deliver::limit`] shared rate limits; [`deliver::schedule`] per-channel queues, most severe first; [`deliver::incident`] incidents (first message per destination, state) in Redis; [`deliver::slack`] the client, Block Kit, tokens, channel and user caches; [`deliver::email`] SMTP |
 //! | [`escalation`] | escalation chains: due steps in a Redis sorted set, claimed under a lease by any replica, published as `escalation.escalated` events |
 //! | [`trust`] | which workspaces and email domains an event may name (`forbidden_target`) |

@@ -3,8 +3,10 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use alert_router::broker::dlq::{DeadLetterQueue, Replay, ReplayMode, Selector};
+use alert_router::broker::dlq_ledger::DeadLetterLedger;
 use alert_router::broker::{self, Publisher, Topology};
 use alert_router::config::{Secret, Secrets, Settings};
 use alert_router::deliver::slack::tokens::{TokenRecord, admin};
@@ -395,10 +397,39 @@ async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(),
     )
     .await
     .context("cannot reach the dead-letter queue")?;
-    let queue = DeadLetterQueue::new(&connection, &topology);
+    let mut queue = DeadLetterQueue::new(&connection, &topology);
+    match dead_letter_ledger(settings) {
+        Ok(ledger) => queue = queue.with_ledger(ledger),
+        Err(error) => eprintln!("warning: {error:#}"),
+    }
     let result = dlq_command(&queue, &topology, command, json).await;
     let _ = connection.close(200, "done".into()).await;
     result
+}
+
+/// The ledger that dates dead letters for the oldest-age gauge; Redis is
+/// reached lazily, so `dlq` works without it (with a warning on changes).
+fn dead_letter_ledger(settings: &Settings) -> anyhow::Result<DeadLetterLedger> {
+    let redis = redis::Client::open(settings.redis.url.expose())
+        .and_then(|client| {
+            client.get_connection_manager_lazy(
+                redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(1),
+            )
+        })
+        .with_context(|| {
+            format!(
+                "cannot use Redis at {} for the dead-letter ledger",
+                settings.redis.url.redacted()
+            )
+        })?;
+    Ok(DeadLetterLedger::new(
+        redis,
+        &settings.redis.key_prefix,
+        &settings.amqp.dead_letter_queue,
+    ))
 }
 
 async fn dlq_command(
@@ -513,6 +544,7 @@ async fn dlq_command(
                 print_replay(&replay, mode, topology);
             }
             warn_about_poison(&replay, mode, name);
+            warn_about_ledger(replay.ledger_error.as_deref());
             if replay.letters.is_empty() && matches!(selector, Selector::Id(_)) {
                 return Err(bad_input(anyhow::anyhow!("no dead letter matched")));
             }
@@ -531,13 +563,26 @@ async fn dlq_command(
             }
             let purged = queue.purge().await.context("cannot purge")?;
             if json {
-                outln!("{}", to_json(&serde_json::json!({"purged": purged}))?);
+                outln!(
+                    "{}",
+                    to_json(&serde_json::json!({"purged": purged.messages}))?
+                );
             } else {
-                outln!("purged {purged} messages from {name}");
+                outln!("purged {} messages from {name}", purged.messages);
             }
+            warn_about_ledger(purged.ledger_error.as_deref());
         }
     }
     Ok(())
+}
+
+fn warn_about_ledger(error: Option<&str>) {
+    if let Some(error) = error {
+        eprintln!(
+            "warning: the dead-letter ledger in Redis was not updated ({error}); \
+             alert_router_dead_letter_oldest_age_seconds corrects itself from the queue's depth within a minute"
+        );
+    }
 }
 
 fn print_replay(replay: &Replay, mode: ReplayMode, topology: &Topology) {

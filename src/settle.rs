@@ -7,9 +7,10 @@
 
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::acks::Acks;
+use crate::broker::dlq_ledger::{DeadLetterLedger, HEADER_LEDGER_ENTRY};
 use crate::broker::{
     self, BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
     HEADER_ROUTING_KEY, Publisher, Topology,
@@ -61,6 +62,10 @@ pub enum Settled {
 /// Longest `x-alert-router-detail` header: headers travel with every copy.
 const DETAIL_LIMIT: usize = 1000;
 
+/// Longest wait for the dead-letter ledger's write: the dead letter is safe
+/// already, and the ledger squares itself with the queue later.
+const LEDGER_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Turns outcomes into broker actions.
 #[derive(Clone)]
 pub struct Settler {
@@ -68,6 +73,8 @@ pub struct Settler {
     topology: Topology,
     /// The consumer channel's acks and nacks, batched.
     acks: Acks,
+    /// Dates each dead letter for the oldest-age gauge.
+    ledger: Option<DeadLetterLedger>,
 }
 
 impl Settler {
@@ -76,7 +83,14 @@ impl Settler {
             publisher,
             topology,
             acks,
+            ledger: None,
         }
+    }
+
+    /// Records every dead letter in `ledger` once the broker confirms it.
+    pub fn with_ledger(mut self, ledger: DeadLetterLedger) -> Settler {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// False once the confirm channel is closed: nothing can be retried or
@@ -215,9 +229,11 @@ impl Settler {
         attempts: u64,
         routing_key: &str,
     ) -> Result<Settled, BrokerError> {
+        let entry = DeadLetterLedger::new_entry_id();
         let properties = broker::with_headers(
             &persistent(&delivery.properties),
             [
+                (HEADER_LEDGER_ENTRY, broker::long_string(&entry)),
                 (HEADER_REASON, broker::long_string(reason)),
                 (HEADER_DETAIL, broker::long_string(&clip(detail))),
                 (HEADER_ATTEMPTS, AMQPValue::LongLongInt(to_i64(attempts))),
@@ -240,6 +256,17 @@ impl Settler {
             .await?;
         self.acks.ack(delivery);
         warn!(outcome = "dead_lettered", reason, detail, "dead-lettered");
+        if let Some(ledger) = &self.ledger {
+            match tokio::time::timeout(LEDGER_WRITE_TIMEOUT, ledger.record(&entry)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    debug!(%error, "dead-letter ledger not written; the next polls date the message")
+                }
+                Err(_) => {
+                    debug!("dead-letter ledger write timed out; the next polls date the message")
+                }
+            }
+        }
         Ok(Settled::DeadLettered { reason })
     }
 }

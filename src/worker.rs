@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::broker::acks::Acks;
+use crate::broker::dlq_ledger::DeadLetterLedger;
 use crate::broker::watch::{Notices, Watch};
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{Secrets, Settings};
@@ -75,6 +76,8 @@ struct Context {
     trust: TrustPolicy,
     /// How addresses appear in logs and dead-letter details.
     addresses: Addresses,
+    /// Dates the dead letters, for their oldest-age gauge.
+    dead_letters: DeadLetterLedger,
 }
 
 /// What `/readyz` reports: consuming, and not blocked by the broker.
@@ -142,7 +145,7 @@ pub async fn run(
         escalations,
         addresses,
     } = delivery_path(&settings, &secrets)?;
-    let install = crate::install::Install::new(&settings, &secrets, slack, redis);
+    let install = crate::install::Install::new(&settings, &secrets, slack, redis.clone());
     install.log_status();
     let interactions =
         crate::interactions::Interactions::new(&settings, &secrets, incidents.clone())?;
@@ -156,6 +159,11 @@ pub async fn run(
         max_rate_limit_deferral: settings.delivery.max_rate_limit_deferral,
         trust,
         addresses,
+        dead_letters: DeadLetterLedger::new(
+            redis.clone(),
+            &settings.redis.key_prefix,
+            &settings.amqp.dead_letter_queue,
+        ),
     });
 
     let readiness = Readiness::default();
@@ -466,8 +474,15 @@ async fn consume_on(
     // connection (never blocked by an alarm) and stop with this connection.
     let dead_letter_gauges = CancellationToken::new();
     tokio::spawn(broker::dlq_gauges::run(
-        consuming.create_channel().await?,
-        topology.dead_letter_queue.clone(),
+        broker::dlq_gauges::Source {
+            channel: consuming.create_channel().await?,
+            queue: topology.dead_letter_queue.clone(),
+            ledger: context.dead_letters.clone(),
+            settle: broker::dlq_ledger::settle_time(
+                settings.amqp.confirm_timeout,
+                settings.amqp.dead_letter_poll_interval,
+            ),
+        },
         settings.amqp.dead_letter_poll_interval,
         dead_letter_gauges.clone(),
     ));
@@ -476,7 +491,8 @@ async fn consume_on(
     let acks = Acks::start(channel.clone(), settings.amqp.prefetch);
     let publishing_channel = publisher.channel().clone();
     let publishing_status = publishing.status().clone();
-    let settler = Settler::new(publisher, topology.clone(), acks.clone());
+    let settler = Settler::new(publisher, topology.clone(), acks.clone())
+        .with_ledger(context.dead_letters.clone());
     let in_flight = TaskTracker::new();
     // Cancelled by a delivery that finds the publishing channel dead.
     let publisher_lost = CancellationToken::new();

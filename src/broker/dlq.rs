@@ -18,6 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
+use super::dlq_ledger::{DeadLetterLedger, HEADER_LEDGER_ENTRY};
 use super::{
     BrokerError, HEADER_ATTEMPTS, HEADER_DETAIL, HEADER_FAILED_AT, HEADER_REASON,
     HEADER_ROUTING_KEY, Publisher, Topology, header_str, header_u64,
@@ -96,6 +97,16 @@ pub struct Replay {
     pub messages_at_start: u32,
     /// In queue order; bodies are not kept.
     pub letters: Vec<DeadLetter>,
+    /// Why the dead-letter ledger could not be told (the age gauge corrects
+    /// itself from the queue's depth later).
+    pub ledger_error: Option<String>,
+}
+
+/// What a purge did.
+pub struct Purged {
+    pub messages: u32,
+    /// As in [`Replay::ledger_error`].
+    pub ledger_error: Option<String>,
 }
 
 impl Replay {
@@ -135,6 +146,8 @@ impl Selector {
 pub struct DeadLetterQueue<'a> {
     connection: &'a Connection,
     topology: &'a Topology,
+    /// Told what a replay or purge removed, for the oldest-age gauge.
+    ledger: Option<DeadLetterLedger>,
 }
 
 impl<'a> DeadLetterQueue<'a> {
@@ -142,7 +155,13 @@ impl<'a> DeadLetterQueue<'a> {
         DeadLetterQueue {
             connection,
             topology,
+            ledger: None,
         }
+    }
+
+    pub fn with_ledger(mut self, ledger: DeadLetterLedger) -> DeadLetterQueue<'a> {
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Messages in the queue, by reason, and the oldest one's age.
@@ -209,7 +228,10 @@ impl<'a> DeadLetterQueue<'a> {
             ReplayMode::DryRun => None,
         };
         let channel = self.connection.create_channel().await?;
-        let result = self.replay_on(&channel, publisher.as_ref(), selector).await;
+        let mut removed = Vec::new();
+        let result = self
+            .replay_on(&channel, publisher.as_ref(), selector, &mut removed)
+            .await;
         // Returns what was not acked (skipped, or everything in a dry run) to
         // its place in the queue, in order; a crash or lost connection does
         // the same, so a dry run can never take anything.
@@ -217,7 +239,15 @@ impl<'a> DeadLetterQueue<'a> {
         if let Some(publisher) = &publisher {
             let _ = publisher.channel().close(200, "replayed".into()).await;
         }
-        result
+        // Even after an error: what was acked has left the queue.
+        let ledger_error = match &self.ledger {
+            Some(ledger) if !removed.is_empty() => ledger.forget(&removed).await.err(),
+            _ => None,
+        };
+        result.map(|mut replay| {
+            replay.ledger_error = ledger_error.map(|e| e.to_string());
+            replay
+        })
     }
 
     async fn replay_on(
@@ -225,6 +255,7 @@ impl<'a> DeadLetterQueue<'a> {
         channel: &Channel,
         publisher: Option<&Publisher>,
         selector: &Selector,
+        removed: &mut Vec<String>,
     ) -> Result<Replay, BrokerError> {
         let messages_at_start = self.message_count(channel).await?;
         let now = Utc::now();
@@ -249,6 +280,7 @@ impl<'a> DeadLetterQueue<'a> {
                     )
                     .await?;
                 channel.basic_ack(tag, BasicAckOptions::default()).await?;
+                removed.extend(header_str(&letter.properties, HEADER_LEDGER_ENTRY));
             }
             // Only the summary is kept: a replay of a big queue holds no bodies.
             letter.body = Vec::new();
@@ -257,20 +289,34 @@ impl<'a> DeadLetterQueue<'a> {
         Ok(Replay {
             messages_at_start,
             letters,
+            ledger_error: None,
         })
     }
 
-    /// Deletes every dead letter; returns how many there were.
-    pub async fn purge(&self) -> Result<u32, BrokerError> {
+    /// Deletes every dead letter; says how many there were.
+    pub async fn purge(&self) -> Result<Purged, BrokerError> {
+        // Dead letters recorded from here on may survive the purge.
+        let started = match &self.ledger {
+            Some(ledger) => Some(ledger.now_ms().await),
+            None => None,
+        };
         let channel = self.connection.create_channel().await?;
-        let count = channel
+        let messages = channel
             .queue_purge(
                 self.topology.dead_letter_queue.as_str().into(),
                 QueuePurgeOptions::default(),
             )
             .await?;
         let _ = channel.close(200, "purged".into()).await;
-        Ok(count)
+        let ledger_error = match (&self.ledger, started) {
+            (Some(ledger), Some(Ok(started))) => ledger.forget_before(started).await.err(),
+            (_, Some(Err(error))) => Some(error),
+            _ => None,
+        };
+        Ok(Purged {
+            messages,
+            ledger_error: ledger_error.map(|e| e.to_string()),
+        })
     }
 
     /// Messages in the queue right now (a passive declare: nothing is created).

@@ -2,20 +2,15 @@
 //!
 //! Every worker polls the queue on its consuming connection every
 //! `amqp.dead_letter_poll_interval`: a passive `queue.declare` gives the
-//! depth and touches no message. The values are the queue's, not the
-//! replica's: every replica reports the same numbers, so dashboards and
-//! alerts aggregate them with `max()`, never `sum()`.
+//! depth and touches no message. The age comes from the dead-letter ledger
+//! in Redis ([`super::dlq_ledger`]), which dates every dead letter, so it is
+//! the oldest message's age on every replica alike, across restarts and
+//! partial replays. The values are the queue's, not the replica's:
+//! dashboards and alerts aggregate them with `max()`, never `sum()`.
 //!
-//! The age is how long the queue has held messages without being emptied,
-//! as this replica has watched it: from the first poll that found it
-//! non-empty until one finds it empty. No message is read for it: RabbitMQ
-//! 3.10's quorum queues put a message handed back with `basic.nack(requeue)`
-//! at the tail, so peeking at the head would reorder the dead letters (and
-//! `dlq replay` promises their order), and RabbitMQ 4.0 to 4.2 count each
-//! return as a delivery. While messages only join the tail it is the oldest
-//! message's age (from when this replica started, at most); after a partial
-//! replay it overstates it. `max()` over the replicas takes the one that has
-//! watched longest.
+//! While Redis cannot be read, or before the ledger knows any of the
+//! messages, the age is how long this replica has watched the queue hold
+//! messages: the oldest message's age while messages only join the tail.
 
 use std::time::Duration;
 
@@ -25,14 +20,26 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::dlq_ledger::DeadLetterLedger;
 use crate::telemetry;
 
-/// Polls `queue` on `channel` until `stop` is cancelled or the channel dies
-/// (the worker opens a new one when it reconnects).
-pub async fn run(channel: Channel, queue: String, interval: Duration, stop: CancellationToken) {
+/// Where the gauges read the queue and its ledger.
+pub struct Source {
+    pub channel: Channel,
+    pub queue: String,
+    pub ledger: DeadLetterLedger,
+    /// See [`super::dlq_ledger::settle_time`].
+    pub settle: Duration,
+}
+
+/// Polls the queue every `interval` until `stop` is cancelled or the
+/// channel dies (the worker opens a new one when it reconnects).
+pub async fn run(source: Source, interval: Duration, stop: CancellationToken) {
     let mut gauges = Gauges {
-        channel,
-        queue,
+        channel: source.channel,
+        queue: source.queue,
+        ledger: source.ledger,
+        settle: source.settle,
         held_since: None,
     };
     let mut ticks = tokio::time::interval(interval);
@@ -56,6 +63,8 @@ pub async fn run(channel: Channel, queue: String, interval: Duration, stop: Canc
 struct Gauges {
     channel: Channel,
     queue: String,
+    ledger: DeadLetterLedger,
+    settle: Duration,
     /// Since when the queue has held messages, as far as this replica saw.
     held_since: Option<tokio::time::Instant>,
 }
@@ -74,13 +83,21 @@ impl Gauges {
             )
             .await?
             .message_count();
-        let age = if messages == 0 {
+        let watched = if messages == 0 {
             self.held_since = None;
             Duration::ZERO
         } else {
             self.held_since
                 .get_or_insert_with(tokio::time::Instant::now)
                 .elapsed()
+        };
+        let age = match self.ledger.oldest_age(messages, self.settle).await {
+            Ok(Some(age)) => age,
+            Ok(None) => watched,
+            Err(error) => {
+                debug!(queue = %self.queue, %error, "cannot read the dead-letter ledger; the age is this replica's watch");
+                watched
+            }
         };
         telemetry::record_dead_letters(messages, age);
         Ok(())

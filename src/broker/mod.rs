@@ -6,6 +6,7 @@
 pub mod acks;
 pub mod dlq;
 pub mod dlq_gauges;
+pub mod dlq_ledger;
 pub mod watch;
 
 use std::time::Duration;

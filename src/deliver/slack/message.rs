@@ -295,11 +295,16 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     let mut fields = vec![field("Severity", &severity_label(event.severity))];
     if let Some(ticket) = &event.ticket {
         let number = ticket.number.as_deref().map(escape);
-        let shown = match (number, ticket.url.as_deref().filter(|u| is_web_url(u))) {
-            (Some(number), Some(url)) => Some(format!("<{}|{}>", escape(url), number)),
-            (Some(number), None) => Some(number),
-            (None, Some(url)) => Some(format!("<{}|open>", escape(url))),
-            (None, None) => None,
+        // A link the field's limit would cut would show its markup and lead
+        // nowhere: then the number goes unlinked (the Open ticket button
+        // still has the URL when Slack takes it).
+        let link = |label: &str| {
+            let url = ticket.url.as_deref().filter(|u| is_web_url(u))?;
+            Some(format!("<{}|{label}>", escape(url))).filter(|link| fits_field("Ticket", link))
+        };
+        let shown = match number {
+            Some(number) => Some(link(&number).unwrap_or(number)),
+            None => link("open"),
         };
         if let Some(shown) = shown {
             fields.push(field("Ticket", &shown));
@@ -526,24 +531,41 @@ pub fn neutralise_plain(text: &str) -> String {
 /// U+2060, zero width, "do not break here" and nothing else.
 const WORD_JOINER: char = '\u{2060}';
 
-/// Cuts `text` to at most `limit` characters, ending with `…` when cut, and
-/// never inside an `&amp;`-style entity.
+/// Cuts `text` to at most `limit` characters, ending with `…` when cut. The
+/// cut never leaves the start of an `&amp;`, `&lt;` or `&gt;` (escaped text
+/// would show it as text) nor a `<` at the end (in plain text it would lose
+/// its word joiner; in mrkdwn it would open a sequence nothing closes). A
+/// `&` that starts no entity, as in plain text, is kept with what follows.
 pub fn truncate(text: &str, limit: usize) -> String {
     if text.chars().count() <= limit {
         return text.to_string();
     }
     let mut out: String = text.chars().take(limit.saturating_sub(1)).collect();
     if let Some(amp) = out.rfind('&')
-        && !out[amp..].contains(';')
+        && ["&amp;", "&lt;", "&gt;"]
+            .iter()
+            .any(|entity| entity.len() > out.len() - amp && entity.starts_with(&out[amp..]))
     {
         out.truncate(amp);
+    }
+    if out.ends_with('<') {
+        out.pop();
     }
     out.push('…');
     out
 }
 
 fn field(label: &str, value: &str) -> TextObject {
-    TextObject::mrkdwn(truncate(&format!("*{label}*\n{value}"), FIELD_LIMIT))
+    TextObject::mrkdwn(truncate(&field_text(label, value), FIELD_LIMIT))
+}
+
+fn field_text(label: &str, value: &str) -> String {
+    format!("*{label}*\n{value}")
+}
+
+/// Whether a field shows `value` whole, uncut.
+fn fits_field(label: &str, value: &str) -> bool {
+    field_text(label, value).chars().count() <= FIELD_LIMIT
 }
 
 /// Whether `url` is an http(s) link safe to show as one.
@@ -870,6 +892,54 @@ mod tests {
         assert!(
             summary.trim_end_matches('…').ends_with("&amp;"),
             "no half entity"
+        );
+    }
+
+    /// Found by `tests/properties` (the cut dropped everything after the
+    /// last `&`, which in plain text starts no entity).
+    #[test]
+    fn a_plain_ampersand_does_not_make_a_cut_drop_the_text_after_it() {
+        assert_eq!(truncate("R&D postmortem is due", 10), "R&D postm…");
+        assert_eq!(truncate("&<!channel><!channel>", 7), "&<!cha…");
+        let title = format!("R&D: {}", "x".repeat(200));
+        let e = event(&format!(
+            r#"{{"id":"x","type":"t","severity":"info","title":"{title}"}}"#
+        ));
+        let message = rendered(&e, &RenderContext::default());
+        let header = message["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert_eq!(header.chars().count(), HEADER_LIMIT, "{header}");
+        // Escaped text still loses a cut entity whole.
+        assert_eq!(truncate("a &amp; b", 5), "a …");
+        assert_eq!(truncate("a &amp; b", 8), "a &amp;…");
+    }
+
+    /// Found by `tests/properties`: a header cut right after a `<` lost the
+    /// word joiner that keeps it from starting a mention.
+    #[test]
+    fn a_cut_never_ends_on_an_angle_bracket() {
+        assert_eq!(truncate(&neutralise_plain("ab<!here>"), 4), "ab…");
+        assert_eq!(truncate("ab&lt;", 4), "ab…");
+    }
+
+    /// Found by `tests/properties`: a ticket link longer than the field was
+    /// cut, leaving `<https://…` markup that no `>` closes.
+    #[test]
+    fn a_ticket_link_too_long_for_its_field_shows_the_number_unlinked() {
+        let url = format!("https://support.example.com/{}", "a&".repeat(500));
+        let e = event(&format!(
+            r#"{{"id":"x","type":"t","severity":"info","title":"t","ticket":{{"number":"TCK-1","url":"{url}"}}}}"#
+        ));
+        let message = rendered(&e, &RenderContext::default());
+        assert_eq!(message["blocks"][1]["fields"][1]["text"], "*Ticket*\nTCK-1");
+        let button = &message["blocks"][2]["elements"][0];
+        assert_eq!(button["url"], url.as_str(), "the button still opens it");
+
+        let short = event(
+            r#"{"id":"x","type":"t","severity":"info","title":"t","ticket":{"number":"TCK-1","url":"https://t.example/1?a=1&b=2"}}"#,
+        );
+        assert_eq!(
+            rendered(&short, &RenderContext::default())["blocks"][1]["fields"][1]["text"],
+            "*Ticket*\n<https://t.example/1?a=1&amp;b=2|TCK-1>"
         );
     }
 

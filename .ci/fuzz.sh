@@ -54,9 +54,10 @@ for target in "${targets[@]}"; do
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$target.log")
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$work/$target.log")
   units=$(sed -nE 's/.* corp: ([0-9]+)\/.*/\1/p' <<<"$done_line")
+  rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$work/$target.log")
   took=$(sed -nE 's/^Done [0-9]+ runs in ([0-9]+) second.*/\1/p' "$work/$target.log")
   if ((status == 0)); then
-    summary+=("$target: ${took:-?} s, ${execs:-?} execs, ${speed:-?} exec/s, corpus ${units:-?} inputs, 0 crashes")
+    summary+=("$target: ${took:-?} s, ${execs:-?} execs, ${speed:-?} exec/s, corpus ${units:-?} inputs, peak RSS ${rss:-?} MB, 0 crashes")
     continue
   fi
   failed=1

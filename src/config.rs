@@ -643,6 +643,12 @@ pub fn redact_url(value: &str) -> String {
                 // A lone user part is often a token (`redis://TOKEN@host`).
                 let _ = parsed.set_username("***");
             }
+            // Without `//` (`smtp:user:pass@host`) there is no host, and the
+            // URL standard reads the credentials as the path: they cannot be
+            // told apart from the rest, so none of it is shown.
+            if !parsed.has_host() && value.contains('@') {
+                return format!("{}:***", parsed.scheme());
+            }
             parsed.to_string()
         }
         Err(_) => "***".into(),
@@ -1061,6 +1067,30 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("amqp://app:***@rabbit:5672/%2f"), "{shown}");
+    }
+
+    #[test]
+    fn a_url_missing_its_slashes_does_not_show_its_password() {
+        // Found by the fuzz target `smtp_url`: with no `//` there is no host,
+        // and the password was shown as part of the path.
+        for url in [
+            "smtp:mailer:hunter2@mail.example:587",
+            "smtp:/mailer:hunter2@mail.example:587",
+            "smtps:/z/u%40x:hunter2@mail.example.com",
+            "amqp:app:hunter2@rabbit:5672/%2f",
+        ] {
+            let shown = SecretUrl::new(url).to_string();
+            assert!(!shown.contains("hunter2"), "{url} shown as {shown}");
+            assert!(shown.ends_with(":***"), "{shown}");
+        }
+        assert_eq!(
+            SecretUrl::new("smtp://mailer:hunter2@mail.example:587").to_string(),
+            "smtp://mailer:***@mail.example:587"
+        );
+        assert_eq!(
+            redact_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -247,6 +247,75 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// True when `Content-Length` says the body is over [`MAX_BODY_BYTES`]: it
+/// is refused before it is read.
+fn declared_too_large(headers: &HeaderMap) -> bool {
+    header_str(headers, header::CONTENT_LENGTH.as_str())
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY_BYTES)
+}
+
+/// [`verify`] applied to a request's `X-Slack-Request-Timestamp` and
+/// `X-Slack-Signature` headers (a header that is not visible ASCII counts as missing).
+pub fn verify_request(
+    secret: &Secret,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(), SignatureError> {
+    verify(
+        secret,
+        header_str(headers, "x-slack-request-timestamp"),
+        header_str(headers, "x-slack-signature"),
+        body,
+        now,
+    )
+}
+
+/// What the endpoint makes of a request before it touches Redis or the
+/// broker: its size, its signature, then its form body. Public but hidden
+/// for the fuzz target `interaction_request` (`fuzz/`), which cannot reach
+/// the private `Click`; the endpoint runs the same functions in the same
+/// order, with its replay check (Redis) between the signature and the body.
+#[doc(hidden)]
+pub fn screen_request(secret: &Secret, headers: &HeaderMap, body: &[u8], now: i64) -> Screened {
+    if declared_too_large(headers) || body.len() > MAX_BODY_BYTES {
+        return Screened::TooLarge;
+    }
+    if let Err(refused) = verify_request(secret, headers, body, now) {
+        return Screened::Refused(refused);
+    }
+    match Click::read(body) {
+        Err(_) => Screened::BadRequest,
+        Ok(None) => Screened::NotOurs,
+        Ok(Some(click)) => Screened::Click {
+            user: click.user.id,
+            incident: click.value,
+            has_response_url: click.response_url.is_some(),
+        },
+    }
+}
+
+/// [`screen_request`]'s verdict. Holds no `response_url` (a capability).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Screened {
+    /// 413.
+    TooLarge,
+    /// 401.
+    Refused(SignatureError),
+    /// 400: signed, but not a readable interaction.
+    BadRequest,
+    /// 200 and nothing done: signed, but not a click on our button.
+    NotOurs,
+    /// A click on Acknowledge by `user`, naming `incident` when its value reads.
+    Click {
+        user: String,
+        incident: Option<AckButtonValue>,
+        has_response_url: bool,
+    },
+}
+
 /// `POST /slack/interactions`.
 async fn interact(
     State(interactions): State<Arc<Interactions>>,
@@ -260,12 +329,9 @@ async fn interact(
         }
         Setup::Ready(ready) => ready,
     };
-    let declared = header_str(&headers, header::CONTENT_LENGTH.as_str())
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(0);
-    let body = match declared {
-        n if n > MAX_BODY_BYTES => None,
-        _ => axum::body::to_bytes(body, MAX_BODY_BYTES).await.ok(),
+    let body = match declared_too_large(&headers) {
+        true => None,
+        false => axum::body::to_bytes(body, MAX_BODY_BYTES).await.ok(),
     };
     let Some(body) = body else {
         telemetry::record_interaction("bad_request");
@@ -274,10 +340,9 @@ async fn interact(
             "A Slack interaction is at most 64 KiB.",
         );
     };
-    if let Err(refused) = verify(
+    if let Err(refused) = verify_request(
         &ready.signing_secret,
-        header_str(&headers, "x-slack-request-timestamp"),
-        header_str(&headers, "x-slack-signature"),
+        &headers,
         &body,
         chrono::Utc::now().timestamp(),
     ) {
@@ -397,7 +462,7 @@ struct Click {
 
 impl Click {
     /// `Ok(None)`: a valid interaction, but not a click on our button.
-    fn read(body: &Bytes) -> Result<Option<Click>, BadRequest> {
+    fn read(body: &[u8]) -> Result<Option<Click>, BadRequest> {
         let payload = url::form_urlencoded::parse(body)
             .find(|(name, _)| name == "payload")
             .map(|(_, value)| value)
@@ -846,6 +911,7 @@ impl Responder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Bytes;
 
     // The worked example in Slack's "Verifying requests from Slack".
     const DOC_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -866,6 +932,37 @@ mod tests {
         now: i64,
     ) -> Result<(), SignatureError> {
         verify(&doc_secret(), timestamp, signature, body.as_bytes(), now)
+    }
+
+    #[test]
+    fn a_request_is_screened_for_size_then_signature_then_body() {
+        let click = "payload=%7B%22type%22%3A%22block_actions%22%2C%22user%22%3A%7B%22id%22%3A%22U0ANA%22%7D%2C%22actions%22%3A%5B%7B%22action_id%22%3A%22alert_router_ack%22%7D%5D%7D";
+        let signed = |body: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-slack-request-timestamp", DOC_TIMESTAMP.parse().unwrap());
+            let signature = signature(&doc_secret(), DOC_TIMESTAMP, body.as_bytes()).unwrap();
+            headers.insert("x-slack-signature", signature.parse().unwrap());
+            headers
+        };
+        let screen = |headers: &HeaderMap, body: &str| {
+            screen_request(&doc_secret(), headers, body.as_bytes(), DOC_NOW)
+        };
+        assert_eq!(
+            screen(&signed(click), click),
+            Screened::Click {
+                user: "U0ANA".into(),
+                incident: None,
+                has_response_url: false
+            }
+        );
+        assert_eq!(screen(&signed("other=1"), "other=1"), Screened::BadRequest);
+        assert_eq!(
+            screen(&signed(click), "payload=%7B%7D"),
+            Screened::Refused(SignatureError::Mismatch)
+        );
+        let mut declared_large = signed(click);
+        declared_large.insert(header::CONTENT_LENGTH, "65537".parse().unwrap());
+        assert_eq!(screen(&declared_large, click), Screened::TooLarge);
     }
 
     #[test]

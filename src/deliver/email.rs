@@ -34,7 +34,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::config::{EmailSettings, Secret};
+use crate::config::{EmailSettings, Secret, SecretUrl};
 use crate::deliver::slack::message::{is_web_url, severity_color, severity_label, truncate};
 use crate::event::Event;
 
@@ -144,58 +144,40 @@ impl EmailError {
 
 /// How the connection is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Security {
+pub enum Security {
+    /// No TLS.
     Plain,
+    /// STARTTLS when the server offers it, else plain text.
     Opportunistic,
+    /// STARTTLS required before anything else is sent.
     StartTls,
+    /// TLS from the first byte (`smtps://`).
     Implicit,
 }
 
-/// Sends email through one SMTP server, reusing pooled connections.
-#[derive(Clone)]
-pub struct EmailSender {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
-    from: Mailbox,
-    /// `host:port`, for error messages.
-    server: String,
-    /// Bound on one whole send.
-    send_timeout: Duration,
-    /// Kept only to scrub it out of error text, in case a server echoes it.
-    password: Option<Secret>,
+/// What `email.smtp_url` says: where to connect, how to secure it, and whom
+/// to log in as (see the table at the top of this module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpEndpoint {
+    /// A name or an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    /// The host is `localhost` or a loopback address.
+    pub loopback: bool,
+    /// User and password, percent-decoded.
+    pub credentials: Option<(String, Secret)>,
 }
 
-impl std::fmt::Debug for EmailSender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmailSender")
-            .field("server", &self.server)
-            .field("from", &self.from.to_string())
-            .field("send_timeout", &self.send_timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-impl EmailSender {
-    /// A sender for `settings.smtp_url` with the default step timeout.
-    ///
-    /// Nothing is connected yet: a server that is down shows up on `send`.
-    /// Must be called inside a Tokio runtime, and the sender dropped inside
-    /// one too: lettre's pool spawns its cleanup tasks there.
-    pub fn new(settings: &EmailSettings) -> Result<EmailSender, EmailError> {
-        EmailSender::with_timeout(settings, DEFAULT_TIMEOUT)
-    }
-
-    /// Like [`EmailSender::new`] with a chosen per-step timeout (tests use short ones).
-    pub fn with_timeout(
-        settings: &EmailSettings,
-        timeout: Duration,
-    ) -> Result<EmailSender, EmailError> {
-        let shown = settings.smtp_url.redacted();
+impl SmtpEndpoint {
+    /// Reads and checks `email.smtp_url`. An error shows the URL with its
+    /// password redacted.
+    pub fn parse(smtp_url: &SecretUrl) -> Result<SmtpEndpoint, EmailError> {
         let invalid = |problem: &str| EmailError::InvalidUrl {
-            url: shown.clone(),
+            url: smtp_url.redacted(),
             problem: problem.to_string(),
         };
-        let url =
-            url::Url::parse(settings.smtp_url.expose()).map_err(|e| invalid(&e.to_string()))?;
+        let url = url::Url::parse(smtp_url.expose()).map_err(|e| invalid(&e.to_string()))?;
 
         let (host, loopback) = match url.host() {
             // `smtp` is not a "special" scheme to the URL standard, so an IPv4
@@ -265,7 +247,7 @@ impl EmailSender {
         };
         let credentials = match (user.is_empty(), password) {
             (true, None) => None,
-            (false, Some(password)) => Some((user, password)),
+            (false, Some(password)) => Some((user, Secret::new(password))),
             (false, None) => return Err(invalid("has a user but no password")),
             (true, Some(_)) => return Err(invalid("has a password but no user")),
         };
@@ -278,6 +260,65 @@ impl EmailSender {
                  use smtps:// or ?tls=required (plain text is only allowed to a loopback host)",
             ));
         }
+        Ok(SmtpEndpoint {
+            host,
+            port,
+            security,
+            loopback,
+            credentials,
+        })
+    }
+}
+
+/// Sends email through one SMTP server, reusing pooled connections.
+#[derive(Clone)]
+pub struct EmailSender {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    /// `host:port`, for error messages.
+    server: String,
+    /// Bound on one whole send.
+    send_timeout: Duration,
+    /// Kept only to scrub it out of error text, in case a server echoes it.
+    password: Option<Secret>,
+}
+
+impl std::fmt::Debug for EmailSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailSender")
+            .field("server", &self.server)
+            .field("from", &self.from.to_string())
+            .field("send_timeout", &self.send_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmailSender {
+    /// A sender for `settings.smtp_url` with the default step timeout.
+    ///
+    /// Nothing is connected yet: a server that is down shows up on `send`.
+    /// Must be called inside a Tokio runtime, and the sender dropped inside
+    /// one too: lettre's pool spawns its cleanup tasks there.
+    pub fn new(settings: &EmailSettings) -> Result<EmailSender, EmailError> {
+        EmailSender::with_timeout(settings, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`EmailSender::new`] with a chosen per-step timeout (tests use short ones).
+    pub fn with_timeout(
+        settings: &EmailSettings,
+        timeout: Duration,
+    ) -> Result<EmailSender, EmailError> {
+        let SmtpEndpoint {
+            host,
+            port,
+            security,
+            credentials,
+            ..
+        } = SmtpEndpoint::parse(&settings.smtp_url)?;
+        let invalid = |problem: &str| EmailError::InvalidUrl {
+            url: settings.smtp_url.redacted(),
+            problem: problem.to_string(),
+        };
 
         let from: Mailbox =
             settings
@@ -317,8 +358,8 @@ impl EmailSender {
             );
         let mut secret = None;
         if let Some((user, password)) = credentials {
-            secret = Some(Secret::new(password.clone()));
-            builder = builder.credentials(Credentials::new(user, password));
+            builder = builder.credentials(Credentials::new(user, password.expose().to_string()));
+            secret = Some(password);
         }
 
         let server = if host.contains(':') {
@@ -885,6 +926,35 @@ mod tests {
             sender.send(&m).await.unwrap_err(),
             EmailError::InvalidRecipient { .. }
         ));
+    }
+
+    #[test]
+    fn an_smtp_url_reads_as_host_port_security_and_credentials() {
+        let read = |url: &str| SmtpEndpoint::parse(&SecretUrl::new(url)).unwrap();
+        let plain = read("smtp://mail.example.com");
+        assert_eq!(
+            (
+                plain.host.as_str(),
+                plain.port,
+                plain.security,
+                plain.loopback
+            ),
+            ("mail.example.com", 25, Security::Plain, false)
+        );
+        assert_eq!(
+            read("smtp://mail.example.com:587").security,
+            Security::StartTls
+        );
+        assert_eq!(read("smtps://mail.example.com").port, 465);
+        let local = read("smtp://u%40x:p%3Aw@127.0.0.1:1025?tls=opportunistic");
+        assert_eq!(local.security, Security::Opportunistic);
+        assert!(local.loopback);
+        let (user, password) = local.credentials.unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("u@x", "p:w"));
+        assert_eq!(read("smtp://[::1]:1025").host, "::1");
+        let refused =
+            SmtpEndpoint::parse(&SecretUrl::new("smtp://u:hunter2@mail.example.com")).unwrap_err();
+        assert!(!format!("{refused} {refused:?}").contains("hunter2"));
     }
 
     #[test]

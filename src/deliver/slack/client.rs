@@ -240,72 +240,12 @@ impl SlackClient {
             .await
             .map_err(|e| transport_error(method, &e))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            // An absurd header must not become an absurd (or overflowing) wait.
-            .map(|secs| honoured_retry_after(Duration::from_secs(secs.min(3600))));
-        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(SlackError::new(
-                method,
-                "ratelimited",
-                SlackFailure::Transient {
-                    retry_after: Some(
-                        retry_after.unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1))),
-                    ),
-                },
-            ));
-        }
-        if status.is_server_error() {
-            return Err(SlackError::new(
-                method,
-                format!("http_{}", status.as_u16()),
-                SlackFailure::Transient { retry_after },
-            ));
-        }
+        let retry_after = classify_head(method, status, response.headers())?;
         let bytes = response
             .bytes()
             .await
             .map_err(|e| transport_error(method, &e))?;
-        let value: Value = match serde_json::from_slice(&bytes) {
-            Ok(value) => value,
-            Err(_) if status.is_success() => {
-                // A proxy or a half-deployed Slack answering HTML: worth another try.
-                return Err(SlackError::new(
-                    method,
-                    "invalid_response",
-                    SlackFailure::Transient { retry_after: None },
-                ));
-            }
-            Err(_) => {
-                return Err(SlackError::new(
-                    method,
-                    format!("http_{}", status.as_u16()),
-                    SlackFailure::Other,
-                ));
-            }
-        };
-        if value.get("ok").and_then(Value::as_bool) == Some(true) {
-            return Ok(value);
-        }
-        let code = value
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown_error")
-            .to_string();
-        let mut error = SlackError::new(method, code.clone(), classify(&code));
-        if let SlackFailure::Transient { retry_after: slot } = &mut error.failure {
-            *slot = retry_after;
-        }
-        if code == "missing_scope" {
-            error.detail = value
-                .get("needed")
-                .and_then(Value::as_str)
-                .map(|needed| format!("needs scope {needed}; reinstall the app with it"));
-        }
-        Err(error)
+        classify_body(method, status, retry_after, &bytes)
     }
 
     /// Calls `method`, retrying transient failures with exponential backoff and
@@ -362,6 +302,102 @@ impl SlackClient {
     }
 }
 
+/// What a Web API answer means, from its status, headers and body: the
+/// `Ok` body, or the failure with its class. The client applies the same two
+/// steps (status and headers before the body is read, then the body); this
+/// one call is public, hidden, for the fuzz target `slack_response`
+/// (`fuzz/`), which feeds it arbitrary answers.
+#[doc(hidden)]
+pub fn classify_response(
+    method: &'static str,
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+) -> Result<Value, SlackError> {
+    let retry_after = classify_head(method, status, headers)?;
+    classify_body(method, status, retry_after, body)
+}
+
+/// The verdict of the status line and headers alone (429, 5xx), else the
+/// `Retry-After` to attach to a transient failure the body reports.
+fn classify_head(
+    method: &'static str,
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Result<Option<Duration>, SlackError> {
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        // An absurd header must not become an absurd (or overflowing) wait.
+        .map(|secs| honoured_retry_after(Duration::from_secs(secs.min(3600))));
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return Err(SlackError::new(
+            method,
+            "ratelimited",
+            SlackFailure::Transient {
+                retry_after: Some(
+                    retry_after.unwrap_or_else(|| honoured_retry_after(Duration::from_secs(1))),
+                ),
+            },
+        ));
+    }
+    if status.is_server_error() {
+        return Err(SlackError::new(
+            method,
+            format!("http_{}", status.as_u16()),
+            SlackFailure::Transient { retry_after },
+        ));
+    }
+    Ok(retry_after)
+}
+
+/// The verdict of the body: `{"ok":true,…}`, or Slack's error code classified.
+fn classify_body(
+    method: &'static str,
+    status: reqwest::StatusCode,
+    retry_after: Option<Duration>,
+    bytes: &[u8],
+) -> Result<Value, SlackError> {
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(_) if status.is_success() => {
+            // A proxy or a half-deployed Slack answering HTML: worth another try.
+            return Err(SlackError::new(
+                method,
+                "invalid_response",
+                SlackFailure::Transient { retry_after: None },
+            ));
+        }
+        Err(_) => {
+            return Err(SlackError::new(
+                method,
+                format!("http_{}", status.as_u16()),
+                SlackFailure::Other,
+            ));
+        }
+    };
+    if value.get("ok").and_then(Value::as_bool) == Some(true) {
+        return Ok(value);
+    }
+    let code = value
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown_error")
+        .to_string();
+    let mut error = SlackError::new(method, code.clone(), classify(&code));
+    if let SlackFailure::Transient { retry_after: slot } = &mut error.failure {
+        *slot = retry_after;
+    }
+    if code == "missing_scope" {
+        error.detail = value
+            .get("needed")
+            .and_then(Value::as_str)
+            .map(|needed| format!("needs scope {needed}; reinstall the app with it"));
+    }
+    Err(error)
+}
+
 fn transport_error(method: &'static str, error: &reqwest::Error) -> SlackError {
     let code = if error.is_timeout() {
         "timeout"
@@ -391,6 +427,53 @@ mod tests {
             honoured_retry_after(Duration::from_secs(30)),
             Duration::from_millis(30_600)
         );
+    }
+
+    #[test]
+    fn an_answer_is_classified_by_status_then_headers_then_body() {
+        use reqwest::StatusCode;
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let none = HeaderMap::new();
+        let mut seven = HeaderMap::new();
+        seven.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let answer = |status: u16, headers: &HeaderMap, body: &str| {
+            let status = StatusCode::from_u16(status).unwrap();
+            classify_response("chat.postMessage", status, headers, body.as_bytes())
+        };
+        assert!(answer(200, &none, r#"{"ok":true,"ts":"1.2"}"#).is_ok());
+        let limited = answer(429, &none, r#"{"ok":true}"#).unwrap_err();
+        assert_eq!(
+            (limited.code.as_str(), limited.retry_after()),
+            ("ratelimited", Some(Duration::from_millis(1050)))
+        );
+        let busy = answer(503, &seven, "<html>").unwrap_err();
+        assert_eq!(busy.code, "http_503");
+        assert_eq!(busy.retry_after(), Some(Duration::from_millis(7140)));
+        let html = answer(200, &none, "<html>").unwrap_err();
+        assert_eq!(
+            (html.code.as_str(), html.is_transient()),
+            ("invalid_response", true)
+        );
+        let gone = answer(404, &none, "<html>").unwrap_err();
+        assert_eq!(
+            (gone.code.as_str(), gone.failure),
+            ("http_404", SlackFailure::Other)
+        );
+        let internal = answer(200, &seven, r#"{"ok":false,"error":"internal_error"}"#).unwrap_err();
+        assert_eq!(internal.retry_after(), Some(Duration::from_millis(7140)));
+        let scope = answer(
+            200,
+            &none,
+            r#"{"ok":false,"error":"missing_scope","needed":"chat:write"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(scope.failure, SlackFailure::Workspace);
+        assert_eq!(
+            scope.detail.as_deref(),
+            Some("needs scope chat:write; reinstall the app with it")
+        );
+        let no_code = answer(200, &none, r#"{"ok":false}"#).unwrap_err();
+        assert_eq!(no_code.code, "unknown_error");
     }
 
     #[test]

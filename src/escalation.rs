@@ -232,8 +232,10 @@ async fn fire(
         return schedule.remove(raw).await;
     };
     if incident.state != IncidentState::Open {
+        // Logged once removed: the log line then means the step is gone.
+        schedule.remove(raw).await?;
         info!(rule = %member.r, step = member.i + 1, state = incident.state.as_str(), "escalation step not needed");
-        return schedule.remove(raw).await;
+        return Ok(());
     }
     let Some(step) = rules.escalation_step(&member.r, member.i) else {
         warn!(rule = %member.r, step = member.i + 1, "the rules no longer have this escalation step; dropped");

@@ -380,9 +380,11 @@ fn classify_body(
     if value.get("ok").and_then(Value::as_bool) == Some(true) {
         return Ok(value);
     }
+    // An empty code would make an empty reason, log field and metric label.
     let code = value
         .get("error")
         .and_then(Value::as_str)
+        .filter(|code| !code.is_empty())
         .unwrap_or("unknown_error")
         .to_string();
     let mut error = SlackError::new(method, code.clone(), classify(&code));
@@ -474,6 +476,9 @@ mod tests {
         );
         let no_code = answer(200, &none, r#"{"ok":false}"#).unwrap_err();
         assert_eq!(no_code.code, "unknown_error");
+        // Found by the fuzz target `slack_response`: the code was "".
+        let empty_code = answer(200, &none, r#"{"ok":false,"error":""}"#).unwrap_err();
+        assert_eq!(empty_code.code, "unknown_error");
     }
 
     #[test]

@@ -304,3 +304,50 @@ rules:
     assert_eq!(env.slack.posts().len(), 1, "not posted again");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    let mut first = env.start_worker_process();
+
+    env.publish(&env.event("buried", json!({}))).await;
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+    // A busy channel: another app posts more than a page of history
+    // (Slack returns the newest messages first) before anyone looks.
+    let other_app = format!("xox{}-other-app-{}", "b", env.id);
+    env.slack
+        .add_bot_token(&other_app, &env.workspace, "U0OTHERAPP");
+    let client = reqwest::Client::new();
+    for i in 0..250 {
+        let answer: serde_json::Value = client
+            .post(env.slack.method_url("chat.postMessage"))
+            .bearer_auth(&other_app)
+            .form(&[("channel", ESCALATIONS), ("text", &format!("chatter {i}"))])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+    assert_eq!(
+        env.slack.posts_to(ESCALATIONS).len(),
+        1 + 250,
+        "not posted again"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}

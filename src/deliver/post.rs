@@ -69,6 +69,12 @@ const MAX_STEPS: usize = 12;
 /// How far before the lost attempt's claim the history search starts
 /// (clock differences between Redis and Slack).
 const HISTORY_SLACK: Duration = Duration::from_secs(60);
+/// Messages per page of the history search (Slack advises at most 200).
+const HISTORY_PAGE: &str = "200";
+/// Pages of the history search: Slack returns the newest messages first, so
+/// in a busy channel the lost post can be several pages down. Past this
+/// many (2,000 messages) the worker cannot tell, and posts.
+const HISTORY_MAX_PAGES: usize = 10;
 
 /// Where a post landed.
 struct Landed {
@@ -752,48 +758,52 @@ impl Deliverer {
             .since_ms
             .saturating_sub(HISTORY_SLACK.as_millis() as u64);
         let oldest = format!("{}.{:03}000", oldest / 1000, oldest % 1000);
-        let form = [
-            ("channel", conversation.as_str()),
-            ("oldest", oldest.as_str()),
-            ("include_all_metadata", "true"),
-            ("limit", "100"),
-        ];
-        let reply = match self
-            .call_within_tier(token, "conversations.history", &Body::Form(&form))
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) => return on_error(Method::History, &e),
-        };
-        let found = reply
-            .get("messages")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find(|message| {
-                let payload = message.pointer("/metadata/event_payload");
-                message
-                    .pointer("/metadata/event_type")
-                    .and_then(Value::as_str)
-                    == Some(super::slack::message::METADATA_EVENT_TYPE)
-                    && payload
-                        .and_then(|p| p.get("event_id"))
+        // Newest first, a page at a time, until the post or the lost
+        // attempt's start is reached.
+        let mut cursor: Option<String> = None;
+        for _ in 0..HISTORY_MAX_PAGES {
+            let mut form = vec![
+                ("channel", conversation.as_str()),
+                ("oldest", oldest.as_str()),
+                ("include_all_metadata", "true"),
+                ("limit", HISTORY_PAGE),
+            ];
+            if let Some(cursor) = &cursor {
+                form.push(("cursor", cursor.as_str()));
+            }
+            let reply = match self
+                .call_within_tier(token, "conversations.history", &Body::Form(&form))
+                .await
+            {
+                Ok(reply) => reply,
+                Err(e) => return on_error(Method::History, &e),
+            };
+            if let Some(message) = lost_post_in(&reply, &event.id, target) {
+                return Ok(Some(Landed {
+                    top_level: message.get("thread_ts").is_none(),
+                    ts: message
+                        .get("ts")
                         .and_then(Value::as_str)
-                        == Some(event.id.as_str())
-                    && payload
-                        .and_then(|p| p.get("target"))
-                        .and_then(Value::as_str)
-                        .is_none_or(|t| t == target)
-            });
-        Ok(found.map(|message| Landed {
-            top_level: message.get("thread_ts").is_none(),
-            ts: message
-                .get("ts")
+                        .map(str::to_string),
+                    channel: conversation,
+                    rerouted_by: None,
+                }));
+            }
+            cursor = reply
+                .get("has_more")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                .then(|| reply.pointer("/response_metadata/next_cursor"))
+                .flatten()
                 .and_then(Value::as_str)
-                .map(str::to_string),
-            channel: conversation,
-            rerouted_by: None,
-        }))
+                .filter(|c| !c.is_empty())
+                .map(str::to_string);
+            if cursor.is_none() {
+                return Ok(None);
+            }
+        }
+        warn!(target = %self.addresses.text(target), pages = HISTORY_MAX_PAGES, "cannot check whether a crashed worker had posted this: too many newer messages in the channel; posting (a duplicate is possible)");
+        Ok(None)
     }
 
     /// [`Deliverer::complete`] for a post, recording in the same round trip
@@ -880,4 +890,29 @@ fn unavailable(error: &SlackError) -> PostFailure {
         reason: format!("Slack cannot take it: {error}"),
         transient: error.is_transient(),
     })
+}
+
+/// The message in a `conversations.history` page that is this event's post
+/// for `target`, by the metadata every post carries (metadata that names no
+/// target counts for any).
+fn lost_post_in<'a>(page: &'a Value, event_id: &str, target: &str) -> Option<&'a Value> {
+    page.get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|message| {
+            let payload = message.pointer("/metadata/event_payload");
+            message
+                .pointer("/metadata/event_type")
+                .and_then(Value::as_str)
+                == Some(super::slack::message::METADATA_EVENT_TYPE)
+                && payload
+                    .and_then(|p| p.get("event_id"))
+                    .and_then(Value::as_str)
+                    == Some(event_id)
+                && payload
+                    .and_then(|p| p.get("target"))
+                    .and_then(Value::as_str)
+                    .is_none_or(|t| t == target)
+        })
 }

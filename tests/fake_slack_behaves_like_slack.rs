@@ -913,6 +913,55 @@ async fn outage_answers_503_for_every_method() {
 }
 
 #[tokio::test]
+async fn a_slow_answer_comes_after_the_post_is_already_in_the_channel() {
+    let (s, c) = setup().await;
+    s.fail_next(
+        "chat.postMessage",
+        1,
+        Fault::AcceptThenDelay(Duration::from_millis(300)),
+    );
+    let (s2, c2) = (s.clone(), c.clone());
+    let answer = tokio::spawn(async move { post_text(&c2, &s2, TOKEN, "C0GENERAL").await });
+    let posts = s.wait_for_posts(1, WAIT).await.expect("the post is in");
+    assert!(!answer.is_finished(), "posted before it was answered");
+    assert!(answer.await.unwrap().ok());
+    assert_eq!(posts[0].channel_id, "C0GENERAL");
+    assert_eq!(s.request_count("chat.postMessage"), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_slack_resets_new_and_open_connections_and_processes_nothing() {
+    let (s, c) = setup().await;
+    // A connection kept alive from before the outage, and new ones.
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    s.set_unreachable(true);
+    for fresh in [false, true] {
+        let client = if fresh {
+            reqwest::Client::new()
+        } else {
+            c.clone()
+        };
+        let error = client
+            .post(s.method_url("chat.postMessage"))
+            .bearer_auth(TOKEN)
+            .form(&[("channel", "C0GENERAL"), ("text", "lost")])
+            .send()
+            .await
+            .expect_err("no answer while unreachable");
+        assert!(
+            error.is_connect() || error.is_request(),
+            "a connection error, not an answer: {error:?}"
+        );
+    }
+    assert!(s.reset_count() >= 2, "{}", s.reset_count());
+    assert_eq!(s.posts().len(), 1, "nothing processed while unreachable");
+
+    s.set_unreachable(false);
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    assert_eq!(s.posts().len(), 2);
+}
+
+#[tokio::test]
 async fn wait_for_posts_returns_when_posts_arrive_and_explains_timeouts() {
     let (s, c) = setup().await;
     let (s2, c2) = (s.clone(), c.clone());

@@ -6,8 +6,9 @@
 //! 429 with `Retry-After`, unknown methods are HTTP 404 `unknown_method`.
 //!
 //! Everything is programmable from the test (tokens, channels, users, OAuth
-//! refresh tokens and install codes, rate limits, faults) and every request
-//! is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
+//! refresh tokens and install codes, rate limits, faults, an outage: HTTP
+//! 503 from every method, or Slack unreachable: connections reset) and every
+//! request is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
 //! it approves (or, when told, denies) as the installer the test chose and
 //! sends the browser back to `redirect_uri` with a code, as Slack does.
 //!
@@ -23,7 +24,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -202,6 +206,10 @@ pub enum Fault {
     /// and never answers: the answer is lost, as when the caller dies or the
     /// network drops after Slack accepted the call.
     AcceptThenHang,
+    /// Processes the request at once (a post is recorded) and answers after
+    /// the delay, as when the answer is slow on its way back: a caller that
+    /// dies meanwhile leaves a post it never heard of.
+    AcceptThenDelay(Duration),
 }
 
 impl Fault {
@@ -508,6 +516,10 @@ impl Inner {
 struct Shared {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// While set, Slack cannot be reached: connections are reset.
+    unreachable: AtomicBool,
+    /// Connections reset while unreachable.
+    resets: AtomicUsize,
 }
 
 impl Shared {
@@ -535,6 +547,8 @@ impl FakeSlack {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changed,
+            unreachable: AtomicBool::new(false),
+            resets: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/api/{method}", any(handle))
@@ -551,6 +565,10 @@ impl FakeSlack {
             .await
             .expect("bind fake slack");
         let addr = listener.local_addr().expect("local addr");
+        let listener = ResettingListener {
+            listener,
+            shared: shared.clone(),
+        };
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).into_future().await;
         });
@@ -911,10 +929,34 @@ impl FakeSlack {
         self.lock().outage = on;
     }
 
+    /// While on, Slack cannot be reached: every new connection is reset at
+    /// once, and an open one as soon as it carries another request, so no
+    /// request is processed (as when the network to slack.com is down or a
+    /// proxy in between refuses). Requests already being processed finish.
+    pub fn set_unreachable(&self, on: bool) {
+        self.shared.unreachable.store(on, Ordering::SeqCst);
+    }
+
+    /// Connections reset while unreachable, so far.
+    pub fn reset_count(&self) -> usize {
+        self.shared.resets.load(Ordering::SeqCst)
+    }
+
     // ----- inspection -----
 
     pub fn posts(&self) -> Vec<RecordedPost> {
         self.lock().posts.clone()
+    }
+
+    /// Posts recorded so far, without copying them.
+    pub fn post_count(&self) -> usize {
+        self.lock().posts.len()
+    }
+
+    /// The posts after the first `start`, in arrival order (to follow a long
+    /// run without copying every post each time).
+    pub fn posts_since(&self, start: usize) -> Vec<RecordedPost> {
+        self.lock().posts.get(start..).unwrap_or_default().to_vec()
     }
 
     pub fn posts_to(&self, channel_id: &str) -> Vec<RecordedPost> {
@@ -971,6 +1013,15 @@ impl FakeSlack {
         .map_err(|g| {
             format!("timed out after {timeout:?} waiting for {n} response_url post(s)\n{g}")
         })
+    }
+
+    /// Requests of `method` so far (answered or held), without copying them.
+    pub fn request_count(&self, method: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == method)
+            .count()
     }
 
     pub fn requests_for(&self, method: &str) -> Vec<RecordedRequest> {
@@ -1132,6 +1183,107 @@ fn describe(g: &Inner) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Connections (reset while Slack is unreachable)
+// ---------------------------------------------------------------------------
+
+/// Accepts connections, resetting them while [`FakeSlack::set_unreachable`] is on.
+struct ResettingListener {
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for ResettingListener {
+    type Io = ResettingStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.listener.accept().await else {
+                // Out of file descriptors, say: the client retries.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let stream = ResettingStream {
+                stream,
+                shared: self.shared.clone(),
+            };
+            if stream.reset_if_unreachable() {
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A served connection that is reset, instead of read, while Slack is unreachable.
+struct ResettingStream {
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+}
+
+impl ResettingStream {
+    /// A zero linger makes closing the socket send RST, not FIN: the client
+    /// sees its connection reset, not a server that answered and closed.
+    fn reset_if_unreachable(&self) -> bool {
+        if !self.shared.unreachable.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _ = self.stream.set_zero_linger();
+        self.shared.resets.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+impl tokio::io::AsyncRead for ResettingStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // Checked before reading a request, never before writing an answer:
+        // a request Slack processed is answered.
+        if self.reset_if_unreachable() {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ResettingStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+// ---------------------------------------------------------------------------
 // HTTP handling
 // ---------------------------------------------------------------------------
 
@@ -1225,7 +1377,11 @@ fn fault_reply(f: &Fault) -> Option<Reply> {
         Fault::HttpJson(s, code) => Some(Reply::http_json(*s, code)),
         Fault::Api(code) => Some(Reply::err(code)),
         Fault::RateLimited { retry_after_secs } => Some(Reply::ratelimited(*retry_after_secs)),
-        Fault::Hang | Fault::Delay(_) | Fault::HoldUntil(_) | Fault::AcceptThenHang => None,
+        Fault::Hang
+        | Fault::Delay(_)
+        | Fault::HoldUntil(_)
+        | Fault::AcceptThenHang
+        | Fault::AcceptThenDelay(_) => None,
     }
 }
 
@@ -1538,6 +1694,12 @@ async fn handle(
             let reply = process(&mut shared.lock(), &req, received_at);
             record(Some(&reply), token, params);
             return std::future::pending::<Response>().await;
+        }
+        Some(Fault::AcceptThenDelay(delay)) => {
+            let reply = process(&mut shared.lock(), &req, received_at);
+            record(Some(&reply), token, params);
+            tokio::time::sleep(delay).await;
+            return reply.into_response();
         }
         Some(Fault::HoldUntil(release)) => {
             record(None, token.clone(), params.clone());

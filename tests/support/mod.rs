@@ -622,3 +622,39 @@ impl TestEnv {
         }
     }
 }
+
+/// The RabbitMQ application, stopped for as long as this lives: the guard
+/// starts it again when dropped, so a failing assertion does not leave the
+/// broker down for the rest of the suite.
+pub struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    /// Stops the application (every connection is closed; the node stays up).
+    pub fn stop() -> BrokerStopped {
+        // Made before the stop, so even a stop that half-failed is undone.
+        let stopped = BrokerStopped { started: false };
+        rabbitmqctl(&["stop_app"]);
+        stopped
+    }
+
+    /// Starts the application again and waits until it serves.
+    pub fn start(mut self) {
+        self.started = true;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            for args in [["-q", "start_app"], ["-q", "await_startup"]] {
+                let _ = std::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .status();
+            }
+        }
+    }
+}

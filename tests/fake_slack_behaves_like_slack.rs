@@ -1702,6 +1702,85 @@ async fn conversations_history_shows_parents_broadcasts_and_updates() {
 }
 
 #[tokio::test]
+async fn conversations_replies_lists_a_thread_parent_first_then_replies_oldest_first() {
+    let (s, c) = setup().await;
+    let ts = |r: Resp| r.body["ts"].as_str().unwrap().to_string();
+    let parent = ts(post_text(&c, &s, TOKEN, "C0GENERAL").await);
+    let mut replies = Vec::new();
+    for i in 0..3 {
+        let reply = post_json(
+            &c,
+            &s,
+            "chat.postMessage",
+            Some(TOKEN),
+            json!({"channel": "C0GENERAL", "text": format!("reply {i}"), "thread_ts": parent,
+                   "metadata": {"event_type": "e", "event_payload": {"n": i}}}),
+        )
+        .await;
+        assert!(reply.ok(), "{}", reply.raw);
+        replies.push(ts(reply));
+    }
+    let replies_of = |args: Vec<(&'static str, String)>| {
+        let (s, c) = (s.clone(), c.clone());
+        async move {
+            let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post_form(&c, &s, "conversations.replies", Some(TOKEN), &args).await
+        }
+    };
+    let thread = |extra: Vec<(&'static str, String)>| {
+        let mut args = vec![("channel", "C0GENERAL".to_string()), ("ts", parent.clone())];
+        args.extend(extra);
+        args
+    };
+
+    let r = replies_of(thread(vec![])).await;
+    assert!(r.ok(), "{}", r.raw);
+    let mut expected = vec![parent.clone()];
+    expected.extend(replies.iter().cloned());
+    assert_eq!(history_ts(&r), expected);
+    assert_eq!(r.body["has_more"], false);
+    assert_eq!(r.body["messages"][1]["thread_ts"], parent.as_str());
+    assert!(r.body["messages"][1].get("subtype").is_none(), "{}", r.raw);
+    assert!(
+        r.body["messages"][1].get("metadata").is_none(),
+        "metadata only when asked for"
+    );
+    let r = replies_of(thread(vec![("include_all_metadata", "true".into())])).await;
+    assert_eq!(r.body["messages"][1]["metadata"]["event_payload"]["n"], 0);
+
+    // A page at a time, then `oldest` (exclusive) bounds the replies.
+    let r = replies_of(thread(vec![("limit", "2".into())])).await;
+    assert_eq!(history_ts(&r), expected[..3]);
+    assert_eq!(r.body["has_more"], true);
+    let r = replies_of(thread(vec![
+        ("limit", "2".into()),
+        ("cursor", next_cursor(&r)),
+    ]))
+    .await;
+    assert_eq!(history_ts(&r), [replies[2].clone()]);
+    let r = replies_of(thread(vec![("oldest", replies[0].clone())])).await;
+    assert_eq!(
+        history_ts(&r),
+        [parent.clone(), replies[1].clone(), replies[2].clone()]
+    );
+
+    // Only a message's own thread; not a reply's, not another channel's.
+    let r = replies_of(vec![
+        ("channel", "C0GENERAL".into()),
+        ("ts", replies[0].clone()),
+    ])
+    .await;
+    assert_eq!(r.error(), Some("thread_not_found"));
+    let r = replies_of(vec![("channel", "C0OTHER".into()), ("ts", parent.clone())]).await;
+    assert_eq!(r.error(), Some("thread_not_found"));
+    let r = replies_of(vec![("channel", "C0PUBLIC".into()), ("ts", parent.clone())]).await;
+    assert_eq!(r.error(), Some("not_in_channel"));
+    // conversations.history still lists the parent alone.
+    let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
+    assert_eq!(history_ts(&r), [parent.clone()]);
+}
+
+#[tokio::test]
 async fn method_rate_limit_is_per_team_and_method_with_retry_after() {
     let (s, c) = setup().await;
     s.add_token("xoxb-test-other-team", TokenSpec::bot("T0OTHER", "U0BOT2"));

@@ -81,6 +81,7 @@ pub const KNOWN_METHODS: &[&str] = &[
     "oauth.v2.access",
     "conversations.list",
     "conversations.history",
+    "conversations.replies",
 ];
 
 /// `conversations.list`: default and maximum `limit`.
@@ -89,6 +90,8 @@ pub const LIST_MAX_LIMIT: usize = 1000;
 /// `conversations.history`: default and maximum `limit` (larger values are capped).
 pub const HISTORY_DEFAULT_LIMIT: usize = 100;
 pub const HISTORY_MAX_LIMIT: usize = 999;
+/// `conversations.replies`: default and maximum `limit`.
+pub const REPLIES_MAX_LIMIT: usize = 1000;
 
 // ---------------------------------------------------------------------------
 // Public configuration types
@@ -1772,6 +1775,7 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         "conversations.open" => conversations_open(g, req),
         "conversations.list" => conversations_list(g, req, &spec),
         "conversations.history" => conversations_history(g, req, &spec),
+        "conversations.replies" => conversations_replies(g, req, &spec),
         _ => Reply::err("unknown_method"),
     };
     if !req.warnings.is_empty() && reply.error.is_none() {
@@ -2643,32 +2647,42 @@ fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
     m
 }
 
-fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
-    // The channel must be a conversation id: names, `#names` and user ids
-    // are `channel_not_found`.
+/// The conversation `conversations.history` and `conversations.replies`
+/// may read, or their error: it must be a conversation id (names, `#names`
+/// and user ids are `channel_not_found`) the token has the history scope
+/// for, and a channel the bot is in.
+fn readable_conversation(g: &Inner, req: &Req, spec: &TokenSpec) -> Result<String, Reply> {
     let Some(channel) = req.nonempty("channel") else {
-        return Reply::err("channel_not_found");
+        return Err(Reply::err("channel_not_found"));
     };
     let needed = if g.is_dm_id(&channel) {
         "im:history"
     } else {
         match g.channel_by_id(&channel) {
-            None => return Reply::err("channel_not_found"),
+            None => return Err(Reply::err("channel_not_found")),
             Some(c) if c.spec.private && !c.spec.bot_is_member => {
-                return Reply::err("channel_not_found");
+                return Err(Reply::err("channel_not_found"));
             }
             Some(c) if c.spec.private => "groups:history",
             Some(_) => "channels:history",
         }
     };
     if !has_scope(spec, needed) {
-        return missing_scope_reply(spec, needed);
+        return Err(missing_scope_reply(spec, needed));
     }
     if let Some(c) = g.channel_by_id(&channel)
         && !c.spec.bot_is_member
     {
-        return Reply::err("not_in_channel");
+        return Err(Reply::err("not_in_channel"));
     }
+    Ok(channel)
+}
+
+fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let channel = match readable_conversation(g, req, spec) {
+        Ok(channel) => channel,
+        Err(reply) => return reply,
+    };
     let limit = match parse_limit(req) {
         Ok(l) => l.unwrap_or(HISTORY_DEFAULT_LIMIT).min(HISTORY_MAX_LIMIT),
         Err(()) => return Reply::err("invalid_arguments"),
@@ -2728,6 +2742,91 @@ fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     if has_more {
         body["response_metadata"] =
             json!({"next_cursor": encode_cursor("next_ts", &msgs[limit].1.ts)});
+    }
+    Reply::ok(body)
+}
+
+/// `conversations.replies`: the thread of the message `ts`, the parent first
+/// (on the first page), then its replies oldest first; `oldest`, `latest`
+/// and `inclusive` bound the replies; `thread_not_found` when `ts` is no
+/// message of the conversation.
+fn conversations_replies(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let channel = match readable_conversation(g, req, spec) {
+        Ok(channel) => channel,
+        Err(reply) => return reply,
+    };
+    let Some(ts) = req.nonempty("ts") else {
+        return Reply::err("thread_not_found");
+    };
+    let parent = g.posts.iter().find(|p| {
+        p.channel_id == channel
+            && p.ts == ts
+            && p.thread_ts.is_none()
+            && g.messages.contains(&(channel.clone(), ts.clone()))
+    });
+    let Some(parent) = parent else {
+        return Reply::err("thread_not_found");
+    };
+    let limit = match parse_limit(req) {
+        Ok(l) => l.unwrap_or(REPLIES_MAX_LIMIT).min(REPLIES_MAX_LIMIT),
+        Err(()) => return Reply::err("invalid_arguments"),
+    };
+    let Ok(oldest) = ts_arg(req, "oldest") else {
+        return Reply::err("invalid_ts_oldest");
+    };
+    let Ok(latest) = ts_arg(req, "latest") else {
+        return Reply::err("invalid_ts_latest");
+    };
+    let from = match decode_cursor(req, "from_ts") {
+        Ok(None) => None,
+        Ok(Some(v)) => match parse_ts_micros(&v) {
+            Some(t) => Some(t),
+            None => return Reply::err("invalid_cursor"),
+        },
+        Err(r) => return r,
+    };
+    let inclusive = truthy(req, "inclusive");
+    let mut replies: Vec<(u64, &RecordedPost)> = g
+        .posts
+        .iter()
+        .filter(|p| p.channel_id == channel && p.thread_ts.as_deref() == Some(ts.as_str()))
+        .filter_map(|p| parse_ts_micros(&p.ts).map(|t| (t, p)))
+        .filter(|(t, _)| match oldest {
+            Some(o) if inclusive => *t >= o,
+            Some(o) => *t > o,
+            None => true,
+        })
+        .filter(|(t, _)| match latest {
+            Some(l) if inclusive => *t <= l,
+            Some(l) => *t < l,
+            None => true,
+        })
+        .filter(|(t, _)| from.is_none_or(|f| *t >= f))
+        .collect();
+    // Oldest first.
+    replies.sort_by_key(|m| m.0);
+    let has_more = replies.len() > limit;
+    let with_metadata = truthy(req, "include_all_metadata");
+    let first_page = from.is_none();
+    let messages: Vec<Value> = first_page
+        .then_some(parent)
+        .into_iter()
+        .chain(replies.iter().take(limit).map(|(_, p)| *p))
+        .map(|p| {
+            let mut message = history_message(g, p, with_metadata);
+            // Only a reply also sent to the channel is a `thread_broadcast`.
+            if !in_channel_history(p)
+                && let Some(m) = message.as_object_mut()
+            {
+                m.remove("subtype");
+            }
+            message
+        })
+        .collect();
+    let mut body = json!({"ok": true, "messages": messages, "has_more": has_more});
+    if has_more {
+        body["response_metadata"] =
+            json!({"next_cursor": encode_cursor("from_ts", &replies[limit].1.ts)});
     }
     Reply::ok(body)
 }

@@ -351,3 +351,42 @@ async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
     assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_thread_reply_slack_accepted_just_before_its_worker_died_is_found_and_not_sent_again() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    let incident = json!({"dedup_key": "checkout-down"});
+    let mut first = env.start_worker_process();
+    env.publish(&env.event("opened", incident.clone())).await;
+    let opened = env
+        .slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+
+    // The follow-up replies in the incident's thread; Slack takes the reply
+    // and its worker dies before hearing back.
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    env.publish(&env.event("follow-up", incident)).await;
+    let posts = env
+        .slack
+        .wait_for_posts_to(ESCALATIONS, 2, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        posts[1].thread_ts.as_deref(),
+        Some(opened[0].ts.as_str()),
+        "a reply in the thread, which conversations.history does not list"
+    );
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+    assert_eq!(env.slack.posts().len(), 2, "not posted again");
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}

@@ -76,6 +76,14 @@ const HISTORY_PAGE: &str = "200";
 /// many (2,000 messages) the worker cannot tell, and posts.
 const HISTORY_MAX_PAGES: usize = 10;
 
+/// How a search through history pages ended.
+enum PageSearch {
+    Found(Value),
+    NotThere,
+    /// [`HISTORY_MAX_PAGES`] read without reaching the lost attempt's start.
+    TooMany,
+}
+
 /// Where a post landed.
 struct Landed {
     channel: String,
@@ -281,7 +289,14 @@ impl Deliverer {
 
         if let Some(lost) = lost_attempt {
             match self
-                .find_lost_post(event, &routed.target.to_string(), destination, token, &lost)
+                .find_lost_post(
+                    event,
+                    &routed.target.to_string(),
+                    destination,
+                    plan.and_then(ThreadPlan::parent).map(|p| p.ts.as_str()),
+                    token,
+                    &lost,
+                )
                 .await
             {
                 Ok(Some(landed)) => {
@@ -715,14 +730,17 @@ impl Deliverer {
     }
 
     /// Looks for the post a vanished holder may have made for this event and
-    /// target since `since_ms`: `Ok(Some(where))` when Slack has it,
-    /// `Ok(None)` when it does not (or cannot tell: then posting is the
-    /// lesser harm), `Err(wait)` when Slack asks to wait first.
+    /// target since `since_ms`: in the conversation's history, and, for a
+    /// reply under the incident's first message (`thread`, its `ts`), in that
+    /// thread, which the history does not list. `Ok(Some(where))` when Slack
+    /// has it, `Ok(None)` when it does not (or cannot tell: then posting is
+    /// the lesser harm), `Err(wait)` when Slack asks to wait first.
     async fn find_lost_post(
         &self,
         event: &Event,
         target: &str,
         destination: &SlackDestination,
+        thread: Option<&str>,
         token: &WorkspaceToken,
         lost: &LostAttempt,
     ) -> Result<Option<Landed>, Duration> {
@@ -758,52 +776,85 @@ impl Deliverer {
             .since_ms
             .saturating_sub(HISTORY_SLACK.as_millis() as u64);
         let oldest = format!("{}.{:03}000", oldest / 1000, oldest % 1000);
-        // Newest first, a page at a time, until the post or the lost
-        // attempt's start is reached.
-        let mut cursor: Option<String> = None;
-        for _ in 0..HISTORY_MAX_PAGES {
-            let mut form = vec![
+        let mut places = vec![("conversations.history", None)];
+        // A reply goes where the first message is: only then is the thread there.
+        if lost.rerouted_to.is_none()
+            && let Some(ts) = thread
+        {
+            places.push(("conversations.replies", Some(ts)));
+        }
+        for (method, thread) in places {
+            let mut args = vec![
                 ("channel", conversation.as_str()),
                 ("oldest", oldest.as_str()),
-                ("include_all_metadata", "true"),
-                ("limit", HISTORY_PAGE),
             ];
+            if let Some(ts) = thread {
+                args.push(("ts", ts));
+            }
+            match self
+                .search_pages(token, method, &args, &event.id, target)
+                .await
+            {
+                Ok(PageSearch::Found(message)) => {
+                    return Ok(Some(Landed {
+                        top_level: message.get("thread_ts").is_none(),
+                        ts: message
+                            .get("ts")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                        channel: conversation,
+                        rerouted_by: None,
+                    }));
+                }
+                Ok(PageSearch::NotThere) => {}
+                Ok(PageSearch::TooMany) => {
+                    warn!(target = %self.addresses.text(target), method, pages = HISTORY_MAX_PAGES, "cannot check whether a crashed worker had posted this: too many newer messages; posting (a duplicate is possible)");
+                    return Ok(None);
+                }
+                Err(e) => return on_error(Method::History, &e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads `method` (`conversations.history` or `.replies`) with `args` a
+    /// page at a time, following Slack's cursor, until this event's post for
+    /// `target` turns up or the pages end.
+    async fn search_pages(
+        &self,
+        token: &WorkspaceToken,
+        method: &'static str,
+        args: &[(&str, &str)],
+        event_id: &str,
+        target: &str,
+    ) -> Result<PageSearch, SlackError> {
+        let mut cursor: Option<String> = None;
+        for _ in 0..HISTORY_MAX_PAGES {
+            let mut form = args.to_vec();
+            form.extend([("include_all_metadata", "true"), ("limit", HISTORY_PAGE)]);
             if let Some(cursor) = &cursor {
                 form.push(("cursor", cursor.as_str()));
             }
-            let reply = match self
-                .call_within_tier(token, "conversations.history", &Body::Form(&form))
-                .await
-            {
-                Ok(reply) => reply,
-                Err(e) => return on_error(Method::History, &e),
-            };
-            if let Some(message) = lost_post_in(&reply, &event.id, target) {
-                return Ok(Some(Landed {
-                    top_level: message.get("thread_ts").is_none(),
-                    ts: message
-                        .get("ts")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    channel: conversation,
-                    rerouted_by: None,
-                }));
+            let page = self
+                .call_within_tier(token, method, &Body::Form(&form))
+                .await?;
+            if let Some(message) = lost_post_in(&page, event_id, target) {
+                return Ok(PageSearch::Found(message.clone()));
             }
-            cursor = reply
+            cursor = page
                 .get("has_more")
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
-                .then(|| reply.pointer("/response_metadata/next_cursor"))
+                .then(|| page.pointer("/response_metadata/next_cursor"))
                 .flatten()
                 .and_then(Value::as_str)
                 .filter(|c| !c.is_empty())
                 .map(str::to_string);
             if cursor.is_none() {
-                return Ok(None);
+                return Ok(PageSearch::NotThere);
             }
         }
-        warn!(target = %self.addresses.text(target), pages = HISTORY_MAX_PAGES, "cannot check whether a crashed worker had posted this: too many newer messages in the channel; posting (a duplicate is possible)");
-        Ok(None)
+        Ok(PageSearch::TooMany)
     }
 
     /// [`Deliverer::complete`] for a post, recording in the same round trip

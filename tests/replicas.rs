@@ -305,6 +305,9 @@ rules:
     env.cleanup().await;
 }
 
+/// Messages another app posts after the crash: more than one page of history.
+const CHATTER: usize = 1200;
+
 #[tokio::test]
 async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
     let mut env = TestEnv::start(BASIC_RULES).await;
@@ -320,13 +323,13 @@ async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
         .unwrap();
     first.child.kill().await.unwrap();
     env.slack.clear_faults();
-    // A busy channel: another app posts more than a page of history
-    // (Slack returns the newest messages first) before anyone looks.
+    // A busy channel: another app posts more than the largest page of
+    // history Slack returns (999, newest first) before anyone looks.
     let other_app = format!("xox{}-other-app-{}", "b", env.id);
     env.slack
         .add_bot_token(&other_app, &env.workspace, "U0OTHERAPP");
     let client = reqwest::Client::new();
-    for i in 0..250 {
+    for i in 0..CHATTER {
         let answer: serde_json::Value = client
             .post(env.slack.method_url("chat.postMessage"))
             .bearer_auth(&other_app)
@@ -345,8 +348,15 @@ async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
     assert!(second.stop().await.success());
     assert_eq!(
         env.slack.posts_to(ESCALATIONS).len(),
-        1 + 250,
+        1 + CHATTER,
         "not posted again"
+    );
+    // The workspace's Tier 3 budget (50 calls a minute) is spent sparingly:
+    // one page of at most 999 messages, then the next.
+    assert_eq!(
+        env.slack.request_count("conversations.history"),
+        2,
+        "two pages"
     );
     assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
     env.cleanup().await;

@@ -69,12 +69,15 @@ const MAX_STEPS: usize = 12;
 /// How far before the lost attempt's claim the history search starts
 /// (clock differences between Redis and Slack).
 const HISTORY_SLACK: Duration = Duration::from_secs(60);
-/// Messages per page of the history search (Slack advises at most 200).
-const HISTORY_PAGE: &str = "200";
+/// Messages per page of the history search: the most Slack returns, so that
+/// one call of the workspace's Tier 3 budget almost always covers the lost
+/// attempt (at Slack's pace of a post a second, 999 messages are a quarter
+/// of an hour of this channel).
+const HISTORY_PAGE: &str = "999";
 /// Pages of the history search: Slack returns the newest messages first, so
-/// in a busy channel the lost post can be several pages down. Past this
-/// many (2,000 messages) the worker cannot tell, and posts.
-const HISTORY_MAX_PAGES: usize = 10;
+/// in a busy channel the lost post can be further down. Past this many the
+/// worker cannot tell, and posts.
+const HISTORY_MAX_PAGES: usize = 5;
 
 /// How a search through history pages ended.
 enum PageSearch {
@@ -676,8 +679,20 @@ impl Deliverer {
         method: &'static str,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
+        self.call_waiting_up_to(token, method, body, self.tier_wait())
+            .await
+    }
+
+    /// [`Deliverer::call_within_tier`], waiting up to `max_wait` for the slot.
+    async fn call_waiting_up_to(
+        &self,
+        token: &WorkspaceToken,
+        method: &'static str,
+        body: &Body<'_>,
+        max_wait: Duration,
+    ) -> Result<Value, SlackError> {
         self.limiter
-            .call_within_tier(&token.workspace, method, self.tier_wait(), || {
+            .call_within_tier(&token.workspace, method, max_wait, || {
                 self.slack
                     .call_leaving_rate_limits(method, Some(&token.access_token), body)
             })
@@ -832,11 +847,17 @@ impl Deliverer {
         for _ in 0..HISTORY_MAX_PAGES {
             let mut form = args.to_vec();
             form.extend([("include_all_metadata", "true"), ("limit", HISTORY_PAGE)]);
-            if let Some(cursor) = &cursor {
+            // A search under way waits longer for its next page: deferred
+            // halfway, it would start again from the first page next time,
+            // and searches competing for the budget would never end.
+            let max_wait = if let Some(cursor) = &cursor {
                 form.push(("cursor", cursor.as_str()));
-            }
+                self.max_rate_limit_wait
+            } else {
+                self.tier_wait()
+            };
             let page = self
-                .call_within_tier(token, method, &Body::Form(&form))
+                .call_waiting_up_to(token, method, &Body::Form(&form), max_wait)
                 .await?;
             if let Some(message) = lost_post_in(&page, event_id, target) {
                 return Ok(PageSearch::Found(message.clone()));

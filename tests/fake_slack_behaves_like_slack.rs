@@ -1777,7 +1777,7 @@ async fn conversations_replies_lists_a_thread_parent_first_then_replies_oldest_f
     assert_eq!(r.error(), Some("not_in_channel"));
     // conversations.history still lists the parent alone.
     let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
-    assert_eq!(history_ts(&r), [parent.clone()]);
+    assert_eq!(history_ts(&r), std::slice::from_ref(&parent));
 }
 
 #[tokio::test]

@@ -2577,9 +2577,25 @@ fn in_channel_history(p: &RecordedPost) -> bool {
     p.thread_ts.is_none() || value_truthy(p.body.get("reply_broadcast"))
 }
 
+/// Replies by the `ts` of the message they reply to, in one conversation.
+type Threads<'a> = HashMap<&'a str, Vec<&'a RecordedPost>>;
+
+/// The threads of `channel`, gathered in one pass over the posts (a page
+/// of history can show hundreds of messages, each with its reply count).
+fn threads_in<'a>(g: &'a Inner, channel: &str) -> Threads<'a> {
+    let mut threads: Threads<'a> = HashMap::new();
+    for post in g.posts.iter().filter(|p| p.channel_id == channel) {
+        if let Some(parent) = post.thread_ts.as_deref() {
+            threads.entry(parent).or_default().push(post);
+        }
+    }
+    threads
+}
+
 /// A recorded post as `conversations.history` returns it (after any
-/// `chat.update`), like the `message` of `chat.postMessage`.
-fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
+/// `chat.update`), like the `message` of `chat.postMessage`; `threads` are
+/// its conversation's ([`threads_in`]).
+fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool, threads: &Threads) -> Value {
     let spec = g
         .tokens
         .get(&p.token)
@@ -2616,14 +2632,10 @@ fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
         m["subtype"] = json!("thread_broadcast");
         return m;
     }
-    let replies: Vec<&RecordedPost> = g
-        .posts
-        .iter()
-        .filter(|r| r.channel_id == p.channel_id && r.thread_ts.as_deref() == Some(p.ts.as_str()))
-        .collect();
+    let replies = threads.get(p.ts.as_str()).map_or(&[][..], Vec::as_slice);
     if !replies.is_empty() {
         let mut users: Vec<String> = Vec::new();
-        for r in &replies {
+        for r in replies {
             let u = g
                 .tokens
                 .get(&r.token)
@@ -2723,10 +2735,11 @@ fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     msgs.sort_by_key(|m| std::cmp::Reverse(m.0));
     let has_more = msgs.len() > limit;
     let with_metadata = truthy(req, "include_all_metadata");
+    let threads = threads_in(g, &channel);
     let messages: Vec<Value> = msgs
         .iter()
         .take(limit)
-        .map(|(_, p)| history_message(g, p, with_metadata))
+        .map(|(_, p)| history_message(g, p, with_metadata, &threads))
         .collect();
     let mut body = json!({
         "ok": true,
@@ -2807,13 +2820,14 @@ fn conversations_replies(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     replies.sort_by_key(|m| m.0);
     let has_more = replies.len() > limit;
     let with_metadata = truthy(req, "include_all_metadata");
+    let threads = threads_in(g, &channel);
     let first_page = from.is_none();
     let messages: Vec<Value> = first_page
         .then_some(parent)
         .into_iter()
         .chain(replies.iter().take(limit).map(|(_, p)| *p))
         .map(|p| {
-            let mut message = history_message(g, p, with_metadata);
+            let mut message = history_message(g, p, with_metadata, &threads);
             // Only a reply also sent to the channel is a `thread_broadcast`.
             if !in_channel_history(p)
                 && let Some(m) = message.as_object_mut()

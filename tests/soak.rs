@@ -1134,11 +1134,7 @@ impl Soak {
     }
 
     fn log_count(&self, worker: usize, needle: &str) -> usize {
-        self.workers[worker]
-            .log_lines()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.workers[worker].log_count(needle)
     }
 
     /// Lines containing `needle` from every worker, the killed ones included.

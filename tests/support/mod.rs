@@ -404,6 +404,15 @@ impl WorkerProcess {
         self.lines.borrow().clone()
     }
 
+    /// How many log lines so far contain `needle` (without copying them).
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.lines
+            .borrow()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("worker is running");
         let status = std::process::Command::new("kill")

@@ -974,7 +974,7 @@ impl Soak {
             }
             expected.revoked = self.revoked_now(workspace);
             let key = event["type"].as_str().unwrap_or("unknown").to_string();
-            self.env.publish_raw(&key, &body).await;
+            self.publish_body(&key, &body).await;
             self.unsettled.push(self.events.len());
             self.events.push(expected);
             published += 1;
@@ -993,7 +993,36 @@ impl Soak {
                 detail,
             },
         );
-        self.env.publish_raw("escalation.triggered", &body).await;
+        self.publish_body("escalation.triggered", &body).await;
+    }
+
+    /// Publishes with confirms, again after a reconnect if the broker went
+    /// away meanwhile (another test run may restart it). A message stored
+    /// twice is an event redelivered, which the worker must handle anyway.
+    async fn publish_body(&mut self, routing_key: &str, body: &[u8]) {
+        while self.env.try_publish_raw(routing_key, body).await.is_err() {
+            self.reconnect_to_broker().await;
+        }
+    }
+
+    /// Ready messages in `queue`, reconnecting if the broker went away meanwhile.
+    async fn ready(&mut self, queue: &str) -> u32 {
+        loop {
+            match self.env.try_ready_count(queue).await {
+                Ok(ready) => return ready,
+                Err(_) => self.reconnect_to_broker().await,
+            }
+        }
+    }
+
+    /// Opens the soak's own connection again once the broker answers.
+    async fn reconnect_to_broker(&mut self) {
+        let deadline = Instant::now() + self.profile.settle_timeout;
+        while let Err(e) = self.env.try_reconnect_broker().await {
+            assert!(Instant::now() < deadline, "RabbitMQ did not come back: {e}");
+            // Polling interval of the reconnect, not a wait for an outcome.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Whether the workspace's token is revoked at Slack right now.
@@ -1122,14 +1151,14 @@ impl Soak {
     }
 
     /// Ready messages in the work queue, in all retry queues, and in the dead-letter queue.
-    async fn queue_depths(&self) -> (u32, u32, u32) {
+    async fn queue_depths(&mut self) -> (u32, u32, u32) {
         let topology = support::topology(&self.env.settings);
-        let work = self.env.ready_count(&topology.queue).await;
+        let work = self.ready(&topology.queue).await;
         let mut retry = 0;
         for queue in &topology.retry_queues {
-            retry += self.env.ready_count(&queue.name).await;
+            retry += self.ready(&queue.name).await;
         }
-        let dead = self.env.ready_count(&topology.dead_letter_queue).await;
+        let dead = self.ready(&topology.dead_letter_queue).await;
         (work, retry, dead)
     }
 
@@ -1313,7 +1342,7 @@ impl Soak {
             .await
             .expect("rabbitmqctl start_app, await_startup");
         self.broker_restarts += 1;
-        self.env.reconnect_broker().await;
+        self.reconnect_to_broker().await;
         for (i, n) in consuming_before.iter().enumerate() {
             self.wait_for_worker_log(i, CONSUMING, n + 1).await;
         }
@@ -1455,9 +1484,9 @@ impl Soak {
     }
 
     /// Takes every dead letter: (body, reason, detail) per copy.
-    async fn drain_dead_letters(&self) -> Vec<(Vec<u8>, Option<String>, String)> {
-        let queue = &self.env.settings.amqp.dead_letter_queue;
-        let count = self.env.ready_count(queue).await;
+    async fn drain_dead_letters(&mut self) -> Vec<(Vec<u8>, Option<String>, String)> {
+        let queue = self.env.settings.amqp.dead_letter_queue.clone();
+        let count = self.ready(&queue).await;
         let mut consumer = self.env.dead_letters().await;
         let mut letters = Vec::new();
         for _ in 0..count {

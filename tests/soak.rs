@@ -802,9 +802,10 @@ impl Soak {
             .to_vec();
         // A token stored again is seen within a second.
         s.slack.token_cache_ttl = Duration::from_secs(1);
-        // Posts held across the broker restart must not time out (a post
-        // whose answer is lost is retried without the lost-post check).
-        s.slack.request_timeout = Duration::from_secs(60);
+        // Posts held across the broker restart (for as long as `rabbitmqctl
+        // stop_app` takes) must not time out: a post whose answer is lost is
+        // retried without the lost-post check.
+        s.slack.request_timeout = Duration::from_secs(30);
         s.amqp.prefetch = profile.prefetch;
 
         let id = env.id.clone();

@@ -564,9 +564,14 @@ impl FakeSlack {
                 )
             })
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
+        // A deep accept queue: while Slack is unreachable, clients reconnect
+        // as fast as they are reset, and an overflowing queue would leave
+        // handshakes half-open (a hang until the client's timeout) instead.
+        let socket = tokio::net::TcpSocket::new_v4().expect("fake slack socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .expect("bind fake slack");
+        let listener = socket.listen(4096).expect("listen fake slack");
         let addr = listener.local_addr().expect("local addr");
         let listener = ResettingListener {
             listener,

@@ -8,11 +8,10 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT, rabbitmqctl};
+use support::{BASIC_RULES, BrokerStopped, ESCALATIONS, TestEnv, WAIT};
 
 /// Events in the batch.
 const EVENTS: usize = 200;
@@ -23,38 +22,6 @@ const PREFETCH: usize = 10;
 const POSTED_BEFORE: usize = 50;
 /// Generous: reconnect backoff on a loaded 2-core machine.
 const LONG_WAIT: Duration = Duration::from_secs(180);
-
-/// The RabbitMQ application, stopped for as long as this lives.
-struct BrokerStopped {
-    started: bool,
-}
-
-impl BrokerStopped {
-    /// Stops the application (every connection is closed; the node stays up).
-    fn stop() -> BrokerStopped {
-        // Made before the stop, so even a stop that half-failed is undone.
-        let stopped = BrokerStopped { started: false };
-        rabbitmqctl(&["stop_app"]);
-        stopped
-    }
-
-    /// Starts the application again and waits until it serves.
-    fn start(mut self) {
-        self.started = true;
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
-    }
-}
-
-impl Drop for BrokerStopped {
-    fn drop(&mut self) {
-        if !self.started {
-            for args in [["-q", "start_app"], ["-q", "await_startup"]] {
-                let _ = Command::new("rabbitmqctl").args(args).status();
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_batch_loses_nothing_and_posts_nothing_twice() {

@@ -913,6 +913,55 @@ async fn outage_answers_503_for_every_method() {
 }
 
 #[tokio::test]
+async fn a_slow_answer_comes_after_the_post_is_already_in_the_channel() {
+    let (s, c) = setup().await;
+    s.fail_next(
+        "chat.postMessage",
+        1,
+        Fault::AcceptThenDelay(Duration::from_millis(300)),
+    );
+    let (s2, c2) = (s.clone(), c.clone());
+    let answer = tokio::spawn(async move { post_text(&c2, &s2, TOKEN, "C0GENERAL").await });
+    let posts = s.wait_for_posts(1, WAIT).await.expect("the post is in");
+    assert!(!answer.is_finished(), "posted before it was answered");
+    assert!(answer.await.unwrap().ok());
+    assert_eq!(posts[0].channel_id, "C0GENERAL");
+    assert_eq!(s.request_count("chat.postMessage"), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_slack_resets_new_and_open_connections_and_processes_nothing() {
+    let (s, c) = setup().await;
+    // A connection kept alive from before the outage, and new ones.
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    s.set_unreachable(true);
+    for fresh in [false, true] {
+        let client = if fresh {
+            reqwest::Client::new()
+        } else {
+            c.clone()
+        };
+        let error = client
+            .post(s.method_url("chat.postMessage"))
+            .bearer_auth(TOKEN)
+            .form(&[("channel", "C0GENERAL"), ("text", "lost")])
+            .send()
+            .await
+            .expect_err("no answer while unreachable");
+        assert!(
+            error.is_connect() || error.is_request(),
+            "a connection error, not an answer: {error:?}"
+        );
+    }
+    assert!(s.reset_count() >= 2, "{}", s.reset_count());
+    assert_eq!(s.posts().len(), 1, "nothing processed while unreachable");
+
+    s.set_unreachable(false);
+    assert!(post_text(&c, &s, TOKEN, "C0GENERAL").await.ok());
+    assert_eq!(s.posts().len(), 2);
+}
+
+#[tokio::test]
 async fn wait_for_posts_returns_when_posts_arrive_and_explains_timeouts() {
     let (s, c) = setup().await;
     let (s2, c2) = (s.clone(), c.clone());
@@ -1650,6 +1699,85 @@ async fn conversations_history_shows_parents_broadcasts_and_updates() {
     assert_eq!(p["reply_count"], 2);
     assert_eq!(p["latest_reply"], broadcast_ts.as_str());
     assert_eq!(p["reply_users"], json!([BOT]));
+}
+
+#[tokio::test]
+async fn conversations_replies_lists_a_thread_parent_first_then_replies_oldest_first() {
+    let (s, c) = setup().await;
+    let ts = |r: Resp| r.body["ts"].as_str().unwrap().to_string();
+    let parent = ts(post_text(&c, &s, TOKEN, "C0GENERAL").await);
+    let mut replies = Vec::new();
+    for i in 0..3 {
+        let reply = post_json(
+            &c,
+            &s,
+            "chat.postMessage",
+            Some(TOKEN),
+            json!({"channel": "C0GENERAL", "text": format!("reply {i}"), "thread_ts": parent,
+                   "metadata": {"event_type": "e", "event_payload": {"n": i}}}),
+        )
+        .await;
+        assert!(reply.ok(), "{}", reply.raw);
+        replies.push(ts(reply));
+    }
+    let replies_of = |args: Vec<(&'static str, String)>| {
+        let (s, c) = (s.clone(), c.clone());
+        async move {
+            let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post_form(&c, &s, "conversations.replies", Some(TOKEN), &args).await
+        }
+    };
+    let thread = |extra: Vec<(&'static str, String)>| {
+        let mut args = vec![("channel", "C0GENERAL".to_string()), ("ts", parent.clone())];
+        args.extend(extra);
+        args
+    };
+
+    let r = replies_of(thread(vec![])).await;
+    assert!(r.ok(), "{}", r.raw);
+    let mut expected = vec![parent.clone()];
+    expected.extend(replies.iter().cloned());
+    assert_eq!(history_ts(&r), expected);
+    assert_eq!(r.body["has_more"], false);
+    assert_eq!(r.body["messages"][1]["thread_ts"], parent.as_str());
+    assert!(r.body["messages"][1].get("subtype").is_none(), "{}", r.raw);
+    assert!(
+        r.body["messages"][1].get("metadata").is_none(),
+        "metadata only when asked for"
+    );
+    let r = replies_of(thread(vec![("include_all_metadata", "true".into())])).await;
+    assert_eq!(r.body["messages"][1]["metadata"]["event_payload"]["n"], 0);
+
+    // A page at a time, then `oldest` (exclusive) bounds the replies.
+    let r = replies_of(thread(vec![("limit", "2".into())])).await;
+    assert_eq!(history_ts(&r), expected[..3]);
+    assert_eq!(r.body["has_more"], true);
+    let r = replies_of(thread(vec![
+        ("limit", "2".into()),
+        ("cursor", next_cursor(&r)),
+    ]))
+    .await;
+    assert_eq!(history_ts(&r), [replies[2].clone()]);
+    let r = replies_of(thread(vec![("oldest", replies[0].clone())])).await;
+    assert_eq!(
+        history_ts(&r),
+        [parent.clone(), replies[1].clone(), replies[2].clone()]
+    );
+
+    // Only a message's own thread; not a reply's, not another channel's.
+    let r = replies_of(vec![
+        ("channel", "C0GENERAL".into()),
+        ("ts", replies[0].clone()),
+    ])
+    .await;
+    assert_eq!(r.error(), Some("thread_not_found"));
+    let r = replies_of(vec![("channel", "C0OTHER".into()), ("ts", parent.clone())]).await;
+    assert_eq!(r.error(), Some("thread_not_found"));
+    let r = replies_of(vec![("channel", "C0PUBLIC".into()), ("ts", parent.clone())]).await;
+    assert_eq!(r.error(), Some("not_in_channel"));
+    // conversations.history still lists the parent alone.
+    let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
+    assert_eq!(history_ts(&r), std::slice::from_ref(&parent));
 }
 
 #[tokio::test]

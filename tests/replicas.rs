@@ -304,3 +304,99 @@ rules:
     assert_eq!(env.slack.posts().len(), 1, "not posted again");
     env.cleanup().await;
 }
+
+/// Messages another app posts after the crash: more than one page of history.
+const CHATTER: usize = 1200;
+
+#[tokio::test]
+async fn a_lost_post_under_more_than_a_page_of_newer_messages_is_still_found() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    let mut first = env.start_worker_process();
+
+    env.publish(&env.event("buried", json!({}))).await;
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+    // A busy channel: another app posts more than the largest page of
+    // history Slack returns (999, newest first) before anyone looks.
+    let other_app = format!("xox{}-other-app-{}", "b", env.id);
+    env.slack
+        .add_bot_token(&other_app, &env.workspace, "U0OTHERAPP");
+    let client = reqwest::Client::new();
+    for i in 0..CHATTER {
+        let answer: serde_json::Value = client
+            .post(env.slack.method_url("chat.postMessage"))
+            .bearer_auth(&other_app)
+            .form(&[("channel", ESCALATIONS), ("text", &format!("chatter {i}"))])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+    assert_eq!(
+        env.slack.posts_to(ESCALATIONS).len(),
+        1 + CHATTER,
+        "not posted again"
+    );
+    // The workspace's Tier 3 budget (50 calls a minute) is spent sparingly:
+    // one page of at most 999 messages, then the next.
+    assert_eq!(
+        env.slack.request_count("conversations.history"),
+        2,
+        "two pages"
+    );
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_thread_reply_slack_accepted_just_before_its_worker_died_is_found_and_not_sent_again() {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    let incident = json!({"dedup_key": "checkout-down"});
+    let mut first = env.start_worker_process();
+    env.publish(&env.event("opened", incident.clone())).await;
+    let opened = env
+        .slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+
+    // The follow-up replies in the incident's thread; Slack takes the reply
+    // and its worker dies before hearing back.
+    env.slack.fail_channel(ESCALATIONS, Fault::AcceptThenHang);
+    env.publish(&env.event("follow-up", incident)).await;
+    let posts = env
+        .slack
+        .wait_for_posts_to(ESCALATIONS, 2, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        posts[1].thread_ts.as_deref(),
+        Some(opened[0].ts.as_str()),
+        "a reply in the thread, which conversations.history does not list"
+    );
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+
+    let mut second = env.start_worker_process();
+    second.wait_for_log("had posted this", 1).await;
+    assert!(second.stop().await.success());
+    assert_eq!(env.slack.posts().len(), 2, "not posted again");
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}

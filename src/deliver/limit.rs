@@ -91,6 +91,7 @@ fn tier_of(method: &str) -> Option<Bucket> {
         | "conversations.join"
         | "conversations.open"
         | "conversations.history"
+        | "conversations.replies"
         | "chat.update" => Some(Bucket::new(50.0 / 60.0, 10)),
         _ => None,
     }

@@ -69,6 +69,23 @@ const MAX_STEPS: usize = 12;
 /// How far before the lost attempt's claim the history search starts
 /// (clock differences between Redis and Slack).
 const HISTORY_SLACK: Duration = Duration::from_secs(60);
+/// Messages per page of the history search: the most Slack returns, so that
+/// one call of the workspace's Tier 3 budget almost always covers the lost
+/// attempt (at Slack's pace of a post a second, 999 messages are a quarter
+/// of an hour of this channel).
+const HISTORY_PAGE: &str = "999";
+/// Pages of the history search: Slack returns the newest messages first, so
+/// in a busy channel the lost post can be further down. Past this many the
+/// worker cannot tell, and posts.
+const HISTORY_MAX_PAGES: usize = 5;
+
+/// How a search through history pages ended.
+enum PageSearch {
+    Found(Value),
+    NotThere,
+    /// [`HISTORY_MAX_PAGES`] read without reaching the lost attempt's start.
+    TooMany,
+}
 
 /// Where a post landed.
 struct Landed {
@@ -275,7 +292,14 @@ impl Deliverer {
 
         if let Some(lost) = lost_attempt {
             match self
-                .find_lost_post(event, &routed.target.to_string(), destination, token, &lost)
+                .find_lost_post(
+                    event,
+                    &routed.target.to_string(),
+                    destination,
+                    plan.and_then(ThreadPlan::parent).map(|p| p.ts.as_str()),
+                    token,
+                    &lost,
+                )
                 .await
             {
                 Ok(Some(landed)) => {
@@ -655,8 +679,20 @@ impl Deliverer {
         method: &'static str,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
+        self.call_waiting_up_to(token, method, body, self.tier_wait())
+            .await
+    }
+
+    /// [`Deliverer::call_within_tier`], waiting up to `max_wait` for the slot.
+    async fn call_waiting_up_to(
+        &self,
+        token: &WorkspaceToken,
+        method: &'static str,
+        body: &Body<'_>,
+        max_wait: Duration,
+    ) -> Result<Value, SlackError> {
         self.limiter
-            .call_within_tier(&token.workspace, method, self.tier_wait(), || {
+            .call_within_tier(&token.workspace, method, max_wait, || {
                 self.slack
                     .call_leaving_rate_limits(method, Some(&token.access_token), body)
             })
@@ -709,14 +745,17 @@ impl Deliverer {
     }
 
     /// Looks for the post a vanished holder may have made for this event and
-    /// target since `since_ms`: `Ok(Some(where))` when Slack has it,
-    /// `Ok(None)` when it does not (or cannot tell: then posting is the
-    /// lesser harm), `Err(wait)` when Slack asks to wait first.
+    /// target since `since_ms`: in the conversation's history, and, for a
+    /// reply under the incident's first message (`thread`, its `ts`), in that
+    /// thread, which the history does not list. `Ok(Some(where))` when Slack
+    /// has it, `Ok(None)` when it does not (or cannot tell: then posting is
+    /// the lesser harm), `Err(wait)` when Slack asks to wait first.
     async fn find_lost_post(
         &self,
         event: &Event,
         target: &str,
         destination: &SlackDestination,
+        thread: Option<&str>,
         token: &WorkspaceToken,
         lost: &LostAttempt,
     ) -> Result<Option<Landed>, Duration> {
@@ -752,48 +791,91 @@ impl Deliverer {
             .since_ms
             .saturating_sub(HISTORY_SLACK.as_millis() as u64);
         let oldest = format!("{}.{:03}000", oldest / 1000, oldest % 1000);
-        let form = [
-            ("channel", conversation.as_str()),
-            ("oldest", oldest.as_str()),
-            ("include_all_metadata", "true"),
-            ("limit", "100"),
-        ];
-        let reply = match self
-            .call_within_tier(token, "conversations.history", &Body::Form(&form))
-            .await
+        let mut places = vec![("conversations.history", None)];
+        // A reply goes where the first message is: only then is the thread there.
+        if lost.rerouted_to.is_none()
+            && let Some(ts) = thread
         {
-            Ok(reply) => reply,
-            Err(e) => return on_error(Method::History, &e),
-        };
-        let found = reply
-            .get("messages")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find(|message| {
-                let payload = message.pointer("/metadata/event_payload");
-                message
-                    .pointer("/metadata/event_type")
-                    .and_then(Value::as_str)
-                    == Some(super::slack::message::METADATA_EVENT_TYPE)
-                    && payload
-                        .and_then(|p| p.get("event_id"))
-                        .and_then(Value::as_str)
-                        == Some(event.id.as_str())
-                    && payload
-                        .and_then(|p| p.get("target"))
-                        .and_then(Value::as_str)
-                        .is_none_or(|t| t == target)
-            });
-        Ok(found.map(|message| Landed {
-            top_level: message.get("thread_ts").is_none(),
-            ts: message
-                .get("ts")
+            places.push(("conversations.replies", Some(ts)));
+        }
+        for (method, thread) in places {
+            let mut args = vec![
+                ("channel", conversation.as_str()),
+                ("oldest", oldest.as_str()),
+            ];
+            if let Some(ts) = thread {
+                args.push(("ts", ts));
+            }
+            match self
+                .search_pages(token, method, &args, &event.id, target)
+                .await
+            {
+                Ok(PageSearch::Found(message)) => {
+                    return Ok(Some(Landed {
+                        top_level: message.get("thread_ts").is_none(),
+                        ts: message
+                            .get("ts")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                        channel: conversation,
+                        rerouted_by: None,
+                    }));
+                }
+                Ok(PageSearch::NotThere) => {}
+                Ok(PageSearch::TooMany) => {
+                    warn!(target = %self.addresses.text(target), method, pages = HISTORY_MAX_PAGES, "cannot check whether a crashed worker had posted this: too many newer messages; posting (a duplicate is possible)");
+                    return Ok(None);
+                }
+                Err(e) => return on_error(Method::History, &e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads `method` (`conversations.history` or `.replies`) with `args` a
+    /// page at a time, following Slack's cursor, until this event's post for
+    /// `target` turns up or the pages end.
+    async fn search_pages(
+        &self,
+        token: &WorkspaceToken,
+        method: &'static str,
+        args: &[(&str, &str)],
+        event_id: &str,
+        target: &str,
+    ) -> Result<PageSearch, SlackError> {
+        let mut cursor: Option<String> = None;
+        for _ in 0..HISTORY_MAX_PAGES {
+            let mut form = args.to_vec();
+            form.extend([("include_all_metadata", "true"), ("limit", HISTORY_PAGE)]);
+            // A search under way waits longer for its next page: deferred
+            // halfway, it would start again from the first page next time,
+            // and searches competing for the budget would never end.
+            let max_wait = if let Some(cursor) = &cursor {
+                form.push(("cursor", cursor.as_str()));
+                self.max_rate_limit_wait
+            } else {
+                self.tier_wait()
+            };
+            let page = self
+                .call_waiting_up_to(token, method, &Body::Form(&form), max_wait)
+                .await?;
+            if let Some(message) = lost_post_in(&page, event_id, target) {
+                return Ok(PageSearch::Found(message.clone()));
+            }
+            cursor = page
+                .get("has_more")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                .then(|| page.pointer("/response_metadata/next_cursor"))
+                .flatten()
                 .and_then(Value::as_str)
-                .map(str::to_string),
-            channel: conversation,
-            rerouted_by: None,
-        }))
+                .filter(|c| !c.is_empty())
+                .map(str::to_string);
+            if cursor.is_none() {
+                return Ok(PageSearch::NotThere);
+            }
+        }
+        Ok(PageSearch::TooMany)
     }
 
     /// [`Deliverer::complete`] for a post, recording in the same round trip
@@ -880,4 +962,29 @@ fn unavailable(error: &SlackError) -> PostFailure {
         reason: format!("Slack cannot take it: {error}"),
         transient: error.is_transient(),
     })
+}
+
+/// The message in a `conversations.history` page that is this event's post
+/// for `target`, by the metadata every post carries (metadata that names no
+/// target counts for any).
+fn lost_post_in<'a>(page: &'a Value, event_id: &str, target: &str) -> Option<&'a Value> {
+    page.get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|message| {
+            let payload = message.pointer("/metadata/event_payload");
+            message
+                .pointer("/metadata/event_type")
+                .and_then(Value::as_str)
+                == Some(super::slack::message::METADATA_EVENT_TYPE)
+                && payload
+                    .and_then(|p| p.get("event_id"))
+                    .and_then(Value::as_str)
+                    == Some(event_id)
+                && payload
+                    .and_then(|p| p.get("target"))
+                    .and_then(Value::as_str)
+                    .is_none_or(|t| t == target)
+        })
 }

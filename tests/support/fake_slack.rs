@@ -6,8 +6,9 @@
 //! 429 with `Retry-After`, unknown methods are HTTP 404 `unknown_method`.
 //!
 //! Everything is programmable from the test (tokens, channels, users, OAuth
-//! refresh tokens and install codes, rate limits, faults) and every request
-//! is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
+//! refresh tokens and install codes, rate limits, faults, an outage: HTTP
+//! 503 from every method, or Slack unreachable: connections reset) and every
+//! request is recorded. `GET /oauth/v2/authorize` stands in for Slack's consent page:
 //! it approves (or, when told, denies) as the installer the test chose and
 //! sends the browser back to `redirect_uri` with a code, as Slack does.
 //!
@@ -23,7 +24,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -77,6 +81,7 @@ pub const KNOWN_METHODS: &[&str] = &[
     "oauth.v2.access",
     "conversations.list",
     "conversations.history",
+    "conversations.replies",
 ];
 
 /// `conversations.list`: default and maximum `limit`.
@@ -85,6 +90,8 @@ pub const LIST_MAX_LIMIT: usize = 1000;
 /// `conversations.history`: default and maximum `limit` (larger values are capped).
 pub const HISTORY_DEFAULT_LIMIT: usize = 100;
 pub const HISTORY_MAX_LIMIT: usize = 999;
+/// `conversations.replies`: default and maximum `limit`.
+pub const REPLIES_MAX_LIMIT: usize = 1000;
 
 // ---------------------------------------------------------------------------
 // Public configuration types
@@ -202,6 +209,10 @@ pub enum Fault {
     /// and never answers: the answer is lost, as when the caller dies or the
     /// network drops after Slack accepted the call.
     AcceptThenHang,
+    /// Processes the request at once (a post is recorded) and answers after
+    /// the delay, as when the answer is slow on its way back: a caller that
+    /// dies meanwhile leaves a post it never heard of.
+    AcceptThenDelay(Duration),
 }
 
 impl Fault {
@@ -508,6 +519,10 @@ impl Inner {
 struct Shared {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// While set, Slack cannot be reached: connections are reset.
+    unreachable: AtomicBool,
+    /// Connections reset while unreachable.
+    resets: AtomicUsize,
 }
 
 impl Shared {
@@ -535,6 +550,8 @@ impl FakeSlack {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changed,
+            unreachable: AtomicBool::new(false),
+            resets: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/api/{method}", any(handle))
@@ -547,10 +564,19 @@ impl FakeSlack {
                 )
             })
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
+        // A deep accept queue: while Slack is unreachable, clients reconnect
+        // as fast as they are reset, and an overflowing queue would leave
+        // handshakes half-open (a hang until the client's timeout) instead.
+        let socket = tokio::net::TcpSocket::new_v4().expect("fake slack socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .expect("bind fake slack");
+        let listener = socket.listen(4096).expect("listen fake slack");
         let addr = listener.local_addr().expect("local addr");
+        let listener = ResettingListener {
+            listener,
+            shared: shared.clone(),
+        };
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).into_future().await;
         });
@@ -911,10 +937,34 @@ impl FakeSlack {
         self.lock().outage = on;
     }
 
+    /// While on, Slack cannot be reached: every new connection is reset at
+    /// once, and an open one as soon as it carries another request, so no
+    /// request is processed (as when the network to slack.com is down or a
+    /// proxy in between refuses). Requests already being processed finish.
+    pub fn set_unreachable(&self, on: bool) {
+        self.shared.unreachable.store(on, Ordering::SeqCst);
+    }
+
+    /// Connections reset while unreachable, so far.
+    pub fn reset_count(&self) -> usize {
+        self.shared.resets.load(Ordering::SeqCst)
+    }
+
     // ----- inspection -----
 
     pub fn posts(&self) -> Vec<RecordedPost> {
         self.lock().posts.clone()
+    }
+
+    /// Posts recorded so far, without copying them.
+    pub fn post_count(&self) -> usize {
+        self.lock().posts.len()
+    }
+
+    /// The posts after the first `start`, in arrival order (to follow a long
+    /// run without copying every post each time).
+    pub fn posts_since(&self, start: usize) -> Vec<RecordedPost> {
+        self.lock().posts.get(start..).unwrap_or_default().to_vec()
     }
 
     pub fn posts_to(&self, channel_id: &str) -> Vec<RecordedPost> {
@@ -971,6 +1021,15 @@ impl FakeSlack {
         .map_err(|g| {
             format!("timed out after {timeout:?} waiting for {n} response_url post(s)\n{g}")
         })
+    }
+
+    /// Requests of `method` so far (answered or held), without copying them.
+    pub fn request_count(&self, method: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == method)
+            .count()
     }
 
     pub fn requests_for(&self, method: &str) -> Vec<RecordedRequest> {
@@ -1132,6 +1191,107 @@ fn describe(g: &Inner) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Connections (reset while Slack is unreachable)
+// ---------------------------------------------------------------------------
+
+/// Accepts connections, resetting them while [`FakeSlack::set_unreachable`] is on.
+struct ResettingListener {
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for ResettingListener {
+    type Io = ResettingStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.listener.accept().await else {
+                // Out of file descriptors, say: the client retries.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let stream = ResettingStream {
+                stream,
+                shared: self.shared.clone(),
+            };
+            if stream.reset_if_unreachable() {
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A served connection that is reset, instead of read, while Slack is unreachable.
+struct ResettingStream {
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+}
+
+impl ResettingStream {
+    /// A zero linger makes closing the socket send RST, not FIN: the client
+    /// sees its connection reset, not a server that answered and closed.
+    fn reset_if_unreachable(&self) -> bool {
+        if !self.shared.unreachable.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _ = self.stream.set_zero_linger();
+        self.shared.resets.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+impl tokio::io::AsyncRead for ResettingStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // Checked before reading a request, never before writing an answer:
+        // a request Slack processed is answered.
+        if self.reset_if_unreachable() {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ResettingStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+// ---------------------------------------------------------------------------
 // HTTP handling
 // ---------------------------------------------------------------------------
 
@@ -1225,7 +1385,11 @@ fn fault_reply(f: &Fault) -> Option<Reply> {
         Fault::HttpJson(s, code) => Some(Reply::http_json(*s, code)),
         Fault::Api(code) => Some(Reply::err(code)),
         Fault::RateLimited { retry_after_secs } => Some(Reply::ratelimited(*retry_after_secs)),
-        Fault::Hang | Fault::Delay(_) | Fault::HoldUntil(_) | Fault::AcceptThenHang => None,
+        Fault::Hang
+        | Fault::Delay(_)
+        | Fault::HoldUntil(_)
+        | Fault::AcceptThenHang
+        | Fault::AcceptThenDelay(_) => None,
     }
 }
 
@@ -1539,6 +1703,12 @@ async fn handle(
             record(Some(&reply), token, params);
             return std::future::pending::<Response>().await;
         }
+        Some(Fault::AcceptThenDelay(delay)) => {
+            let reply = process(&mut shared.lock(), &req, received_at);
+            record(Some(&reply), token, params);
+            tokio::time::sleep(delay).await;
+            return reply.into_response();
+        }
         Some(Fault::HoldUntil(release)) => {
             record(None, token.clone(), params.clone());
             release.cancelled().await;
@@ -1610,6 +1780,7 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         "conversations.open" => conversations_open(g, req),
         "conversations.list" => conversations_list(g, req, &spec),
         "conversations.history" => conversations_history(g, req, &spec),
+        "conversations.replies" => conversations_replies(g, req, &spec),
         _ => Reply::err("unknown_method"),
     };
     if !req.warnings.is_empty() && reply.error.is_none() {
@@ -2411,9 +2582,25 @@ fn in_channel_history(p: &RecordedPost) -> bool {
     p.thread_ts.is_none() || value_truthy(p.body.get("reply_broadcast"))
 }
 
+/// Replies by the `ts` of the message they reply to, in one conversation.
+type Threads<'a> = HashMap<&'a str, Vec<&'a RecordedPost>>;
+
+/// The threads of `channel`, gathered in one pass over the posts (a page
+/// of history can show hundreds of messages, each with its reply count).
+fn threads_in<'a>(g: &'a Inner, channel: &str) -> Threads<'a> {
+    let mut threads: Threads<'a> = HashMap::new();
+    for post in g.posts.iter().filter(|p| p.channel_id == channel) {
+        if let Some(parent) = post.thread_ts.as_deref() {
+            threads.entry(parent).or_default().push(post);
+        }
+    }
+    threads
+}
+
 /// A recorded post as `conversations.history` returns it (after any
-/// `chat.update`), like the `message` of `chat.postMessage`.
-fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
+/// `chat.update`), like the `message` of `chat.postMessage`; `threads` are
+/// its conversation's ([`threads_in`]).
+fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool, threads: &Threads) -> Value {
     let spec = g
         .tokens
         .get(&p.token)
@@ -2450,14 +2637,10 @@ fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
         m["subtype"] = json!("thread_broadcast");
         return m;
     }
-    let replies: Vec<&RecordedPost> = g
-        .posts
-        .iter()
-        .filter(|r| r.channel_id == p.channel_id && r.thread_ts.as_deref() == Some(p.ts.as_str()))
-        .collect();
+    let replies = threads.get(p.ts.as_str()).map_or(&[][..], Vec::as_slice);
     if !replies.is_empty() {
         let mut users: Vec<String> = Vec::new();
-        for r in &replies {
+        for r in replies {
             let u = g
                 .tokens
                 .get(&r.token)
@@ -2481,32 +2664,42 @@ fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool) -> Value {
     m
 }
 
-fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
-    // The channel must be a conversation id: names, `#names` and user ids
-    // are `channel_not_found`.
+/// The conversation `conversations.history` and `conversations.replies`
+/// may read, or their error: it must be a conversation id (names, `#names`
+/// and user ids are `channel_not_found`) the token has the history scope
+/// for, and a channel the bot is in.
+fn readable_conversation(g: &Inner, req: &Req, spec: &TokenSpec) -> Result<String, Reply> {
     let Some(channel) = req.nonempty("channel") else {
-        return Reply::err("channel_not_found");
+        return Err(Reply::err("channel_not_found"));
     };
     let needed = if g.is_dm_id(&channel) {
         "im:history"
     } else {
         match g.channel_by_id(&channel) {
-            None => return Reply::err("channel_not_found"),
+            None => return Err(Reply::err("channel_not_found")),
             Some(c) if c.spec.private && !c.spec.bot_is_member => {
-                return Reply::err("channel_not_found");
+                return Err(Reply::err("channel_not_found"));
             }
             Some(c) if c.spec.private => "groups:history",
             Some(_) => "channels:history",
         }
     };
     if !has_scope(spec, needed) {
-        return missing_scope_reply(spec, needed);
+        return Err(missing_scope_reply(spec, needed));
     }
     if let Some(c) = g.channel_by_id(&channel)
         && !c.spec.bot_is_member
     {
-        return Reply::err("not_in_channel");
+        return Err(Reply::err("not_in_channel"));
     }
+    Ok(channel)
+}
+
+fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let channel = match readable_conversation(g, req, spec) {
+        Ok(channel) => channel,
+        Err(reply) => return reply,
+    };
     let limit = match parse_limit(req) {
         Ok(l) => l.unwrap_or(HISTORY_DEFAULT_LIMIT).min(HISTORY_MAX_LIMIT),
         Err(()) => return Reply::err("invalid_arguments"),
@@ -2547,10 +2740,11 @@ fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     msgs.sort_by_key(|m| std::cmp::Reverse(m.0));
     let has_more = msgs.len() > limit;
     let with_metadata = truthy(req, "include_all_metadata");
+    let threads = threads_in(g, &channel);
     let messages: Vec<Value> = msgs
         .iter()
         .take(limit)
-        .map(|(_, p)| history_message(g, p, with_metadata))
+        .map(|(_, p)| history_message(g, p, with_metadata, &threads))
         .collect();
     let mut body = json!({
         "ok": true,
@@ -2566,6 +2760,92 @@ fn conversations_history(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     if has_more {
         body["response_metadata"] =
             json!({"next_cursor": encode_cursor("next_ts", &msgs[limit].1.ts)});
+    }
+    Reply::ok(body)
+}
+
+/// `conversations.replies`: the thread of the message `ts`, the parent first
+/// (on the first page), then its replies oldest first; `oldest`, `latest`
+/// and `inclusive` bound the replies; `thread_not_found` when `ts` is no
+/// message of the conversation.
+fn conversations_replies(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    let channel = match readable_conversation(g, req, spec) {
+        Ok(channel) => channel,
+        Err(reply) => return reply,
+    };
+    let Some(ts) = req.nonempty("ts") else {
+        return Reply::err("thread_not_found");
+    };
+    let parent = g.posts.iter().find(|p| {
+        p.channel_id == channel
+            && p.ts == ts
+            && p.thread_ts.is_none()
+            && g.messages.contains(&(channel.clone(), ts.clone()))
+    });
+    let Some(parent) = parent else {
+        return Reply::err("thread_not_found");
+    };
+    let limit = match parse_limit(req) {
+        Ok(l) => l.unwrap_or(REPLIES_MAX_LIMIT).min(REPLIES_MAX_LIMIT),
+        Err(()) => return Reply::err("invalid_arguments"),
+    };
+    let Ok(oldest) = ts_arg(req, "oldest") else {
+        return Reply::err("invalid_ts_oldest");
+    };
+    let Ok(latest) = ts_arg(req, "latest") else {
+        return Reply::err("invalid_ts_latest");
+    };
+    let from = match decode_cursor(req, "from_ts") {
+        Ok(None) => None,
+        Ok(Some(v)) => match parse_ts_micros(&v) {
+            Some(t) => Some(t),
+            None => return Reply::err("invalid_cursor"),
+        },
+        Err(r) => return r,
+    };
+    let inclusive = truthy(req, "inclusive");
+    let mut replies: Vec<(u64, &RecordedPost)> = g
+        .posts
+        .iter()
+        .filter(|p| p.channel_id == channel && p.thread_ts.as_deref() == Some(ts.as_str()))
+        .filter_map(|p| parse_ts_micros(&p.ts).map(|t| (t, p)))
+        .filter(|(t, _)| match oldest {
+            Some(o) if inclusive => *t >= o,
+            Some(o) => *t > o,
+            None => true,
+        })
+        .filter(|(t, _)| match latest {
+            Some(l) if inclusive => *t <= l,
+            Some(l) => *t < l,
+            None => true,
+        })
+        .filter(|(t, _)| from.is_none_or(|f| *t >= f))
+        .collect();
+    // Oldest first.
+    replies.sort_by_key(|m| m.0);
+    let has_more = replies.len() > limit;
+    let with_metadata = truthy(req, "include_all_metadata");
+    let threads = threads_in(g, &channel);
+    let first_page = from.is_none();
+    let messages: Vec<Value> = first_page
+        .then_some(parent)
+        .into_iter()
+        .chain(replies.iter().take(limit).map(|(_, p)| *p))
+        .map(|p| {
+            let mut message = history_message(g, p, with_metadata, &threads);
+            // Only a reply also sent to the channel is a `thread_broadcast`.
+            if !in_channel_history(p)
+                && let Some(m) = message.as_object_mut()
+            {
+                m.remove("subtype");
+            }
+            message
+        })
+        .collect();
+    let mut body = json!({"ok": true, "messages": messages, "has_more": has_more});
+    if has_more {
+        body["response_metadata"] =
+            json!({"next_cursor": encode_cursor("from_ts", &replies[limit].1.ts)});
     }
     Reply::ok(body)
 }

@@ -181,6 +181,15 @@ impl TestEnv {
 
     /// Publishes raw bytes to the test's exchange, persistent, with confirms.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.try_publish_raw(routing_key, body).await.unwrap();
+    }
+
+    /// [`TestEnv::publish_raw`], or why the broker did not confirm it.
+    pub async fn try_publish_raw(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<(), broker::BrokerError> {
         self.publisher
             .publish(
                 &self.settings.amqp.exchange,
@@ -189,7 +198,6 @@ impl TestEnv {
                 BasicProperties::default().with_delivery_mode(2),
             )
             .await
-            .unwrap();
     }
 
     pub async fn publish(&self, event: &Value) {
@@ -199,7 +207,12 @@ impl TestEnv {
 
     /// Messages ready in a queue (not counting unacked ones).
     pub async fn ready_count(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.unwrap();
+        self.try_ready_count(queue).await.unwrap()
+    }
+
+    /// [`TestEnv::ready_count`], or the broker's error (a restart closed the connection).
+    pub async fn try_ready_count(&self, queue: &str) -> Result<u32, lapin::Error> {
+        let channel = self.connection.create_channel().await?;
         let q = channel
             .queue_declare(
                 queue.into(),
@@ -209,10 +222,9 @@ impl TestEnv {
                 },
                 FieldTable::default(),
             )
-            .await
-            .unwrap();
+            .await?;
         let _ = channel.close(200, "".into()).await;
-        q.message_count()
+        Ok(q.message_count())
     }
 
     /// Starts consuming the dead-letter queue; take messages with `next`.
@@ -404,6 +416,15 @@ impl WorkerProcess {
         self.lines.borrow().clone()
     }
 
+    /// How many log lines so far contain `needle` (without copying them).
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.lines
+            .borrow()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("worker is running");
         let status = std::process::Command::new("kill")
@@ -528,10 +549,15 @@ impl TestEnv {
     /// Opens the test's broker connection and publisher again, after a
     /// broker restart closed them (queue counts and `cleanup` need them).
     pub async fn reconnect_broker(&mut self) {
-        self.connection = broker::connect(self.settings.amqp.url.expose(), "alert-router tests")
-            .await
-            .unwrap();
-        self.publisher = Publisher::open(&self.connection).await.unwrap();
+        self.try_reconnect_broker().await.unwrap();
+    }
+
+    /// [`TestEnv::reconnect_broker`], or why the broker cannot be reached yet.
+    pub async fn try_reconnect_broker(&mut self) -> Result<(), broker::BrokerError> {
+        self.connection =
+            broker::connect(self.settings.amqp.url.expose(), "alert-router tests").await?;
+        self.publisher = Publisher::open(&self.connection).await?;
+        Ok(())
     }
 
     /// Moves this test to the Redis at `url` (e.g. one the test runs itself):
@@ -619,6 +645,42 @@ impl TestEnv {
                 "{queue} still has {ready} ready messages"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The RabbitMQ application, stopped for as long as this lives: the guard
+/// starts it again when dropped, so a failing assertion does not leave the
+/// broker down for the rest of the suite.
+pub struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    /// Stops the application (every connection is closed; the node stays up).
+    pub fn stop() -> BrokerStopped {
+        // Made before the stop, so even a stop that half-failed is undone.
+        let stopped = BrokerStopped { started: false };
+        rabbitmqctl(&["stop_app"]);
+        stopped
+    }
+
+    /// Starts the application again and waits until it serves.
+    pub fn start(mut self) {
+        self.started = true;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            for args in [["-q", "start_app"], ["-q", "await_startup"]] {
+                let _ = std::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .status();
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! STARTTLS nor PIPELINING, so clients talk plain text, one command at a time.
 //!
 //! Faults are queued per stage (`fail_next_*`) or permanent
-//! (`set_reject_all`); a 421 reply also closes the connection, as RFC 5321
+//! (`set_reject_all`, `reject_recipient`); a 421 reply also closes the connection, as RFC 5321
 //! says a server does. Waiting uses a `watch` channel, never sleeps.
 #![allow(dead_code)]
 
@@ -129,6 +129,8 @@ struct Faults {
     rcpt: VecDeque<Reply>,
     data: VecDeque<Reply>,
     reject_all: Option<Reply>,
+    /// Mailboxes refused at RCPT TO, by lowercase address.
+    recipients: std::collections::HashMap<String, Reply>,
 }
 
 #[derive(Default)]
@@ -217,6 +219,16 @@ impl SmtpSink {
         self.shared.lock().mails.clone()
     }
 
+    /// The mails accepted after the first `start`, in order.
+    pub fn mails_since(&self, start: usize) -> Vec<ReceivedMail> {
+        self.shared
+            .lock()
+            .mails
+            .get(start..)
+            .unwrap_or_default()
+            .to_vec()
+    }
+
     /// Every AUTH attempt so far.
     pub fn auths(&self) -> Vec<AuthRecord> {
         self.shared.lock().auths.clone()
@@ -271,6 +283,16 @@ impl SmtpSink {
         for _ in 0..n {
             inner.faults.data.push_back(Reply::with_default_text(code));
         }
+    }
+
+    /// RCPT TO `address` (any case) gets `code` until [`SmtpSink::clear_faults`],
+    /// as a server answers for a mailbox it does not have (550).
+    pub fn reject_recipient(&self, address: &str, code: u16) {
+        self.shared
+            .lock()
+            .faults
+            .recipients
+            .insert(address.to_lowercase(), Reply::with_default_text(code));
     }
 
     /// Every MAIL FROM gets `code` until [`SmtpSink::clear_faults`].
@@ -420,7 +442,15 @@ impl Session {
                 let Some(to) = path_arg(arg, "TO:") else {
                     return reply(conn, 501, "5.5.4 Syntax: RCPT TO:<address>").await;
                 };
-                let fault = self.shared.lock().faults.rcpt.pop_front();
+                let fault = {
+                    let mut inner = self.shared.lock();
+                    inner
+                        .faults
+                        .recipients
+                        .get(&to.to_lowercase())
+                        .cloned()
+                        .or_else(|| inner.faults.rcpt.pop_front())
+                };
                 if let Some(fault) = fault {
                     return reply(conn, fault.code, &fault.text).await;
                 }

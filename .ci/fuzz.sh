@@ -61,7 +61,9 @@ for target in "${targets[@]}"; do
     continue
   fi
   failed=1
-  tail -n 60 "$work/$target.log"
+  # The assertion that failed, then libFuzzer's and cargo-fuzz's last words.
+  grep -m1 -A3 'panicked at' "$work/$target.log" || true
+  tail -n 30 "$work/$target.log"
   artifact=$(grep -oE 'Test unit written to [^ ]+' "$work/$target.log" | tail -1 | sed 's/Test unit written to //')
   if [[ -n $artifact ]]; then
     summary+=("$target: CRASH after ${execs:-?} execs; input: $artifact")

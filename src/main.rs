@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use alert_router::broker::dlq::{DeadLetterQueue, Replay, ReplayMode, Selector};
 use alert_router::broker::dlq_ledger::DeadLetterLedger;
@@ -410,21 +409,8 @@ async fn dlq(settings: &Settings, command: DlqCommand, json: bool) -> Result<(),
 /// The ledger that dates dead letters for the oldest-age gauge; Redis is
 /// reached lazily, so `dlq` works without it (with a warning on changes).
 fn dead_letter_ledger(settings: &Settings) -> anyhow::Result<DeadLetterLedger> {
-    let redis = redis::Client::open(settings.redis.url.expose())
-        .and_then(|client| {
-            client.get_connection_manager_lazy(
-                redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(1),
-            )
-        })
-        .with_context(|| {
-            format!(
-                "cannot use Redis at {} for the dead-letter ledger",
-                settings.redis.url.redacted()
-            )
-        })?;
+    let redis = worker::redis_connection(settings)
+        .context("cannot use Redis for the dead-letter ledger")?;
     Ok(DeadLetterLedger::new(
         redis,
         &settings.redis.key_prefix,
@@ -580,7 +566,7 @@ fn warn_about_ledger(error: Option<&str>) {
     if let Some(error) = error {
         eprintln!(
             "warning: the dead-letter ledger in Redis was not updated ({error}); \
-             alert_router_dead_letter_oldest_age_seconds corrects itself from the queue's depth within a minute"
+             alert_router_dead_letter_oldest_age_seconds is squared with the queue's depth within a minute (exact again once the queue is next emptied)"
         );
     }
 }

@@ -298,11 +298,10 @@ pub struct DeliveryPath {
     pub addresses: Addresses,
 }
 
-/// Builds the [`Deliverer`] from settings and secrets: one place, so that
-/// `alert-router send-test` delivers exactly as the worker does. Connects
-/// to nothing yet (Redis connects lazily).
-pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryPath, WorkerError> {
-    let redis = redis::Client::open(settings.redis.url.expose())
+/// The Redis connection every part of the worker (and the `dlq` commands)
+/// shares: it connects on first use and reconnects by itself.
+pub fn redis_connection(settings: &Settings) -> Result<redis::aio::ConnectionManager, WorkerError> {
+    redis::Client::open(settings.redis.url.expose())
         .and_then(|client| {
             client.get_connection_manager_lazy(
                 redis::aio::ConnectionManagerConfig::new()
@@ -314,7 +313,14 @@ pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryP
         .map_err(|source| WorkerError::Redis {
             url: settings.redis.url.redacted(),
             source,
-        })?;
+        })
+}
+
+/// Builds the [`Deliverer`] from settings and secrets: one place, so that
+/// `alert-router send-test` delivers exactly as the worker does. Connects
+/// to nothing yet (Redis connects lazily).
+pub fn delivery_path(settings: &Settings, secrets: &Secrets) -> Result<DeliveryPath, WorkerError> {
+    let redis = redis_connection(settings)?;
     let slack = SlackClient::new(&settings.slack)?;
     let mut tokens = TokenStore::new(
         redis.clone(),

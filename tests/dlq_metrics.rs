@@ -3,20 +3,27 @@
 mod support;
 
 use support::metrics::{free_port, wait_for_sample};
-use support::{BASIC_RULES, TestEnv};
+use support::{BASIC_RULES, TestEnv, WorkerProcess};
 
 const DEPTH: &str = "alert_router_dead_letter_queue_messages";
 const AGE: &str = "alert_router_dead_letter_oldest_age_seconds";
 
-#[tokio::test]
-async fn a_poison_message_shows_as_depth_one_and_an_age_that_grows() {
-    let env = TestEnv::start(BASIC_RULES).await;
+/// A worker process serving `/metrics` on a port of its own, polling the
+/// dead-letter queue every 200 ms.
+fn start_polling_worker(env: &TestEnv) -> (WorkerProcess, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let worker = env.start_worker_process_with(&[
         ("ALERT_ROUTER__HTTP__LISTEN", listen.as_str()),
         ("ALERT_ROUTER__AMQP__DEAD_LETTER_POLL_INTERVAL", "200ms"),
     ]);
+    (worker, port)
+}
+
+#[tokio::test]
+async fn a_poison_message_shows_as_depth_one_and_an_age_that_grows() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let (worker, port) = start_polling_worker(&env);
 
     // Before anything fails the queue is polled and empty: 0 and 0, not absent.
     assert_eq!(wait_for_sample(port, DEPTH, |v| v == 0.0).await, 0.0);
@@ -53,12 +60,7 @@ async fn a_poison_message_shows_as_depth_one_and_an_age_that_grows() {
 #[tokio::test]
 async fn emptying_the_queue_brings_depth_and_age_to_zero() {
     let env = TestEnv::start(BASIC_RULES).await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let worker = env.start_worker_process_with(&[
-        ("ALERT_ROUTER__HTTP__LISTEN", listen.as_str()),
-        ("ALERT_ROUTER__AMQP__DEAD_LETTER_POLL_INTERVAL", "200ms"),
-    ]);
+    let (worker, port) = start_polling_worker(&env);
     env.publish_raw("issue.created", b"{not json").await;
     wait_for_sample(port, DEPTH, |v| v == 1.0).await;
     wait_for_sample(port, AGE, |v| v > 0.0).await;
@@ -86,13 +88,7 @@ fn poison_with_id(id: &str) -> Vec<u8> {
 #[tokio::test]
 async fn the_age_is_the_oldest_dead_letters_across_a_partial_replay_a_restart_and_replicas() {
     let env = TestEnv::start(BASIC_RULES).await;
-    let port_a = free_port();
-    let listen_a = format!("127.0.0.1:{port_a}");
-    let fast_polls = ("ALERT_ROUTER__AMQP__DEAD_LETTER_POLL_INTERVAL", "200ms");
-    let worker_a = env.start_worker_process_with(&[
-        ("ALERT_ROUTER__HTTP__LISTEN", listen_a.as_str()),
-        fast_polls,
-    ]);
+    let (worker_a, port_a) = start_polling_worker(&env);
 
     env.publish_raw("issue.created", &poison_with_id("older"))
         .await;
@@ -127,12 +123,7 @@ async fn the_age_is_the_oldest_dead_letters_across_a_partial_replay_a_restart_an
 
     // A second replica reports the same age from its first poll on: it is
     // the queue's, not how long the replica has watched it.
-    let port_b = free_port();
-    let listen_b = format!("127.0.0.1:{port_b}");
-    let worker_b = env.start_worker_process_with(&[
-        ("ALERT_ROUTER__HTTP__LISTEN", listen_b.as_str()),
-        fast_polls,
-    ]);
+    let (worker_b, port_b) = start_polling_worker(&env);
     let first_on_b = wait_for_sample(port_b, AGE, |v| v > 0.0).await;
     assert!(
         first_on_b >= head_age,
@@ -148,12 +139,7 @@ async fn the_age_is_the_oldest_dead_letters_across_a_partial_replay_a_restart_an
     // Restarting every replica keeps it too.
     assert!(worker_a.stop().await.success());
     assert!(worker_b.stop().await.success());
-    let port_c = free_port();
-    let listen_c = format!("127.0.0.1:{port_c}");
-    let worker_c = env.start_worker_process_with(&[
-        ("ALERT_ROUTER__HTTP__LISTEN", listen_c.as_str()),
-        fast_polls,
-    ]);
+    let (worker_c, port_c) = start_polling_worker(&env);
     let first_on_c = wait_for_sample(port_c, AGE, |v| v > 0.0).await;
     assert!(
         first_on_c >= head_age,

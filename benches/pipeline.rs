@@ -299,8 +299,10 @@ fn event_body(id: &str, workspace: &str, seq: usize, channels: usize) -> Vec<u8>
         "source": "bench",
         "occurred_at": "2025-01-01T00:00:00Z",
         "summary": "p99 error rate of the checkout service is 7.3 % over the last 5 minutes.",
-        "ticket": {"number": format!("TCK-{seq}"), "form": "Incident report",
-                   "url": format!("https://tickets.example.com/TCK-{seq}")},
+        // The ticket (the incident key) comes from the event id, so every
+        // round's events are new incidents, not thread replies to the last round's.
+        "ticket": {"number": format!("TCK-{id}"), "form": "Incident report",
+                   "url": format!("https://tickets.example.com/TCK-{id}")},
         "assignee": {"name": "Dana Lee", "email": "dana@example.com"},
         "level": 2,
         "labels": {"team": format!("t{}", seq % channels), "env": "prod"},

@@ -1,8 +1,12 @@
-//! Idempotency claims against the real Redis: a claim in use outlives its lease, a dropped one frees.
+//! Idempotency claims against the real Redis: a claim in use outlives its lease, a dropped one frees; the claim taken with the incident's record.
 
 use std::time::Duration;
 
+use alert_router::config::SlackSettings;
 use alert_router::deliver::idempotency::{Claim, Idempotency};
+use alert_router::deliver::incident::{FirstMessage, FirstPost, Incidents, Observed, Preclaim};
+use alert_router::deliver::limit::{RateLimiter, Slot};
+use alert_router::event::Event;
 use tokio::time::Instant;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
@@ -84,6 +88,221 @@ async fn a_completed_claim_is_done_for_every_replica() {
     assert_eq!(
         peer.claim("event-2", "slack:T1:C1").await.unwrap(),
         Claim::AlreadyDone
+    );
+    cleanup(&prefix).await;
+}
+
+/// The incident store and the limiter under one prefix, as the worker builds them.
+async fn incident_parts(prefix: &str) -> (Incidents, Idempotency, RateLimiter) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let redis = redis::aio::ConnectionManager::new(client).await.unwrap();
+    (
+        Incidents::new(redis.clone(), prefix, Duration::from_secs(600)),
+        Idempotency::new(
+            redis.clone(),
+            prefix,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        ),
+        // Slack's own per-channel limit: a burst of 3, then one a second.
+        RateLimiter::new(redis, prefix, &SlackSettings::default()),
+    )
+}
+
+fn incident_event(id: &str, incident: &str) -> Event {
+    let json = serde_json::json!({
+        "id": id, "type": "escalation.triggered", "severity": "high",
+        "title": "Checkout API error rate above SLO", "dedup_key": incident,
+    });
+    Event::decode(json.to_string().as_bytes(), 256 * 1024).unwrap()
+}
+
+/// Observes `event` for `destination`, claiming its post to `channel` and,
+/// with `slot`, taking that channel's first slot: what delivery does for an
+/// event with one Slack target.
+async fn observe_claiming(
+    (incidents, claims, limiter): &(Incidents, Idempotency, RateLimiter),
+    event: &Event,
+    destination: &str,
+    channel: &str,
+    slot: bool,
+) -> (Observed, Option<(Claim, Slot)>) {
+    let preclaim = Preclaim {
+        ticket: claims.ticket(&event.id, destination),
+        lease_ms: claims.lease_ms(),
+        slot: slot.then(|| limiter.slot_request("T1", channel)),
+        channel,
+    };
+    incidents
+        .observe_and_claim("T1", &event.incident_key(), event, destination, preclaim)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_first_event_of_an_incident_is_observed_claimed_and_given_a_slot_in_one_call() {
+    let prefix = unique_prefix("observe-first");
+    let parts = incident_parts(&prefix).await;
+    let event = incident_event("ev-1", "db-down");
+
+    let (observed, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    assert!(observed.is_first);
+    assert_eq!(observed.first_posts, vec![FirstPost::Ours]);
+    let Some((Claim::Acquired(ticket), Slot::Taken)) = claimed else {
+        panic!("a new incident's post is claimed with its slot, got {claimed:?}");
+    };
+
+    // A copy of the same event meanwhile (another replica) finds it held;
+    // once the post is recorded, done: no second post either way.
+    let (_, again) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    assert!(
+        matches!(again, Some((Claim::HeldElsewhere { .. }, Slot::Ask))),
+        "got {again:?}"
+    );
+    parts.1.complete(&ticket).await.unwrap();
+    let (observed, again) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    assert!(
+        observed.is_first,
+        "a redelivery is judged as it was the first time"
+    );
+    assert!(
+        matches!(again, Some((Claim::AlreadyDone, Slot::Ask))),
+        "got {again:?}"
+    );
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_reply_is_claimed_with_the_observation_only_where_its_first_message_is() {
+    let prefix = unique_prefix("observe-reply");
+    let parts = incident_parts(&prefix).await;
+    let (incidents, ..) = &parts;
+    let first = FirstMessage {
+        channel: "C1".into(),
+        ts: "1700000000.000100".into(),
+    };
+    observe_claiming(
+        &parts,
+        &incident_event("ev-1", "db-down"),
+        "slack:T1:C1",
+        "C1",
+        true,
+    )
+    .await;
+    incidents
+        .record_first("T1", "db-down", "slack:T1:C1", &first)
+        .await
+        .unwrap();
+    // A DM's first message sits in a `D…` conversation, not at the user id posted to.
+    observe_claiming(
+        &parts,
+        &incident_event("ev-2", "db-down"),
+        "slack:T1:U7",
+        "U7",
+        true,
+    )
+    .await;
+    incidents
+        .record_first(
+            "T1",
+            "db-down",
+            "slack:T1:U7",
+            &FirstMessage {
+                channel: "D9".into(),
+                ts: "1700000000.000200".into(),
+            },
+        )
+        .await
+        .unwrap();
+
+    let (observed, claimed) = observe_claiming(
+        &parts,
+        &incident_event("ev-3", "db-down"),
+        "slack:T1:C1",
+        "C1",
+        true,
+    )
+    .await;
+    assert_eq!(observed.first_posts, vec![FirstPost::Exists(first)]);
+    assert!(
+        matches!(claimed, Some((Claim::Acquired(_), Slot::Taken))),
+        "a reply in the channel it was routed to is claimed at once, got {claimed:?}"
+    );
+
+    let (observed, claimed) = observe_claiming(
+        &parts,
+        &incident_event("ev-4", "db-down"),
+        "slack:T1:U7",
+        "U7",
+        true,
+    )
+    .await;
+    assert!(matches!(&observed.first_posts[..], [FirstPost::Exists(m)] if m.channel == "D9"));
+    assert_eq!(
+        claimed, None,
+        "a reply going to another channel than routed is claimed by the post itself"
+    );
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_first_message_being_posted_by_another_delivery_is_waited_for_not_claimed() {
+    let prefix = unique_prefix("observe-inflight");
+    let parts = incident_parts(&prefix).await;
+    let (_, first) = observe_claiming(
+        &parts,
+        &incident_event("ev-1", "db-down"),
+        "slack:T1:C1",
+        "C1",
+        true,
+    )
+    .await;
+    assert!(first.is_some());
+
+    let (observed, claimed) = observe_claiming(
+        &parts,
+        &incident_event("ev-2", "db-down"),
+        "slack:T1:C1",
+        "C1",
+        true,
+    )
+    .await;
+    assert_eq!(observed.first_posts, vec![FirstPost::InFlight]);
+    assert_eq!(claimed, None);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn the_slot_taken_with_the_claim_follows_the_channel_limit() {
+    let prefix = unique_prefix("observe-slots");
+    let parts = incident_parts(&prefix).await;
+    // Separate incidents, one channel: its burst of three, then a wait.
+    let mut slots = Vec::new();
+    for n in 0..4 {
+        let event = incident_event(&format!("ev-{n}"), &format!("incident-{n}"));
+        let (_, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+        let Some((Claim::Acquired(_), slot)) = claimed else {
+            panic!("each new incident's post is claimed, got {claimed:?}");
+        };
+        slots.push(slot);
+    }
+    // The burst's last post is held back a quarter second (jitter allowance);
+    // a post asked for too soon waits, and takes nothing meanwhile.
+    assert_eq!(slots[..2], [Slot::Taken, Slot::Taken], "got {slots:?}");
+    for slot in &slots[2..] {
+        assert!(
+            matches!(slot, Slot::WaitFor(wait) if *wait > Duration::ZERO && *wait <= Duration::from_millis(300)),
+            "past the burst a post waits for the channel's next slot, got {slots:?}"
+        );
+    }
+
+    // Without a slot request (posts already queue for the channel), the
+    // claim alone: the post asks for its slot in its turn.
+    let event = incident_event("ev-9", "incident-9");
+    let (_, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", false).await;
+    assert!(
+        matches!(claimed, Some((Claim::Acquired(_), Slot::Ask))),
+        "got {claimed:?}"
     );
     cleanup(&prefix).await;
 }

@@ -5,7 +5,10 @@ use alert_router::config::Settings;
 /// `alert-router run` with `settings` passed as `ALERT_ROUTER__…` variables
 /// (only the fields the benches change); its log goes to `log`.
 pub fn command(settings: &Settings, log: std::process::Stdio) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_alert-router"));
+    // BENCH_WORKER_BIN: another build to compare against this one.
+    let binary = std::env::var_os("BENCH_WORKER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_alert-router").into());
+    let mut command = tokio::process::Command::new(binary);
     command
         .arg("run")
         .env_clear()
@@ -15,6 +18,10 @@ pub fn command(settings: &Settings, log: std::process::Stdio) -> tokio::process:
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .kill_on_drop(true);
+    // The runtime's thread count, as a deployment may set it.
+    if let Some(threads) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        command.env("TOKIO_WORKER_THREADS", threads);
+    }
     command
 }
 

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use super::idempotency::{Claim, ClaimTicket, claim_lua};
+use super::limit::{Slot, SlotRequest, TAKE_SLOT_LUA};
 use crate::event::{Event, IncidentState, Severity};
 
 /// A first message: where it is, to thread replies under it and update it.
@@ -70,6 +72,38 @@ pub struct Observed {
     pub first_posts: Vec<FirstPost>,
 }
 
+impl Observed {
+    /// What the observation scripts answered, for `destinations` in order.
+    fn from_script(
+        first: i64,
+        rose: i64,
+        fields: Vec<String>,
+        posts: Vec<i64>,
+        destinations: &[&str],
+    ) -> Observed {
+        let incident = Incident::from_fields(fields);
+        let first_posts = destinations
+            .iter()
+            .zip(posts)
+            .map(|(destination, code)| match code {
+                1 => incident
+                    .messages
+                    .get(*destination)
+                    .cloned()
+                    .map_or(FirstPost::Ours, FirstPost::Exists),
+                2 => FirstPost::InFlight,
+                _ => FirstPost::Ours,
+            })
+            .collect();
+        Observed {
+            is_first: first == 1,
+            rose: rose == 1,
+            incident,
+            first_posts,
+        }
+    }
+}
+
 /// Where a destination's first message stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstPost {
@@ -106,6 +140,7 @@ pub struct Incidents {
     key_prefix: String,
     ttl: Duration,
     observe: redis::Script,
+    observe_and_claim: redis::Script,
     first_post: redis::Script,
     record_first: redis::Script,
     abandon_first: redis::Script,
@@ -117,20 +152,33 @@ pub struct Incidents {
 /// with its worker: the next event posts the first message itself.
 const FIRST_POST_STALE_MS: u64 = 60_000;
 
-/// Reads the whole hash as a flat list after the change, so one round trip
-/// both updates and reads the incident.
-const OBSERVE: &str = r#"
-local key, state, severity, level, event, ttl, event_id, ack_by =
-  KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+/// What [`OBSERVE_AND_CLAIM`] answers for a target it did not claim.
+const NOT_CLAIMED: i64 = 9;
+
+/// The claim [`Incidents::observe_and_claim`] takes with the observation.
+pub struct Preclaim<'a> {
+    pub ticket: ClaimTicket,
+    pub lease_ms: u64,
+    /// The post's first rate-limit slot, unless posts already wait for the
+    /// channel (then the post queues behind them and asks in its turn).
+    pub slot: Option<SlotRequest>,
+    /// Where the post goes: the claim is taken only if a first message
+    /// already there is in this channel.
+    pub channel: &'a str,
+}
+
+/// The observation as a Lua function, for [`OBSERVE`] and [`OBSERVE_AND_CLAIM`]:
+/// it updates and reads the incident in one go, and answers `{first, rose,
+/// fields, posts}` and the incident's fields after the event.
+const OBSERVE_FN: &str = r#"
+local function observe(key, state, severity, level, event, ttl, event_id, ack_by, destinations, now)
 local stale_ms = STALE_MS
 -- One read of everything this event needs, one write of what it changes:
 -- `h` is the incident's fields as they are after this event.
 local names = {'seen:' .. event_id, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
-for i = 8, #ARGV do
-  names[#names + 1] = 'msg:' .. ARGV[i]
-  names[#names + 1] = 'emailed:' .. ARGV[i]
+for _, destination in ipairs(destinations) do
+  names[#names + 1] = 'msg:' .. destination
+  names[#names + 1] = 'emailed:' .. destination
 end
 local values = redis.call('HMGET', key, unpack(names))
 local h = {}
@@ -182,8 +230,8 @@ else
 end
 -- Each destination's first message: there, being posted, or ours to post.
 local posts = {}
-for i = 8, #ARGV do
-  local field = 'msg:' .. ARGV[i]
+for _, destination in ipairs(destinations) do
+  local field = 'msg:' .. destination
   local current = h[field]
   local since, owner
   if current then since, owner = string.match(current, '^pending (%d+) ?(.*)$') end
@@ -211,7 +259,48 @@ else
     fields[#fields + 1] = tostring(value)
   end
 end
-return {first and 1 or 0, rose and 1 or 0, fields, posts}
+return {first and 1 or 0, rose and 1 or 0, fields, posts}, h
+end
+"#;
+
+/// One event joins its incident (see [`Incidents::observe`]).
+const OBSERVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local destinations = {}
+for i = 8, #ARGV do destinations[#destinations + 1] = ARGV[i] end
+local observed = observe(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
+  tonumber(ARGV[5]), ARGV[6], ARGV[7], destinations, now)
+return observed
+"#;
+
+/// [`OBSERVE`] for an event with one Slack destination, then, unless
+/// another delivery is posting the incident's first message there or that
+/// message is in another channel than the post's (a DM's `D…`), the
+/// target's claim and, when ARGV[14] is `1`, the post's first rate-limit
+/// slot: one round trip where there were two. KEYS: incident, channel
+/// bucket, workspace bucket, pause, claim, attempt marker. ARGV[8..9]: the
+/// claim's value and lease; ARGV[10..13]: the buckets; ARGV[15]: the post's
+/// channel; ARGV[16]: the destination. Answers what [`OBSERVE`] does, plus
+/// `{claim, claim_ms, where, wait}`: `claim` 9 when not claimed, `wait` -1
+/// when no slot was asked for.
+const OBSERVE_AND_CLAIM: &str = r#"
+local now = now_ms()
+local observed, h = observe(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
+  tonumber(ARGV[5]), ARGV[6], ARGV[7], {ARGV[16]}, now)
+local claimed = {9, 0, '', -1}
+local post = observed[4][1]
+local there = h['msg:' .. ARGV[16]]
+if post == 0 or (post == 1 and there and string.match(there, '^(%S+)') == ARGV[15]) then
+  local c = claim(KEYS[5], KEYS[6], ARGV[8], ARGV[9], now)
+  local wait = -1
+  if c[1] >= 0 and ARGV[14] == '1' then
+    wait = take_slot(now, KEYS[2], KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+  end
+  claimed = {c[1], c[2], c[3], wait}
+end
+observed[5] = claimed
+return observed
 "#;
 
 /// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.
@@ -277,7 +366,15 @@ impl Incidents {
             key_prefix: key_prefix.to_string(),
             ttl,
             observe: redis::Script::new(
-                &OBSERVE.replace("STALE_MS", &FIRST_POST_STALE_MS.to_string()),
+                &format!("{OBSERVE_FN}{OBSERVE}")
+                    .replace("STALE_MS", &FIRST_POST_STALE_MS.to_string()),
+            ),
+            observe_and_claim: redis::Script::new(
+                &format!(
+                    "{}{TAKE_SLOT_LUA}{OBSERVE_FN}{OBSERVE_AND_CLAIM}",
+                    claim_lua()
+                )
+                .replace("STALE_MS", &FIRST_POST_STALE_MS.to_string()),
             ),
             first_post: redis::Script::new(FIRST_POST),
             record_first: redis::Script::new(RECORD_FIRST),
@@ -307,6 +404,76 @@ impl Incidents {
         event: &Event,
         destinations: &[&str],
     ) -> Result<Observed, IncidentError> {
+        let mut call = self.observe.key(self.key(workspace, incident));
+        Self::observation_args(&mut call, event, self.ttl);
+        for destination in destinations {
+            call.arg(*destination);
+        }
+        let (first, rose, fields, posts): (i64, i64, Vec<String>, Vec<i64>) =
+            call.invoke_async(&mut self.redis.clone()).await?;
+        Ok(Observed::from_script(
+            first,
+            rose,
+            fields,
+            posts,
+            destinations,
+        ))
+    }
+
+    /// [`Incidents::observe`] for an event with one Slack destination, with
+    /// the target's claim (and the post's first slot, when `slot` is given)
+    /// in the same round trip. The claim is taken unless another delivery
+    /// is posting the incident's first message there, or that message is
+    /// in another channel than `channel` (where the post would go): then
+    /// `None`, and the caller claims as usual.
+    pub async fn observe_and_claim(
+        &self,
+        workspace: &str,
+        incident: &str,
+        event: &Event,
+        destination: &str,
+        claim: Preclaim<'_>,
+    ) -> Result<(Observed, Option<(Claim, Slot)>), IncidentError> {
+        let (slot_keys, slot_args, take_slot) = match claim.slot {
+            Some(SlotRequest { keys, args }) => (keys, args, "1"),
+            None => (Default::default(), [0; 4], "0"),
+        };
+        let mut call = self.observe_and_claim.key(self.key(workspace, incident));
+        for key in &slot_keys {
+            call.key(key);
+        }
+        call.key(claim.ticket.key()).key(claim.ticket.marker());
+        Self::observation_args(&mut call, event, self.ttl);
+        call.arg(claim.ticket.value()).arg(claim.lease_ms);
+        for arg in slot_args {
+            call.arg(arg);
+        }
+        call.arg(take_slot).arg(claim.channel).arg(destination);
+        #[allow(clippy::type_complexity)]
+        let (first, rose, fields, posts, (code, claim_ms, rerouted_to, wait_ms)): (
+            i64,
+            i64,
+            Vec<String>,
+            Vec<i64>,
+            (i64, i64, String, i64),
+        ) = call.invoke_async(&mut self.redis.clone()).await?;
+        let observed = Observed::from_script(first, rose, fields, posts, &[destination]);
+        let claimed = (code != NOT_CLAIMED).then(|| {
+            let slot = match wait_ms {
+                ..0 => Slot::Ask,
+                0 => Slot::Taken,
+                ms => Slot::WaitFor(Duration::from_millis(ms.unsigned_abs())),
+            };
+            (
+                Claim::from_script((code, claim_ms, rerouted_to), claim.ticket),
+                slot,
+            )
+        });
+        Ok((observed, claimed))
+    }
+
+    /// ARGV[1..7] of both observation scripts.
+    fn observation_args(call: &mut redis::ScriptInvocation<'_>, event: &Event, ttl: Duration) {
         let event_json = serde_json::to_string(event).unwrap_or_default();
         let level = event
             .level
@@ -317,45 +484,18 @@ impl Incidents {
             .as_ref()
             .and_then(|who| {
                 who.slack_user
-                    .clone()
-                    .or_else(|| who.name.clone())
-                    .or_else(|| who.email.clone())
+                    .as_deref()
+                    .or(who.name.as_deref())
+                    .or(who.email.as_deref())
             })
             .unwrap_or_default();
-        let mut redis = self.redis.clone();
-        let mut call = self.observe.key(self.key(workspace, incident));
         call.arg(event.incident_state().as_str())
             .arg(severity_rank(event.severity))
             .arg(level)
             .arg(event_json)
-            .arg(millis(self.ttl))
+            .arg(millis(ttl))
             .arg(&event.id)
             .arg(acknowledged_by);
-        for destination in destinations {
-            call.arg(*destination);
-        }
-        let (first, rose, fields, posts): (i64, i64, Vec<String>, Vec<i64>) =
-            call.invoke_async(&mut redis).await?;
-        let incident = Incident::from_fields(fields);
-        let first_posts = destinations
-            .iter()
-            .zip(posts)
-            .map(|(destination, code)| match code {
-                1 => incident
-                    .messages
-                    .get(*destination)
-                    .cloned()
-                    .map_or(FirstPost::Ours, FirstPost::Exists),
-                2 => FirstPost::InFlight,
-                _ => FirstPost::Ours,
-            })
-            .collect();
-        Ok(Observed {
-            is_first: first == 1,
-            rose: rose == 1,
-            incident,
-            first_posts,
-        })
     }
 
     /// Whether the first message to `destination` exists, is being posted,

@@ -27,6 +27,34 @@ const SAFETY_MARGIN: f64 = 0.95;
 const BURST_JITTER_ALLOWANCE_MS: u64 = 250;
 
 /// Checks both buckets and the pause; takes a slot from both only if all allow.
+/// Both buckets of a post and the channel's pause, as a Lua function other
+/// scripts start with ([`super::incident`] takes the incident record, the
+/// claim and the first slot in one call). `take_slot` answers 0 when a slot
+/// was taken, else the milliseconds to wait before asking again.
+pub(super) const TAKE_SLOT_LUA: &str = r#"
+local function take_slot(now, rate_key, workspace_key, pause_key, c_interval, c_tolerance, w_interval, w_tolerance)
+  local state = redis.call('MGET', rate_key, workspace_key, pause_key)
+  local paused_until = tonumber(state[3] or '0')
+  if paused_until > now then return paused_until - now end
+  local buckets = {{rate_key, tonumber(c_interval), tonumber(c_tolerance)},
+                   {workspace_key, tonumber(w_interval), tonumber(w_tolerance)}}
+  local wait = 0
+  for i = 1, 2 do
+    local tat = tonumber(state[i] or '0')
+    if tat < now then tat = now end
+    local allowed_at = tat - buckets[i][3]
+    if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
+    buckets[i][4] = tat + buckets[i][2]
+  end
+  if wait > 0 then return wait end
+  for i = 1, 2 do
+    local new_tat = buckets[i][4]
+    redis.call('SET', buckets[i][1], new_tat, 'PX', math.max(1, new_tat - now + buckets[i][3]) + 1000)
+  end
+  return 0
+end
+"#;
+
 /// Answers `{claim, claim_ms, wait, where}`: `wait` is 0 when granted, else
 /// the milliseconds to wait before asking again; `claim`, `claim_ms` and
 /// `where` are the claim's answer (`{0, 0, ''}` without a claim).
@@ -43,26 +71,8 @@ if KEYS[4] then
   claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6], now)
   if claimed[1] < 0 then return {claimed[1], claimed[2], 0, claimed[3]} end
 end
-local state = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
-local paused_until = tonumber(state[3] or '0')
-if paused_until > now then return {claimed[1], claimed[2], paused_until - now, claimed[3]} end
-local wait = 0
-local tats = {}
-for i = 1, 2 do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local tolerance = tonumber(ARGV[2 * i])
-  local tat = tonumber(state[i] or '0')
-  if tat < now then tat = now end
-  local allowed_at = tat - tolerance
-  if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
-  tats[i] = {tat + interval, tolerance}
-end
-if wait > 0 then return {claimed[1], claimed[2], wait, claimed[3]} end
-for i = 1, 2 do
-  local new_tat = tats[i][1]
-  redis.call('SET', KEYS[i], new_tat, 'PX', math.max(1, new_tat - now + tats[i][2]) + 1000)
-end
-return {claimed[1], claimed[2], 0, claimed[3]}
+local wait = take_slot(now, KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return {claimed[1], claimed[2], wait, claimed[3]}
 "#;
 
 /// One bucket and its pause, for the per-workspace limits of the Web API's
@@ -127,6 +137,23 @@ impl Bucket {
     }
 }
 
+/// Whether a post attempt still has to ask for a rate-limit slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Ask,
+    /// Taken together with the claim.
+    Taken,
+    /// Asked together with the claim: none free for this long.
+    WaitFor(Duration),
+}
+
+/// A post's slot, to be taken by another script: its channel bucket,
+/// workspace bucket and pause keys, and both buckets' interval and tolerance (ms).
+pub struct SlotRequest {
+    pub keys: [String; 3],
+    pub args: [u64; 4],
+}
+
 /// Shared rate limits for `chat.postMessage`.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -155,7 +182,7 @@ impl RateLimiter {
                 f64::from(settings.workspace_rate_per_minute) / 60.0,
                 settings.workspace_burst,
             ),
-            gcra: redis::Script::new(&format!("{}{GCRA}", claim_lua())),
+            gcra: redis::Script::new(&format!("{}{TAKE_SLOT_LUA}{GCRA}", claim_lua())),
             method_gcra: redis::Script::new(METHOD_GCRA),
             pause: redis::Script::new(PAUSE),
         }
@@ -190,6 +217,24 @@ impl RateLimiter {
             .invoke_async(&mut redis)
             .await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
+    /// The keys and bucket sizes of a slot to post to `channel`, for a
+    /// script that takes it together with other work ([`TAKE_SLOT_LUA`]).
+    pub fn slot_request(&self, workspace: &str, channel: &str) -> SlotRequest {
+        SlotRequest {
+            keys: [
+                self.key(workspace, Some(channel), "rate"),
+                self.key(workspace, None, "rate"),
+                self.key(workspace, Some(channel), "pause"),
+            ],
+            args: [
+                self.channel.interval_ms,
+                self.channel.tolerance_ms,
+                self.workspace.interval_ms,
+                self.workspace.tolerance_ms,
+            ],
+        }
     }
 
     /// Claims `ticket` (from [`super::idempotency::Idempotency::ticket`]) and,

@@ -40,9 +40,10 @@ use crate::redact::Addresses;
 use crate::rules::Routing;
 use email::EmailSender;
 use idempotency::{Claim, ClaimTicket, Idempotency};
-use incident::Incidents;
+use incident::{Incidents, Preclaim};
 use limit::RateLimiter;
 use post::SlackResult;
+use resolve::Resolved;
 use schedule::Scheduler;
 use slack::SlackClient;
 use slack::channels::ChannelDirectory;
@@ -264,18 +265,56 @@ impl Deliverer {
 
         // The incident: where its first messages are, and what this event changes.
         let incident_key = event.incident_key();
+        // An event with a single Slack target (the usual case) claims it,
+        // and takes its first slot, in the same round trip.
+        let mut preclaimed = None;
         let observed = match &token {
             Ok(token) => {
-                let destinations: Vec<&str> = resolved
-                    .iter()
-                    .filter(|t| matches!(t.action, resolve::Action::Slack(_)))
-                    .map(|t| t.dedupe.as_str())
-                    .collect();
-                match self
-                    .incidents
-                    .observe(&token.workspace, &incident_key, event, &destinations)
-                    .await
-                {
+                let observing = match resolved.as_slice() {
+                    [
+                        only @ Resolved {
+                            action: resolve::Action::Slack(destination),
+                            ..
+                        },
+                    ] => {
+                        let preclaim = Preclaim {
+                            ticket: self.idempotency.ticket(&event.id, &only.key),
+                            lease_ms: self.idempotency.lease_ms(),
+                            slot: (!self
+                                .scheduler
+                                .is_busy(&token.workspace, &destination.channel))
+                            .then(|| {
+                                self.limiter
+                                    .slot_request(&token.workspace, &destination.channel)
+                            }),
+                            channel: &destination.channel,
+                        };
+                        self.incidents
+                            .observe_and_claim(
+                                &token.workspace,
+                                &incident_key,
+                                event,
+                                &only.dedupe,
+                                preclaim,
+                            )
+                            .await
+                            .map(|(observed, claimed)| {
+                                preclaimed = claimed;
+                                observed
+                            })
+                    }
+                    _ => {
+                        let destinations: Vec<&str> = resolved
+                            .iter()
+                            .filter(|t| matches!(t.action, resolve::Action::Slack(_)))
+                            .map(|t| t.dedupe.as_str())
+                            .collect();
+                        self.incidents
+                            .observe(&token.workspace, &incident_key, event, &destinations)
+                            .await
+                    }
+                };
+                match observing {
                     Ok(observed) => Some(observed),
                     Err(e) => {
                         return all_failed(routing, &e.to_string());
@@ -299,6 +338,12 @@ impl Deliverer {
                 )
                 .await
         {
+            if let Some((Claim::Acquired(ticket) | Claim::AcquiredAfterCrash { ticket, .. }, _)) =
+                &preclaimed
+            {
+                // Nothing was sent: a retry claims afresh.
+                self.release(ticket, false).await;
+            }
             return all_failed(routing, &e.to_string());
         }
         let plans = thread::plans(
@@ -309,6 +354,7 @@ impl Deliverer {
             routing.escalated_after.as_deref(),
         );
 
+        // Only a single target can hold a claim taken with the observation.
         let results = join_all(resolved.iter().zip(&plans).map(|(target, plan)| {
             self.slack_phase(
                 event,
@@ -317,6 +363,7 @@ impl Deliverer {
                 default_channel,
                 waited_enough,
                 plan.as_ref(),
+                preclaimed.take(),
             )
         }))
         .await;

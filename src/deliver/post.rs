@@ -17,8 +17,10 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::fallback::{PendingEmail, fallback_addresses};
+use super::idempotency::Claim;
 use super::idempotency::ClaimTicket;
 use super::incident::{FirstMessage, FirstPost};
+use super::limit::Slot;
 use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::resolve::{Action, Resolved, SlackDestination};
 use super::schedule::{Priority, Turn};
@@ -45,16 +47,6 @@ enum PostFailure {
     Unavailable(SlackUnavailable),
     /// Slack asked to wait longer than a delivery may be held: try later.
     Deferred(Duration),
-}
-
-/// Whether a post attempt still has to ask for a rate-limit slot.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Ask,
-    /// Taken together with the claim.
-    Taken,
-    /// Asked together with the claim: none free for this long.
-    WaitFor(Duration),
 }
 
 /// One `chat.postMessage` call's failure.
@@ -109,6 +101,7 @@ impl Deliverer {
     /// Claims a Slack target and posts it, following Slack's answers: the
     /// first message of its incident there, or a reply in that message's
     /// thread (`plan`, when the incident is tracked).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn slack_phase<'a>(
         &self,
         event: &Event,
@@ -117,6 +110,7 @@ impl Deliverer {
         default_channel: Option<&str>,
         waited_enough: bool,
         plan: Option<&ThreadPlan<'_>>,
+        preclaimed: Option<(Claim, Slot)>,
     ) -> SlackResult<'a> {
         let mut plan = plan.cloned();
         // Another delivery is posting the message this one replies under.
@@ -141,6 +135,7 @@ impl Deliverer {
                 default_channel,
                 waited_enough,
                 plan.as_ref(),
+                preclaimed,
             )
             .await;
         if let Some(p) = &plan {
@@ -153,6 +148,7 @@ impl Deliverer {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn post_target<'a>(
         &self,
         event: &Event,
@@ -161,6 +157,7 @@ impl Deliverer {
         default_channel: Option<&str>,
         waited_enough: bool,
         plan: Option<&ThreadPlan<'_>>,
+        preclaimed: Option<(Claim, Slot)>,
     ) -> SlackResult<'a> {
         let routed = target.routed;
         // Rate limits that outlast `delivery.max_rate_limit_deferral` count as
@@ -244,6 +241,8 @@ impl Deliverer {
             }
         };
 
+        // The slot taken with the claim is the routed channel's.
+        let routed_channel = destination.channel.as_str();
         // A reply goes where the first message is (a DM's `D…` id, say).
         let replying;
         let destination = match plan.and_then(ThreadPlan::parent) {
@@ -261,7 +260,15 @@ impl Deliverer {
         let priority = self.scheduler.priority(event.severity);
         // The claim and the first rate-limit slot in one round trip, unless
         // posts already wait for this channel: then it queues behind them.
-        let claimed = if self
+        let claimed = if let Some((claim, slot)) = preclaimed {
+            // Taken with the incident's record ([`super::incident::Incidents::observe_and_claim`]).
+            let slot = if destination.channel == routed_channel {
+                slot
+            } else {
+                Slot::Ask
+            };
+            Ok((claim, slot))
+        } else if self
             .scheduler
             .is_busy(&token.workspace, &destination.channel)
         {

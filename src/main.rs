@@ -279,10 +279,10 @@ fn main() -> ExitCode {
 }
 
 /// The async runtime: one worker thread unless `TOKIO_WORKER_THREADS` asks
-/// for more. A delivery is I/O from end to end; with a second thread each
-/// one crossed threads at every wakeup, and the pipeline bench measured
-/// about a third more CPU per event for it (README, Performance). More
-/// throughput than one thread gives comes from more replicas.
+/// for more. A delivery is I/O from end to end; with a second thread its
+/// wakeups cross threads, which cost more CPU per event in the pipeline
+/// bench and gained no throughput (README, Performance). More throughput
+/// than one thread gives comes from more replicas.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

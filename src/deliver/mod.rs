@@ -3,7 +3,9 @@
 //! One event's path, top to bottom:
 //! 1. [`Deliverer::deliver`] (here): the workspace token, then every target
 //!    resolved ([`resolve`]: channel names to ids, emails to user ids), and
-//!    targets that reach the same channel or person merged.
+//!    targets that reach the same channel or person merged; the event
+//!    joins its incident ([`incident`]), and an event with a single Slack
+//!    target claims it and its first slot in the same round trip.
 //! 2. [`post`]: per Slack target, the claim (idempotency) and a rate-limit
 //!    slot (at once, or in its turn from the channel's queue in
 //!    [`schedule`]: most severe first), then `chat.postMessage`; Slack's answers are turned into the next

@@ -1,7 +1,8 @@
 //! Step 2 of a delivery: one Slack target claimed, paced, posted, and Slack's answer followed.
 //!
 //! The claim (idempotency) and the first rate-limit slot are one Redis
-//! round trip. The claim is renewed while the post runs, so a crashed
+//! round trip; for an event with one Slack target they come with the
+//! incident's record, taken before this step. The claim is renewed while the post runs, so a crashed
 //! worker's claim frees within `delivery.claim_lease`; a claim held by a
 //! live peer is a wait, never a failed attempt. A claim left by a holder that
 //! vanished mid-send is checked against the channel's history first, so a

@@ -117,16 +117,17 @@ fn incident_event(id: &str, incident: &str) -> Event {
     Event::decode(json.to_string().as_bytes(), 256 * 1024).unwrap()
 }
 
-/// Observes `event` for `destination`, claiming its post to `channel` and,
-/// with `slot`, taking that channel's first slot: what delivery does for an
-/// event with one Slack target.
+/// Observes `event` for the destination `slack:T1:<channel>`, claiming its
+/// post to `channel` and, with `slot`, taking that channel's first slot:
+/// what delivery does for an event with one Slack target.
 async fn observe_claiming(
     (incidents, claims, limiter): &(Incidents, Idempotency, RateLimiter),
     event: &Event,
-    destination: &str,
     channel: &str,
     slot: bool,
 ) -> (Observed, Option<(Claim, Slot)>) {
+    let destination = format!("slack:T1:{channel}");
+    let destination = destination.as_str();
     let preclaim = Preclaim {
         ticket: claims.ticket(&event.id, destination),
         lease_ms: claims.lease_ms(),
@@ -145,7 +146,7 @@ async fn the_first_event_of_an_incident_is_observed_claimed_and_given_a_slot_in_
     let parts = incident_parts(&prefix).await;
     let event = incident_event("ev-1", "db-down");
 
-    let (observed, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    let (observed, claimed) = observe_claiming(&parts, &event, "C1", true).await;
     assert!(observed.is_first);
     assert_eq!(observed.first_posts, vec![FirstPost::Ours]);
     let Some((Claim::Acquired(ticket), Slot::Taken)) = claimed else {
@@ -154,13 +155,13 @@ async fn the_first_event_of_an_incident_is_observed_claimed_and_given_a_slot_in_
 
     // A copy of the same event meanwhile (another replica) finds it held;
     // once the post is recorded, done: no second post either way.
-    let (_, again) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    let (_, again) = observe_claiming(&parts, &event, "C1", true).await;
     assert!(
         matches!(again, Some((Claim::HeldElsewhere { .. }, Slot::Ask))),
         "got {again:?}"
     );
     parts.1.complete(&ticket).await.unwrap();
-    let (observed, again) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+    let (observed, again) = observe_claiming(&parts, &event, "C1", true).await;
     assert!(
         observed.is_first,
         "a redelivery is judged as it was the first time"
@@ -181,27 +182,13 @@ async fn a_reply_is_claimed_with_the_observation_only_where_its_first_message_is
         channel: "C1".into(),
         ts: "1700000000.000100".into(),
     };
-    observe_claiming(
-        &parts,
-        &incident_event("ev-1", "db-down"),
-        "slack:T1:C1",
-        "C1",
-        true,
-    )
-    .await;
+    observe_claiming(&parts, &incident_event("ev-1", "db-down"), "C1", true).await;
     incidents
         .record_first("T1", "db-down", "slack:T1:C1", &first)
         .await
         .unwrap();
     // A DM's first message sits in a `D…` conversation, not at the user id posted to.
-    observe_claiming(
-        &parts,
-        &incident_event("ev-2", "db-down"),
-        "slack:T1:U7",
-        "U7",
-        true,
-    )
-    .await;
+    observe_claiming(&parts, &incident_event("ev-2", "db-down"), "U7", true).await;
     incidents
         .record_first(
             "T1",
@@ -215,28 +202,16 @@ async fn a_reply_is_claimed_with_the_observation_only_where_its_first_message_is
         .await
         .unwrap();
 
-    let (observed, claimed) = observe_claiming(
-        &parts,
-        &incident_event("ev-3", "db-down"),
-        "slack:T1:C1",
-        "C1",
-        true,
-    )
-    .await;
+    let (observed, claimed) =
+        observe_claiming(&parts, &incident_event("ev-3", "db-down"), "C1", true).await;
     assert_eq!(observed.first_posts, vec![FirstPost::Exists(first)]);
     assert!(
         matches!(claimed, Some((Claim::Acquired(_), Slot::Taken))),
         "a reply in the channel it was routed to is claimed at once, got {claimed:?}"
     );
 
-    let (observed, claimed) = observe_claiming(
-        &parts,
-        &incident_event("ev-4", "db-down"),
-        "slack:T1:U7",
-        "U7",
-        true,
-    )
-    .await;
+    let (observed, claimed) =
+        observe_claiming(&parts, &incident_event("ev-4", "db-down"), "U7", true).await;
     assert!(matches!(&observed.first_posts[..], [FirstPost::Exists(m)] if m.channel == "D9"));
     assert_eq!(
         claimed, None,
@@ -249,24 +224,11 @@ async fn a_reply_is_claimed_with_the_observation_only_where_its_first_message_is
 async fn a_first_message_being_posted_by_another_delivery_is_waited_for_not_claimed() {
     let prefix = unique_prefix("observe-inflight");
     let parts = incident_parts(&prefix).await;
-    let (_, first) = observe_claiming(
-        &parts,
-        &incident_event("ev-1", "db-down"),
-        "slack:T1:C1",
-        "C1",
-        true,
-    )
-    .await;
+    let (_, first) = observe_claiming(&parts, &incident_event("ev-1", "db-down"), "C1", true).await;
     assert!(first.is_some());
 
-    let (observed, claimed) = observe_claiming(
-        &parts,
-        &incident_event("ev-2", "db-down"),
-        "slack:T1:C1",
-        "C1",
-        true,
-    )
-    .await;
+    let (observed, claimed) =
+        observe_claiming(&parts, &incident_event("ev-2", "db-down"), "C1", true).await;
     assert_eq!(observed.first_posts, vec![FirstPost::InFlight]);
     assert_eq!(claimed, None);
     cleanup(&prefix).await;
@@ -280,7 +242,7 @@ async fn the_slot_taken_with_the_claim_follows_the_channel_limit() {
     let mut slots = Vec::new();
     for n in 0..4 {
         let event = incident_event(&format!("ev-{n}"), &format!("incident-{n}"));
-        let (_, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", true).await;
+        let (_, claimed) = observe_claiming(&parts, &event, "C1", true).await;
         let Some((Claim::Acquired(_), slot)) = claimed else {
             panic!("each new incident's post is claimed, got {claimed:?}");
         };
@@ -299,7 +261,7 @@ async fn the_slot_taken_with_the_claim_follows_the_channel_limit() {
     // Without a slot request (posts already queue for the channel), the
     // claim alone: the post asks for its slot in its turn.
     let event = incident_event("ev-9", "incident-9");
-    let (_, claimed) = observe_claiming(&parts, &event, "slack:T1:C1", "C1", false).await;
+    let (_, claimed) = observe_claiming(&parts, &event, "C1", false).await;
     assert!(
         matches!(claimed, Some((Claim::Acquired(_), Slot::Ask))),
         "got {claimed:?}"

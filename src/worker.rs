@@ -537,7 +537,9 @@ async fn consume_on(
                     let publisher_lost = publisher_lost.clone();
                     let stranded_tx = stranded_tx.clone();
                     let acks = acks.clone();
-                    in_flight.spawn(async move {
+                    // Boxed: the task then holds a pointer, and spawning it or
+                    // storing its output does not copy the whole (large) future.
+                    in_flight.spawn(Box::pin(async move {
                         let tag = delivery.delivery_tag;
                         let processed = std::panic::AssertUnwindSafe(process(&context, &settler, delivery))
                             .catch_unwind()
@@ -558,7 +560,7 @@ async fn consume_on(
                         if !settler.is_usable() {
                             publisher_lost.cancel();
                         }
-                    });
+                    }));
                 }
                 Some(Err(e)) => break Some(BrokerError::from(e)),
                 None => break Some(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(

@@ -99,7 +99,8 @@ const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `where` names the channel it had rerouted to, if it had); `{-1, 0, ''}`
 /// the record says done; `{-2, pttl, ''}` another holder's lease runs `pttl`
 /// more. The marker holds `<since>` or `<since>:<channel>`; `now` is the
-/// caller's `now_ms()`, asked once per script.
+/// caller's `now_ms()`, asked once per script (as a number or, cheaper for
+/// Redis to take, its string).
 pub(super) fn claim_lua() -> String {
     format!(
         "local function now_ms()
@@ -113,7 +114,7 @@ local function claim(key, marker, value, lease_ms, now)
       local since, where = string.match(earlier, '^(%d+):?(.*)$')
       return {{1, tonumber(since) or 0, where or ''}}
     end
-    redis.call('SET', marker, now, 'PX', {marker_ttl})
+    redis.call('SET', marker, now, 'PX', '{marker_ttl}')
     return {{0, 0, ''}}
   end
   if redis.call('GET', key) == '{DONE}' then return {{-1, 0, ''}} end

@@ -171,8 +171,11 @@ pub struct Preclaim<'a> {
 /// it updates and reads the incident in one go, and answers `{first, rose,
 /// fields, posts}` and the incident's fields after the event.
 const OBSERVE_FN: &str = r#"
-local function observe(key, state, severity, level, event, ttl, event_id, ack_by, destinations, now)
+local function observe(key, state, severity_s, level_s, event, ttl, event_id, ack_by, destinations, now, now_s)
 local stale_ms = STALE_MS
+-- Numbers are compared as numbers but written as the strings they came as:
+-- Redis 7.0 formats every number argument with snprintf, a cost per call.
+local severity, level = tonumber(severity_s), tonumber(level_s)
 -- One read of everything this event needs, one write of what it changes:
 -- `h` is the incident's fields as they are after this event.
 local names = {'seen:' .. event_id, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
@@ -205,9 +208,9 @@ else
   if not h['state'] then
     first, rose = true, false
     set('state', 'open')
-    set('severity', severity)
-    set('level', level)
-    set('first_at', now)
+    set('severity', severity_s)
+    set('level', level_s)
+    set('first_at', now_s)
     writes[#writes + 1] = 'event'
     writes[#writes + 1] = event
   else
@@ -215,17 +218,17 @@ else
     local was_severity = tonumber(h['severity'] or '99')
     local was_level = tonumber(h['level'] or '-1')
     rose = severity < was_severity or level > was_level
-    if severity < was_severity then set('severity', severity) end
-    if level > was_level then set('level', level) end
+    if severity < was_severity then set('severity', severity_s) end
+    if level > was_level then set('level', level_s) end
   end
   set('seen:' .. event_id, (first and '1' or '0') .. (rose and '1' or '0'))
   if state == 'acknowledged' and h['state'] == 'open' then
     set('state', 'acknowledged')
-    set('ack_at', now)
+    set('ack_at', now_s)
     if ack_by ~= '' then set('ack_by', ack_by) end
   elseif state == 'resolved' and h['state'] ~= 'resolved' then
     set('state', 'resolved')
-    set('resolved_at', now)
+    set('resolved_at', now_s)
   end
 end
 -- Each destination's first message: there, being posted, or ours to post.
@@ -242,7 +245,7 @@ for _, destination in ipairs(destinations) do
   else
     -- Free, stale, or this very event's (a redelivery after a crash: its
     -- idempotency claim keeps two copies from both posting).
-    set(field, 'pending ' .. now .. ' ' .. event_id)
+    set(field, 'pending ' .. now_s .. ' ' .. event_id)
     posts[#posts + 1] = 0
   end
 end
@@ -256,7 +259,7 @@ if state ~= 'open' then
 else
   for name, value in pairs(h) do
     fields[#fields + 1] = name
-    fields[#fields + 1] = tostring(value)
+    fields[#fields + 1] = value
   end
 end
 return {first and 1 or 0, rose and 1 or 0, fields, posts}, h
@@ -269,8 +272,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local destinations = {}
 for i = 8, #ARGV do destinations[#destinations + 1] = ARGV[i] end
-local observed = observe(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-  tonumber(ARGV[5]), ARGV[6], ARGV[7], destinations, now)
+local observed = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6], ARGV[7], destinations, now, tostring(now))
 return observed
 "#;
 
@@ -286,13 +289,14 @@ return observed
 /// when no slot was asked for.
 const OBSERVE_AND_CLAIM: &str = r#"
 local now = now_ms()
-local observed, h = observe(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-  tonumber(ARGV[5]), ARGV[6], ARGV[7], {ARGV[16]}, now)
+local now_s = tostring(now)
+local observed, h = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6], ARGV[7], {ARGV[16]}, now, now_s)
 local claimed = {9, 0, '', -1}
 local post = observed[4][1]
 local there = h['msg:' .. ARGV[16]]
 if post == 0 or (post == 1 and there and string.match(there, '^(%S+)') == ARGV[15]) then
-  local c = claim(KEYS[5], KEYS[6], ARGV[8], ARGV[9], now)
+  local c = claim(KEYS[5], KEYS[6], ARGV[8], ARGV[9], now_s)
   local wait = -1
   if c[1] >= 0 and ARGV[14] == '1' then
     wait = take_slot(now, KEYS[2], KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])

@@ -357,18 +357,36 @@ impl Deliverer {
         );
 
         // Only a single target can hold a claim taken with the observation.
-        let results = join_all(resolved.iter().zip(&plans).map(|(target, plan)| {
-            self.slack_phase(
-                event,
-                target,
-                &token,
-                default_channel,
-                waited_enough,
-                plan.as_ref(),
-                preclaimed.take(),
-            )
-        }))
-        .await;
+        // The usual single target is awaited in place: `join_all` would move
+        // its large future into a vector first.
+        let results = match (resolved.as_slice(), plans.as_slice()) {
+            ([target], [plan]) => vec![
+                self.slack_phase(
+                    event,
+                    target,
+                    &token,
+                    default_channel,
+                    waited_enough,
+                    plan.as_ref(),
+                    preclaimed.take(),
+                )
+                .await,
+            ],
+            _ => {
+                join_all(resolved.iter().zip(&plans).map(|(target, plan)| {
+                    self.slack_phase(
+                        event,
+                        target,
+                        &token,
+                        default_channel,
+                        waited_enough,
+                        plan.as_ref(),
+                        preclaimed.take(),
+                    )
+                }))
+                .await
+            }
+        };
         let mut reports = Vec::with_capacity(results.len());
         let mut pending = Vec::new();
         for result in results {

@@ -221,7 +221,9 @@ else
     if severity < was_severity then set('severity', severity_s) end
     if level > was_level then set('level', level_s) end
   end
-  set('seen:' .. event_id, (first and '1' or '0') .. (rose and '1' or '0'))
+  -- Written, but kept out of `h`: the answer has no use for it.
+  writes[#writes + 1] = 'seen:' .. event_id
+  writes[#writes + 1] = (first and '1' or '0') .. (rose and '1' or '0')
   if state == 'acknowledged' and h['state'] == 'open' then
     set('state', 'acknowledged')
     set('ack_at', now_s)
@@ -257,9 +259,13 @@ local fields = {}
 if state ~= 'open' then
   fields = redis.call('HGETALL', key)
 else
+  -- A first message still being posted reads as none: left out, as
+  -- every element answered costs the worker a parse.
   for name, value in pairs(h) do
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
+    if string.sub(value, 1, 8) ~= 'pending ' then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = value
+    end
   end
 end
 return {first and 1 or 0, rose and 1 or 0, fields, posts}, h

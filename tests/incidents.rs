@@ -228,7 +228,22 @@ async fn events_of_different_incidents_and_standalone_events_each_start_their_ow
 
 #[tokio::test]
 async fn a_follow_up_whose_first_message_was_deleted_becomes_the_new_first_message() {
+    a_follow_up_after_the_first_message_was_deleted(false).await;
+}
+
+#[tokio::test]
+async fn a_follow_up_slack_posts_to_the_channel_for_a_deleted_parent_becomes_the_new_first_message()
+{
+    a_follow_up_after_the_first_message_was_deleted(true).await;
+}
+
+/// Slack refuses a reply under a deleted message (`thread_not_found`), or
+/// takes it as a channel message (`ok`, no `thread_ts`): either way that
+/// post is the incident's first message from then on.
+async fn a_follow_up_after_the_first_message_was_deleted(slack_posts_to_the_channel: bool) {
     let env = env().await;
+    env.slack
+        .set_orphan_replies_to_channel(slack_posts_to_the_channel);
     let worker = env.spawn_worker();
     env.publish(&env.event("one", json!({"dedup_key": "disk"})))
         .await;
@@ -247,7 +262,8 @@ async fn a_follow_up_whose_first_message_was_deleted_becomes_the_new_first_messa
         .into_iter()
         .filter(|r| r.error.as_deref() == Some("thread_not_found"))
         .count();
-    assert_eq!(refused, 1, "the reply was tried first");
+    let expected_refusals = if slack_posts_to_the_channel { 0 } else { 1 };
+    assert_eq!(refused, expected_refusals, "the reply was tried first");
 
     env.publish(&env.event("three", json!({"dedup_key": "disk"})))
         .await;

@@ -147,10 +147,14 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
 }
 
 /// Answers to a reply (`thread_ts`) that a top-level post would not get.
-const THREAD_REFUSED: [&str; 3] = [
+const THREAD_REFUSED: [&str; 5] = [
     "thread_not_found",
     "invalid_thread_ts",
     "restricted_action_non_threadable_channel",
+    // A locked thread, and a parent that takes no replies: the channel
+    // itself still takes a message.
+    "restricted_action_thread_locked",
+    "cannot_reply_to_message",
 ];
 
 fn after_post(kind: TargetKind, error: &SlackError, tried: Tried) -> Step {
@@ -608,6 +612,30 @@ mod tests {
                 "{}",
                 method.name()
             );
+        }
+    }
+
+    #[test]
+    fn every_refused_reply_is_posted_once_more_without_its_thread() {
+        for code in THREAD_REFUSED {
+            for kind in [TargetKind::Channel, TargetKind::Person] {
+                let refused = error(Method::PostMessage, code);
+                assert_eq!(
+                    next_step(Method::PostMessage, kind, &refused, Tried::default()),
+                    Step::PostWithoutThread,
+                    "{code}"
+                );
+                // A top-level post refused the same way is not a thread's doing.
+                let without_thread = Tried {
+                    without_thread: true,
+                    ..Tried::default()
+                };
+                assert_ne!(
+                    next_step(Method::PostMessage, kind, &refused, without_thread),
+                    Step::PostWithoutThread,
+                    "{code}"
+                );
+            }
         }
     }
 }

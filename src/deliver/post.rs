@@ -659,7 +659,13 @@ impl Deliverer {
                             .unwrap_or(channel)
                             .to_string(),
                         ts: reply.get("ts").and_then(Value::as_str).map(str::to_string),
-                        top_level: thread.is_none(),
+                        // A reply whose parent is gone may be taken as a
+                        // channel message (`ok`, no `message.thread_ts`)
+                        // rather than refused: then it is the first message.
+                        top_level: thread.is_none()
+                            || reply
+                                .get("message")
+                                .is_some_and(|m| m.get("thread_ts").is_none()),
                         // Set by `post`, which knows why it is posting here.
                         rerouted_by: None,
                     });

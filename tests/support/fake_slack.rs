@@ -395,6 +395,9 @@ struct Inner {
     fail_next: HashMap<String, VecDeque<Fault>>,
     channel_faults: HashMap<String, Fault>,
     outage: bool,
+    /// A reply under a message that is gone is posted to the channel
+    /// (`ok`, no `thread_ts`) instead of refused with `thread_not_found`.
+    orphan_replies_to_channel: bool,
     posts: Vec<RecordedPost>,
     /// Messages that exist (channel id, ts): not forgotten by
     /// `clear_records`, removed by `delete_message`. A reply's `thread_ts`
@@ -930,6 +933,13 @@ impl FakeSlack {
         g.fail_next.clear();
         g.channel_faults.clear();
         g.outage = false;
+    }
+
+    /// Slack's two answers to a reply whose parent was deleted: refused
+    /// with `thread_not_found` (off, the default), or (on) taken as a
+    /// channel message, `ok` with no `thread_ts` in the answer's `message`.
+    pub fn set_orphan_replies_to_channel(&self, on: bool) {
+        self.lock().orphan_replies_to_channel = on;
     }
 
     /// While on, every method answers HTTP 503 (HTML body).
@@ -2117,13 +2127,16 @@ fn post_message(
         content.text = Some(t.chars().take(MAX_POST_TEXT_CHARS).collect());
         warnings.push("message_truncated");
     }
-    let thread_ts = req.nonempty("thread_ts");
+    let mut thread_ts = req.nonempty("thread_ts");
     if let Some(parent) = &thread_ts {
         if !is_message_ts(parent) {
             return Reply::err("invalid_thread_ts");
         }
         if !g.messages.contains(&(channel_id.clone(), parent.clone())) {
-            return Reply::err("thread_not_found");
+            if !g.orphan_replies_to_channel {
+                return Reply::err("thread_not_found");
+            }
+            thread_ts = None;
         }
     }
     let ts = g.next_ts();

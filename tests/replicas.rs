@@ -228,6 +228,58 @@ async fn a_post_slack_accepted_just_before_its_worker_died_is_found_and_not_sent
 }
 
 #[tokio::test]
+async fn a_lost_post_check_slack_keeps_rate_limiting_gives_way_to_the_post_after_the_deferral_limit()
+ {
+    let mut env = TestEnv::start(BASIC_RULES).await;
+    env.settings.delivery.claim_lease = Duration::from_secs(1);
+    env.settings.slack.request_timeout = Duration::from_secs(60);
+    env.settings.delivery.max_rate_limit_deferral = Duration::from_secs(1);
+    env.settings.slack.max_rate_limit_wait = Duration::from_secs(1);
+    env.slack.fail_channel(ESCALATIONS, Fault::Hang);
+    let mut first = env.start_worker_process();
+
+    env.publish(&env.event("killed-then-unverifiable", json!({})))
+        .await;
+    env.slack
+        .wait_for_requests("chat.postMessage", 1, WAIT)
+        .await
+        .unwrap();
+    first.child.kill().await.unwrap();
+    env.slack.clear_faults();
+    // The history check never gets through: Slack's allowance for it
+    // (one call a minute for many apps) is spent.
+    env.slack.fail_next(
+        "conversations.history",
+        1000,
+        Fault::RateLimited {
+            retry_after_secs: 3,
+        },
+    );
+
+    let mut second = env.start_worker_process();
+    env.slack
+        .wait_for_posts_to(ESCALATIONS, 1, WAIT)
+        .await
+        .unwrap();
+    second
+        .wait_for_log("cannot check whether a crashed worker had posted this", 1)
+        .await;
+    assert!(second.stop().await.success());
+
+    assert!(
+        !env.slack.requests_for("conversations.history").is_empty(),
+        "it tried to look first"
+    );
+    assert_eq!(env.slack.posts().len(), 1);
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    assert_eq!(
+        env.ready_count(&env.settings.amqp.dead_letter_queue).await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_worker_killed_before_slack_took_its_post_leaves_the_post_to_the_next_one() {
     let mut env = TestEnv::start(BASIC_RULES).await;
     env.settings.delivery.claim_lease = Duration::from_secs(1);

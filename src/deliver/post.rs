@@ -320,6 +320,12 @@ impl Deliverer {
                     ));
                 }
                 Ok(None) => {}
+                // Slack has made the event wait long enough already (a
+                // history allowance of one call a minute, say): posting
+                // without the check beats deferring it again and again.
+                Err(wait) if waited_enough => {
+                    warn!(target = %self.addresses.target(&routed.target), ?wait, "cannot check whether a crashed worker had posted this before the event's deferral limit; posting (a duplicate is possible)");
+                }
                 Err(wait) => {
                     self.release(&ticket, true).await;
                     return SlackResult::Done(report(

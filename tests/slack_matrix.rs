@@ -933,3 +933,45 @@ async fn without_channels_read_and_groups_read_a_name_is_posted_by_name() {
     assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
     env.cleanup().await;
 }
+
+/// Every refusal of the listing that is not about Slack or the token
+/// (`invalid_types`, `no_permission`, an org-wide install's missing
+/// `team_id`, …) leaves the name to `chat.postMessage`, which takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_refused_for_its_own_reasons_posts_by_name() {
+    for code in [
+        "invalid_types",
+        "no_permission",
+        "missing_argument",
+        "accesslimited",
+    ] {
+        let env = TestEnv::start(RULES).await;
+        env.slack
+            .fail_next("conversations.list", 1000, Fault::Api(code.into()));
+        let worker = env.spawn_worker();
+        env.publish(&env.event(
+            "by-name",
+            json!({"targets": [{"slack_channel": "#payments"}]}),
+        ))
+        .await;
+        let posts = env
+            .slack
+            .wait_for_posts_to(PAYMENTS, 1, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{code}: {e}\n{}", env.slack.describe()));
+        worker.stop().await;
+
+        assert_eq!(posts[0].channel, "#payments", "{code}: posted by name");
+        assert_eq!(env.slack.posts().len(), 1, "{code}");
+        assert!(
+            env.slack
+                .requests_for("conversations.list")
+                .iter()
+                .any(|r| r.error.as_deref() == Some(code)),
+            "{code}: the listing was tried and refused"
+        );
+        assert!(env.smtp.mails().is_empty(), "{code}: nothing emailed");
+        assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+        env.cleanup().await;
+    }
+}

@@ -128,9 +128,14 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
             SlackFailure::Workspace if code == "missing_scope" => to_default_or_give_up(tried),
             _ => unavailable,
         },
+        // Only a failing Slack or a refused token stop a post by name:
+        // every other refusal of the listing (a scope, `invalid_types`, an
+        // org-wide install that must name its team) is the listing's alone,
+        // and `chat.postMessage` takes `#name` itself.
         Method::List => match error.failure {
-            SlackFailure::Workspace if code == "missing_scope" => Step::PostByName,
-            _ => unavailable,
+            SlackFailure::Transient { .. } => unavailable,
+            SlackFailure::Workspace if !LISTING_REFUSALS.contains(&code) => unavailable,
+            _ => Step::PostByName,
         },
         // A failed check must not stop the notification.
         Method::Open | Method::History => match error.failure {
@@ -145,6 +150,10 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
         Method::Update => unavailable,
     }
 }
+
+/// Token-class answers of `conversations.list` about the listing only: the
+/// same token may still post.
+const LISTING_REFUSALS: [&str; 3] = ["missing_scope", "no_permission", "access_denied"];
 
 /// Answers to a reply (`thread_ts`) that a top-level post would not get.
 const THREAD_REFUSED: [&str; 5] = [
@@ -508,8 +517,13 @@ mod tests {
             (Join, Channel, "invalid_auth", by_id, unavailable(false)),
             // conversations.list
             (List, Channel, "missing_scope", fresh, Step::PostByName),
+            (List, Channel, "no_permission", fresh, Step::PostByName),
+            (List, Channel, "invalid_types", fresh, Step::PostByName),
+            (List, Channel, "missing_argument", fresh, Step::PostByName),
+            (List, Channel, "accesslimited", fresh, Step::PostByName),
             (List, Channel, "http_503", fresh, unavailable(true)),
             (List, Channel, "invalid_auth", fresh, unavailable(false)),
+            (List, Channel, "token_revoked", fresh, unavailable(false)),
             // conversations.open / conversations.history (the lost-post check)
             (Open, Person, "missing_scope", fresh, Step::PostWithoutCheck),
             (

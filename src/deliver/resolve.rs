@@ -277,15 +277,21 @@ impl Deliverer {
                 let e = e.into_slack_error();
                 match policy::next_step(Method::List, TargetKind::Channel, &e, Tried::default()) {
                     Step::Wait(wait) => (by_name, Action::Wait(wait)),
-                    Step::PostByName => (
-                        by_name,
-                        Action::Slack(SlackDestination {
-                            channel: format!("#{name}"),
-                            kind: TargetKind::Channel,
-                            name: Some(name.to_string()),
-                            missing: false,
-                        }),
-                    ),
+                    Step::PostByName => {
+                        // `missing_scope` is logged, with the scope to add, where it is cached.
+                        if e.code != "missing_scope" {
+                            warn!(channel = name, error = %e, "cannot list channels; posting by #name");
+                        }
+                        (
+                            by_name,
+                            Action::Slack(SlackDestination {
+                                channel: format!("#{name}"),
+                                kind: TargetKind::Channel,
+                                name: Some(name.to_string()),
+                                missing: false,
+                            }),
+                        )
+                    }
                     _ => {
                         warn!(channel = name, error = %e, "cannot resolve the channel name");
                         (by_name, fallback(format!("Slack is unavailable: {e}")))

@@ -129,6 +129,32 @@ async fn a_long_retry_after_defers_the_event_through_the_broker_without_spending
 }
 
 #[tokio::test]
+async fn rate_limited_in_an_ok_http_answer_pauses_the_channel_like_a_429() {
+    let env = env_with_default_limits().await;
+    // `chat.postMessage` documents `rate_limited` as an API error: HTTP 200,
+    // no Retry-After.
+    env.slack
+        .fail_next("chat.postMessage", 1, Fault::Api("rate_limited".into()));
+    let worker = env.spawn_worker();
+
+    env.publish(&env.event("slowed", json!({}))).await;
+    let posts = env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    worker.stop().await;
+
+    let requests = env.slack.requests_for("chat.postMessage");
+    assert_eq!(requests.len(), 2, "refused once, then posted");
+    assert_eq!(requests[0].error.as_deref(), Some("rate_limited"));
+    // Without a Retry-After, the second's pause Slack's 429s usually ask for.
+    let gap = posts[0].received_at - requests[0].received_at;
+    assert!(
+        gap >= Duration::from_secs(1),
+        "paused before calling again, waited {gap:?}"
+    );
+    assert_eq!(env.slack.posts().len(), 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_channel_rate_limited_past_the_deferral_limit_falls_back_to_email() {
     let mut env = TestEnv::start(RULES_WITH_EMAIL).await;
     env.settings.delivery.max_rate_limit_deferral = Duration::from_secs(1);

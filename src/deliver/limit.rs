@@ -338,7 +338,7 @@ impl RateLimiter {
             }
             let result = call().await;
             match &result {
-                Err(e) if e.code == "ratelimited" => {
+                Err(e) if e.is_rate_limited() => {
                     let key = self.key(workspace, Some(method), "method-pause");
                     if self
                         .wait_out_429(key, e, &mut waited, max_wait)

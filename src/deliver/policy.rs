@@ -105,7 +105,7 @@ pub enum Step {
 pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tried) -> Step {
     let code = error.code.as_str();
     // Answers that mean the same on every method.
-    if code == "ratelimited" || code == "rate_limited" {
+    if error.is_rate_limited() {
         return Step::Wait(error.retry_after().unwrap_or(Duration::from_secs(1)));
     }
     if error.failure == SlackFailure::TokenExpired {

@@ -676,7 +676,7 @@ impl Deliverer {
                         rerouted_by: None,
                     });
                 }
-                Err(e) if e.code == "ratelimited" => {
+                Err(e) if e.is_rate_limited() => {
                     let key = self.limiter.channel_pause_key(&token.workspace, channel);
                     if let Err(pause) = self
                         .limiter

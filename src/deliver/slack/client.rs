@@ -66,6 +66,12 @@ impl SlackError {
         matches!(self.failure, SlackFailure::Transient { .. })
     }
 
+    /// Slack's rate limit: HTTP 429 (`ratelimited`), or `rate_limited` in
+    /// an HTTP 200 body, which `chat.postMessage` also documents.
+    pub fn is_rate_limited(&self) -> bool {
+        self.code == "ratelimited" || self.code == "rate_limited"
+    }
+
     /// How long to wait before calling again, if Slack said (a 429's
     /// `Retry-After`, already padded by [`honoured_retry_after`]).
     pub fn retry_after(&self) -> Option<Duration> {
@@ -95,6 +101,8 @@ pub fn classify(code: &str) -> SlackFailure {
     match code {
         "ratelimited"
         | "rate_limited"
+        | "update_failed"
+        | "external_channel_migrating"
         | "internal_error"
         | "fatal_error"
         | "service_unavailable"
@@ -287,7 +295,7 @@ impl SlackClient {
             .retry(backoff)
             .when(|e: &SlackError| {
                 e.is_transient()
-                    && (retry_rate_limited || e.code != "ratelimited")
+                    && (retry_rate_limited || !e.is_rate_limited())
                     && e.retry_after()
                         .is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER.min(self.retry_budget))
             })
@@ -489,6 +497,9 @@ mod tests {
             ("service_unavailable", "transient"),
             ("request_timeout", "transient"),
             ("ratelimited", "transient"),
+            ("rate_limited", "transient"),
+            ("update_failed", "transient"),
+            ("external_channel_migrating", "transient"),
             ("token_expired", "token_expired"),
             ("invalid_auth", "workspace"),
             ("token_revoked", "workspace"),

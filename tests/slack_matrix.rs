@@ -975,3 +975,32 @@ async fn a_listing_refused_for_its_own_reasons_posts_by_name() {
         env.cleanup().await;
     }
 }
+
+/// `no_permission` on a post means, as Slack documents it, that the app is
+/// not a member of the conversation: it joins and posts, like
+/// `not_in_channel`, instead of treating the token as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_permission_on_a_post_joins_the_channel_and_posts() {
+    let env = TestEnv::start(RULES).await;
+    env.slack
+        .fail_next("chat.postMessage", 1, Fault::Api("no_permission".into()));
+    let worker = env.spawn_worker();
+    env.publish(&env.event(
+        "no-permission",
+        json!({"targets": [{"slack_channel": PAYMENTS}]}),
+    ))
+    .await;
+    env.slack
+        .wait_for_posts_to(PAYMENTS, 1, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.slack.describe()));
+    worker.stop().await;
+
+    let joins = env.slack.requests_for("conversations.join");
+    assert_eq!(joins.len(), 1, "joined once");
+    assert_eq!(joins[0].params["channel"], PAYMENTS);
+    assert_eq!(env.slack.posts().len(), 1);
+    assert!(env.smtp.mails().is_empty(), "nothing emailed");
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}

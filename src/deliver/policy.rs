@@ -171,12 +171,21 @@ fn after_post(kind: TargetKind, error: &SlackError, tried: Tried) -> Step {
     if THREAD_REFUSED.contains(&code) && !tried.without_thread {
         return Step::PostWithoutThread;
     }
-    match (&error.failure, kind) {
+    // Slack documents `no_permission` on a post as the app not being a
+    // member of the conversation: the conversation's refusal, not the token's.
+    let failure = match code {
+        "no_permission" => &SlackFailure::Destination,
+        _ => &error.failure,
+    };
+    match (failure, kind) {
         (SlackFailure::Transient { .. }, _) => Step::SlackUnavailable { transient: true },
         // A direct message never lands in a shared channel.
         (SlackFailure::Destination, TargetKind::Person) => Step::EmailPerson,
         (SlackFailure::Destination, TargetKind::Channel) => {
-            if code == "not_in_channel" && tried.have_channel_id && !tried.joined {
+            if matches!(code, "not_in_channel" | "no_permission")
+                && tried.have_channel_id
+                && !tried.joined
+            {
                 Step::JoinAndPost
             } else if code == "channel_not_found"
                 && tried.resolved_from_name
@@ -516,6 +525,30 @@ mod tests {
             (Join, Channel, "http_503", by_id, unavailable(true)),
             (Join, Channel, "invalid_auth", by_id, unavailable(false)),
             // conversations.list
+            (
+                PostMessage,
+                Channel,
+                "no_permission",
+                by_id,
+                Step::JoinAndPost,
+            ),
+            (
+                PostMessage,
+                Channel,
+                "no_permission",
+                Tried {
+                    joined: true,
+                    ..by_id
+                },
+                Step::PostToDefaultChannel,
+            ),
+            (
+                PostMessage,
+                Person,
+                "no_permission",
+                fresh,
+                Step::EmailPerson,
+            ),
             (List, Channel, "missing_scope", fresh, Step::PostByName),
             (List, Channel, "no_permission", fresh, Step::PostByName),
             (List, Channel, "invalid_types", fresh, Step::PostByName),

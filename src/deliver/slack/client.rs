@@ -103,6 +103,8 @@ pub fn classify(code: &str) -> SlackFailure {
         | "rate_limited"
         | "update_failed"
         | "external_channel_migrating"
+        // "until migration is complete"
+        | "org_login_required"
         | "internal_error"
         | "fatal_error"
         | "service_unavailable"
@@ -119,7 +121,6 @@ pub fn classify(code: &str) -> SlackFailure {
         | "no_permission"
         | "ekm_access_denied"
         | "enterprise_is_restricted"
-        | "org_login_required"
         | "access_denied"
         | "team_not_found" => SlackFailure::Workspace,
         "channel_not_found"

@@ -123,8 +123,12 @@ async fn an_undeliverable_event_is_replayed_after_the_fault_is_fixed() {
     let mut dead = env.dead_letters().await;
     let letter = dead.next_unacked().await;
     worker.stop().await;
-    drop(letter); // returned to the queue when the consumer goes
-    drop(dead);
+    drop(letter);
+    // Given back to the queue when the consumer's channel closes; the broker
+    // requeues it after answering the close, so wait to see it there.
+    dead.close().await;
+    env.wait_until_ready(&env.settings.amqp.dead_letter_queue, 1, WAIT)
+        .await;
 
     let listed = dlq_json(&env, &["list"]).await;
     assert_eq!(listed[0]["id"], "outage-1");

@@ -524,7 +524,7 @@ mod tests {
             ),
             (Join, Channel, "http_503", by_id, unavailable(true)),
             (Join, Channel, "invalid_auth", by_id, unavailable(false)),
-            // conversations.list
+            // chat.postMessage: Slack's "not a member of the conversation"
             (
                 PostMessage,
                 Channel,
@@ -549,6 +549,7 @@ mod tests {
                 fresh,
                 Step::EmailPerson,
             ),
+            // conversations.list
             (List, Channel, "missing_scope", fresh, Step::PostByName),
             (List, Channel, "no_permission", fresh, Step::PostByName),
             (List, Channel, "invalid_types", fresh, Step::PostByName),

@@ -239,10 +239,7 @@ impl TestEnv {
             )
             .await
             .unwrap();
-        DeadLetters {
-            consumer,
-            _channel: channel,
-        }
+        DeadLetters { consumer, channel }
     }
 
     /// Runs a worker in this process until the handle is stopped.
@@ -462,7 +459,7 @@ impl InProcessWorker {
 /// A consumer on the dead-letter queue.
 pub struct DeadLetters {
     consumer: lapin::Consumer,
-    _channel: lapin::Channel,
+    channel: lapin::Channel,
 }
 
 /// A dead-lettered message as the test sees it.
@@ -483,6 +480,11 @@ impl DeadLetter {
 impl DeadLetters {
     /// Waits for the next dead letter without acking it: it goes back to the
     /// queue when this consumer is dropped.
+    /// Closes the consumer's channel: the broker takes back what it holds unacked.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+
     pub async fn next_unacked(&mut self) -> lapin::message::Delivery {
         tokio::time::timeout(WAIT, self.consumer.next())
             .await
@@ -634,15 +636,20 @@ impl TestEnv {
 
     /// Polls until `queue` has no ready messages, failing after `within`.
     pub async fn wait_until_drained(&self, queue: &str, within: Duration) {
+        self.wait_until_ready(queue, 0, within).await;
+    }
+
+    /// Polls until `queue` has exactly `count` ready messages, failing after `within`.
+    pub async fn wait_until_ready(&self, queue: &str, count: u32, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let ready = self.ready_count(queue).await;
-            if ready == 0 {
+            if ready == count {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{queue} still has {ready} ready messages"
+                "{queue} has {ready} ready messages, not {count}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -3,7 +3,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::fake_slack::RecordedPost;
+use support::fake_slack::{Fault, RecordedPost};
 use support::{ESCALATIONS, PAYMENTS, TestEnv, WAIT, event_id};
 
 /// Payments events go to the payments channel by id, by name, to a user by
@@ -274,6 +274,46 @@ async fn a_follow_up_after_the_first_message_was_deleted(slack_posts_to_the_chan
         "later events reply under the new first message"
     );
     worker.stop().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_first_message_slack_took_only_as_plain_text_is_updated_as_plain_text() {
+    let env = env().await;
+    // Slack refuses the layout: the first post, then the update.
+    env.slack
+        .fail_next("chat.postMessage", 1, Fault::Api("invalid_blocks".into()));
+    env.slack
+        .fail_next("chat.update", 1, Fault::Api("invalid_blocks".into()));
+    let worker = env.spawn_worker();
+    env.publish(&env.event("plain", json!({"dedup_key": "layout"})))
+        .await;
+    let first = env.slack.wait_for_posts(1, WAIT).await.unwrap()[0].clone();
+    assert_eq!(first.blocks, None, "posted as plain text");
+
+    env.publish(&env.event(
+        "plain-resolved",
+        json!({"dedup_key": "layout", "type": "escalation.resolved"}),
+    ))
+    .await;
+    let updates = env.slack.wait_for_updates(1, WAIT).await.unwrap();
+    worker.stop().await;
+
+    assert_eq!(updates.len(), 1);
+    let update = &updates[0];
+    assert_eq!(update.ts, first.ts, "the first message, updated");
+    assert_eq!(update.body["blocks"], json!([]), "no layout left to keep");
+    assert_eq!(update.body["attachments"], json!([]));
+    let text = update.text.as_deref().unwrap_or_default();
+    assert!(text.contains("Resolved"), "{text}");
+    let refused = env
+        .slack
+        .requests_for("chat.update")
+        .into_iter()
+        .filter(|r| r.error.as_deref() == Some("invalid_blocks"))
+        .count();
+    assert_eq!(refused, 1, "the layout was tried first");
     env.assert_nothing_pending().await;
     env.cleanup().await;
 }

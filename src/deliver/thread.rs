@@ -16,7 +16,7 @@ use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::resolve::{Action, Resolved};
 use super::slack::message::{IncidentRef, RenderContext, Status, render};
 use super::slack::tokens::WorkspaceToken;
-use super::slack::{Body, SlackError};
+use super::slack::{Body, SlackError, SlackFailure};
 use super::{Deliverer, TargetReport, TargetStatus};
 use crate::event::{Event, IncidentState};
 
@@ -180,11 +180,12 @@ impl Deliverer {
                 }),
                 ..RenderContext::default()
             };
-            let body = render(&first_event, &context)
-                .replacing(&message.channel, &message.ts)
-                .to_json();
+            let replacement =
+                render(&first_event, &context).replacing(&message.channel, &message.ts);
+            let body = replacement.to_json();
             let target = format!("update:{destination}");
-            let status = match self.update_message(token, &body).await {
+            let plain = || replacement.clone().plain_update(Some(status));
+            let status = match self.update_message(token, &body, plain).await {
                 Ok(()) => {
                     info!(channel = %message.channel, ts = %message.ts, state = incident.state.as_str(), "updated the incident's first message");
                     TargetStatus::Delivered {
@@ -204,26 +205,40 @@ impl Deliverer {
         reports
     }
 
-    /// One `chat.update` with a token refresh on `token_expired`; what Slack
-    /// answered as the update's status otherwise.
+    /// One `chat.update` with a token refresh on `token_expired`, and the
+    /// `plain` body once if Slack refuses the layout (a first message that
+    /// was itself posted as plain text, say); what Slack answered as the
+    /// update's status otherwise.
     async fn update_message(
         &self,
         token: &WorkspaceToken,
         body: &[u8],
+        plain: impl FnOnce() -> Vec<u8>,
     ) -> Result<(), TargetStatus> {
         let mut token = token.clone();
         let mut tried = Tried {
             have_channel_id: true,
             ..Tried::default()
         };
+        let mut plain = Some(plain);
+        let mut plain_body = Vec::new();
         loop {
+            let sending = if tried.plain_text { &plain_body } else { body };
             let error = match self
-                .call_within_tier(&token, "chat.update", &Body::JsonBytes(body))
+                .call_within_tier(&token, "chat.update", &Body::JsonBytes(sending))
                 .await
             {
                 Ok(_) => return Ok(()),
                 Err(error) => error,
             };
+            if error.failure == SlackFailure::Payload
+                && let Some(plain) = plain.take()
+            {
+                warn!(error = %error, "slack refused the update's layout; updating with plain text");
+                tried.plain_text = true;
+                plain_body = plain();
+                continue;
+            }
             match policy::next_step(Method::Update, TargetKind::Channel, &error, tried) {
                 Step::RefreshToken => {
                     tried.refreshed_token = true;

@@ -146,6 +146,23 @@ impl<'a> Message<'a> {
         self
     }
 
+    /// The `chat.update` body for when Slack refuses the layout: the
+    /// notification text led by `status`, and empty `blocks` and
+    /// `attachments`, which `chat.update` needs to drop the old ones (and
+    /// their Acknowledge button); left out, it keeps them.
+    pub fn plain_update(self, status: Option<Status<'_>>) -> Vec<u8> {
+        let mut message = self.plain_text();
+        if let Some(status) = status {
+            message.text = format!("{} {}", status_line(status), message.text);
+        }
+        let mut body = serde_json::to_value(&message).unwrap_or_default();
+        if let Some(fields) = body.as_object_mut() {
+            fields.insert("blocks".into(), serde_json::Value::Array(Vec::new()));
+            fields.insert("attachments".into(), serde_json::Value::Array(Vec::new()));
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
     /// The JSON body to send.
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain structs and strings to a Vec cannot fail.

@@ -357,33 +357,30 @@ impl Deliverer {
         );
 
         // Only a single target can hold a claim taken with the observation.
+        let token = &token;
+        let preclaimed = &mut preclaimed;
+        let mut phase = move |target, plan| {
+            self.slack_phase(
+                event,
+                target,
+                token,
+                default_channel,
+                waited_enough,
+                plan,
+                preclaimed.take(),
+            )
+        };
         // The usual single target is awaited in place: `join_all` would move
         // its large future into a vector first.
         let results = match (resolved.as_slice(), plans.as_slice()) {
-            ([target], [plan]) => vec![
-                self.slack_phase(
-                    event,
-                    target,
-                    &token,
-                    default_channel,
-                    waited_enough,
-                    plan.as_ref(),
-                    preclaimed.take(),
-                )
-                .await,
-            ],
+            ([target], [plan]) => vec![phase(target, plan.as_ref()).await],
             _ => {
-                join_all(resolved.iter().zip(&plans).map(|(target, plan)| {
-                    self.slack_phase(
-                        event,
-                        target,
-                        &token,
-                        default_channel,
-                        waited_enough,
-                        plan.as_ref(),
-                        preclaimed.take(),
-                    )
-                }))
+                join_all(
+                    resolved
+                        .iter()
+                        .zip(&plans)
+                        .map(|(t, p)| phase(t, p.as_ref())),
+                )
                 .await
             }
         };

@@ -355,8 +355,8 @@ impl Event {
             return Cow::Borrowed(key);
         }
         let key = match self.ticket.as_ref().and_then(|t| t.number.as_deref()) {
-            Some(number) if !number.trim().is_empty() => format!("ticket:{number}"),
-            _ => format!("event:{}", self.id),
+            Some(number) if !number.trim().is_empty() => ["ticket:", number].concat(),
+            _ => ["event:", &self.id].concat(),
         };
         // Within `dedup_key`'s 200 characters, so an acknowledgement can carry it.
         if key.chars().count() <= 200 {

@@ -532,34 +532,13 @@ async fn consume_on(
             }
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    let context = Arc::clone(context);
-                    let settler = settler.clone();
-                    let publisher_lost = publisher_lost.clone();
-                    let stranded_tx = stranded_tx.clone();
-                    let acks = acks.clone();
-                    // Boxed: the task then holds a pointer, and spawning it or
-                    // storing its output does not copy the whole (large) future.
-                    in_flight.spawn(Box::pin(async move {
-                        let tag = delivery.delivery_tag;
-                        let processed = std::panic::AssertUnwindSafe(process(&context, &settler, delivery))
-                            .catch_unwind()
-                            .await;
-                        match processed {
-                            Ok(Some(BrokerError::ConfirmTimeout { .. })) => {
-                                stranded_tx.send_modify(|n| *n += 1);
-                            }
-                            Ok(_) => {}
-                            Err(_) => {
-                                // A bug, not the event's fault: give it back (the
-                                // queue's delivery limit stops a loop) and keep
-                                // the channel's acks flowing.
-                                error!(delivery_tag = tag, "processing panicked; the delivery is requeued");
-                                acks.nack_tag(tag, true);
-                            }
-                        }
-                        if !settler.is_usable() {
-                            publisher_lost.cancel();
-                        }
+                    in_flight.spawn(delivery_task(DeliveryTask {
+                        context: Arc::clone(context),
+                        settler: settler.clone(),
+                        publisher_lost: publisher_lost.clone(),
+                        stranded: stranded_tx.clone(),
+                        acks: acks.clone(),
+                        delivery,
                     }));
                 }
                 Some(Err(e)) => break Some(BrokerError::from(e)),
@@ -644,6 +623,55 @@ fn recycle_for(stranded: usize, notices: &Notices) -> Option<BrokerError> {
 
 /// One delivery through the whole pipeline; returns why it could not be
 /// settled, if it could not.
+/// What one delivery's task needs, moved into it.
+struct DeliveryTask {
+    context: Arc<Context>,
+    settler: Settler,
+    publisher_lost: CancellationToken,
+    stranded: tokio::sync::watch::Sender<usize>,
+    acks: Acks,
+    delivery: Delivery,
+}
+
+/// The task that processes one delivery, boxed where it is built: the
+/// future is about 10 KB, and built inside the consuming loop's own future
+/// it was copied several times per event on its way to the heap.
+#[inline(never)]
+fn delivery_task(task: DeliveryTask) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let DeliveryTask {
+            context,
+            settler,
+            publisher_lost,
+            stranded,
+            acks,
+            delivery,
+        } = task;
+        let tag = delivery.delivery_tag;
+        let processed = std::panic::AssertUnwindSafe(process(&context, &settler, delivery))
+            .catch_unwind()
+            .await;
+        match processed {
+            Ok(Some(BrokerError::ConfirmTimeout { .. })) => {
+                stranded.send_modify(|n| *n += 1);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // A bug, not the event's fault: give it back (the queue's
+                // delivery limit stops a loop) and keep the channel's acks flowing.
+                error!(
+                    delivery_tag = tag,
+                    "processing panicked; the delivery is requeued"
+                );
+                acks.nack_tag(tag, true);
+            }
+        }
+        if !settler.is_usable() {
+            publisher_lost.cancel();
+        }
+    })
+}
+
 async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Option<BrokerError> {
     let started = std::time::Instant::now();
     // Decoded once; a body that fails still gets its id into the log if it has one.
@@ -659,7 +687,9 @@ async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Op
                 let waited_enough = crate::settle::deferred_for(&delivery.properties)
                     .is_some_and(|waited| waited >= context.max_rate_limit_deferral);
                 let escalation = escalation_step(&delivery.properties);
-                handle(context, event, waited_enough, escalation).await
+                // Boxed: the routing and delivery future is most of this
+                // one's size, which each move of the task would copy.
+                Box::pin(handle(context, event, waited_enough, escalation)).await
             }
             // Parser messages may quote a value, an address among them.
             Err(e) => Outcome::DeadLetter {

@@ -195,7 +195,7 @@ return 1",
 
     /// The Redis key for one event and target.
     pub fn key(&self, event_id: &str, target_key: &str) -> String {
-        format!("{}:sent:{}:{}", self.key_prefix, event_id, target_key)
+        [&self.key_prefix, ":sent:", event_id, ":", target_key].concat()
     }
 
     /// A claim on one event and target, not yet taken: take it with
@@ -204,7 +204,7 @@ return 1",
     pub fn ticket(&self, event_id: &str, target_key: &str) -> ClaimTicket {
         let key = self.key(event_id, target_key);
         ClaimTicket {
-            marker: format!("{key}:attempt"),
+            marker: [&key, ":attempt"].concat(),
             key,
             value: claim_value(),
         }
@@ -427,14 +427,12 @@ async fn renew_held_claims(idempotency: Idempotency, renewals: Weak<Renewals>) {
 /// A value no other claim holds: this process's random id and a counter
 /// (a fresh UUID per claim cost a `getrandom` call per post).
 fn claim_value() -> String {
-    static PROCESS: OnceLock<uuid::Uuid> = OnceLock::new();
+    static PROCESS: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let process = PROCESS.get_or_init(uuid::Uuid::new_v4);
-    format!(
-        "claim:{}:{}",
-        process.simple(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    let process = PROCESS.get_or_init(|| format!("claim:{}:", uuid::Uuid::new_v4().simple()));
+    let mut value = process.clone();
+    value.push_str(&NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+    value
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -176,11 +176,16 @@ local stale_ms = STALE_MS
 -- Numbers are compared as numbers but written as the strings they came as:
 -- Redis 7.0 formats every number argument with snprintf, a cost per call.
 local severity, level = tonumber(severity_s), tonumber(level_s)
+-- Each field name is built once: every new string costs the script a hash
+-- and an allocation.
+local seen_field = 'seen:' .. event_id
+local msg_fields = {}
 -- One read of everything this event needs, one write of what it changes:
 -- `h` is the incident's fields as they are after this event.
-local names = {'seen:' .. event_id, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
-for _, destination in ipairs(destinations) do
-  names[#names + 1] = 'msg:' .. destination
+local names = {seen_field, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
+for i, destination in ipairs(destinations) do
+  msg_fields[i] = 'msg:' .. destination
+  names[#names + 1] = msg_fields[i]
   names[#names + 1] = 'emailed:' .. destination
 end
 local values = redis.call('HMGET', key, unpack(names))
@@ -197,8 +202,8 @@ local function set(field, value)
 end
 local first, rose
 if seen then
-  first = string.sub(seen, 1, 1) == '1'
-  rose = string.sub(seen, 2, 2) == '1'
+  first = string.byte(seen, 1) == 49
+  rose = string.byte(seen, 2) == 49
 else
   if h['state'] == 'resolved' and state == 'open' then
     -- A new problem after the last one was resolved: a new incident.
@@ -206,13 +211,11 @@ else
     h = {}
   end
   if not h['state'] then
+    -- A new incident: its fields in one go (the event is written, but
+    -- kept out of `h`: the answer has no use for it).
     first, rose = true, false
-    set('state', 'open')
-    set('severity', severity_s)
-    set('level', level_s)
-    set('first_at', now_s)
-    writes[#writes + 1] = 'event'
-    writes[#writes + 1] = event
+    h['state'], h['severity'], h['level'], h['first_at'] = 'open', severity_s, level_s, now_s
+    writes = {'state', 'open', 'severity', severity_s, 'level', level_s, 'first_at', now_s, 'event', event}
   else
     first = false
     local was_severity = tonumber(h['severity'] or '99')
@@ -222,7 +225,7 @@ else
     if level > was_level then set('level', level_s) end
   end
   -- Written, but kept out of `h`: the answer has no use for it.
-  writes[#writes + 1] = 'seen:' .. event_id
+  writes[#writes + 1] = seen_field
   writes[#writes + 1] = (first and '1' or '0') .. (rose and '1' or '0')
   if state == 'acknowledged' and h['state'] == 'open' then
     set('state', 'acknowledged')
@@ -235,20 +238,21 @@ else
 end
 -- Each destination's first message: there, being posted, or ours to post.
 local posts = {}
-for _, destination in ipairs(destinations) do
-  local field = 'msg:' .. destination
+for i, field in ipairs(msg_fields) do
   local current = h[field]
   local since, owner
-  if current then since, owner = string.match(current, '^pending (%d+) ?(.*)$') end
+  if current and string.find(current, 'pending ', 1, true) == 1 then
+    since, owner = string.match(current, '^pending (%d+) ?(.*)$')
+  end
   if current and not since then
-    posts[#posts + 1] = 1
+    posts[i] = 1
   elseif since and owner ~= event_id and now - tonumber(since) < stale_ms then
-    posts[#posts + 1] = 2
+    posts[i] = 2
   else
     -- Free, stale, or this very event's (a redelivery after a crash: its
     -- idempotency claim keeps two copies from both posting).
     set(field, 'pending ' .. now_s .. ' ' .. event_id)
-    posts[#posts + 1] = 0
+    posts[i] = 0
   end
 end
 if #writes > 0 then redis.call('HSET', key, unpack(writes)) end
@@ -262,7 +266,7 @@ else
   -- A first message still being posted reads as none: left out, as
   -- every element answered costs the worker a parse.
   for name, value in pairs(h) do
-    if string.sub(value, 1, 8) ~= 'pending ' then
+    if string.find(value, 'pending ', 1, true) ~= 1 then
       fields[#fields + 1] = name
       fields[#fields + 1] = value
     end
@@ -395,12 +399,12 @@ impl Incidents {
     }
 
     fn key(&self, workspace: &str, incident: &str) -> String {
-        format!("{}:incident:{workspace}:{incident}", self.key_prefix)
+        [&self.key_prefix, ":incident:", workspace, ":", incident].concat()
     }
 
     /// The hash field of a destination's first message.
     fn message_field(destination: &str) -> String {
-        format!("msg:{destination}")
+        ["msg:", destination].concat()
     }
 
     /// Joins `event` to its incident (starting it if it is the first),
@@ -572,7 +576,7 @@ impl Incidents {
             let mut hset = redis::cmd("HSET");
             hset.arg(&key)
                 .arg(Self::message_field(destination))
-                .arg(format!("{} {}", message.channel, message.ts));
+                .arg([&message.channel, " ", &message.ts].concat());
             commands.push(hset);
             // Never a hash without a lifetime, should the incident have gone meanwhile.
             let mut expire = redis::cmd("PEXPIRE");
@@ -581,7 +585,7 @@ impl Incidents {
         }
         if clear_emailed {
             let mut hdel = redis::cmd("HDEL");
-            hdel.arg(&key).arg(format!("emailed:{destination}"));
+            hdel.arg(&key).arg(["emailed:", destination].concat());
             commands.push(hdel);
         }
         commands

@@ -405,8 +405,17 @@ impl RateLimiter {
 
     fn key(&self, workspace: &str, channel: Option<&str>, kind: &str) -> String {
         match channel {
-            Some(channel) => format!("{}:slack:{kind}:{workspace}:{channel}", self.key_prefix),
-            None => format!("{}:slack:{kind}:{workspace}", self.key_prefix),
+            Some(channel) => [
+                &self.key_prefix,
+                ":slack:",
+                kind,
+                ":",
+                workspace,
+                ":",
+                channel,
+            ]
+            .concat(),
+            None => [&self.key_prefix, ":slack:", kind, ":", workspace].concat(),
         }
     }
 }

@@ -267,8 +267,8 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     }
     if let Some(after) = context.escalation {
         blocks.push(Block::Context {
-            elements: vec![TextObject::mrkdwn(truncate(
-                &format!(
+            elements: vec![TextObject::mrkdwn(truncated(
+                format!(
                     ":rotating_light: *Escalated*: not acknowledged {} after it was first notified.",
                     escape(after)
                 ),
@@ -278,16 +278,16 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     }
     if let Some(note) = context.emailed_note {
         blocks.push(Block::Context {
-            elements: vec![TextObject::mrkdwn(truncate(
-                &format!(":email: {}", escape(note)),
+            elements: vec![TextObject::mrkdwn(truncated(
+                format!(":email: {}", escape(note)),
                 SECTION_LIMIT,
             ))],
         });
     }
     if let Some(intended) = context.rerouted_from {
         blocks.push(Block::Context {
-            elements: vec![TextObject::mrkdwn(truncate(
-                &format!(
+            elements: vec![TextObject::mrkdwn(truncated(
+                format!(
                     ":warning: Meant for {}, which could not take it.",
                     escape(intended)
                 ),
@@ -298,12 +298,13 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     blocks.push(Block::Header {
         text: TextObject {
             emoji: Some(true),
-            ..TextObject::plain(truncate(
-                &format!(
-                    "{} {}",
+            ..TextObject::plain(truncated(
+                [
                     severity_emoji(event.severity),
-                    neutralise_plain(&event.title)
-                ),
+                    " ",
+                    &neutralise_plain(&event.title),
+                ]
+                .concat(),
                 HEADER_LIMIT,
             ))
         },
@@ -362,8 +363,8 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
 
     if let Some(summary) = event.summary.as_deref().filter(|s| !s.trim().is_empty()) {
         blocks.push(Block::Section {
-            text: Some(TextObject::mrkdwn(truncate(
-                &escape(summary),
+            text: Some(TextObject::mrkdwn(truncated(
+                escape(summary),
                 SECTION_LIMIT,
             ))),
             fields: Vec::new(),
@@ -371,8 +372,8 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
     }
     if let Some(comment) = event.comment.as_deref().filter(|s| !s.trim().is_empty()) {
         blocks.push(Block::Section {
-            text: Some(TextObject::mrkdwn(truncate(
-                &format!(":speech_balloon: {}", escape(comment)),
+            text: Some(TextObject::mrkdwn(truncated(
+                format!(":speech_balloon: {}", escape(comment)),
                 SECTION_LIMIT,
             ))),
             fields: Vec::new(),
@@ -418,9 +419,18 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         blocks.push(Block::Actions { elements: actions });
     }
 
-    let mut context_line = format!("`{}` · event `{}`", escape(&event.kind), escape(&event.id));
+    let mut context_line = [
+        "`",
+        &escape(&event.kind),
+        "` · event `",
+        &escape(&event.id),
+        "`",
+    ]
+    .concat();
     if let Some(rule) = context.rule {
-        context_line.push_str(&format!(" · rule `{}`", escape(rule)));
+        context_line.push_str(" · rule `");
+        context_line.push_str(&escape(rule));
+        context_line.push('`');
     }
     let message = Message {
         channel: None,
@@ -432,7 +442,7 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
                 _ => severity_color(event.severity),
             },
             blocks: vec![Block::Context {
-                elements: vec![TextObject::mrkdwn(truncate(&context_line, SECTION_LIMIT))],
+                elements: vec![TextObject::mrkdwn(truncated(context_line, SECTION_LIMIT))],
             }],
         }],
         metadata: (!context.without_metadata).then(|| Metadata {
@@ -499,27 +509,37 @@ fn is_user_id(text: &str) -> bool {
 
 /// The notification text: what phones and screen readers show.
 pub fn fallback_text(event: &Event, context: &RenderContext<'_>) -> String {
-    let mut text = format!("[{}] {}", severity_label(event.severity), event.title);
+    let mut text = ["[", &severity_label(event.severity), "] ", &event.title].concat();
     if let Some(number) = event.ticket.as_ref().and_then(|t| t.number.as_deref()) {
-        text.push_str(&format!(" ({number})"));
+        text.push_str(" (");
+        text.push_str(number);
+        text.push(')');
     }
     if let Some(intended) = context.rerouted_from {
-        text.push_str(&format!(" — meant for {intended}"));
+        text.push_str(" — meant for ");
+        text.push_str(intended);
     }
-    truncate(&escape(&text), FALLBACK_LIMIT)
+    truncated(escape(&text), FALLBACK_LIMIT)
 }
 
 /// Escapes the three characters Slack's mrkdwn treats as control characters.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            c => out.push(c),
-        }
+    // By bytes, copying the runs between: the three are ASCII, and no byte
+    // of a multi-byte UTF-8 character can be taken for one.
+    let mut copied = 0;
+    for (at, byte) in text.bytes().enumerate() {
+        let entity = match byte {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            _ => continue,
+        };
+        out.push_str(&text[copied..at]);
+        out.push_str(entity);
+        copied = at + 1;
     }
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -554,7 +574,7 @@ const WORD_JOINER: char = '\u{2060}';
 /// its word joiner; in mrkdwn it would open a sequence nothing closes). A
 /// `&` that starts no entity, as in plain text, is kept with what follows.
 pub fn truncate(text: &str, limit: usize) -> String {
-    if text.chars().count() <= limit {
+    if fits(text, limit) {
         return text.to_string();
     }
     let mut out: String = text.chars().take(limit.saturating_sub(1)).collect();
@@ -572,12 +592,26 @@ pub fn truncate(text: &str, limit: usize) -> String {
     out
 }
 
+/// [`truncate`] for a string already owned: kept as it is when it fits.
+fn truncated(text: String, limit: usize) -> String {
+    if fits(&text, limit) {
+        text
+    } else {
+        truncate(&text, limit)
+    }
+}
+
+/// At most `limit` characters (counted only when the bytes could be more).
+fn fits(text: &str, limit: usize) -> bool {
+    text.len() <= limit || text.chars().count() <= limit
+}
+
 fn field(label: &str, value: &str) -> TextObject {
-    TextObject::mrkdwn(truncate(&field_text(label, value), FIELD_LIMIT))
+    TextObject::mrkdwn(truncated(field_text(label, value), FIELD_LIMIT))
 }
 
 fn field_text(label: &str, value: &str) -> String {
-    format!("*{label}*\n{value}")
+    ["*", label, "*\n", value].concat()
 }
 
 /// Whether a field shows `value` whole, uncut.
@@ -910,6 +944,23 @@ mod tests {
             summary.trim_end_matches('…').ends_with("&amp;"),
             "no half entity"
         );
+    }
+
+    #[test]
+    fn escaping_replaces_the_three_control_characters_and_keeps_everything_else() {
+        assert_eq!(escape(""), "");
+        assert_eq!(escape("plain"), "plain");
+        assert_eq!(escape("<!here> & <@U1>"), "&lt;!here&gt; &amp; &lt;@U1&gt;");
+        assert_eq!(escape("&&<<>>"), "&amp;&amp;&lt;&lt;&gt;&gt;");
+        assert_eq!(escape("é<ü>漢&🔥"), "é&lt;ü&gt;漢&amp;🔥");
+        assert_eq!(escape("&amp;"), "&amp;amp;");
+    }
+
+    #[test]
+    fn an_owned_text_that_fits_is_kept_and_one_that_does_not_is_cut_like_a_borrowed_one() {
+        assert_eq!(truncated("ééé".to_string(), 3), "ééé");
+        assert_eq!(truncated("éééé".to_string(), 3), truncate("éééé", 3));
+        assert_eq!(truncated("a &amp; b".to_string(), 5), "a …");
     }
 
     /// Found by `tests/properties` (the cut dropped everything after the

@@ -787,6 +787,95 @@ async fn http_503_twice_is_retried_and_posts_once() {
     .await;
 }
 
+/// Answers after which the post may have been made: Slack took it, then
+/// the answer said otherwise or never came.
+fn unsure_answers() -> [(&'static str, Fault); 3] {
+    [
+        (
+            "posted, then HTTP 500",
+            Fault::AcceptThenFail(Box::new(Fault::Http(500))),
+        ),
+        (
+            "posted, then internal_error",
+            Fault::AcceptThenFail(Box::new(Fault::api("internal_error"))),
+        ),
+        ("posted, then no answer (timeout)", Fault::AcceptThenHang),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_slack_took_before_an_error_or_a_timeout_is_found_in_the_history_not_posted_again() {
+    let cases = unsure_answers()
+        .into_iter()
+        .flat_map(|(answer, fault)| {
+            ALL.iter().map(move |&form| {
+                let fault = fault.clone();
+                named(&format!("{answer} × {}", form.label()), async move {
+                    let mut case = Case::start(form).await;
+                    case.env.settings.slack.request_timeout = Duration::from_secs(1);
+                    case.env.slack.fail_next("chat.postMessage", 1, fault);
+                    let worker = case.env.spawn_worker();
+                    case.publish("unsure").await;
+                    case.env
+                        .slack
+                        .wait_for_requests("conversations.history", 1, WAIT)
+                        .await
+                        .unwrap_or_else(|e| panic!("the history was not checked: {e}"));
+                    worker.stop().await;
+
+                    case.assert_posted_once_to_recipient();
+                    assert_eq!(
+                        case.env.slack.requests_for("chat.postMessage").len(),
+                        1,
+                        "not posted again\n{}",
+                        case.env.slack.describe()
+                    );
+                    case.assert_no_email();
+                    case.assert_settled().await;
+                    case.cleanup().await;
+                })
+            })
+        })
+        .collect();
+    run_matrix("an unsure answer after the post", cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_error_without_a_post_is_looked_for_then_posted_once() {
+    run_matrix(
+        "internal_error, nothing posted",
+        per_form(&ALL, |form| async move {
+            let case = Case::start(form).await;
+            case.env
+                .slack
+                .fail_next("chat.postMessage", 1, Fault::api("internal_error"));
+            let worker = case.env.spawn_worker();
+            case.publish("not-taken").await;
+            case.wait_for_posts_to_recipient(1).await;
+            worker.stop().await;
+
+            case.assert_posted_once_to_recipient();
+            assert_eq!(
+                case.env.slack.requests_for("chat.postMessage").len(),
+                2,
+                "the error, then the post"
+            );
+            assert!(
+                !case
+                    .env
+                    .slack
+                    .requests_for("conversations.history")
+                    .is_empty(),
+                "looked before posting again"
+            );
+            case.assert_no_email();
+            case.assert_settled().await;
+            case.cleanup().await;
+        }),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_outage_falls_back_to_email() {
     run_matrix(

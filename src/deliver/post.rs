@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backon::{ConstantBuilder, Retryable};
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::fallback::{PendingEmail, fallback_addresses};
 use super::idempotency::Claim;
@@ -62,6 +62,9 @@ const MAX_STEPS: usize = 12;
 /// How far before the lost attempt's claim the history search starts
 /// (clock differences between Redis and Slack).
 const HISTORY_SLACK: Duration = Duration::from_secs(60);
+/// How long after an unsure answer, with no retry left, the post is looked
+/// for: long enough for a message Slack took to show in the history.
+const UNSURE_LOOK_DELAY: Duration = Duration::from_millis(500);
 /// Messages per page of the history search: the most Slack returns, so that
 /// one call of the workspace's Tier 3 budget almost always covers the lost
 /// attempt (at Slack's pace of a post a second, 999 messages are a quarter
@@ -424,6 +427,13 @@ impl Deliverer {
         let mut waited = Duration::ZERO;
         // The first failure that sent the post elsewhere, for the final reason.
         let mut first_error: Option<SlackError> = None;
+        // When the last post was sent (Unix ms), and when the first one
+        // whose outcome is unknown was: where to look for it.
+        let mut sent_at_ms = 0;
+        let mut unsure_since_ms: Option<u64> = None;
+        // Posting again after an answer that may follow a done post, as the
+        // client retries what certainly did not happen.
+        let mut unsure_retries = self.slack.retry_delays();
         let mut pending_error = if destination.missing {
             // The name exists nowhere the bot can see: as if Slack said so.
             Some(SlackError::new(
@@ -452,6 +462,7 @@ impl Deliverer {
                         // shows where the incident stands.
                         status: plan.filter(|p| p.parent().is_none()).and_then(|p| p.status),
                     };
+                    sent_at_ms = unix_ms_now();
                     // In the thread while the post goes where its parent is.
                     let thread = plan
                         .and_then(|p| p.parent().map(|parent| (parent, p.rose)))
@@ -482,8 +493,42 @@ impl Deliverer {
                 }
             };
             slot = Slot::Ask;
-            if may_have_landed(&error) {
+            if error.may_have_landed() {
                 *may_have_sent = true;
+                // Slack may have taken it: look before posting again, and
+                // before giving up on Slack.
+                let since_ms = *unsure_since_ms.get_or_insert(sent_at_ms);
+                let retry_after = unsure_retries.next();
+                tokio::time::sleep(retry_after.unwrap_or(UNSURE_LOOK_DELAY)).await;
+                let lost = LostAttempt {
+                    since_ms,
+                    rerouted_to: (channel != destination.channel).then(|| channel.clone()),
+                };
+                let parent = plan
+                    .and_then(ThreadPlan::parent)
+                    .filter(|parent| parent.channel == channel && !tried.without_thread)
+                    .map(|parent| parent.ts.as_str());
+                match self
+                    .find_lost_post(event, target, destination, parent, &token, &lost)
+                    .await
+                {
+                    Ok(Some(landed)) => {
+                        info!(target = %self.addresses.text(target), error = %error, "Slack had taken the post despite the error; not posting again");
+                        return Ok(Landed {
+                            rerouted_by: first_error.as_ref().map(ToString::to_string),
+                            ..landed
+                        });
+                    }
+                    Ok(None) if retry_after.is_some() => {
+                        debug!(error = %error, "the post is not in the channel; posting again");
+                        continue;
+                    }
+                    Ok(None) => {}
+                    // The check must wait (its allowance is spent): so does
+                    // the post, its claim kept marked as attempted, so the
+                    // next attempt looks first.
+                    Err(wait) => return Err(PostFailure::Deferred(wait)),
+                }
             }
             let step = policy::next_step(Method::PostMessage, destination.kind, &error, tried);
             match step {
@@ -650,7 +695,7 @@ impl Deliverer {
             }
             let result = self
                 .slack
-                .call_leaving_rate_limits(
+                .call_once_sure(
                     "chat.postMessage",
                     Some(&token.access_token),
                     &Body::JsonBytes(&payload),
@@ -783,7 +828,7 @@ impl Deliverer {
             match policy::next_step(method, destination.kind, e, Tried::default()) {
                 Step::Wait(wait) => Err(wait),
                 _ => {
-                    warn!(target = %self.addresses.text(target), error = %e, "cannot check whether a crashed worker had posted this; posting (a duplicate is possible)");
+                    warn!(target = %self.addresses.text(target), error = %e, "cannot check whether an earlier attempt had posted this; posting (a duplicate is possible)");
                     Ok(None)
                 }
             }
@@ -843,7 +888,7 @@ impl Deliverer {
                 }
                 Ok(PageSearch::NotThere) => {}
                 Ok(PageSearch::TooMany) => {
-                    warn!(target = %self.addresses.text(target), method, pages = HISTORY_MAX_PAGES, "cannot check whether a crashed worker had posted this: too many newer messages; posting (a duplicate is possible)");
+                    warn!(target = %self.addresses.text(target), method, pages = HISTORY_MAX_PAGES, "cannot check whether an earlier attempt had posted this: too many newer messages; posting (a duplicate is possible)");
                     return Ok(None);
                 }
                 Err(e) => return on_error(Method::History, &e),
@@ -962,13 +1007,13 @@ impl Deliverer {
     }
 }
 
-/// Whether a failed post may still have been accepted: the request left and
-/// the answer was lost, or Slack said it "may have partly succeeded".
-fn may_have_landed(error: &SlackError) -> bool {
-    matches!(
-        error.code.as_str(),
-        "timeout" | "network_error" | "fatal_error" | "internal_error"
-    ) || error.code.starts_with("http_5")
+/// Now, in Unix milliseconds, for where a post's history check starts.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 /// For the log: whether the post went into an incident's thread.

@@ -213,6 +213,12 @@ pub enum Fault {
     /// the delay, as when the answer is slow on its way back: a caller that
     /// dies meanwhile leaves a post it never heard of.
     AcceptThenDelay(Duration),
+    /// Processes the request (a post is recorded and stays in the channel),
+    /// then answers with a replying fault (`Http`, `HttpJson`, `Api`): Slack's
+    /// `internal_error` and `fatal_error` say "it's possible some aspect of
+    /// the operation succeeded", and a 5xx from a proxy can follow a post
+    /// Slack took.
+    AcceptThenFail(Box<Fault>),
 }
 
 impl Fault {
@@ -1399,7 +1405,8 @@ fn fault_reply(f: &Fault) -> Option<Reply> {
         | Fault::Delay(_)
         | Fault::HoldUntil(_)
         | Fault::AcceptThenHang
-        | Fault::AcceptThenDelay(_) => None,
+        | Fault::AcceptThenDelay(_)
+        | Fault::AcceptThenFail(_) => None,
     }
 }
 
@@ -1717,6 +1724,12 @@ async fn handle(
             let reply = process(&mut shared.lock(), &req, received_at);
             record(Some(&reply), token, params);
             tokio::time::sleep(delay).await;
+            return reply.into_response();
+        }
+        Some(Fault::AcceptThenFail(answer)) => {
+            process(&mut shared.lock(), &req, received_at);
+            let reply = fault_reply(&answer).expect("AcceptThenFail answers with a replying fault");
+            record(Some(&reply), token, params);
             return reply.into_response();
         }
         Some(Fault::HoldUntil(release)) => {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use serde_json::Value;
 
 use crate::config::{Secret, SlackSettings};
@@ -64,6 +64,18 @@ impl SlackError {
 
     pub fn is_transient(&self) -> bool {
         matches!(self.failure, SlackFailure::Transient { .. })
+    }
+
+    /// Whether the call may have been done although it failed: the request
+    /// left and its answer was lost (a timeout, a dropped connection), or
+    /// Slack answered a 5xx, `internal_error` or `fatal_error` ("it's
+    /// possible some aspect of the operation succeeded"). Calling again
+    /// blindly could do it twice.
+    pub fn may_have_landed(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            "timeout" | "network_error" | "fatal_error" | "internal_error"
+        ) || self.code.starts_with("http_5")
     }
 
     /// Slack's rate limit: HTTP 429 (`ratelimited`), or `rate_limited` in
@@ -265,7 +277,8 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
-        self.call_retrying(method, token, body, true).await
+        self.call_retrying(method, token, body, Retrying::Everything)
+            .await
     }
 
     /// Like [`SlackClient::call`], but a 429 comes straight back: the caller
@@ -276,7 +289,37 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
-        self.call_retrying(method, token, body, false).await
+        self.call_retrying(method, token, body, Retrying::AllButRateLimits)
+            .await
+    }
+
+    /// Like [`SlackClient::call_leaving_rate_limits`], and a failure after
+    /// which the call may have been done ([`SlackError::may_have_landed`])
+    /// comes straight back too: for a call that must not be done twice,
+    /// whose caller looks before calling again.
+    pub async fn call_once_sure(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<Value, SlackError> {
+        self.call_retrying(method, token, body, Retrying::OnlyWhatDidNotHappen)
+            .await
+    }
+
+    /// The delays [`SlackClient::call`] retries after, one per retry it
+    /// would make: for a caller retrying itself what the client leaves to it.
+    pub fn retry_delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        self.backoff().build()
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.retry_base_delay)
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .with_total_delay(Some(self.retry_budget))
+            .with_jitter()
     }
 
     async fn call_retrying(
@@ -284,19 +327,14 @@ impl SlackClient {
         method: &'static str,
         token: Option<&Secret>,
         body: &Body<'_>,
-        retry_rate_limited: bool,
+        retrying: Retrying,
     ) -> Result<Value, SlackError> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.retry_base_delay)
-            .with_max_delay(Duration::from_secs(5))
-            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
-            .with_total_delay(Some(self.retry_budget))
-            .with_jitter();
         (|| self.call_once(method, token, body))
-            .retry(backoff)
+            .retry(self.backoff())
             .when(|e: &SlackError| {
                 e.is_transient()
-                    && (retry_rate_limited || !e.is_rate_limited())
+                    && (retrying == Retrying::Everything || !e.is_rate_limited())
+                    && (retrying != Retrying::OnlyWhatDidNotHappen || !e.may_have_landed())
                     && e.retry_after()
                         .is_none_or(|ra| ra <= MAX_INLINE_RETRY_AFTER.min(self.retry_budget))
             })
@@ -309,6 +347,15 @@ impl SlackClient {
             })
             .await
     }
+}
+
+/// Which transient failures [`SlackClient`] retries itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retrying {
+    Everything,
+    AllButRateLimits,
+    /// Neither rate limits nor failures after which the call may have been done.
+    OnlyWhatDidNotHappen,
 }
 
 /// What a Web API answer means, from its status, headers and body: the

@@ -79,11 +79,16 @@ async fn a_worker_killed_mid_batch_delivers_every_event_exactly_once_after_resta
         .wait_for_posts_to("C0TEAMB", 20, WAIT)
         .await
         .unwrap();
-    // Kill once team A's posts have timed out and been retried twice (>= 1 s
-    // later), so no team B post sits in the crash window between Slack
-    // accepting it and the worker recording it (see README, "Outages").
+    // Kill once team A's posts have timed out and the worker has begun to
+    // look for them in the history (about a second later), so no team B
+    // post sits in the crash window between Slack accepting it and the
+    // worker recording it (see README, "Outages").
     env.slack
-        .wait_for_requests("chat.postMessage", 80, WAIT)
+        .wait_for_requests("chat.postMessage", 40, WAIT)
+        .await
+        .unwrap();
+    env.slack
+        .wait_for_requests("conversations.history", 1, WAIT)
         .await
         .unwrap();
     first.child.kill().await.unwrap(); // SIGKILL: nothing drained, nothing acked after this

@@ -804,7 +804,8 @@ impl Soak {
         s.slack.token_cache_ttl = Duration::from_secs(1);
         // Posts held across the broker restart (for as long as `rabbitmqctl
         // stop_app` takes) must not time out: a post whose answer is lost is
-        // retried without the lost-post check.
+        // retried without the lost-post check when the history's allowance
+        // has no call to spare.
         s.slack.request_timeout = Duration::from_secs(30);
         s.amqp.prefetch = profile.prefetch;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backon::{ConstantBuilder, Retryable};
 use serde_json::Value;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::fallback::{PendingEmail, fallback_addresses};
 use super::idempotency::Claim;
@@ -74,6 +74,16 @@ const HISTORY_PAGE: &str = "999";
 /// in a busy channel the lost post can be further down. Past this many the
 /// worker cannot tell, and posts.
 const HISTORY_MAX_PAGES: usize = 5;
+
+/// What looking for a post in the conversation's history found.
+enum Lookup {
+    Found(Landed),
+    NotThere,
+    /// Slack could not answer, or not well enough to tell (logged).
+    CannotCheck,
+    /// The history's allowance is spent for this long.
+    Wait(Duration),
+}
 
 /// How a search through history pages ended.
 enum PageSearch {
@@ -434,6 +444,9 @@ impl Deliverer {
         // Posting again after an answer that may follow a done post, as the
         // client retries what certainly did not happen.
         let mut unsure_retries = self.slack.retry_delays();
+        // Cleared when Slack cannot answer the check (an outage): the
+        // retries then go without it.
+        let mut history_answers = true;
         let mut pending_error = if destination.missing {
             // The name exists nowhere the bot can see: as if Slack said so.
             Some(SlackError::new(
@@ -495,39 +508,51 @@ impl Deliverer {
             slot = Slot::Ask;
             if error.may_have_landed() {
                 *may_have_sent = true;
-                // Slack may have taken it: look before posting again, and
-                // before giving up on Slack.
                 let since_ms = *unsure_since_ms.get_or_insert(sent_at_ms);
                 let retry_after = unsure_retries.next();
                 tokio::time::sleep(retry_after.unwrap_or(UNSURE_LOOK_DELAY)).await;
-                let lost = LostAttempt {
-                    since_ms,
-                    rerouted_to: (channel != destination.channel).then(|| channel.clone()),
-                };
-                let parent = plan
-                    .and_then(ThreadPlan::parent)
-                    .filter(|parent| parent.channel == channel && !tried.without_thread)
-                    .map(|parent| parent.ts.as_str());
-                match self
-                    .find_lost_post(event, target, destination, parent, &token, &lost)
+                // Slack may have taken it: look before posting again, and
+                // before giving up on Slack. Only with history allowance to
+                // spare now and while Slack answers the check: an alert is
+                // not held back to avoid a possible duplicate.
+                let lookup = if history_answers {
+                    let lost = LostAttempt {
+                        since_ms,
+                        rerouted_to: (channel != destination.channel).then(|| channel.clone()),
+                    };
+                    let parent = plan
+                        .and_then(ThreadPlan::parent)
+                        .filter(|parent| parent.channel == channel && !tried.without_thread)
+                        .map(|parent| parent.ts.as_str());
+                    self.look_for_post(
+                        event,
+                        target,
+                        destination,
+                        parent,
+                        &token,
+                        &lost,
+                        Duration::ZERO,
+                    )
                     .await
-                {
-                    Ok(Some(landed)) => {
+                } else {
+                    Lookup::CannotCheck
+                };
+                match lookup {
+                    Lookup::Found(landed) => {
                         info!(target = %self.addresses.text(target), error = %error, "Slack had taken the post despite the error; not posting again");
                         return Ok(Landed {
                             rerouted_by: first_error.as_ref().map(ToString::to_string),
                             ..landed
                         });
                     }
-                    Ok(None) if retry_after.is_some() => {
-                        debug!(error = %error, "the post is not in the channel; posting again");
-                        continue;
+                    Lookup::NotThere => {}
+                    Lookup::CannotCheck => history_answers = false,
+                    Lookup::Wait(wait) => {
+                        warn!(target = %self.addresses.text(target), ?wait, error = %error, "cannot check now whether Slack had taken the post (the history's allowance is spent); posting again (a duplicate is possible)");
                     }
-                    Ok(None) => {}
-                    // The check must wait (its allowance is spent): so does
-                    // the post, its claim kept marked as attempted, so the
-                    // next attempt looks first.
-                    Err(wait) => return Err(PostFailure::Deferred(wait)),
+                }
+                if retry_after.is_some() {
+                    continue;
                 }
             }
             let step = policy::next_step(Method::PostMessage, destination.kind, &error, tried);
@@ -824,12 +849,44 @@ impl Deliverer {
         token: &WorkspaceToken,
         lost: &LostAttempt,
     ) -> Result<Option<Landed>, Duration> {
-        let on_error = |method: Method, e: &SlackError| -> Result<Option<Landed>, Duration> {
+        match self
+            .look_for_post(
+                event,
+                target,
+                destination,
+                thread,
+                token,
+                lost,
+                self.tier_wait(),
+            )
+            .await
+        {
+            Lookup::Found(landed) => Ok(Some(landed)),
+            Lookup::NotThere | Lookup::CannotCheck => Ok(None),
+            Lookup::Wait(wait) => Err(wait),
+        }
+    }
+
+    /// Looks for this event's post to `target` made since `lost.since_ms`
+    /// ([`Deliverer::find_lost_post`]), waiting up to `patience` for the
+    /// history call's shared allowance.
+    #[allow(clippy::too_many_arguments)]
+    async fn look_for_post(
+        &self,
+        event: &Event,
+        target: &str,
+        destination: &SlackDestination,
+        thread: Option<&str>,
+        token: &WorkspaceToken,
+        lost: &LostAttempt,
+        patience: Duration,
+    ) -> Lookup {
+        let on_error = |method: Method, e: &SlackError| -> Lookup {
             match policy::next_step(method, destination.kind, e, Tried::default()) {
-                Step::Wait(wait) => Err(wait),
+                Step::Wait(wait) => Lookup::Wait(wait),
                 _ => {
                     warn!(target = %self.addresses.text(target), error = %e, "cannot check whether an earlier attempt had posted this; posting (a duplicate is possible)");
-                    Ok(None)
+                    Lookup::CannotCheck
                 }
             }
         };
@@ -839,18 +896,18 @@ impl Deliverer {
             Destination::User(user) => {
                 let body = serde_json::json!({ "users": user });
                 match self
-                    .call_within_tier(token, "conversations.open", &Body::Json(&body))
+                    .call_waiting_up_to(token, "conversations.open", &Body::Json(&body), patience)
                     .await
                 {
                     Ok(reply) => match reply.pointer("/channel/id").and_then(Value::as_str) {
                         Some(id) => id.to_string(),
-                        None => return Ok(None),
+                        None => return Lookup::CannotCheck,
                     },
                     Err(e) => return on_error(Method::Open, &e),
                 }
             }
             // A name the app may not resolve: history needs an id.
-            Destination::Name(_) => return Ok(None),
+            Destination::Name(_) => return Lookup::CannotCheck,
         };
         let oldest = lost
             .since_ms
@@ -872,11 +929,11 @@ impl Deliverer {
                 args.push(("ts", ts));
             }
             match self
-                .search_pages(token, method, &args, &event.id, target)
+                .search_pages(token, method, &args, &event.id, target, patience)
                 .await
             {
                 Ok(PageSearch::Found(message)) => {
-                    return Ok(Some(Landed {
+                    return Lookup::Found(Landed {
                         top_level: message.get("thread_ts").is_none(),
                         ts: message
                             .get("ts")
@@ -884,17 +941,17 @@ impl Deliverer {
                             .map(str::to_string),
                         channel: conversation,
                         rerouted_by: None,
-                    }));
+                    });
                 }
                 Ok(PageSearch::NotThere) => {}
                 Ok(PageSearch::TooMany) => {
                     warn!(target = %self.addresses.text(target), method, pages = HISTORY_MAX_PAGES, "cannot check whether an earlier attempt had posted this: too many newer messages; posting (a duplicate is possible)");
-                    return Ok(None);
+                    return Lookup::CannotCheck;
                 }
                 Err(e) => return on_error(Method::History, &e),
             }
         }
-        Ok(None)
+        Lookup::NotThere
     }
 
     /// Reads `method` (`conversations.history` or `.replies`) with `args` a
@@ -907,6 +964,7 @@ impl Deliverer {
         args: &[(&str, &str)],
         event_id: &str,
         target: &str,
+        patience: Duration,
     ) -> Result<PageSearch, SlackError> {
         let mut cursor: Option<String> = None;
         for _ in 0..HISTORY_MAX_PAGES {
@@ -919,7 +977,7 @@ impl Deliverer {
                 form.push(("cursor", cursor.as_str()));
                 self.max_rate_limit_wait
             } else {
-                self.tier_wait()
+                patience
             };
             let page = self
                 .call_waiting_up_to(token, method, &Body::Form(&form), max_wait)

@@ -621,8 +621,6 @@ fn recycle_for(stranded: usize, notices: &Notices) -> Option<BrokerError> {
     })
 }
 
-/// One delivery through the whole pipeline; returns why it could not be
-/// settled, if it could not.
 /// What one delivery's task needs, moved into it.
 struct DeliveryTask {
     context: Arc<Context>,
@@ -672,6 +670,8 @@ fn delivery_task(task: DeliveryTask) -> std::pin::Pin<Box<dyn Future<Output = ()
     })
 }
 
+/// One delivery through the whole pipeline; returns why it could not be
+/// settled, if it could not.
 async fn process(context: &Context, settler: &Settler, delivery: Delivery) -> Option<BrokerError> {
     let started = std::time::Instant::now();
     // Decoded once; a body that fails still gets its id into the log if it has one.

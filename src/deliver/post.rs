@@ -548,7 +548,7 @@ impl Deliverer {
                     Lookup::NotThere => {}
                     Lookup::CannotCheck => history_answers = false,
                     Lookup::Wait(wait) => {
-                        warn!(target = %self.addresses.text(target), ?wait, error = %error, "cannot check now whether Slack had taken the post (the history's allowance is spent); posting again (a duplicate is possible)");
+                        warn!(target = %self.addresses.text(target), ?wait, error = %error, "cannot check now whether Slack had taken the post (the history's allowance is spent); a duplicate is possible");
                     }
                 }
                 if retry_after.is_some() {
@@ -972,10 +972,15 @@ impl Deliverer {
             form.extend([("include_all_metadata", "true"), ("limit", HISTORY_PAGE)]);
             // A search under way waits longer for its next page: deferred
             // halfway, it would start again from the first page next time,
-            // and searches competing for the budget would never end.
+            // and searches competing for the budget would never end. One
+            // that may not wait at all (a post's retry) waits for none.
             let max_wait = if let Some(cursor) = &cursor {
                 form.push(("cursor", cursor.as_str()));
-                self.max_rate_limit_wait
+                if patience.is_zero() {
+                    patience
+                } else {
+                    self.max_rate_limit_wait
+                }
             } else {
                 patience
             };

@@ -313,17 +313,18 @@ impl Deliverer {
 
         if let Some(lost) = lost_attempt {
             match self
-                .find_lost_post(
+                .look_for_post(
                     event,
                     &routed.target.to_string(),
                     destination,
                     plan.and_then(ThreadPlan::parent).map(|p| p.ts.as_str()),
                     token,
                     &lost,
+                    self.tier_wait(),
                 )
                 .await
             {
-                Ok(Some(landed)) => {
+                Lookup::Found(landed) => {
                     self.complete_posted(&ticket, &routed.target, plan, &landed)
                         .await;
                     info!(target = %self.addresses.target(&routed.target), to = %landed.to(), "a worker that crashed had posted this; recorded, not posted again");
@@ -332,14 +333,14 @@ impl Deliverer {
                         TargetStatus::Delivered { to: landed.to() },
                     ));
                 }
-                Ok(None) => {}
+                Lookup::NotThere | Lookup::CannotCheck => {}
                 // Slack has made the event wait long enough already (a
                 // history allowance of one call a minute, say): posting
                 // without the check beats deferring it again and again.
-                Err(wait) if waited_enough => {
+                Lookup::Wait(wait) if waited_enough => {
                     warn!(target = %self.addresses.target(&routed.target), ?wait, "cannot check whether a crashed worker had posted this before the event's deferral limit; posting (a duplicate is possible)");
                 }
-                Err(wait) => {
+                Lookup::Wait(wait) => {
                     self.release(&ticket, true).await;
                     return SlackResult::Done(report(
                         &routed.target,
@@ -834,42 +835,12 @@ impl Deliverer {
         }
     }
 
-    /// Looks for the post a vanished holder may have made for this event and
-    /// target since `since_ms`: in the conversation's history, and, for a
-    /// reply under the incident's first message (`thread`, its `ts`), in that
-    /// thread, which the history does not list. `Ok(Some(where))` when Slack
-    /// has it, `Ok(None)` when it does not (or cannot tell: then posting is
-    /// the lesser harm), `Err(wait)` when Slack asks to wait first.
-    async fn find_lost_post(
-        &self,
-        event: &Event,
-        target: &str,
-        destination: &SlackDestination,
-        thread: Option<&str>,
-        token: &WorkspaceToken,
-        lost: &LostAttempt,
-    ) -> Result<Option<Landed>, Duration> {
-        match self
-            .look_for_post(
-                event,
-                target,
-                destination,
-                thread,
-                token,
-                lost,
-                self.tier_wait(),
-            )
-            .await
-        {
-            Lookup::Found(landed) => Ok(Some(landed)),
-            Lookup::NotThere | Lookup::CannotCheck => Ok(None),
-            Lookup::Wait(wait) => Err(wait),
-        }
-    }
-
-    /// Looks for this event's post to `target` made since `lost.since_ms`
-    /// ([`Deliverer::find_lost_post`]), waiting up to `patience` for the
-    /// history call's shared allowance.
+    /// Looks for the post an earlier attempt may have made for this event
+    /// and target since `lost.since_ms` (a vanished holder's, or this
+    /// delivery's own after an answer in doubt): in the conversation's
+    /// history, and, for a reply under the incident's first message
+    /// (`thread`, its `ts`), in that thread, which the history does not
+    /// list. Waits up to `patience` for the history call's shared allowance.
     #[allow(clippy::too_many_arguments)]
     async fn look_for_post(
         &self,

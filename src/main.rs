@@ -261,9 +261,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // The command runs as a task on the runtime's workers, not on this
-    // thread: the tasks it spawns (one per delivery) then start in that
-    // worker's own queue instead of waking another thread each time.
+    // The command runs as a task on the runtime, not as the future
+    // `block_on` drives: with a pool (`TOKIO_WORKER_THREADS`) the tasks it
+    // spawns (one per delivery) then start in that worker's own queue
+    // instead of waking another thread each time.
     let command = runtime.spawn(dispatch(cli));
     match runtime.block_on(command) {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -278,18 +279,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The async runtime: one worker thread unless `TOKIO_WORKER_THREADS` asks
-/// for more. A delivery is I/O from end to end; with a second thread its
-/// wakeups cross threads, which cost more CPU per event in the pipeline
-/// bench and gained no throughput (README, Performance). More throughput
-/// than one thread gives comes from more replicas.
+/// The async runtime: a current-thread scheduler unless
+/// `TOKIO_WORKER_THREADS` asks for a pool. A delivery is I/O from end to
+/// end, so a second thread mostly adds cross-thread wakeups (README,
+/// Performance); more throughput comes from more replicas. The
+/// current-thread scheduler also runs a woken task after the ones already
+/// queued, never at once as the pool's "LIFO slot" does: the Redis
+/// connection's writer then runs once after a round of deliveries and sends
+/// all their commands in one write, instead of one write per command.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
-    }
-    builder.build()
+    let mut builder = match std::env::var_os("TOKIO_WORKER_THREADS") {
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build()
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {

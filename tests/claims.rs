@@ -92,6 +92,59 @@ async fn a_completed_claim_is_done_for_every_replica() {
     cleanup(&prefix).await;
 }
 
+#[tokio::test]
+async fn a_claim_sets_its_attempt_marker_and_keeps_an_earlier_one() {
+    let prefix = unique_prefix("marker");
+    let store = store(&prefix, Duration::from_secs(5)).await;
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let marker = |event: &str| format!("{}:attempt", store.key(event, "slack:T1:C1"));
+
+    // No earlier attempt: the claim is plain, and its marker holds when it began.
+    let Claim::Acquired(ticket) = store.claim("fresh", "slack:T1:C1").await.unwrap() else {
+        panic!("a first claim is plain");
+    };
+    let since: String = redis::cmd("GET")
+        .arg(marker("fresh"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let since: u64 = since.parse().unwrap();
+    assert!(
+        since > 1_700_000_000_000,
+        "Redis's clock in ms, got {since}"
+    );
+    store.release(&ticket, false).await.unwrap();
+
+    // An attempt that crashed after rerouting to the default channel: the
+    // claim says so, and leaves the earlier marker as it was.
+    let earlier = "1700000000123:C0DEFAULT";
+    let _: () = redis::cmd("SET")
+        .arg(marker("crashed"))
+        .arg(earlier)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    match store.claim("crashed", "slack:T1:C1").await.unwrap() {
+        Claim::AcquiredAfterCrash {
+            since_ms,
+            rerouted_to,
+            ..
+        } => {
+            assert_eq!(since_ms, 1_700_000_000_123);
+            assert_eq!(rerouted_to.as_deref(), Some("C0DEFAULT"));
+        }
+        other => panic!("an earlier attempt's marker is reported, got {other:?}"),
+    }
+    let kept: String = redis::cmd("GET")
+        .arg(marker("crashed"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(kept, earlier);
+    cleanup(&prefix).await;
+}
+
 /// The incident store and the limiter under one prefix, as the worker builds them.
 async fn incident_parts(prefix: &str) -> (Incidents, Idempotency, RateLimiter) {
     let client = redis::Client::open(REDIS).unwrap();

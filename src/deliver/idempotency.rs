@@ -109,13 +109,14 @@ pub(super) fn claim_lua() -> String {
 end
 local function claim(key, marker, value, lease_ms, now)
   if redis.call('SET', key, value, 'NX', 'PX', lease_ms) then
-    local earlier = redis.call('GET', marker)
-    if earlier then
-      local since, where = string.match(earlier, '^(%d+):?(.*)$')
-      return {{1, tonumber(since) or 0, where or ''}}
+    -- Our marker goes in unless an earlier one is there: one call in the
+    -- usual case (no earlier attempt), a second only to read an earlier one.
+    if redis.call('SET', marker, now, 'NX', 'PX', '{marker_ttl}') then
+      return {{0, 0, ''}}
     end
-    redis.call('SET', marker, now, 'PX', '{marker_ttl}')
-    return {{0, 0, ''}}
+    local earlier = redis.call('GET', marker) or ''
+    local since, where = string.match(earlier, '^(%d+):?(.*)$')
+    return {{1, tonumber(since) or 0, where or ''}}
   end
   if redis.call('GET', key) == '{DONE}' then return {{-1, 0, ''}} end
   return {{-2, math.max(redis.call('PTTL', key), 0), ''}}

@@ -1,12 +1,18 @@
-//! Several replicas on shared hot channels with one killed mid-burst, and the crash window
-//! between Slack accepting a post and its worker recording it.
+//! Several replicas on shared hot channels with one killed mid-burst, replicas sharing one
+//! channel listing, and the crash window between Slack accepting a post and its worker
+//! recording it.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use alert_router::config::SlackSettings;
+use alert_router::config::{Secret, SlackSettings};
+use alert_router::deliver::limit::RateLimiter;
+use alert_router::deliver::slack::SlackClient;
+use alert_router::deliver::slack::channels::{ChannelDirectory, Resolution};
+use alert_router::deliver::slack::tokens::WorkspaceToken;
+use alert_router::worker::redis_connection;
 use serde_json::json;
 use support::fake_slack::{ChannelSpec, Fault, RecordedPost};
 use support::{BASIC_RULES, ESCALATIONS, TestEnv, WAIT};
@@ -189,6 +195,125 @@ async fn three_replicas_one_killed_mid_burst_deliver_every_destination_once_to_i
         "no valid event dead-lettered"
     );
     assert!(env.smtp.mails().is_empty(), "nothing fell back to email");
+    env.cleanup().await;
+}
+
+/// A replica whose Redis commands cross the network slowly: a loopback
+/// relay to the real Redis that holds back any command naming `held` until
+/// the test lets it through.
+struct SlowRedisPath {
+    url: String,
+    holding: tokio::sync::watch::Receiver<bool>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl SlowRedisPath {
+    async fn start(redis_port: u16, held: &'static [u8]) -> SlowRedisPath {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let (holding_tx, holding) = tokio::sync::watch::channel(false);
+        let (release, release_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+                    .await
+                    .unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let holding_tx = holding_tx.clone();
+                let mut release_rx = release_rx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        if chunk.windows(held.len()).any(|w| w == held) {
+                            let _ = holding_tx.send(true);
+                            let _ = release_rx.wait_for(|released| *released).await;
+                        }
+                        if server_write.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SlowRedisPath {
+            url,
+            holding,
+            release,
+        }
+    }
+}
+
+fn channel_directory(settings: &alert_router::config::Settings) -> ChannelDirectory {
+    let redis = redis_connection(settings).expect("redis settings");
+    let slack = SlackClient::new(&settings.slack).expect("http client");
+    let limiter = RateLimiter::new(redis.clone(), &settings.redis.key_prefix, &settings.slack);
+    ChannelDirectory::new(
+        redis,
+        &settings.redis.key_prefix,
+        slack,
+        limiter,
+        settings.slack.channel_cache_ttl,
+        1000,
+    )
+}
+
+/// Replicas that miss a channel name together share one `conversations.list`
+/// (Tier 2, about 20 a minute), even when one of them reaches for the listing
+/// lock only after a peer has listed, stored the map and let go of the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_locks_after_a_peer_listed_uses_that_listing() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let token = WorkspaceToken {
+        workspace: env.workspace.clone(),
+        access_token: Secret::new(&env.token),
+        expires_at: None,
+        source: "redis",
+        rotating: false,
+    };
+    let mut late_settings = env.settings.clone();
+    let redis_port = env
+        .settings
+        .redis
+        .url
+        .expose()
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.trim_end_matches('/').parse().ok())
+        .expect("the tests' Redis URL ends in its port");
+    let mut path = SlowRedisPath::start(redis_port, b"channels-lock").await;
+    late_settings.redis.url = path.url.as_str().into();
+    let late = std::sync::Arc::new(channel_directory(&late_settings));
+    let prompt = channel_directory(&env.settings);
+
+    // The late replica misses the name and is on its way to the lock.
+    let late_resolve = {
+        let (late, token) = (late.clone(), token.clone());
+        tokio::spawn(async move { late.resolve(&token, "escalations").await })
+    };
+    path.holding.wait_for(|holding| *holding).await.unwrap();
+    // Meanwhile a peer lists the workspace and lets go of the lock.
+    let found = prompt.resolve(&token, "escalations").await.unwrap();
+    assert_eq!(found, Resolution::Id(ESCALATIONS.to_string()));
+    assert_eq!(env.slack.requests_for("conversations.list").len(), 1);
+
+    path.release.send(true).unwrap();
+    let found = late_resolve.await.unwrap().unwrap();
+    assert_eq!(found, Resolution::Id(ESCALATIONS.to_string()));
+    assert_eq!(
+        env.slack.requests_for("conversations.list").len(),
+        1,
+        "the late replica used its peer's listing"
+    );
     env.cleanup().await;
 }
 

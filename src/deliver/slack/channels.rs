@@ -330,6 +330,21 @@ impl ChannelDirectory {
             };
         }
 
+        // A peer may have listed and let go of the lock between our read
+        // above and taking it: its listing answers us too.
+        let cached = match self.read(workspace, name).await {
+            Ok(cached) => cached,
+            Err(e) => {
+                self.unlock(&lock_key, &lock_value).await;
+                return Err(e.into());
+            }
+        };
+        if let Some(found) = answer_if_listed_since(&cached, asked_at, failed_id, name) {
+            self.unlock(&lock_key, &lock_value).await;
+            self.local_put(workspace, name, &found);
+            return Ok(found);
+        }
+
         let listed = self.list_all(token).await;
         let result = match listed {
             Ok((map, complete)) => {
@@ -367,14 +382,21 @@ impl ChannelDirectory {
             }
             Err(e) => Err(ResolveError::Slack(e)),
         };
+        self.unlock(&lock_key, &lock_value).await;
+        result
+    }
+
+    /// Lets go of the listing lock if it is still ours; a failure leaves it
+    /// to expire after [`LIST_LOCK`].
+    async fn unlock(&self, lock_key: &str, lock_value: &str) {
+        let mut redis = self.redis.clone();
         let _: Result<i64, _> = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         )
-        .key(&lock_key)
-        .arg(&lock_value)
+        .key(lock_key)
+        .arg(lock_value)
         .invoke_async(&mut redis)
         .await;
-        result
     }
 
     /// Every channel the bot can see, following `next_cursor`, and whether

@@ -830,7 +830,7 @@ async fn main() -> anyhow::Result<()> {
     let e2e_steady = rate(n.saturating_sub(1), e2e.steady);
     // Each round pairs a baseline with the worker run right after it, under
     // the same machine conditions: the median of those ratios is the verdict.
-    let mut ratios: Vec<f64> = report.round_rates.iter().map(|(b, e, _)| e / b).collect();
+    let mut ratios: Vec<f64> = report.round_rates.iter().map(|(b, e, ..)| e / b).collect();
     ratios.sort_by(f64::total_cmp);
     let ratio = ratios[ratios.len() / 2];
     let lat = &report.latency;
@@ -915,17 +915,24 @@ async fn main() -> anyhow::Result<()> {
     let rounds: Vec<String> = report
         .round_rates
         .iter()
-        .map(|(b, e, distinct)| {
+        .map(|(b, e, distinct, cpu)| {
             let short = if *distinct < n {
                 format!(" ({} duplicate posts)", n - distinct)
             } else {
                 String::new()
             };
-            format!("{e:.0}/{b:.0} = {:.0} %{short}", e / b * 100.0)
+            let per_msg = |d: Duration| d.as_micros() / n.max(1) as u128;
+            format!(
+                "{e:.0}/{b:.0} = {:.0} %{short} [{}/{}/{}]",
+                e / b * 100.0,
+                per_msg(cpu.worker),
+                per_msg(cpu.broker),
+                per_msg(cpu.redis)
+            )
         })
         .collect();
     println!(
-        "            rounds (alert-router/baseline): {}",
+        "            rounds (alert-router/baseline) [worker/RabbitMQ/Redis CPU us per event]: {}",
         rounds.join(", ")
     );
     println!(
@@ -970,7 +977,8 @@ async fn main() -> anyhow::Result<()> {
 
 struct Report {
     /// Per round: baseline consume+ack rate, end-to-end rate, distinct events posted.
-    round_rates: Vec<(f64, f64, usize)>,
+    /// Per round: baseline and worker rates, distinct events posted, the worker's CPU.
+    round_rates: Vec<(f64, f64, usize, Cpu)>,
     baseline: Baseline,
     broker_latency: Latency,
     fast_publish: Duration,
@@ -1033,7 +1041,7 @@ async fn run(
     let round_rates = baselines
         .iter()
         .zip(&rounds)
-        .map(|(b, r)| (rate(n, b.consume), rate(n, r.total), r.distinct_ids))
+        .map(|(b, r)| (rate(n, b.consume), rate(n, r.total), r.distinct_ids, r.cpu))
         .collect();
     let fast_result = median_round(&mut rounds);
     let baseline = median_baseline(&mut baselines);

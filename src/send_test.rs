@@ -311,6 +311,7 @@ pub fn test_event(
         targets: Some(vec![target]),
         dedup_key: None,
         acknowledged_by: None,
+        received: Default::default(),
     };
     event.validate()?;
     Ok(event)

@@ -488,7 +488,11 @@ impl Incidents {
 
     /// ARGV[1..7] of both observation scripts.
     fn observation_args(call: &mut redis::ScriptInvocation<'_>, event: &Event, ttl: Duration) {
-        let event_json = serde_json::to_string(event).unwrap_or_default();
+        // As received, else encoded: a reader decodes either as the same event.
+        let event_json = match event.received.as_str() {
+            Some(text) => std::borrow::Cow::Borrowed(text),
+            None => std::borrow::Cow::Owned(serde_json::to_string(event).unwrap_or_default()),
+        };
         let level = event
             .level
             .and_then(|l| i64::try_from(l).ok())
@@ -506,7 +510,7 @@ impl Incidents {
         call.arg(event.incident_state().as_str())
             .arg(severity_rank(event.severity))
             .arg(level)
-            .arg(event_json)
+            .arg(event_json.as_ref())
             .arg(millis(ttl))
             .arg(&event.id)
             .arg(acknowledged_by);

@@ -548,6 +548,7 @@ mod tests {
             targets: None,
             dedup_key: None,
             acknowledged_by: None,
+            received: Default::default(),
         }
     }
 

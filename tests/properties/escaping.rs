@@ -194,6 +194,7 @@ pub fn case() -> impl Strategy<Value = Case> {
                 targets: None,
                 dedup_key: None,
                 acknowledged_by: None,
+                received: Default::default(),
             },
         );
     let acknowledger = prop_oneof![

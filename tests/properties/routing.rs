@@ -249,6 +249,7 @@ fn event() -> impl Strategy<Value = Event> {
                 targets,
                 dedup_key: None,
                 acknowledged_by: None,
+                received: Default::default(),
             },
         )
 }

@@ -292,7 +292,10 @@ fn escalation_event(
     member: &Member,
     targets: &[crate::event::Target],
 ) -> Option<Vec<u8>> {
-    let mut event: Value = serde_json::from_str(incident.first_event.as_deref()?).ok()?;
+    // Through `Event`: the record keeps the body as received, and fields
+    // the worker does not know are not passed on.
+    let first: crate::event::Event = serde_json::from_str(incident.first_event.as_deref()?).ok()?;
+    let mut event = serde_json::to_value(&first).ok()?;
     let object = event.as_object_mut()?;
     let mut digest = Sha256::new();
     digest.update(serde_json::to_vec(member).ok()?);
@@ -330,7 +333,7 @@ mod tests {
             severity: None,
             level: None,
             first_event: Some(
-                r#"{"id":"e1","type":"escalation.triggered","severity":"high","title":"Checkout down","ticket":{"number":"TCK-1"}}"#
+                r#"{"id":"e1","type":"escalation.triggered","severity":"high","title":"Checkout down","ticket":{"number":"TCK-1"},"producer_debug":"x"}"#
                     .into(),
             ),
             first_at_ms: 1_700_000_000_000,
@@ -356,6 +359,9 @@ mod tests {
         assert_eq!(event.own_targets(), &[Target::SlackUser("U0HEAD".into())]);
         assert_eq!(event.level, Some(1));
         assert!(event.id.starts_with("escalation-") && event.id != "e1");
+        // The record keeps the first body as received; what the worker does
+        // not know of it is not published again.
+        assert!(!String::from_utf8_lossy(&body).contains("producer_debug"));
         let again = escalation_event(&incident, &member, &[]).unwrap();
         assert_eq!(
             Event::decode(&again, 1 << 20).unwrap().id,

@@ -231,6 +231,36 @@ fn bad_input(error: anyhow::Error) -> Failure {
     Failure { code: 2, error }
 }
 
+/// mimalloc 3's index of its `purge_delay` option (the `mi_option_t` enum),
+/// and that option's default, by which the index is checked before use.
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+#[cfg(not(feature = "system-allocator"))]
+const MI_PURGE_DELAY_DEFAULT_MS: std::ffi::c_long = 1000;
+/// How long freed memory stays mapped before mimalloc returns it to the
+/// system. Its default, a second, let a 20,000-event backlog over 10,000
+/// workspaces peak at 41–45 MiB resident; at 100 ms the peak was 38.6–38.9
+/// MiB, with no CPU cost the pipeline bench could tell from its noise.
+#[cfg(not(feature = "system-allocator"))]
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
+
+/// Shortens mimalloc's purge delay to [`PURGE_DELAY_MS`], unless
+/// `MIMALLOC_PURGE_DELAY` is set (mimalloc reads it itself) or the option is
+/// not where this mimalloc version is expected to keep it.
+fn return_freed_memory_sooner() {
+    #[cfg(not(feature = "system-allocator"))]
+    // SAFETY: called first thing in `main`, before any thread of ours
+    // exists (mimalloc's option setters are not thread-safe); both calls
+    // take an option index and a plain integer.
+    unsafe {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
+            && libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_PURGE_DELAY_DEFAULT_MS
+        {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
+        }
+    }
+}
+
 /// Opts this process out of transparent huge pages. On kernels with THP set
 /// to `always`, the allocator's arenas are backed by 2 MiB pages as soon as
 /// one byte of each is touched: an idle worker then holds 48 MB instead of 34.
@@ -253,6 +283,7 @@ fn keep_memory_in_small_pages() {
 
 fn main() -> ExitCode {
     keep_memory_in_small_pages();
+    return_freed_memory_sooner();
     let cli = Cli::parse();
     let runtime = match runtime() {
         Ok(runtime) => runtime,

@@ -239,7 +239,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_PURGE_DELAY_DEFAULT_MS: std::ffi::c_long = 1000;
 /// How long freed memory stays mapped before mimalloc returns it to the
 /// system. Its default, a second, let a 20,000-event backlog over 10,000
-/// workspaces peak at 41–45 MiB resident; at 100 ms the peak was 38.6–38.9
+/// workspaces peak at 41–45 MiB resident; at 100 ms the peak was 38.6–39.9
 /// MiB, with no CPU cost the pipeline bench could tell from its noise.
 #[cfg(not(feature = "system-allocator"))]
 const PURGE_DELAY_MS: std::ffi::c_long = 100;

@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Default limit on the size of an event body, in bytes (256 KiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 
+/// Bodies up to this size are kept beside the decoded event
+/// ([`ReceivedJson`]). Events are a few KiB; a larger one is encoded again
+/// when needed, so that a window of near-limit bodies is not held twice.
+pub const KEEP_RECEIVED_MAX_BYTES: usize = 16 * 1024;
+
 /// One notification-worthy thing that happened, as a producer published it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -70,12 +75,17 @@ pub struct Event {
 
 /// The JSON text an [`Event`] was decoded from, kept so that an incident can
 /// store its first event without encoding it again (about 4 % of the
-/// worker's CPU per event). Events built in code have none. It takes no part
-/// in comparisons, and `Debug` shows only its length.
+/// worker's CPU per event). Events built in code, and bodies over
+/// [`KEEP_RECEIVED_MAX_BYTES`], have none. It takes no part in comparisons,
+/// and `Debug` shows only its length.
 #[derive(Clone, Default)]
 pub struct ReceivedJson(Option<Arc<str>>);
 
 impl ReceivedJson {
+    fn keep(text: &str) -> ReceivedJson {
+        ReceivedJson((text.len() <= KEEP_RECEIVED_MAX_BYTES).then(|| Arc::from(text)))
+    }
+
     /// The text, if the event was decoded from one.
     pub fn as_str(&self) -> Option<&str> {
         self.0.as_deref()
@@ -281,7 +291,7 @@ impl Event {
         // the passes below, which find the error worth reporting.
         if let Ok(mut event) = serde_json::from_str::<Event>(text) {
             event.validate()?;
-            event.received = ReceivedJson(Some(Arc::from(text)));
+            event.received = ReceivedJson::keep(text);
             return Ok(event);
         }
         // A syntax pass first, so a truncated body is reported as broken JSON
@@ -308,7 +318,7 @@ impl Event {
         json.end()
             .map_err(|e| EventError::InvalidJson(e.to_string()))?;
         event.validate()?;
-        event.received = ReceivedJson(Some(Arc::from(text)));
+        event.received = ReceivedJson::keep(text);
         Ok(event)
     }
 
@@ -494,6 +504,17 @@ mod tests {
             format!("{:?}", event.received),
             format!("ReceivedJson({} bytes)", EXAMPLE.len())
         );
+        // A large body is not held twice: it is encoded again when needed.
+        let large = EXAMPLE.replacen(
+            r#""title":"#,
+            &format!(
+                r#""producer_debug":"{}","title":"#,
+                "x".repeat(KEEP_RECEIVED_MAX_BYTES)
+            ),
+            1,
+        );
+        let event = decode(&large).unwrap();
+        assert!(event.received.as_str().is_none());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::idempotency::{Claim, ClaimTicket, claim_lua};
+use super::idempotency::{Claim, ClaimTicket, NOW_MS_LUA, claim_lua};
 use super::limit::{Slot, SlotRequest, TAKE_SLOT_LUA};
 use crate::event::{Event, IncidentState, Severity};
 
@@ -168,30 +168,32 @@ pub struct Preclaim<'a> {
 }
 
 /// The observation as a Lua function, for [`OBSERVE`] and [`OBSERVE_AND_CLAIM`]:
-/// it updates and reads the incident in one go, and answers `{first, rose,
-/// fields, posts}` and the incident's fields after the event.
+/// it updates and reads the incident in one go, and answers `first, rose,
+/// fields, posts` (the four elements of the scripts' answer), then the
+/// incident's fields after the event (`h`) and the field names it read
+/// (`names`: destination i's first message is `names[7 + 2i]`).
+/// Lua work is most of what this costs Redis (see `NOW_MS_LUA` in
+/// `idempotency.rs`), so the usual paths make few strings, tables and
+/// number conversions.
 const OBSERVE_FN: &str = r#"
 local function observe(key, state, severity_s, level_s, event, ttl, event_id, ack_by, destinations, now, now_s)
 local stale_ms = STALE_MS
 -- Numbers are compared as numbers but written as the strings they came as:
 -- Redis 7.0 formats every number argument with snprintf, a cost per call.
-local severity, level = tonumber(severity_s), tonumber(level_s)
 -- Each field name is built once: every new string costs the script a hash
 -- and an allocation.
 local seen_field = 'seen:' .. event_id
-local msg_fields = {}
 -- One read of everything this event needs, one write of what it changes:
 -- `h` is the incident's fields as they are after this event.
 local names = {seen_field, 'state', 'severity', 'level', 'first_at', 'ack_by', 'ack_at', 'resolved_at'}
 for i, destination in ipairs(destinations) do
-  msg_fields[i] = 'msg:' .. destination
-  names[#names + 1] = msg_fields[i]
-  names[#names + 1] = 'emailed:' .. destination
+  names[7 + 2 * i] = 'msg:' .. destination
+  names[8 + 2 * i] = 'emailed:' .. destination
 end
 local values = redis.call('HMGET', key, unpack(names))
-local h = {}
+local h, found = {}, false
 for i = 2, #names do
-  if values[i] then h[names[i]] = values[i] end
+  if values[i] then h[names[i]], found = values[i], true end
 end
 local seen = values[1]
 local writes = {}
@@ -200,7 +202,7 @@ local function set(field, value)
   writes[#writes + 1] = field
   writes[#writes + 1] = value
 end
-local first, rose
+local first, rose, fresh
 if seen then
   first = string.byte(seen, 1) == 49
   rose = string.byte(seen, 2) == 49
@@ -208,25 +210,35 @@ else
   if h['state'] == 'resolved' and state == 'open' then
     -- A new problem after the last one was resolved: a new incident.
     redis.call('DEL', key)
-    h = {}
+    h, found = {}, false
   end
   if not h['state'] then
     -- A new incident: its fields in one go (the event is written, but
     -- kept out of `h`: the answer has no use for it).
     first, rose = true, false
-    h['state'], h['severity'], h['level'], h['first_at'] = 'open', severity_s, level_s, now_s
-    writes = {'state', 'open', 'severity', severity_s, 'level', level_s, 'first_at', now_s, 'event', event}
+    if found then
+      -- What a key without an incident can hold (an email note).
+      h['state'], h['severity'], h['level'], h['first_at'] = 'open', severity_s, level_s, now_s
+    else
+      h = {state = 'open', severity = severity_s, level = level_s, first_at = now_s}
+      -- The usual case: the answer is these four fields (any first
+      -- message is now this event's to post, so pending: left out).
+      fresh = state == 'open'
+    end
+    writes = {'state', 'open', 'severity', severity_s, 'level', level_s, 'first_at', now_s, 'event', event,
+      seen_field, '10'}
   else
     first = false
+    local severity, level = tonumber(severity_s), tonumber(level_s)
     local was_severity = tonumber(h['severity'] or '99')
     local was_level = tonumber(h['level'] or '-1')
     rose = severity < was_severity or level > was_level
     if severity < was_severity then set('severity', severity_s) end
     if level > was_level then set('level', level_s) end
+    -- Written, but kept out of `h`: the answer has no use for it.
+    writes[#writes + 1] = seen_field
+    writes[#writes + 1] = rose and '01' or '00'
   end
-  -- Written, but kept out of `h`: the answer has no use for it.
-  writes[#writes + 1] = seen_field
-  writes[#writes + 1] = (first and '1' or '0') .. (rose and '1' or '0')
   if state == 'acknowledged' and h['state'] == 'open' then
     set('state', 'acknowledged')
     set('ack_at', now_s)
@@ -238,7 +250,8 @@ else
 end
 -- Each destination's first message: there, being posted, or ours to post.
 local posts = {}
-for i, field in ipairs(msg_fields) do
+for i = 1, #destinations do
+  local field = names[7 + 2 * i]
   local current = h[field]
   local since, owner
   if current and string.find(current, 'pending ', 1, true) == 1 then
@@ -262,29 +275,35 @@ redis.call('PEXPIRE', key, ttl)
 local fields = {}
 if state ~= 'open' then
   fields = redis.call('HGETALL', key)
+elseif fresh then
+  fields = {'state', 'open', 'severity', severity_s, 'level', level_s, 'first_at', now_s}
 else
-  -- A first message still being posted reads as none: left out, as
-  -- every element answered costs the worker a parse.
-  for name, value in pairs(h) do
-    if string.find(value, 'pending ', 1, true) ~= 1 then
-      fields[#fields + 1] = name
-      fields[#fields + 1] = value
+  -- Every field `h` can hold is in `names`; a first message still being
+  -- posted reads as none: left out, as every element answered costs the
+  -- worker a parse. Only a first message can be pending.
+  local n = 0
+  for i = 2, #names do
+    local name = names[i]
+    local value = h[name]
+    if value and (i < 9 or i % 2 == 0 or string.find(value, 'pending ', 1, true) ~= 1) then
+      fields[n + 1] = name
+      fields[n + 2] = value
+      n = n + 2
     end
   end
 end
-return {first and 1 or 0, rose and 1 or 0, fields, posts}, h
+return first and 1 or 0, rose and 1 or 0, fields, posts, h, names
 end
 "#;
 
 /// One event joins its incident (see [`Incidents::observe`]).
 const OBSERVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now, now_s = now_ms()
 local destinations = {}
 for i = 8, #ARGV do destinations[#destinations + 1] = ARGV[i] end
-local observed = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-  ARGV[5], ARGV[6], ARGV[7], destinations, now, tostring(now))
-return observed
+local first, rose, fields, posts = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6], ARGV[7], destinations, now, now_s)
+return {first, rose, fields, posts}
 "#;
 
 /// [`OBSERVE`] for an event with one Slack destination, then, unless
@@ -298,23 +317,21 @@ return observed
 /// `{claim, claim_ms, where, wait}`: `claim` 9 when not claimed, `wait` -1
 /// when no slot was asked for.
 const OBSERVE_AND_CLAIM: &str = r#"
-local now = now_ms()
-local now_s = tostring(now)
-local observed, h = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+local now, now_s = now_ms()
+local first, rose, fields, posts, h, names = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   ARGV[5], ARGV[6], ARGV[7], {ARGV[16]}, now, now_s)
 local claimed = {9, 0, '', -1}
-local post = observed[4][1]
-local there = h['msg:' .. ARGV[16]]
+local post = posts[1]
+local there = h[names[9]]
 if post == 0 or (post == 1 and there and string.match(there, '^(%S+)') == ARGV[15]) then
-  local c = claim(KEYS[5], KEYS[6], ARGV[8], ARGV[9], now_s)
+  local code, ms, where = claim(KEYS[5], KEYS[6], ARGV[8], ARGV[9], now_s)
   local wait = -1
-  if c[1] >= 0 and ARGV[14] == '1' then
+  if code >= 0 and ARGV[14] == '1' then
     wait = take_slot(now, KEYS[2], KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
   end
-  claimed = {c[1], c[2], c[3], wait}
+  claimed = {code, ms, where, wait}
 end
-observed[5] = claimed
-return observed
+return {first, rose, fields, posts, claimed}
 "#;
 
 /// `{0, ''}` ours to post; `{1, 'C… ts'}` exists; `{2, ''}` in flight elsewhere.
@@ -380,7 +397,7 @@ impl Incidents {
             key_prefix: key_prefix.to_string(),
             ttl,
             observe: redis::Script::new(
-                &format!("{OBSERVE_FN}{OBSERVE}")
+                &format!("{NOW_MS_LUA}{OBSERVE_FN}{OBSERVE}")
                     .replace("STALE_MS", &FIRST_POST_STALE_MS.to_string()),
             ),
             observe_and_claim: redis::Script::new(

@@ -34,23 +34,20 @@ const BURST_JITTER_ALLOWANCE_MS: u64 = 250;
 pub(super) const TAKE_SLOT_LUA: &str = r#"
 local function take_slot(now, rate_key, workspace_key, pause_key, c_interval, c_tolerance, w_interval, w_tolerance)
   local state = redis.call('MGET', rate_key, workspace_key, pause_key)
-  local paused_until = tonumber(state[3] or '0')
-  if paused_until > now then return paused_until - now end
-  local buckets = {{rate_key, tonumber(c_interval), tonumber(c_tolerance)},
-                   {workspace_key, tonumber(w_interval), tonumber(w_tolerance)}}
-  local wait = 0
-  for i = 1, 2 do
-    local tat = tonumber(state[i] or '0')
-    if tat < now then tat = now end
-    local allowed_at = tat - buckets[i][3]
-    if allowed_at > now and allowed_at - now > wait then wait = allowed_at - now end
-    buckets[i][4] = tat + buckets[i][2]
+  -- A missing key reads as now; only what is there is converted (each
+  -- conversion is a strtod; see NOW_MS_LUA).
+  if state[3] then
+    local paused_until = tonumber(state[3])
+    if paused_until > now then return paused_until - now end
   end
+  local c_tat = state[1] and math.max(tonumber(state[1]), now) or now
+  local w_tat = state[2] and math.max(tonumber(state[2]), now) or now
+  c_tolerance, w_tolerance = tonumber(c_tolerance), tonumber(w_tolerance)
+  local wait = math.max(c_tat - c_tolerance - now, w_tat - w_tolerance - now)
   if wait > 0 then return wait end
-  for i = 1, 2 do
-    local new_tat = buckets[i][4]
-    redis.call('SET', buckets[i][1], new_tat, 'PX', math.max(1, new_tat - now + buckets[i][3]) + 1000)
-  end
+  c_tat, w_tat = c_tat + tonumber(c_interval), w_tat + tonumber(w_interval)
+  redis.call('SET', rate_key, string.format('%d', c_tat), 'PX', string.format('%d', c_tat - now + c_tolerance + 1000))
+  redis.call('SET', workspace_key, string.format('%d', w_tat), 'PX', string.format('%d', w_tat - now + w_tolerance + 1000))
   return 0
 end
 "#;
@@ -65,14 +62,14 @@ end
 /// of two. A negative `claim` is the claim's whole answer (done, or held
 /// elsewhere); otherwise the claim is ours, whatever the buckets say.
 const GCRA: &str = r#"
-local claimed = {0, 0, ''}
-local now = now_ms()
+local code, ms, where = 0, 0, ''
+local now, now_s = now_ms()
 if KEYS[4] then
-  claimed = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6], now)
-  if claimed[1] < 0 then return {claimed[1], claimed[2], 0, claimed[3]} end
+  code, ms, where = claim(KEYS[4], KEYS[5], ARGV[5], ARGV[6], now_s)
+  if code < 0 then return {code, ms, 0, where} end
 end
 local wait = take_slot(now, KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-return {claimed[1], claimed[2], wait, claimed[3]}
+return {code, ms, wait, where}
 "#;
 
 /// One bucket and its pause, for the per-workspace limits of the Web API's

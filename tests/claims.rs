@@ -1,4 +1,4 @@
-//! Idempotency claims against the real Redis: a claim in use outlives its lease, a dropped one frees; the claim taken with the incident's record.
+//! Idempotency claims against the real Redis: a claim in use outlives its lease, a dropped one frees; the claim taken with the incident's record; the record through an incident's life.
 
 use std::time::Duration;
 
@@ -318,6 +318,136 @@ async fn the_slot_taken_with_the_claim_follows_the_channel_limit() {
     assert!(
         matches!(claimed, Some((Claim::Acquired(_), Slot::Ask))),
         "got {claimed:?}"
+    );
+    cleanup(&prefix).await;
+}
+
+fn incident_event_of(id: &str, incident: &str, kind: &str, severity: &str) -> Event {
+    let json = serde_json::json!({
+        "id": id, "type": kind, "severity": severity,
+        "title": "Checkout API error rate above SLO", "dedup_key": incident,
+    });
+    Event::decode(json.to_string().as_bytes(), 256 * 1024).unwrap()
+}
+
+#[tokio::test]
+async fn the_incident_record_follows_its_events_through_rise_redelivery_resolution_and_a_new_start()
+{
+    use alert_router::event::{IncidentState, Severity};
+    let prefix = unique_prefix("observe-life");
+    let (incidents, ..) = incident_parts(&prefix).await;
+    let to = ["slack:T1:C1"];
+    let observe = |event: Event| {
+        let incidents = &incidents;
+        async move {
+            incidents
+                .observe("T1", &event.incident_key(), &event, &to)
+                .await
+                .unwrap()
+        }
+    };
+
+    let opened = observe(incident_event_of(
+        "ev-1",
+        "db",
+        "escalation.triggered",
+        "medium",
+    ))
+    .await;
+    assert!(opened.is_first && !opened.rose);
+    assert_eq!(opened.incident.state, IncidentState::Open);
+    assert_eq!(opened.incident.severity, Some(Severity::Medium));
+    assert!(opened.incident.first_at_ms > 0);
+    assert_eq!(opened.first_posts, vec![FirstPost::Ours]);
+
+    // More severe: a rise; the first message is still being posted by ev-1.
+    let rose = observe(incident_event_of(
+        "ev-2",
+        "db",
+        "escalation.triggered",
+        "critical",
+    ))
+    .await;
+    assert!(!rose.is_first && rose.rose);
+    assert_eq!(rose.incident.severity, Some(Severity::Critical));
+    assert_eq!(rose.first_posts, vec![FirstPost::InFlight]);
+    // Less severe after that: no rise, and the incident keeps its worst.
+    let calmer = observe(incident_event_of(
+        "ev-3",
+        "db",
+        "escalation.triggered",
+        "low",
+    ))
+    .await;
+    assert!(!calmer.is_first && !calmer.rose);
+    assert_eq!(calmer.incident.severity, Some(Severity::Critical));
+    // A redelivery is judged as it was the first time.
+    let again = observe(incident_event_of(
+        "ev-2",
+        "db",
+        "escalation.triggered",
+        "critical",
+    ))
+    .await;
+    assert!(!again.is_first && again.rose);
+
+    let first = FirstMessage {
+        channel: "C1".into(),
+        ts: "1700000000.000100".into(),
+    };
+    incidents
+        .record_first("T1", "db", to[0], &first)
+        .await
+        .unwrap();
+    let resolved = observe(incident_event_of(
+        "ev-4",
+        "db",
+        "escalation.resolved",
+        "info",
+    ))
+    .await;
+    assert_eq!(resolved.incident.state, IncidentState::Resolved);
+    assert!(resolved.incident.resolved_at_ms.is_some());
+    assert!(
+        resolved.incident.first_event.is_some(),
+        "a resolution reads the whole record"
+    );
+    assert_eq!(resolved.first_posts, vec![FirstPost::Exists(first)]);
+
+    // A new problem after the resolution starts a new incident, without the old one's fields.
+    let reopened = observe(incident_event_of(
+        "ev-5",
+        "db",
+        "escalation.triggered",
+        "low",
+    ))
+    .await;
+    assert!(reopened.is_first && !reopened.rose);
+    assert_eq!(reopened.incident.state, IncidentState::Open);
+    assert_eq!(reopened.incident.severity, Some(Severity::Low));
+    assert_eq!(reopened.incident.resolved_at_ms, None);
+    assert_eq!(reopened.first_posts, vec![FirstPost::Ours]);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_email_note_left_where_no_incident_is_stays_with_the_incident_that_starts_there() {
+    let prefix = unique_prefix("observe-emailed");
+    let (incidents, ..) = incident_parts(&prefix).await;
+    let to = ["slack:T1:C1"];
+    // A delivery gave up its first post to email after the record was gone.
+    incidents
+        .abandon_first("T1", "db", to[0], true)
+        .await
+        .unwrap();
+
+    let event = incident_event_of("ev-1", "db", "escalation.triggered", "high");
+    let observed = incidents.observe("T1", "db", &event, &to).await.unwrap();
+    assert!(observed.is_first);
+    assert!(
+        observed.incident.emailed.contains_key(to[0]),
+        "the email note is answered with the new incident, got {:?}",
+        observed.incident
     );
     cleanup(&prefix).await;
 }

@@ -125,8 +125,8 @@ end
 /// Redis's clock in milliseconds, as a number and as the string scripts
 /// write. Lua work is most of what a script costs Redis: every string
 /// converted to a number (`tonumber`, a `strtod`) and every number written
-/// through `redis.call` or `..` (a `%.14g` `snprintf`) costs one to two
-/// thousand instructions, so scripts convert each once, and format
+/// out through `redis.call` or `..` (an `snprintf` of a double) costs one
+/// to two thousand instructions, so scripts convert each once, and write
 /// integers with `%d`.
 pub(super) const NOW_MS_LUA: &str = "local function now_ms()
   local t = redis.call('TIME')

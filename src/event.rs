@@ -74,8 +74,8 @@ pub struct Event {
 }
 
 /// The JSON text an [`Event`] was decoded from, kept so that an incident can
-/// store its first event without encoding it again (about 4 % of the
-/// worker's CPU per event). Events built in code, and bodies over
+/// store its first event without encoding it again (about 3.5 % of the
+/// worker's instructions per event). Events built in code, and bodies over
 /// [`KEEP_RECEIVED_MAX_BYTES`], have none. It takes no part in comparisons,
 /// and `Debug` shows only its length.
 #[derive(Clone, Default)]

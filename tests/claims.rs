@@ -163,8 +163,12 @@ async fn incident_parts(prefix: &str) -> (Incidents, Idempotency, RateLimiter) {
 }
 
 fn incident_event(id: &str, incident: &str) -> Event {
+    incident_event_of(id, incident, "escalation.triggered", "high")
+}
+
+fn incident_event_of(id: &str, incident: &str, kind: &str, severity: &str) -> Event {
     let json = serde_json::json!({
-        "id": id, "type": "escalation.triggered", "severity": "high",
+        "id": id, "type": kind, "severity": severity,
         "title": "Checkout API error rate above SLO", "dedup_key": incident,
     });
     Event::decode(json.to_string().as_bytes(), 256 * 1024).unwrap()
@@ -320,14 +324,6 @@ async fn the_slot_taken_with_the_claim_follows_the_channel_limit() {
         "got {claimed:?}"
     );
     cleanup(&prefix).await;
-}
-
-fn incident_event_of(id: &str, incident: &str, kind: &str, severity: &str) -> Event {
-    let json = serde_json::json!({
-        "id": id, "type": kind, "severity": severity,
-        "title": "Checkout API error rate above SLO", "dedup_key": incident,
-    });
-    Event::decode(json.to_string().as_bytes(), 256 * 1024).unwrap()
 }
 
 #[tokio::test]

@@ -11,7 +11,11 @@ use support::{BASIC_RULES, ESCALATIONS, RULES_WITH_EMAIL, TestEnv, WAIT};
 
 /// A test namespace with the worker's default (Slack-sized) rate limits.
 async fn env_with_default_limits() -> TestEnv {
-    let mut env = TestEnv::start(BASIC_RULES).await;
+    env_with_default_limits_and(BASIC_RULES).await
+}
+
+async fn env_with_default_limits_and(rules: &str) -> TestEnv {
+    let mut env = TestEnv::start(rules).await;
     let defaults = SlackSettings::default();
     env.settings.slack.channel_rate_per_second = defaults.channel_rate_per_second;
     env.settings.slack.channel_burst = defaults.channel_burst;
@@ -54,6 +58,74 @@ async fn three_workers_on_one_hot_channel_stay_under_its_limit() {
     assert!(
         env.smtp.mails().is_empty(),
         "waiting for a slot is not a reason to email"
+    );
+    env.cleanup().await;
+}
+
+/// The on-call lead gets every database incident as a direct message.
+const DM_RULES: &str = r#"version: 1
+defaults:
+  slack_channel: "C0ESCALATE"
+unmatched: default
+rules:
+  - name: database
+    matchers:
+      - team="database"
+    notify:
+      - slack_user: U0LEAD
+"#;
+
+#[tokio::test]
+async fn direct_messages_by_user_id_and_replies_by_dm_id_spend_one_channel_budget() {
+    let env = env_with_default_limits_and(DM_RULES).await;
+    env.slack.add_user("U0LEAD", "lead@example.com");
+    env.slack.set_channel_rate_limit(1.0, 3);
+    let worker = env.spawn_worker();
+    let incident = |id: &str, key: &str| {
+        env.event(
+            id,
+            json!({"dedup_key": key, "labels": {"team": "database"}}),
+        )
+    };
+
+    // The incident's first message goes to the user id; Slack answers
+    // with the DM's `D…` id, where its later events reply.
+    env.publish(&incident("first", "replica-lag")).await;
+    let first = env.slack.wait_for_posts(1, WAIT).await.unwrap().remove(0);
+    let dm = first.channel_id.clone();
+    assert_eq!(first.channel, "U0LEAD");
+    assert!(dm.starts_with('D'), "Slack answered {dm}");
+
+    // At once: three replies (to `D…`) and three new incidents (to `U0LEAD`),
+    // all one conversation to Slack.
+    for i in 0..3 {
+        env.publish(&incident(&format!("reply-{i}"), "replica-lag"))
+            .await;
+        env.publish(&incident(&format!("new-{i}"), &format!("disk-full-{i}")))
+            .await;
+    }
+    let posts = env
+        .slack
+        .wait_for_posts(7, Duration::from_secs(30))
+        .await
+        .unwrap();
+    worker.stop().await;
+
+    assert_eq!(env.slack.rate_limited_count(), 0, "no 429 from Slack");
+    assert!(posts.iter().all(|p| p.channel_id == dm));
+    let sent_to = |prefix: &str| {
+        posts
+            .iter()
+            .filter(|p| p.text.as_deref().is_some_and(|t| t.contains(prefix)))
+            .map(|p| (p.channel.as_str(), p.thread_ts.is_some()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sent_to("Test event reply-"), vec![(dm.as_str(), true); 3]);
+    assert_eq!(sent_to("Test event new-"), vec![("U0LEAD", false); 3]);
+    assert!(
+        env.slack
+            .max_posts_in_window(&dm, Duration::from_millis(999))
+            <= 3
     );
     env.cleanup().await;
 }

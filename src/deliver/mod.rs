@@ -282,12 +282,15 @@ impl Deliverer {
                         let preclaim = Preclaim {
                             ticket: self.idempotency.ticket(&event.id, &only.key),
                             lease_ms: self.idempotency.lease_ms(),
-                            slot: (!self
-                                .scheduler
-                                .is_busy(&token.workspace, &destination.channel))
+                            slot: (!self.scheduler.is_busy(
+                                &token.workspace,
+                                destination.budget(&destination.channel),
+                            ))
                             .then(|| {
-                                self.limiter
-                                    .slot_request(&token.workspace, &destination.channel)
+                                self.limiter.slot_request(
+                                    &token.workspace,
+                                    destination.budget(&destination.channel),
+                                )
                             }),
                             channel: &destination.channel,
                         };

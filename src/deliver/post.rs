@@ -255,8 +255,8 @@ impl Deliverer {
             }
         };
 
-        // The slot taken with the claim is the routed channel's.
-        let routed_channel = destination.channel.as_str();
+        // The slot taken with the claim is the routed channel's budget.
+        let routed_budget = destination.budget(&destination.channel);
         // A reply goes where the first message is (a DM's `D…` id, say).
         let replying;
         let destination = match plan.and_then(ThreadPlan::parent) {
@@ -276,7 +276,7 @@ impl Deliverer {
         // posts already wait for this channel: then it queues behind them.
         let claimed = if let Some((claim, slot)) = preclaimed {
             // Taken with the incident's record ([`super::incident::Incidents::observe_and_claim`]).
-            let slot = if destination.channel == routed_channel {
+            let slot = if destination.budget(&destination.channel) == routed_budget {
                 slot
             } else {
                 Slot::Ask
@@ -284,7 +284,7 @@ impl Deliverer {
             Ok((claim, slot))
         } else if self
             .scheduler
-            .is_busy(&token.workspace, &destination.channel)
+            .is_busy(&token.workspace, destination.budget(&destination.channel))
         {
             self.idempotency
                 .claim(&event.id, &target.key)
@@ -294,7 +294,7 @@ impl Deliverer {
             self.limiter
                 .claim_and_acquire(
                     &token.workspace,
-                    &destination.channel,
+                    destination.budget(&destination.channel),
                     self.idempotency.ticket(&event.id, &target.key),
                     self.idempotency.lease_ms(),
                 )
@@ -486,7 +486,7 @@ impl Deliverer {
                         .post_once(
                             event,
                             &context,
-                            (&channel, thread),
+                            (&channel, destination.budget(&channel), thread),
                             &token,
                             (slot, priority),
                             &mut waited,
@@ -634,6 +634,7 @@ impl Deliverer {
                             kind: TargetKind::Channel,
                             name: None,
                             missing: false,
+                            person: None,
                         }
                         .tried()
                     };
@@ -684,12 +685,13 @@ impl Deliverer {
     /// in hand it waits its turn in the channel's queue, up to
     /// `max_rate_limit_wait` in all (`waited` carries the total across
     /// calls); a 429 pauses the channel for every replica and goes back to
-    /// waiting for a slot.
+    /// waiting for a slot. `budget` is the channel's rate-limit key
+    /// ([`SlackDestination::budget`]).
     async fn post_once(
         &self,
         event: &Event,
         context: &RenderContext<'_>,
-        (channel, thread): (&str, Option<(&str, bool)>),
+        (channel, budget, thread): (&str, &str, Option<(&str, bool)>),
         token: &WorkspaceToken,
         (first_slot, priority): (Slot, Priority),
         waited: &mut Duration,
@@ -701,17 +703,17 @@ impl Deliverer {
         let payload = message.to_json();
         let mut slot = first_slot;
         loop {
-            let budget = self.max_rate_limit_wait.saturating_sub(*waited);
+            let patience = self.max_rate_limit_wait.saturating_sub(*waited);
             match std::mem::replace(&mut slot, Slot::Ask) {
                 Slot::Taken => {}
-                Slot::WaitFor(wait) if wait > budget => {
+                Slot::WaitFor(wait) if wait > patience => {
                     return Err(AttemptFailure::Deferred(wait));
                 }
                 Slot::WaitFor(_) | Slot::Ask => {
                     let asked = tokio::time::Instant::now();
                     let turn = self
                         .scheduler
-                        .turn(&token.workspace, channel, priority, budget)
+                        .turn(&token.workspace, budget, priority, patience)
                         .await;
                     *waited += asked.elapsed();
                     if let Turn::Defer(wait) = turn {
@@ -748,7 +750,7 @@ impl Deliverer {
                     });
                 }
                 Err(e) if e.is_rate_limited() => {
-                    let key = self.limiter.channel_pause_key(&token.workspace, channel);
+                    let key = self.limiter.channel_pause_key(&token.workspace, budget);
                     if let Err(pause) = self
                         .limiter
                         .wait_out_429(key, &e, waited, self.max_rate_limit_wait)

@@ -54,6 +54,9 @@ pub(super) struct SlackDestination {
     pub name: Option<String>,
     /// No channel of that name exists for the bot: straight to the default channel.
     pub missing: bool,
+    /// A direct message's user id, which stays its rate-limit key after
+    /// the post lands in the `D…` conversation ([`SlackDestination::budget`]).
+    pub person: Option<String>,
 }
 
 impl SlackDestination {
@@ -64,6 +67,17 @@ impl SlackDestination {
             have_channel_id: by_id,
             resolved_from_name: by_id && self.name.is_some(),
             ..Tried::default()
+        }
+    }
+
+    /// The rate-limit key a post to `channel` spends. Slack counts a DM
+    /// posted by user id and its replies posted to the `D…` id against one
+    /// channel, so both spend the user's budget here too (and a 429 on
+    /// either pauses both).
+    pub fn budget<'a>(&'a self, channel: &'a str) -> &'a str {
+        match &self.person {
+            Some(user) if channel.starts_with('D') => user,
+            _ => channel,
         }
     }
 }
@@ -107,6 +121,7 @@ impl Deliverer {
                         kind: TargetKind::Person,
                         name: None,
                         missing: false,
+                        person: Some(user.clone()),
                     }),
                     Err(unavailable) => fallback(unavailable.reason.clone()),
                 };
@@ -114,17 +129,18 @@ impl Deliverer {
             }
             Target::SlackChannel(channel) => match Destination::parse(channel) {
                 Destination::ChannelId(id) | Destination::User(id) => {
-                    let kind = if matches!(Destination::parse(channel), Destination::User(_)) {
-                        TargetKind::Person
-                    } else {
-                        TargetKind::Channel
-                    };
+                    let person = matches!(Destination::parse(channel), Destination::User(_));
                     let action = match token {
                         Ok(_) => Action::Slack(SlackDestination {
                             channel: id.clone(),
-                            kind,
+                            kind: if person {
+                                TargetKind::Person
+                            } else {
+                                TargetKind::Channel
+                            },
                             name: None,
                             missing: false,
+                            person: person.then(|| id.clone()),
                         }),
                         Err(unavailable) => fallback(unavailable.reason.clone()),
                     };
@@ -142,6 +158,7 @@ impl Deliverer {
                         Ok(user) => {
                             dedupe = Some(format!("slack:{ws}:{user}"));
                             Action::Slack(SlackDestination {
+                                person: Some(user.clone()),
                                 channel: user,
                                 kind: TargetKind::Person,
                                 name: None,
@@ -244,6 +261,7 @@ impl Deliverer {
                     kind: TargetKind::Channel,
                     name: Some(name.to_string()),
                     missing: false,
+                    person: None,
                 }),
             ),
             Ok(Resolution::ByName(name)) => (
@@ -253,6 +271,7 @@ impl Deliverer {
                     kind: TargetKind::Channel,
                     name: Some(name),
                     missing: false,
+                    person: None,
                 }),
             ),
             // No such channel (for the bot): the default channel, naming it.
@@ -263,6 +282,7 @@ impl Deliverer {
                     kind: TargetKind::Channel,
                     name: Some(name.to_string()),
                     missing: true,
+                    person: None,
                 }),
             ),
             // Without Redis there is no idempotency either: wait for it.
@@ -289,6 +309,7 @@ impl Deliverer {
                                 kind: TargetKind::Channel,
                                 name: Some(name.to_string()),
                                 missing: false,
+                                person: None,
                             }),
                         )
                     }

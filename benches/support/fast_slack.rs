@@ -8,7 +8,8 @@ use anyhow::bail;
 
 /// The issue's "fast, non-rate-limited fake Slack": `chat.postMessage` over
 /// real HTTP/1.1 keep-alive connections, the bot token checked
-/// (`invalid_auth` otherwise), `{"ok":true,"channel":…,"ts":…}` back, and the
+/// (`invalid_auth` otherwise), `{"ok":true,"channel":…,"ts":…,"message":…}`
+/// back (the message echoed with the bot's profile, as Slack answers), and the
 /// arrival time and event id of each post recorded. It parses only what it
 /// needs, so the CPU it takes from the worker on these two cores stays small:
 /// Slack's own servers are not on the worker's machine either.
@@ -152,7 +153,15 @@ async fn serve_fast(stream: tokio::net::TcpStream, slack: Arc<FastInner>) -> std
                 slack.reached.notify_waiters();
             }
             let ts = slack.next_ts.fetch_add(1, Ordering::Relaxed);
-            format!(r#"{{"ok":true,"channel":"{channel}","ts":"1700000000.{ts:06}"}}"#)
+            // Slack echoes the message it took (text, blocks, metadata, …)
+            // with what it adds; the worker reads an answer of that size.
+            let posted = body
+                .strip_prefix(b"{")
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            format!(
+                r#"{{"ok":true,"channel":"{channel}","ts":"1700000000.{ts:06}","message":{{"user":"U0FASTBOT","type":"message","ts":"1700000000.{ts:06}","bot_id":"B0FASTBOT","app_id":"A0FASTAPP","team":"T0FAST","bot_profile":{{"id":"B0FASTBOT","deleted":false,"name":"alert-router","updated":1700000000,"app_id":"A0FASTAPP","icons":{{"image_36":"https://a.slack-edge.com/80588/img/plugins/app/bot_36.png","image_48":"https://a.slack-edge.com/80588/img/plugins/app/bot_48.png","image_72":"https://a.slack-edge.com/80588/img/plugins/app/service_72.png"}},"team_id":"T0FAST"}},{posted}}}"#
+            )
         };
         out.clear();
         out.extend_from_slice(

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use alert_router::deliver::policy::{Method, Step, TargetKind, Tried, next_step};
-use alert_router::deliver::slack::client::classify_response;
+use alert_router::deliver::slack::client::{Posted, classify_response};
 use alert_router::deliver::slack::{SlackError, SlackFailure, honoured_retry_after};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
@@ -38,8 +38,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for method in METHODS {
-        let answer = classify_response(method.name(), status, &headers, body);
+        let answer = classify_response::<Value>(method.name(), status, &headers, body);
         check_answer(status, &headers, body, &answer);
+        if method == Method::PostMessage {
+            check_post_reading(status, &headers, body, &answer);
+        }
         let Err(error) = answer else { continue };
         assert_eq!(error.method, method.name());
         for kind in [TargetKind::Channel, TargetKind::Person] {
@@ -56,6 +59,33 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The post's own reading ([`Posted`], which skips Slack's echo of the
+/// message) accepts only what the whole reading accepts, and finds the
+/// message where the whole reading does.
+fn check_post_reading(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    whole: &Result<Value, SlackError>,
+) {
+    let Ok(posted) = classify_response::<Posted>("chat.postMessage", status, headers, body) else {
+        return;
+    };
+    let Ok(whole) = whole else {
+        panic!("the post's reading accepted what the whole reading refused: {whole:?}");
+    };
+    assert_eq!(
+        posted.channel.as_deref(),
+        whole.get("channel").and_then(Value::as_str)
+    );
+    assert_eq!(posted.ts.as_deref(), whole.get("ts").and_then(Value::as_str));
+    let echo = whole.get("message").and_then(Value::as_object);
+    assert_eq!(
+        posted.echoed_top_level(),
+        echo.is_some_and(|m| m.get("thread_ts").is_none_or(Value::is_null))
+    );
+}
 
 /// `status\nName: value\n…\n\nbody`; `None` for a status line that is not one.
 fn read_answer(data: &[u8]) -> Option<(StatusCode, HeaderMap, &[u8])> {

@@ -26,6 +26,7 @@ use super::policy::{self, Method, Step, TargetKind, Tried};
 use super::resolve::{Action, Resolved, SlackDestination};
 use super::schedule::{Priority, Turn};
 use super::slack::channels::{Destination, Resolution};
+use super::slack::client::Posted;
 use super::slack::message::{RenderContext, render};
 use super::slack::tokens::WorkspaceToken;
 use super::slack::{Body, SlackError, SlackFailure};
@@ -723,7 +724,7 @@ impl Deliverer {
             }
             let result = self
                 .slack
-                .call_once_sure(
+                .call_once_sure::<Posted>(
                     "chat.postMessage",
                     Some(&token.access_token),
                     &Body::JsonBytes(&payload),
@@ -732,19 +733,12 @@ impl Deliverer {
             match result {
                 Ok(reply) => {
                     return Ok(Landed {
-                        channel: reply
-                            .get("channel")
-                            .and_then(Value::as_str)
-                            .unwrap_or(channel)
-                            .to_string(),
-                        ts: reply.get("ts").and_then(Value::as_str).map(str::to_string),
                         // A reply whose parent is gone may be taken as a
                         // channel message (`ok`, no `message.thread_ts`)
                         // rather than refused: then it is the first message.
-                        top_level: thread.is_none()
-                            || reply
-                                .get("message")
-                                .is_some_and(|m| m.get("thread_ts").is_none()),
+                        top_level: thread.is_none() || reply.echoed_top_level(),
+                        channel: reply.channel.unwrap_or_else(|| channel.to_string()),
+                        ts: reply.ts,
                         // Set by `post`, which knows why it is posting here.
                         rerouted_by: None,
                     });

@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 
 use crate::config::{Secret, SlackSettings};
@@ -182,6 +184,187 @@ pub struct SlackClient {
     retry_budget: Duration,
 }
 
+/// A Web API answer as a caller reads it: the whole document ([`Value`]), or
+/// only the fields it uses ([`Posted`]), with Slack's verdict in `ok`,
+/// `error` and (for `missing_scope`) `needed`.
+pub trait Answer: DeserializeOwned {
+    fn ok(&self) -> bool;
+    fn error(&self) -> Option<&str>;
+    fn needed(&self) -> Option<&str>;
+}
+
+impl Answer for Value {
+    fn ok(&self) -> bool {
+        self.get("ok").and_then(Value::as_bool) == Some(true)
+    }
+    fn error(&self) -> Option<&str> {
+        self.get("error").and_then(Value::as_str)
+    }
+    fn needed(&self) -> Option<&str> {
+        self.get("needed").and_then(Value::as_str)
+    }
+}
+
+/// `chat.postMessage`'s answer as far as the worker reads it: where the
+/// message landed. Slack echoes the whole message back (its blocks, the
+/// bot's profile, …); that is skipped unread, where building it as a
+/// [`Value`] took most of the post's parsing and allocation. Each field is
+/// read as [`Value`] would read it (`ok` only when `true`, strings only
+/// when strings, the last of repeated keys); an answer that is not a JSON
+/// object is no answer.
+#[derive(Debug, Default)]
+pub struct Posted {
+    ok: bool,
+    error: Option<String>,
+    needed: Option<String>,
+    /// The conversation id (a DM posted by user id answers its `D…` id).
+    pub channel: Option<String>,
+    pub ts: Option<String>,
+    /// Slack's echo of the message, when it is an object: whether it has a `thread_ts`.
+    echo_in_thread: Option<bool>,
+}
+
+impl Posted {
+    /// Slack says the message is top-level: its echo has no `thread_ts`
+    /// (a reply whose parent is gone can be taken as a channel message).
+    pub fn echoed_top_level(&self) -> bool {
+        self.echo_in_thread == Some(false)
+    }
+}
+
+impl<'de> Deserialize<'de> for Posted {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Posted, D::Error> {
+        deserializer.deserialize_map(PostedVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum PostedField {
+    Ok,
+    Error,
+    Needed,
+    Channel,
+    Ts,
+    Message,
+    #[serde(other)]
+    Other,
+}
+
+struct PostedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PostedVisitor {
+    type Value = Posted;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Web API answer (a JSON object)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Posted, A::Error> {
+        let string = |value: Value| match value {
+            Value::String(s) => Some(s),
+            _ => None,
+        };
+        let mut posted = Posted::default();
+        while let Some(field) = map.next_key::<PostedField>()? {
+            match field {
+                PostedField::Ok => posted.ok = map.next_value::<Value>()? == Value::Bool(true),
+                PostedField::Error => posted.error = string(map.next_value()?),
+                PostedField::Needed => posted.needed = string(map.next_value()?),
+                PostedField::Channel => posted.channel = string(map.next_value()?),
+                PostedField::Ts => posted.ts = string(map.next_value()?),
+                PostedField::Message => posted.echo_in_thread = map.next_value::<Echo>()?.0,
+                PostedField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(posted)
+    }
+}
+
+/// The echoed message, read only for whether it has a `thread_ts` (a
+/// `null` one counts as none); anything but an object is no echo.
+struct Echo(Option<bool>);
+
+impl<'de> Deserialize<'de> for Echo {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Echo, D::Error> {
+        deserializer.deserialize_any(EchoVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum EchoField {
+    ThreadTs,
+    #[serde(other)]
+    Other,
+}
+
+struct EchoVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EchoVisitor {
+    type Value = Echo;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Echo, A::Error> {
+        let mut in_thread = false;
+        while let Some(field) = map.next_key::<EchoField>()? {
+            match field {
+                EchoField::ThreadTs => in_thread = !map.next_value::<Value>()?.is_null(),
+                EchoField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Echo(Some(in_thread)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Echo, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Echo(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Echo, E> {
+        Ok(Echo(None))
+    }
+}
+
+impl Answer for Posted {
+    fn ok(&self) -> bool {
+        self.ok
+    }
+    fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+    fn needed(&self) -> Option<&str> {
+        self.needed.as_deref()
+    }
+}
+
 /// Longest `Retry-After` worth waiting for inside one delivery attempt; a
 /// longer one sends the event to a broker retry queue instead of holding it.
 const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -215,6 +398,15 @@ impl SlackClient {
         token: Option<&Secret>,
         body: &Body<'_>,
     ) -> Result<Value, SlackError> {
+        self.call_once_as(method, token, body).await
+    }
+
+    async fn call_once_as<T: Answer>(
+        &self,
+        method: &'static str,
+        token: Option<&Secret>,
+        body: &Body<'_>,
+    ) -> Result<T, SlackError> {
         let result = self.request(method, token, body).await;
         match &result {
             Ok(_) => crate::telemetry::record_slack_call(method, "ok"),
@@ -223,12 +415,12 @@ impl SlackClient {
         result
     }
 
-    async fn request(
+    async fn request<T: Answer>(
         &self,
         method: &'static str,
         token: Option<&Secret>,
         body: &Body<'_>,
-    ) -> Result<Value, SlackError> {
+    ) -> Result<T, SlackError> {
         let mut request = match &self.api_base {
             Some(base) => {
                 let mut url = base.clone();
@@ -296,13 +488,14 @@ impl SlackClient {
     /// Like [`SlackClient::call_leaving_rate_limits`], and a failure after
     /// which the call may have been done ([`SlackError::may_have_landed`])
     /// comes straight back too: for a call that must not be done twice,
-    /// whose caller looks before calling again.
-    pub async fn call_once_sure(
+    /// whose caller looks before calling again. Answers what the caller
+    /// reads of it (`T`: [`Posted`] for a post).
+    pub async fn call_once_sure<T: Answer>(
         &self,
         method: &'static str,
         token: Option<&Secret>,
         body: &Body<'_>,
-    ) -> Result<Value, SlackError> {
+    ) -> Result<T, SlackError> {
         self.call_retrying(method, token, body, Retrying::OnlyWhatDidNotHappen)
             .await
     }
@@ -322,14 +515,14 @@ impl SlackClient {
             .with_jitter()
     }
 
-    async fn call_retrying(
+    async fn call_retrying<T: Answer>(
         &self,
         method: &'static str,
         token: Option<&Secret>,
         body: &Body<'_>,
         retrying: Retrying,
-    ) -> Result<Value, SlackError> {
-        (|| self.call_once(method, token, body))
+    ) -> Result<T, SlackError> {
+        (|| self.call_once_as(method, token, body))
             .retry(self.backoff())
             .when(|e: &SlackError| {
                 e.is_transient()
@@ -364,12 +557,12 @@ enum Retrying {
 /// one call is public, hidden, for the fuzz target `slack_response`
 /// (`fuzz/`), which feeds it arbitrary answers.
 #[doc(hidden)]
-pub fn classify_response(
+pub fn classify_response<T: Answer>(
     method: &'static str,
     status: reqwest::StatusCode,
     headers: &reqwest::header::HeaderMap,
     body: &[u8],
-) -> Result<Value, SlackError> {
+) -> Result<T, SlackError> {
     let retry_after = classify_head(method, status, headers)?;
     classify_body(method, status, retry_after, body)
 }
@@ -409,13 +602,13 @@ fn classify_head(
 }
 
 /// The verdict of the body: `{"ok":true,…}`, or Slack's error code classified.
-fn classify_body(
+fn classify_body<T: Answer>(
     method: &'static str,
     status: reqwest::StatusCode,
     retry_after: Option<Duration>,
     bytes: &[u8],
-) -> Result<Value, SlackError> {
-    let value: Value = match serde_json::from_slice(bytes) {
+) -> Result<T, SlackError> {
+    let value: T = match serde_json::from_slice(bytes) {
         Ok(value) => value,
         Err(_) if status.is_success() => {
             // A proxy or a half-deployed Slack answering HTML: worth another try.
@@ -433,13 +626,12 @@ fn classify_body(
             ));
         }
     };
-    if value.get("ok").and_then(Value::as_bool) == Some(true) {
+    if value.ok() {
         return Ok(value);
     }
     // An empty code would make an empty reason, log field and metric label.
     let code = value
-        .get("error")
-        .and_then(Value::as_str)
+        .error()
         .filter(|code| !code.is_empty())
         .unwrap_or("unknown_error")
         .to_string();
@@ -449,8 +641,7 @@ fn classify_body(
     }
     if code == "missing_scope" {
         error.detail = value
-            .get("needed")
-            .and_then(Value::as_str)
+            .needed()
             .map(|needed| format!("needs scope {needed}; reinstall the app with it"));
     }
     Err(error)
@@ -488,7 +679,12 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_is_classified_by_status_then_headers_then_body() {
+    fn an_answer_is_classified_by_status_then_headers_then_body_whole_or_as_a_post() {
+        classified_by_status_then_headers_then_body::<Value>();
+        classified_by_status_then_headers_then_body::<Posted>();
+    }
+
+    fn classified_by_status_then_headers_then_body<T: Answer + std::fmt::Debug>() {
         use reqwest::StatusCode;
         use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
         let none = HeaderMap::new();
@@ -496,7 +692,7 @@ mod tests {
         seven.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         let answer = |status: u16, headers: &HeaderMap, body: &str| {
             let status = StatusCode::from_u16(status).unwrap();
-            classify_response("chat.postMessage", status, headers, body.as_bytes())
+            classify_response::<T>("chat.postMessage", status, headers, body.as_bytes())
         };
         assert!(answer(200, &none, r#"{"ok":true,"ts":"1.2"}"#).is_ok());
         let limited = answer(429, &none, r#"{"ok":true}"#).unwrap_err();
@@ -535,6 +731,80 @@ mod tests {
         // Found by the fuzz target `slack_response`: the code was "".
         let empty_code = answer(200, &none, r#"{"ok":false,"error":""}"#).unwrap_err();
         assert_eq!(empty_code.code, "unknown_error");
+    }
+
+    #[test]
+    fn a_post_answer_reads_where_the_message_landed_and_skips_slacks_echo_of_it() {
+        let read = |body: &str| {
+            classify_response::<Posted>(
+                "chat.postMessage",
+                reqwest::StatusCode::OK,
+                &reqwest::header::HeaderMap::new(),
+                body.as_bytes(),
+            )
+            .unwrap()
+        };
+        // As Slack answers a DM posted by user id: the echo in full.
+        let first = read(
+            r#"{"ok":true,"channel":"D0LEAD","ts":"1700000000.000100","message":{"type":"message",
+                "text":"db down","user":"U0BOT","bot_id":"B0BOT","ts":"1700000000.000100",
+                "blocks":[{"type":"section","text":{"type":"mrkdwn","text":"*db down*"}},
+                          {"type":"actions","elements":[{"type":"button","value":"{\"k\":\"x\"}"}]}],
+                "bot_profile":{"id":"B0BOT","icons":{"image_36":"https://a"},"deleted":false},
+                "metadata":{"event_type":"alert","event_payload":{"id":"e1"}}},
+               "warning":"missing_charset","response_metadata":{"warnings":["missing_charset"]}}"#,
+        );
+        assert_eq!(first.channel.as_deref(), Some("D0LEAD"));
+        assert_eq!(first.ts.as_deref(), Some("1700000000.000100"));
+        assert!(first.echoed_top_level());
+        let reply = read(
+            r#"{"ok":true,"channel":"C1","ts":"2.000000","message":{"ts":"2.000000","thread_ts":"1.000000"}}"#,
+        );
+        assert!(!reply.echoed_top_level());
+        // No echo: nothing says it is top-level (the caller knows what it asked for).
+        let bare = read(r#"{"ok":true,"channel":"C1","ts":"3.000000"}"#);
+        assert!(!bare.echoed_top_level());
+        for odd in [r#""text""#, "[]", "null", "7"] {
+            let echo = format!(r#"{{"ok":true,"channel":"C1","message":{odd}}}"#);
+            assert!(!read(&echo).echoed_top_level(), "{odd} is no echo");
+        }
+        let null_thread = read(r#"{"ok":true,"message":{"thread_ts":null}}"#);
+        assert!(null_thread.echoed_top_level());
+        // As the whole reading: the last of repeated keys, strings only as strings.
+        let repeated = read(r#"{"ok":true,"channel":"C1","channel":"C2","ts":5}"#);
+        assert_eq!(
+            (repeated.channel.as_deref(), repeated.ts),
+            (Some("C2"), None)
+        );
+    }
+
+    #[test]
+    fn a_post_answer_fails_where_the_whole_reading_fails_and_as_it_does() {
+        let both = |status: u16, body: &str| {
+            let status = reqwest::StatusCode::from_u16(status).unwrap();
+            let headers = reqwest::header::HeaderMap::new();
+            let whole =
+                classify_response::<Value>("chat.postMessage", status, &headers, body.as_bytes());
+            let posted =
+                classify_response::<Posted>("chat.postMessage", status, &headers, body.as_bytes());
+            (whole.err(), posted.err())
+        };
+        for (status, body) in [
+            (200, r#"{"ok":"true"}"#),
+            (200, r#"{"ok":false,"error":5}"#),
+            (200, r#"{"ok":false,"error":"channel_not_found"}"#),
+            (200, r#"{"ok":true,"ok":false,"error":"fatal_error"}"#),
+            (400, r#"{"ok":false,"error":"invalid_arguments"}"#),
+            (200, "<html>"),
+            (502, "<html>"),
+        ] {
+            let (whole, posted) = both(status, body);
+            assert!(whole.is_some(), "{body}");
+            assert_eq!(whole, posted, "{status} {body}");
+        }
+        // An answer that is not an object: no answer at all, to the post's reading.
+        let (_, posted) = both(200, r#"[true,null,null,"C1","1.2"]"#);
+        assert_eq!(posted.map(|e| e.code), Some("invalid_response".to_string()));
     }
 
     #[test]

@@ -138,9 +138,11 @@ impl fmt::Display for Severity {
 }
 
 /// Where an incident stands, as its latest event says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncidentState {
+    /// Until an event says otherwise.
+    #[default]
     Open,
     Acknowledged,
     Resolved,

@@ -231,6 +231,54 @@ async fn the_first_event_of_an_incident_is_observed_claimed_and_given_a_slot_in_
 }
 
 #[tokio::test]
+async fn a_new_incident_observed_with_its_claim_reads_as_the_whole_observation_does() {
+    let prefix = unique_prefix("observe-compact");
+    let parts = incident_parts(&prefix).await;
+    let (incidents, ..) = &parts;
+    let severities = ["critical", "high", "medium", "low", "info"];
+    let levels = [
+        None,
+        Some(0),
+        Some(3),
+        Some(i64::MAX as u64),
+        Some(u64::MAX),
+    ];
+    for (n, (severity, level)) in severities.iter().zip(levels).enumerate() {
+        let mut event = incident_event_of(
+            &format!("ev-{n}"),
+            "set-below",
+            "escalation.triggered",
+            severity,
+        );
+        event.level = level;
+        // One incident observed with the claim (the compact answer), one
+        // without it (the whole observation), from the same event.
+        event.dedup_key = Some(format!("claimed-{n}"));
+        let (claimed_view, claimed) = observe_claiming(&parts, &event, "C1", false).await;
+        event.dedup_key = Some(format!("whole-{n}"));
+        let whole_view = incidents
+            .observe("T1", &event.incident_key(), &event, &["slack:T1:C1"])
+            .await
+            .unwrap();
+
+        assert!(
+            matches!(claimed, Some((Claim::Acquired(_), Slot::Ask))),
+            "got {claimed:?}"
+        );
+        assert!(claimed_view.incident.first_at_ms > 1_700_000_000_000);
+        let same_clock = Observed {
+            incident: alert_router::deliver::incident::Incident {
+                first_at_ms: whole_view.incident.first_at_ms,
+                ..claimed_view.incident.clone()
+            },
+            ..claimed_view
+        };
+        assert_eq!(same_clock, whole_view, "{severity}, level {level:?}");
+    }
+    cleanup(&prefix).await;
+}
+
+#[tokio::test]
 async fn a_reply_is_claimed_with_the_observation_only_where_its_first_message_is() {
     let prefix = unique_prefix("observe-reply");
     let parts = incident_parts(&prefix).await;

@@ -35,7 +35,7 @@ pub struct FirstMessage {
 }
 
 /// One incident as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Incident {
     pub state: IncidentState,
     /// The most severe severity any of its events had.
@@ -73,6 +73,23 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// An incident `event` has just started, at `first_at_ms`: its first
+    /// message (at the one destination) is the caller's to post.
+    fn started(event: &Event, first_at_ms: u64) -> Observed {
+        Observed {
+            is_first: true,
+            rose: false,
+            incident: Incident {
+                severity: Some(event.severity),
+                // As the record keeps it: a level past i64 is none.
+                level: event.level.filter(|level| i64::try_from(*level).is_ok()),
+                first_at_ms,
+                ..Incident::default()
+            },
+            first_posts: vec![FirstPost::Ours],
+        }
+    }
+
     /// What the observation scripts answered, for `destinations` in order.
     fn from_script(
         first: i64,
@@ -101,6 +118,55 @@ impl Observed {
             incident,
             first_posts,
         }
+    }
+}
+
+/// What [`OBSERVE_AND_CLAIM`] answers: the compact string for an incident
+/// this event starts, else the whole observation; each with the claim's
+/// `(code, ms, where, wait)`.
+enum Preclaimed {
+    Started {
+        first_at_ms: u64,
+        claimed: (i64, i64, String, i64),
+    },
+    Joined {
+        first: i64,
+        rose: i64,
+        fields: Vec<String>,
+        posts: Vec<i64>,
+        claimed: (i64, i64, String, i64),
+    },
+}
+
+impl redis::FromRedisValue for Preclaimed {
+    fn from_redis_value(value: redis::Value) -> Result<Preclaimed, redis::ParsingError> {
+        let redis::Value::BulkString(bytes) = value else {
+            let (first, rose, fields, posts, claimed) = redis::from_redis_value(value)?;
+            return Ok(Preclaimed::Joined {
+                first,
+                rose,
+                fields,
+                posts,
+                claimed,
+            });
+        };
+        let unreadable = || redis::ParsingError::from("an unreadable answer for a new incident");
+        let text = std::str::from_utf8(&bytes).map_err(|_| unreadable())?;
+        // `claim claim_ms wait first_at where`; `where` (last) may hold spaces.
+        let mut parts = text.splitn(5, ' ');
+        let mut number = || -> Result<i64, redis::ParsingError> {
+            parts
+                .next()
+                .and_then(|part| part.parse().ok())
+                .ok_or_else(unreadable)
+        };
+        let (code, ms, wait) = (number()?, number()?, number()?);
+        let first_at_ms = number()?.max(0).unsigned_abs();
+        let rerouted_to = parts.next().ok_or_else(unreadable)?.to_string();
+        Ok(Preclaimed::Started {
+            first_at_ms,
+            claimed: (code, ms, rerouted_to, wait),
+        })
     }
 }
 
@@ -292,7 +358,7 @@ else
     end
   end
 end
-return first and 1 or 0, rose and 1 or 0, fields, posts, h, names
+return first and 1 or 0, rose and 1 or 0, fields, posts, h, names, fresh
 end
 "#;
 
@@ -315,10 +381,14 @@ return {first, rose, fields, posts}
 /// claim's value and lease; ARGV[10..13]: the buckets; ARGV[15]: the post's
 /// channel; ARGV[16]: the destination. Answers what [`OBSERVE`] does, plus
 /// `{claim, claim_ms, where, wait}`: `claim` 9 when not claimed, `wait` -1
-/// when no slot was asked for.
+/// when no slot was asked for. The usual answer, an incident this event
+/// starts (claimed: its first message is free), is the string
+/// `claim claim_ms wait first_at where` instead: everything else in it
+/// is the event's own, and each element of an answer costs the worker a
+/// parse ([`Preclaimed`]).
 const OBSERVE_AND_CLAIM: &str = r#"
 local now, now_s = now_ms()
-local first, rose, fields, posts, h, names = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+local first, rose, fields, posts, h, names, fresh = observe(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   ARGV[5], ARGV[6], ARGV[7], {ARGV[16]}, now, now_s)
 local claimed = {9, 0, '', -1}
 local post = posts[1]
@@ -328,6 +398,9 @@ if post == 0 or (post == 1 and there and string.match(there, '^(%S+)') == ARGV[1
   local wait = -1
   if code >= 0 and ARGV[14] == '1' then
     wait = take_slot(now, KEYS[2], KEYS[3], KEYS[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+  end
+  if fresh then
+    return string.format('%d %d %d %s %s', code, ms, wait, now_s, where)
   end
   claimed = {code, ms, where, wait}
 end
@@ -480,15 +553,23 @@ impl Incidents {
             call.arg(arg);
         }
         call.arg(take_slot).arg(claim.channel).arg(destination);
-        #[allow(clippy::type_complexity)]
-        let (first, rose, fields, posts, (code, claim_ms, rerouted_to, wait_ms)): (
-            i64,
-            i64,
-            Vec<String>,
-            Vec<i64>,
-            (i64, i64, String, i64),
-        ) = call.invoke_async(&mut self.redis.clone()).await?;
-        let observed = Observed::from_script(first, rose, fields, posts, &[destination]);
+        let (observed, (code, claim_ms, rerouted_to, wait_ms)) =
+            match call.invoke_async(&mut self.redis.clone()).await? {
+                Preclaimed::Started {
+                    first_at_ms,
+                    claimed,
+                } => (Observed::started(event, first_at_ms), claimed),
+                Preclaimed::Joined {
+                    first,
+                    rose,
+                    fields,
+                    posts,
+                    claimed,
+                } => (
+                    Observed::from_script(first, rose, fields, posts, &[destination]),
+                    claimed,
+                ),
+            };
         let claimed = (code != NOT_CLAIMED).then(|| {
             let slot = match wait_ms {
                 ..0 => Slot::Ask,
@@ -706,18 +787,7 @@ impl Incidents {
 
 impl Incident {
     fn from_fields(fields: Vec<String>) -> Incident {
-        let mut incident = Incident {
-            state: IncidentState::Open,
-            severity: None,
-            level: None,
-            first_event: None,
-            first_at_ms: 0,
-            acknowledged_by: None,
-            acknowledged_at_ms: None,
-            resolved_at_ms: None,
-            messages: BTreeMap::new(),
-            emailed: BTreeMap::new(),
-        };
+        let mut incident = Incident::default();
         let mut pairs = fields.into_iter();
         while let (Some(name), Some(value)) = (pairs.next(), pairs.next()) {
             match name.as_str() {

@@ -270,6 +270,7 @@ impl Deliverer {
             }
             None => destination,
         };
+        let budget = destination.budget(&destination.channel);
 
         // Its place in the channel's queue, should it have to wait.
         let priority = self.scheduler.priority(event.severity);
@@ -277,16 +278,13 @@ impl Deliverer {
         // posts already wait for this channel: then it queues behind them.
         let claimed = if let Some((claim, slot)) = preclaimed {
             // Taken with the incident's record ([`super::incident::Incidents::observe_and_claim`]).
-            let slot = if destination.budget(&destination.channel) == routed_budget {
+            let slot = if budget == routed_budget {
                 slot
             } else {
                 Slot::Ask
             };
             Ok((claim, slot))
-        } else if self
-            .scheduler
-            .is_busy(&token.workspace, destination.budget(&destination.channel))
-        {
+        } else if self.scheduler.is_busy(&token.workspace, budget) {
             self.idempotency
                 .claim(&event.id, &target.key)
                 .await
@@ -295,7 +293,7 @@ impl Deliverer {
             self.limiter
                 .claim_and_acquire(
                     &token.workspace,
-                    destination.budget(&destination.channel),
+                    budget,
                     self.idempotency.ticket(&event.id, &target.key),
                     self.idempotency.lease_ms(),
                 )

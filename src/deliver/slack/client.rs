@@ -608,9 +608,15 @@ fn classify_body<T: Answer>(
     retry_after: Option<Duration>,
     bytes: &[u8],
 ) -> Result<T, SlackError> {
-    let value: T = match serde_json::from_slice(bytes) {
-        Ok(value) => value,
-        Err(_) if status.is_success() => {
+    // UTF-8 checked for the whole body first: skipping a field (as
+    // [`Posted`] does) would not check it, and both readings must refuse
+    // the same answers (found by the fuzz target `slack_response`).
+    let parsed = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| serde_json::from_str(text).ok());
+    let value: T = match parsed {
+        Some(value) => value,
+        None if status.is_success() => {
             // A proxy or a half-deployed Slack answering HTML: worth another try.
             return Err(SlackError::new(
                 method,
@@ -618,7 +624,7 @@ fn classify_body<T: Answer>(
                 SlackFailure::Transient { retry_after: None },
             ));
         }
-        Err(_) => {
+        None => {
             return Err(SlackError::new(
                 method,
                 format!("http_{}", status.as_u16()),
@@ -802,6 +808,14 @@ mod tests {
             assert!(whole.is_some(), "{body}");
             assert_eq!(whole, posted, "{status} {body}");
         }
+        // Not UTF-8 in a field the post's reading skips: refused by both.
+        let not_utf8 = b"{\"ok\":true,\"ts\":\"1.2\",\"t\":\"1\x8d\"}";
+        let headers = reqwest::header::HeaderMap::new();
+        let ok = reqwest::StatusCode::OK;
+        let whole = classify_response::<Value>("chat.postMessage", ok, &headers, not_utf8);
+        let posted = classify_response::<Posted>("chat.postMessage", ok, &headers, not_utf8);
+        assert!(whole.is_err());
+        assert_eq!(whole.err(), posted.err());
         // An answer that is not an object: no answer at all, to the post's reading.
         let (_, posted) = both(200, r#"[true,null,null,"C1","1.2"]"#);
         assert_eq!(posted.map(|e| e.code), Some("invalid_response".to_string()));

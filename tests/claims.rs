@@ -381,7 +381,9 @@ async fn the_incident_record_follows_its_events_through_rise_redelivery_resoluti
     let prefix = unique_prefix("observe-life");
     let (incidents, ..) = incident_parts(&prefix).await;
     let to = ["slack:T1:C1"];
-    let observe = |event: Event| {
+    // An event of the `db` incident, observed for the one destination.
+    let observe = |id: &str, kind: &str, severity: &str| {
+        let event = incident_event_of(id, "db", kind, severity);
         let incidents = &incidents;
         async move {
             incidents
@@ -391,13 +393,7 @@ async fn the_incident_record_follows_its_events_through_rise_redelivery_resoluti
         }
     };
 
-    let opened = observe(incident_event_of(
-        "ev-1",
-        "db",
-        "escalation.triggered",
-        "medium",
-    ))
-    .await;
+    let opened = observe("ev-1", "escalation.triggered", "medium").await;
     assert!(opened.is_first && !opened.rose);
     assert_eq!(opened.incident.state, IncidentState::Open);
     assert_eq!(opened.incident.severity, Some(Severity::Medium));
@@ -405,34 +401,16 @@ async fn the_incident_record_follows_its_events_through_rise_redelivery_resoluti
     assert_eq!(opened.first_posts, vec![FirstPost::Ours]);
 
     // More severe: a rise; the first message is still being posted by ev-1.
-    let rose = observe(incident_event_of(
-        "ev-2",
-        "db",
-        "escalation.triggered",
-        "critical",
-    ))
-    .await;
+    let rose = observe("ev-2", "escalation.triggered", "critical").await;
     assert!(!rose.is_first && rose.rose);
     assert_eq!(rose.incident.severity, Some(Severity::Critical));
     assert_eq!(rose.first_posts, vec![FirstPost::InFlight]);
     // Less severe after that: no rise, and the incident keeps its worst.
-    let calmer = observe(incident_event_of(
-        "ev-3",
-        "db",
-        "escalation.triggered",
-        "low",
-    ))
-    .await;
+    let calmer = observe("ev-3", "escalation.triggered", "low").await;
     assert!(!calmer.is_first && !calmer.rose);
     assert_eq!(calmer.incident.severity, Some(Severity::Critical));
     // A redelivery is judged as it was the first time.
-    let again = observe(incident_event_of(
-        "ev-2",
-        "db",
-        "escalation.triggered",
-        "critical",
-    ))
-    .await;
+    let again = observe("ev-2", "escalation.triggered", "critical").await;
     assert!(!again.is_first && again.rose);
 
     let first = FirstMessage {
@@ -443,13 +421,7 @@ async fn the_incident_record_follows_its_events_through_rise_redelivery_resoluti
         .record_first("T1", "db", to[0], &first)
         .await
         .unwrap();
-    let resolved = observe(incident_event_of(
-        "ev-4",
-        "db",
-        "escalation.resolved",
-        "info",
-    ))
-    .await;
+    let resolved = observe("ev-4", "escalation.resolved", "info").await;
     assert_eq!(resolved.incident.state, IncidentState::Resolved);
     assert!(resolved.incident.resolved_at_ms.is_some());
     assert!(
@@ -459,13 +431,7 @@ async fn the_incident_record_follows_its_events_through_rise_redelivery_resoluti
     assert_eq!(resolved.first_posts, vec![FirstPost::Exists(first)]);
 
     // A new problem after the resolution starts a new incident, without the old one's fields.
-    let reopened = observe(incident_event_of(
-        "ev-5",
-        "db",
-        "escalation.triggered",
-        "low",
-    ))
-    .await;
+    let reopened = observe("ev-5", "escalation.triggered", "low").await;
     assert!(reopened.is_first && !reopened.rose);
     assert_eq!(reopened.incident.state, IncidentState::Open);
     assert_eq!(reopened.incident.severity, Some(Severity::Low));

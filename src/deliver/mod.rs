@@ -279,19 +279,12 @@ impl Deliverer {
                             ..
                         },
                     ] => {
+                        let budget = destination.budget(&destination.channel);
                         let preclaim = Preclaim {
                             ticket: self.idempotency.ticket(&event.id, &only.key),
                             lease_ms: self.idempotency.lease_ms(),
-                            slot: (!self.scheduler.is_busy(
-                                &token.workspace,
-                                destination.budget(&destination.channel),
-                            ))
-                            .then(|| {
-                                self.limiter.slot_request(
-                                    &token.workspace,
-                                    destination.budget(&destination.channel),
-                                )
-                            }),
+                            slot: (!self.scheduler.is_busy(&token.workspace, budget))
+                                .then(|| self.limiter.slot_request(&token.workspace, budget)),
                             channel: &destination.channel,
                         };
                         self.incidents

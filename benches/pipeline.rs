@@ -21,7 +21,11 @@
 //! 1. **baseline**: a bare lapin loop on a fresh quorum work queue (a whole
 //!    [`Topology`] with unique names): publish N persistent messages with
 //!    confirms awaited concurrently, then consume with manual acks and the
-//!    worker's prefetch;
+//!    worker's prefetch; then (phase 1b) **the contract's floor** ([`floor`]): the least
+//!    any worker keeping this project's delivery contract does per event
+//!    (decode, render the same message, claim in Redis, post, record done,
+//!    batched acks), in this process, on another fresh topology: how much
+//!    of the gap to the baseline is the contract's and how much the worker's;
 //! 2. **alert-router end to end**: N events pre-published into a fresh
 //!    isolated topology, then the release `alert-router run` binary started
 //!    as a child process (as a deployment runs it) against a fast,
@@ -96,6 +100,8 @@ use std::time::{Duration, Instant};
 
 use alert_router::broker::{self, Topology};
 use alert_router::config::{DeliverySettings, LogFormat, Settings, SlackSettings};
+use alert_router::deliver::slack::message::{self, IncidentRef, RenderContext};
+use alert_router::event::{DEFAULT_MAX_BODY_BYTES, Event};
 use anyhow::{Context as _, bail};
 use fake_slack::{ChannelSpec, FakeSlack, RecordedPost};
 use fast_slack::FastSlack;
@@ -352,6 +358,139 @@ async fn baseline(
     let consume_cpu = Cpu::now().since(cpu);
     consumer_channel
         .basic_cancel("bench-baseline".into(), BasicCancelOptions::default())
+        .await?;
+    let _ = consumer_channel.close(200, "".into()).await;
+    let _ = channel.close(200, "".into()).await;
+    Ok(Baseline {
+        publish,
+        consume,
+        consume_cpu,
+    })
+}
+
+/// What any worker that keeps this project's delivery contract does for an
+/// event at the least, with nothing else: decode it and render its message
+/// (the product's own `Event::decode` and `message::render`, so the post
+/// and Slack's echo of it are the worker's size), claim it in Redis (`SET
+/// NX PX`: no duplicate post across replicas), post it to the fast fake
+/// Slack and read the answer, record it done in Redis, and ack in batches
+/// as the worker does. No rules, no incident record, no rate limit. It runs
+/// in this process, concurrently up to the prefetch: what the contract's
+/// own hops (a broker delivery, two Redis round trips, one HTTP round trip)
+/// cost against the bare loop, and so how much of the gap is the worker's.
+async fn floor(
+    connection: &Connection,
+    ns: &Namespace,
+    slack: &FastSlack,
+    redis: &redis::aio::MultiplexedConnection,
+    bodies: &[Vec<u8>],
+) -> anyhow::Result<Baseline> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        ok: bool,
+    }
+    let channel = confirm_channel(connection).await?;
+    ns.topology().declare(&channel).await?;
+    let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
+
+    let http = reqwest::Client::new();
+    let post_url = format!("{}/chat.postMessage", slack.api_url());
+    let authorization = format!("Bearer {}", ns.token);
+    let prefix = &ns.settings.redis.key_prefix;
+    let prefetch = ns.settings.amqp.prefetch;
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let cpu = Cpu::now();
+    let started = Instant::now();
+    let deliveries = consumer_channel
+        .basic_consume(
+            ns.settings.amqp.queue.as_str().into(),
+            "bench-floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let handled = deliveries
+        .take(bodies.len())
+        .map(|delivery| {
+            let (http, post_url, authorization) = (&http, &post_url, &authorization);
+            let target = format!("slack_channel:{CHANNEL_PREFIX}0");
+            let mut redis = redis.clone();
+            async move {
+                let delivery = delivery?;
+                let event = Event::decode(&delivery.data, DEFAULT_MAX_BODY_BYTES)?;
+                let key = format!("{prefix}:floor:{}", event.id);
+                let claimed: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg("claimed")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut redis)
+                    .await?;
+                anyhow::ensure!(claimed.is_some(), "{} claimed twice", event.id);
+                let context = RenderContext {
+                    rule: Some("team-0"),
+                    rerouted_from: None,
+                    plain_text: false,
+                    without_metadata: false,
+                    target: &target,
+                    incident: Some(IncidentRef {
+                        workspace: event.workspace.as_deref().unwrap_or_default(),
+                        key: &event.id,
+                    }),
+                    status: None,
+                    escalation: None,
+                    emailed_note: None,
+                };
+                let mut message = message::render(&event, &context);
+                message.channel = Some(&target[14..]);
+                let body = serde_json::to_vec(&message)?;
+                let answer = http
+                    .post(post_url)
+                    .header("authorization", authorization)
+                    .header("content-type", "application/json; charset=utf-8")
+                    .body(body)
+                    .send()
+                    .await?
+                    .bytes()
+                    .await?;
+                let answer: Answer = serde_json::from_slice(&answer)?;
+                anyhow::ensure!(answer.ok, "the fast Slack refused a post");
+                let () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg("done")
+                    .arg("PX")
+                    .arg(86_400_000)
+                    .query_async(&mut redis)
+                    .await?;
+                anyhow::Ok(delivery.delivery_tag)
+            }
+        })
+        // In order, as the worker's acks go: everything up to a tag at once.
+        .buffered(usize::from(prefetch));
+    tokio::pin!(handled);
+    let batch = usize::from(prefetch / 4).max(1);
+    let mut done = 0;
+    while let Some(tag) = tokio::time::timeout(Duration::from_secs(30), handled.next())
+        .await
+        .context("floor consumer stalled")?
+    {
+        let tag = tag?;
+        done += 1;
+        if done % batch == 0 || done == bodies.len() {
+            consumer_channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    anyhow::ensure!(done == bodies.len(), "the floor consumer stopped at {done}");
+    let consume = started.elapsed();
+    let consume_cpu = Cpu::now().since(cpu);
+    consumer_channel
+        .basic_cancel("bench-floor".into(), BasicCancelOptions::default())
         .await?;
     let _ = consumer_channel.close(200, "".into()).await;
     let _ = channel.close(200, "".into()).await;
@@ -780,11 +919,14 @@ async fn main() -> anyhow::Result<()> {
     let rules = rules(options.channels);
     let mut base = Namespace::new("base", &rules, "http://127.0.0.1:9/api")?;
     let mut fast_ns = Namespace::new("fast", &rules, "http://127.0.0.1:9/api")?;
+    let mut floor_ns = Namespace::new("floor", &rules, "http://127.0.0.1:9/api")?;
     let fast = FastSlack::start(&fast_ns.token).await?;
     fast_ns.settings.slack.api_url = fast.api_url();
+    // The floor posts as the fast Slack's one bot.
+    floor_ns.token = fast_ns.token.clone();
     let full = FakeSlack::start().await;
     let mut full_ns = Namespace::new("full", &rules, &full.api_url())?;
-    for ns in [&mut base, &mut fast_ns, &mut full_ns] {
+    for ns in [&mut base, &mut fast_ns, &mut floor_ns, &mut full_ns] {
         if let Some(prefetch) = options.prefetch {
             ns.settings.amqp.prefetch = prefetch;
         }
@@ -807,13 +949,14 @@ async fn main() -> anyhow::Result<()> {
         &connection,
         &mut redis,
         &base,
+        &floor_ns,
         (&fast_ns, &fast),
         (&full_ns, &full),
     )
     .await;
 
     let mut cleaned = Ok(());
-    for ns in [&base, &fast_ns, &full_ns] {
+    for ns in [&base, &fast_ns, &floor_ns, &full_ns] {
         if let Err(e) = namespace::delete(&connection, &mut redis, &ns.settings).await {
             cleaned = Err(e);
         }
@@ -942,6 +1085,50 @@ async fn main() -> anyhow::Result<()> {
         report.left_ready,
         report.dead
     );
+    // Each round's floor against that round's baseline and worker.
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let floor_of_base = median(
+        report
+            .floor_rates
+            .iter()
+            .zip(&report.round_rates)
+            .map(|(f, (b, ..))| f / b)
+            .collect(),
+    );
+    let worker_of_floor = median(
+        report
+            .floor_rates
+            .iter()
+            .zip(&report.round_rates)
+            .map(|(f, (_, e, ..))| e / f)
+            .collect(),
+    );
+    let per_msg = |d: Duration| d.as_micros() / n.max(1) as u128;
+    let rounds: Vec<String> = report
+        .floor_rates
+        .iter()
+        .zip(&report.floor_cpu)
+        .map(|(f, cpu)| {
+            format!(
+                "{f:.0} [{}/{}/{}]",
+                per_msg(cpu.bench),
+                per_msg(cpu.broker),
+                per_msg(cpu.redis)
+            )
+        })
+        .collect();
+    println!(
+        "the contract's floor (decode, claim, post, done, ack; in this process): {:.1} % of the baseline; alert-router {:.1} % of the floor (medians of the rounds' ratios)",
+        floor_of_base * 100.0,
+        worker_of_floor * 100.0
+    );
+    println!(
+        "            rounds (events/s) [floor/RabbitMQ/Redis CPU us per event]: {}",
+        rounds.join(", ")
+    );
     println!(
         "            against the test suite's full fake Slack (records and checks every post): {:.0} events/s = {:.1} % of baseline",
         rate(n, report.full.total),
@@ -979,6 +1166,9 @@ struct Report {
     /// Per round: baseline consume+ack rate, end-to-end rate, distinct events posted.
     /// Per round: baseline and worker rates, distinct events posted, the worker's CPU.
     round_rates: Vec<(f64, f64, usize, Cpu)>,
+    /// Per round: the contract's floor's rate and the CPU it took.
+    floor_rates: Vec<f64>,
+    floor_cpu: Vec<Cpu>,
     baseline: Baseline,
     broker_latency: Latency,
     fast_publish: Duration,
@@ -994,6 +1184,7 @@ async fn run(
     connection: &Connection,
     redis: &mut redis::aio::MultiplexedConnection,
     base: &Namespace,
+    floor_ns: &Namespace,
     (fast_ns, fast): (&Namespace, &FastSlack),
     (full_ns, full): (&Namespace, &FakeSlack),
 ) -> anyhow::Result<Report> {
@@ -1006,6 +1197,7 @@ async fn run(
     // Baseline and worker take turns, so a slow spell of the machine (other
     // tenants, the broker's own housekeeping) hits both; the medians count.
     let mut baselines = Vec::new();
+    let mut floors = Vec::new();
     let mut rounds = Vec::new();
     let mut fast_publish = Duration::ZERO;
     let mut running = None;
@@ -1016,6 +1208,13 @@ async fn run(
             options.rounds
         );
         baselines.push(baseline(connection, base, &bodies(base, &format!("base{round}"))).await?);
+        eprintln!(
+            "[bench] round {}/{}: phase 1b, the contract's floor, {n} events",
+            round + 1,
+            options.rounds
+        );
+        let floor_bodies = bodies(floor_ns, &format!("floor{round}"));
+        floors.push(floor(connection, floor_ns, fast, &*redis, &floor_bodies).await?);
         eprintln!(
             "[bench] round {}/{}: phase 2, alert-router end to end, {n} events, fast Slack",
             round + 1,
@@ -1038,6 +1237,8 @@ async fn run(
         rounds.push(result);
     }
     let worker = running.context("no rounds")?;
+    let floor_rates = floors.iter().map(|f| rate(n, f.consume)).collect();
+    let floor_cpu = floors.iter().map(|f| f.consume_cpu).collect();
     let round_rates = baselines
         .iter()
         .zip(&rounds)
@@ -1085,6 +1286,8 @@ async fn run(
 
     Ok(Report {
         round_rates,
+        floor_rates,
+        floor_cpu,
         baseline,
         broker_latency,
         fast_publish,

@@ -375,14 +375,14 @@ async fn baseline(
 /// NX PX`: no duplicate post across replicas), post it to the fast fake
 /// Slack and read the answer, record it done in Redis, and ack in batches
 /// as the worker does. No rules, no incident record, no rate limit. It runs
-/// in this process, concurrently up to the prefetch: what the contract's
+/// in this process (on a current-thread runtime, as the worker does),
+/// concurrently up to the prefetch: what the contract's
 /// own hops (a broker delivery, two Redis round trips, one HTTP round trip)
 /// cost against the bare loop, and so how much of the gap is the worker's.
 async fn floor(
     connection: &Connection,
     ns: &Namespace,
     slack: &FastSlack,
-    redis: &redis::aio::MultiplexedConnection,
     bodies: &[Vec<u8>],
 ) -> anyhow::Result<Baseline> {
     #[derive(serde::Deserialize)]
@@ -393,6 +393,10 @@ async fn floor(
     ns.topology().declare(&channel).await?;
     let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
 
+    // Its own connection, so that its driver runs on this runtime.
+    let redis = redis::Client::open(ns.settings.redis.url.expose())?
+        .get_multiplexed_async_connection()
+        .await?;
     let http = reqwest::Client::new();
     let post_url = format!("{}/chat.postMessage", slack.api_url());
     let authorization = format!("Bearer {}", ns.token);
@@ -1214,7 +1218,15 @@ async fn run(
             options.rounds
         );
         let floor_bodies = bodies(floor_ns, &format!("floor{round}"));
-        floors.push(floor(connection, floor_ns, fast, &*redis, &floor_bodies).await?);
+        // On a current-thread runtime of its own, as the worker runs (the
+        // fake Slack stays on this one).
+        let floor_run = tokio::task::block_in_place(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(floor(connection, floor_ns, fast, &floor_bodies))
+        });
+        floors.push(floor_run?);
         eprintln!(
             "[bench] round {}/{}: phase 2, alert-router end to end, {n} events, fast Slack",
             round + 1,

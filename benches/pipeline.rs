@@ -401,6 +401,8 @@ async fn floor(
     let post_url = format!("{}/chat.postMessage", slack.api_url());
     let authorization = format!("Bearer {}", ns.token);
     let prefix = &ns.settings.redis.key_prefix;
+    let channel_id = format!("{CHANNEL_PREFIX}0");
+    let target = format!("slack_channel:{channel_id}");
     let prefetch = ns.settings.amqp.prefetch;
     let consumer_channel = connection.create_channel().await?;
     consumer_channel
@@ -420,7 +422,7 @@ async fn floor(
         .take(bodies.len())
         .map(|delivery| {
             let (http, post_url, authorization) = (&http, &post_url, &authorization);
-            let target = format!("slack_channel:{CHANNEL_PREFIX}0");
+            let (channel_id, target) = (&channel_id, &target);
             let mut redis = redis.clone();
             async move {
                 let delivery = delivery?;
@@ -440,7 +442,7 @@ async fn floor(
                     rerouted_from: None,
                     plain_text: false,
                     without_metadata: false,
-                    target: &target,
+                    target,
                     incident: Some(IncidentRef {
                         workspace: event.workspace.as_deref().unwrap_or_default(),
                         key: &event.id,
@@ -450,7 +452,7 @@ async fn floor(
                     emailed_note: None,
                 };
                 let mut message = message::render(&event, &context);
-                message.channel = Some(&target[14..]);
+                message.channel = Some(channel_id);
                 let body = serde_json::to_vec(&message)?;
                 let answer = http
                     .post(post_url)
@@ -975,11 +977,13 @@ async fn main() -> anyhow::Result<()> {
     let e2e = &report.fast;
     let e2e_rate = rate(n, e2e.total);
     let e2e_steady = rate(n.saturating_sub(1), e2e.steady);
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
     // Each round pairs a baseline with the worker run right after it, under
     // the same machine conditions: the median of those ratios is the verdict.
-    let mut ratios: Vec<f64> = report.round_rates.iter().map(|(b, e, ..)| e / b).collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio = ratios[ratios.len() / 2];
+    let ratio = median(report.round_rates.iter().map(|(b, e, ..)| e / b).collect());
     let lat = &report.latency;
     let p99 = lat.percentile(99.0);
     println!();
@@ -1090,10 +1094,6 @@ async fn main() -> anyhow::Result<()> {
         report.dead
     );
     // Each round's floor against that round's baseline and worker.
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let floor_of_base = median(
         report
             .floor_rates
@@ -1125,7 +1125,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     println!(
-        "the contract's floor (decode, claim, post, done, ack; in this process): {:.1} % of the baseline; alert-router {:.1} % of the floor (medians of the rounds' ratios)",
+        "the contract's floor (decode, render, claim, post, done, acks; in this process): {:.1} % of the baseline; alert-router {:.1} % of the floor (medians of the rounds' ratios)",
         floor_of_base * 100.0,
         worker_of_floor * 100.0
     );

@@ -323,30 +323,78 @@ struct Baseline {
     consume_cpu: Cpu,
 }
 
+/// A consumer on a fresh topology filled with `bodies`, timed from its start.
+struct Consuming {
+    publish: Duration,
+    channel: Channel,
+    consumer_channel: Channel,
+    tag: &'static str,
+    cpu: Cpu,
+    started: Instant,
+}
+
+impl Consuming {
+    /// Declares `ns`'s topology, publishes `bodies` with confirms, then
+    /// starts consuming with the worker's prefetch.
+    async fn start(
+        connection: &Connection,
+        ns: &Namespace,
+        bodies: &[Vec<u8>],
+        tag: &'static str,
+    ) -> anyhow::Result<(Consuming, lapin::Consumer)> {
+        let channel = confirm_channel(connection).await?;
+        ns.topology().declare(&channel).await?;
+        let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
+        let consumer_channel = connection.create_channel().await?;
+        consumer_channel
+            .basic_qos(ns.settings.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let cpu = Cpu::now();
+        let started = Instant::now();
+        let deliveries = consumer_channel
+            .basic_consume(
+                ns.settings.amqp.queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consuming = Consuming {
+            publish,
+            channel,
+            consumer_channel,
+            tag,
+            cpu,
+            started,
+        };
+        Ok((consuming, deliveries))
+    }
+
+    /// Stops the clock and the consumer once every message is acked.
+    async fn finished(self) -> anyhow::Result<Baseline> {
+        let consume = self.started.elapsed();
+        let consume_cpu = Cpu::now().since(self.cpu);
+        self.consumer_channel
+            .basic_cancel(self.tag.into(), BasicCancelOptions::default())
+            .await?;
+        let _ = self.consumer_channel.close(200, "".into()).await;
+        let _ = self.channel.close(200, "".into()).await;
+        Ok(Baseline {
+            publish: self.publish,
+            consume,
+            consume_cpu,
+        })
+    }
+}
+
 /// Phase 1: bare lapin publish with confirms, then consume + ack with the worker's prefetch.
 async fn baseline(
     connection: &Connection,
     ns: &Namespace,
     bodies: &[Vec<u8>],
 ) -> anyhow::Result<Baseline> {
-    let channel = confirm_channel(connection).await?;
-    ns.topology().declare(&channel).await?;
-    let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
-
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(ns.settings.amqp.prefetch, BasicQosOptions::default())
-        .await?;
-    let cpu = Cpu::now();
-    let started = Instant::now();
-    let mut deliveries = consumer_channel
-        .basic_consume(
-            ns.settings.amqp.queue.as_str().into(),
-            "bench-baseline".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consuming, mut deliveries) =
+        Consuming::start(connection, ns, bodies, "bench-baseline").await?;
     for _ in 0..bodies.len() {
         let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
             .await
@@ -354,18 +402,7 @@ async fn baseline(
             .context("baseline consumer cancelled")??;
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
-    let consume = started.elapsed();
-    let consume_cpu = Cpu::now().since(cpu);
-    consumer_channel
-        .basic_cancel("bench-baseline".into(), BasicCancelOptions::default())
-        .await?;
-    let _ = consumer_channel.close(200, "".into()).await;
-    let _ = channel.close(200, "".into()).await;
-    Ok(Baseline {
-        publish,
-        consume,
-        consume_cpu,
-    })
+    consuming.finished().await
 }
 
 /// What any worker that keeps this project's delivery contract does for an
@@ -389,10 +426,6 @@ async fn floor(
     struct Answer {
         ok: bool,
     }
-    let channel = confirm_channel(connection).await?;
-    ns.topology().declare(&channel).await?;
-    let publish = publish_all(&channel, &ns.settings.amqp.exchange, bodies).await?;
-
     // Its own connection, so that its driver runs on this runtime.
     let redis = redis::Client::open(ns.settings.redis.url.expose())?
         .get_multiplexed_async_connection()
@@ -404,20 +437,7 @@ async fn floor(
     let channel_id = format!("{CHANNEL_PREFIX}0");
     let target = format!("slack_channel:{channel_id}");
     let prefetch = ns.settings.amqp.prefetch;
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let cpu = Cpu::now();
-    let started = Instant::now();
-    let deliveries = consumer_channel
-        .basic_consume(
-            ns.settings.amqp.queue.as_str().into(),
-            "bench-floor".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consuming, deliveries) = Consuming::start(connection, ns, bodies, "bench-floor").await?;
     let handled = deliveries
         .take(bodies.len())
         .map(|delivery| {
@@ -487,24 +507,14 @@ async fn floor(
         let tag = tag?;
         done += 1;
         if done % batch == 0 || done == bodies.len() {
-            consumer_channel
+            consuming
+                .consumer_channel
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await?;
         }
     }
     anyhow::ensure!(done == bodies.len(), "the floor consumer stopped at {done}");
-    let consume = started.elapsed();
-    let consume_cpu = Cpu::now().since(cpu);
-    consumer_channel
-        .basic_cancel("bench-floor".into(), BasicCancelOptions::default())
-        .await?;
-    let _ = consumer_channel.close(200, "".into()).await;
-    let _ = channel.close(200, "".into()).await;
-    Ok(Baseline {
-        publish,
-        consume,
-        consume_cpu,
-    })
+    consuming.finished().await
 }
 
 /// A fake Slack with the workspaces' tokens and the bench channels.

@@ -1780,6 +1780,43 @@ async fn conversations_replies_lists_a_thread_parent_first_then_replies_oldest_f
     assert_eq!(history_ts(&r), std::slice::from_ref(&parent));
 }
 
+/// A person's reply under the app's message: the parent shows `thread_ts`
+/// equal to its own `ts` in the history (as in Slack's `conversations.replies`
+/// example), the reply is a person's message (`user`, no `bot_id`), and
+/// neither shows in `posts()`.
+#[tokio::test]
+async fn a_persons_reply_makes_the_message_a_thread_parent() {
+    let (s, c) = setup().await;
+    let parent = post_text(&c, &s, TOKEN, "C0GENERAL").await.body["ts"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.reply_as_person("C0GENERAL", &parent, "U0PERSON", "on it");
+    assert_eq!(s.post_count(), 1, "a person's reply is not the app's post");
+
+    let r = history(&c, &s, TOKEN, &[("channel", "C0GENERAL")]).await;
+    assert_eq!(history_ts(&r), std::slice::from_ref(&parent));
+    let p = &r.body["messages"][0];
+    assert_eq!(p["thread_ts"], parent.as_str());
+    assert_eq!(p["reply_count"], 1);
+    assert_eq!(p["reply_users"], json!(["U0PERSON"]));
+
+    let r = post_form(
+        &c,
+        &s,
+        "conversations.replies",
+        Some(TOKEN),
+        &[("channel", "C0GENERAL"), ("ts", &parent)],
+    )
+    .await;
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(r.body["messages"][0]["thread_ts"], parent.as_str());
+    let reply = &r.body["messages"][1];
+    assert_eq!(reply["user"], "U0PERSON");
+    assert_eq!(reply["thread_ts"], parent.as_str());
+    assert!(reply.get("bot_id").is_none(), "{}", r.raw);
+}
+
 #[tokio::test]
 async fn method_rate_limit_is_per_team_and_method_with_retry_after() {
     let (s, c) = setup().await;

@@ -279,6 +279,67 @@ async fn a_follow_up_after_the_first_message_was_deleted(slack_posts_to_the_chan
 }
 
 #[tokio::test]
+async fn a_first_message_found_in_the_history_after_an_unsure_answer_keeps_its_thread() {
+    a_first_message_found_in_the_history(false).await;
+}
+
+#[tokio::test]
+async fn a_first_message_found_in_the_history_after_a_person_replied_to_it_keeps_its_thread() {
+    a_first_message_found_in_the_history(true).await;
+}
+
+/// Slack took the incident's first message but answered `internal_error`,
+/// so the worker looks for it in the channel's history before posting
+/// again. It finds it, and it is the first message whether or not somebody
+/// replied under it meanwhile: Slack then shows it with `thread_ts` equal
+/// to its own `ts`, which is not the mark of a reply. The incident's next
+/// event replies in that thread.
+async fn a_first_message_found_in_the_history(person_replied: bool) {
+    let env = env().await;
+    let history_held = tokio_util::sync::CancellationToken::new();
+    env.slack.fail_next(
+        "chat.postMessage",
+        1,
+        Fault::AcceptThenFail(Box::new(Fault::api("internal_error"))),
+    );
+    env.slack.fail_next(
+        "conversations.history",
+        1,
+        Fault::HoldUntil(history_held.clone()),
+    );
+    let worker = env.spawn_worker();
+    env.publish(&env.event("one", json!({"dedup_key": "db"})))
+        .await;
+    env.slack
+        .wait_for_requests("conversations.history", 1, WAIT)
+        .await
+        .unwrap();
+    let first = env.slack.posts()[0].clone();
+    if person_replied {
+        env.slack
+            .reply_as_person(&first.channel_id, &first.ts, "U0ONCALL", "looking");
+    }
+    history_held.cancel();
+    // The graceful stop waits for the event to be settled.
+    worker.stop().await;
+    env.assert_nothing_pending().await;
+
+    let worker = env.spawn_worker();
+    env.publish(&env.event("two", json!({"dedup_key": "db"})))
+        .await;
+    let posts = env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    worker.stop().await;
+    assert_eq!(posts.len(), 2, "the first message was not posted again");
+    assert_eq!(
+        posts[1].thread_ts.as_deref(),
+        Some(first.ts.as_str()),
+        "the next event replies under the first message found in the history"
+    );
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_first_message_slack_took_only_as_plain_text_is_updated_as_plain_text() {
     let env = env().await;
     // Slack refuses the layout: the first post, then the update.

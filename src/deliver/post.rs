@@ -898,12 +898,13 @@ impl Deliverer {
                 .await
             {
                 Ok(PageSearch::Found(message)) => {
+                    let ts = message.get("ts").and_then(Value::as_str);
+                    // A message somebody replied under carries `thread_ts`
+                    // equal to its own `ts`: a thread's parent, not a reply.
+                    let thread_ts = message.get("thread_ts").and_then(Value::as_str);
                     return Lookup::Found(Landed {
-                        top_level: message.get("thread_ts").is_none(),
-                        ts: message
-                            .get("ts")
-                            .and_then(Value::as_str)
-                            .map(str::to_string),
+                        top_level: thread_ts.is_none() || thread_ts == ts,
+                        ts: ts.map(str::to_string),
                         channel: conversation,
                         rerouted_by: None,
                     });

@@ -405,6 +405,10 @@ struct Inner {
     /// (`ok`, no `thread_ts`) instead of refused with `thread_not_found`.
     orphan_replies_to_channel: bool,
     posts: Vec<RecordedPost>,
+    /// Thread replies people wrote in Slack (not the app's posts: kept out
+    /// of `posts()`), shown by `conversations.replies` and counted on
+    /// their parent in `conversations.history`.
+    people_replies: Vec<RecordedPost>,
     /// Messages that exist (channel id, ts): not forgotten by
     /// `clear_records`, removed by `delete_message`. A reply's `thread_ts`
     /// and an update's `ts` must name one.
@@ -1057,6 +1061,36 @@ impl FakeSlack {
             .collect()
     }
 
+    /// A person replies in the thread of the message `thread_ts`, as
+    /// people do under an alert: from then on Slack shows that message
+    /// with `thread_ts` equal to its own `ts`, and a reply count.
+    pub fn reply_as_person(&self, channel_id: &str, thread_ts: &str, user_id: &str, text: &str) {
+        let mut g = self.lock();
+        let ts = g.next_ts();
+        g.messages.insert((channel_id.to_string(), ts.clone()));
+        let team_id = g
+            .posts
+            .iter()
+            .find(|p| p.channel_id == channel_id)
+            .map(|p| p.team_id.clone())
+            .unwrap_or_default();
+        g.people_replies.push(RecordedPost {
+            method: "person".to_string(),
+            channel: channel_id.to_string(),
+            channel_id: channel_id.to_string(),
+            team_id,
+            text: Some(text.to_string()),
+            blocks: None,
+            attachments: None,
+            metadata: None,
+            thread_ts: Some(thread_ts.to_string()),
+            token: format!("{PERSON_TOKEN_PREFIX}{user_id}"),
+            ts,
+            body: json!({"user": user_id, "text": text}),
+            received_at: Instant::now(),
+        });
+    }
+
     /// Deletes a message, as a person in Slack would: replies to it get
     /// `thread_not_found`, updates of it `message_not_found`.
     pub fn delete_message(&self, channel_id: &str, ts: &str) {
@@ -1069,6 +1103,7 @@ impl FakeSlack {
     pub fn clear_records(&self) {
         let mut g = self.lock();
         g.posts.clear();
+        g.people_replies.clear();
         g.updates.clear();
         g.requests.clear();
         g.responses.clear();
@@ -2608,6 +2643,9 @@ fn in_channel_history(p: &RecordedPost) -> bool {
     p.thread_ts.is_none() || value_truthy(p.body.get("reply_broadcast"))
 }
 
+/// What stands for a token in a person's reply ([`FakeSlack::reply_as_person`]), before their user id.
+const PERSON_TOKEN_PREFIX: &str = "person:";
+
 /// Replies by the `ts` of the message they reply to, in one conversation.
 type Threads<'a> = HashMap<&'a str, Vec<&'a RecordedPost>>;
 
@@ -2615,7 +2653,12 @@ type Threads<'a> = HashMap<&'a str, Vec<&'a RecordedPost>>;
 /// of history can show hundreds of messages, each with its reply count).
 fn threads_in<'a>(g: &'a Inner, channel: &str) -> Threads<'a> {
     let mut threads: Threads<'a> = HashMap::new();
-    for post in g.posts.iter().filter(|p| p.channel_id == channel) {
+    for post in g
+        .posts
+        .iter()
+        .chain(&g.people_replies)
+        .filter(|p| p.channel_id == channel)
+    {
         if let Some(parent) = post.thread_ts.as_deref() {
             threads.entry(parent).or_default().push(post);
         }
@@ -2627,6 +2670,17 @@ fn threads_in<'a>(g: &'a Inner, channel: &str) -> Threads<'a> {
 /// `chat.update`), like the `message` of `chat.postMessage`; `threads` are
 /// its conversation's ([`threads_in`]).
 fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool, threads: &Threads) -> Value {
+    if let Some(person) = p.token.strip_prefix(PERSON_TOKEN_PREFIX) {
+        // A person's message: no bot or app fields.
+        return json!({
+            "type": "message",
+            "user": person,
+            "team": p.team_id,
+            "ts": p.ts,
+            "text": p.text.clone().unwrap_or_default(),
+            "thread_ts": p.thread_ts,
+        });
+    }
     let spec = g
         .tokens
         .get(&p.token)
@@ -2667,11 +2721,14 @@ fn history_message(g: &Inner, p: &RecordedPost, with_metadata: bool, threads: &T
     if !replies.is_empty() {
         let mut users: Vec<String> = Vec::new();
         for r in replies {
-            let u = g
-                .tokens
-                .get(&r.token)
-                .map(|t| t.bot_user_id.clone())
-                .unwrap_or_else(|| "U0UNKNOWN".to_string());
+            let u = match r.token.strip_prefix(PERSON_TOKEN_PREFIX) {
+                Some(person) => person.to_string(),
+                None => g
+                    .tokens
+                    .get(&r.token)
+                    .map(|t| t.bot_user_id.clone())
+                    .unwrap_or_else(|| "U0UNKNOWN".to_string()),
+            };
             if !users.contains(&u) {
                 users.push(u);
             }
@@ -2833,6 +2890,7 @@ fn conversations_replies(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
     let mut replies: Vec<(u64, &RecordedPost)> = g
         .posts
         .iter()
+        .chain(&g.people_replies)
         .filter(|p| p.channel_id == channel && p.thread_ts.as_deref() == Some(ts.as_str()))
         .filter_map(|p| parse_ts_micros(&p.ts).map(|t| (t, p)))
         .filter(|(t, _)| match oldest {

@@ -419,11 +419,11 @@ async fn ok_posts_once_to_the_channel_by_id_or_to_the_person() {
 // not_in_channel
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
-    let mut cases = per_form(&CHANNELS, |form| async move {
+impl Case {
+    /// A case whose target channel the bot is not in, with a token without
+    /// `chat:write.public`: Slack answers a post there `not_in_channel`.
+    async fn start_outside_the_channel(form: Form) -> Case {
         let case = Case::start_with(form, ChannelSpec::not_member()).await;
-        // Without chat:write.public the bot must be a member to post.
         let scoped = format!("xoxb-test-no-public-{}", case.env.id);
         case.env.slack.add_token(
             &scoped,
@@ -439,6 +439,14 @@ async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
             ]),
         );
         case.env.store_token(&case.env.workspace, &scoped).await;
+        case
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
+    let mut cases = per_form(&CHANNELS, |form| async move {
+        let case = Case::start_outside_the_channel(form).await;
         let worker = case.env.spawn_worker();
         case.publish("not-in-channel").await;
         case.wait_for_posts_to_recipient(1).await;
@@ -477,6 +485,69 @@ async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
         case.cleanup().await;
     }));
     run_matrix("not_in_channel", cases).await;
+}
+
+/// The contract: `not_in_channel` → join the channel and post again, else
+/// the default channel. Slack's refusals of the join that concern this
+/// channel (full, the bot may not join it, no permission, not a channel
+/// one joins) send the post to the default channel, naming the target;
+/// a token refused for everything sends it to email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_join_goes_to_the_default_channel_unless_the_token_is_refused() {
+    let mut cases = Vec::new();
+    for code in [
+        "too_many_members",
+        "user_is_restricted",
+        "is_bot",
+        "no_permission",
+        "access_denied",
+        "method_not_supported_for_channel_type",
+    ] {
+        cases.extend(CHANNELS.iter().map(|&form| {
+            named(&format!("{code} × {}", form.label()), async move {
+                let case = Case::start_outside_the_channel(form).await;
+                case.env
+                    .slack
+                    .fail_next("conversations.join", 1, Fault::api(code));
+                let worker = case.env.spawn_worker();
+                case.publish("join-refused").await;
+                let posts = case.wait_for_posts_to_default(1).await;
+                worker.stop().await;
+
+                assert_names_target(&posts[0], &form.target());
+                assert_eq!(case.env.slack.posts().len(), 1, "one post in all");
+                assert_eq!(
+                    case.env.slack.requests_for("conversations.join").len(),
+                    1,
+                    "one join"
+                );
+                case.assert_no_email();
+                case.assert_settled().await;
+                case.cleanup().await;
+            })
+        }));
+    }
+    cases.extend(CHANNELS.iter().map(|&form| {
+        named(
+            &format!("account_inactive × {}", form.label()),
+            async move {
+                let case = Case::start_outside_the_channel(form).await;
+                case.env
+                    .slack
+                    .fail_next("conversations.join", 1, Fault::api("account_inactive"));
+                let worker = case.env.spawn_worker();
+                case.publish("join-token-refused").await;
+                case.wait_for_email_to(form.fallback_email()).await;
+                worker.stop().await;
+
+                case.assert_nothing_posted();
+                case.assert_one_email();
+                case.assert_settled().await;
+                case.cleanup().await;
+            },
+        )
+    }));
+    run_matrix("a refused join", cases).await;
 }
 
 // ---------------------------------------------------------------------------

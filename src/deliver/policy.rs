@@ -120,13 +120,16 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
     };
     match method {
         Method::PostMessage => after_post(kind, error, tried),
+        // The contract: `not_in_channel` → join and post again, else the
+        // default channel. Only a failing Slack or a token refused for
+        // everything (revoked, inactive, …) keep the default channel from
+        // taking it; every other refusal of the join is this channel's
+        // (gone, archived, private, full, no `channels:join`, a bot or
+        // restricted user that may not join).
         Method::Join => match error.failure {
             SlackFailure::Transient { .. } => unavailable,
-            // The channel cannot be joined (gone, archived, private, no
-            // `channels:join`): the default channel still can take it.
-            SlackFailure::Destination => to_default_or_give_up(tried),
-            SlackFailure::Workspace if code == "missing_scope" => to_default_or_give_up(tried),
-            _ => unavailable,
+            SlackFailure::Workspace if !CALL_ONLY_REFUSALS.contains(&code) => unavailable,
+            _ => to_default_or_give_up(tried),
         },
         // Only a failing Slack or a refused token stop a post by name:
         // every other refusal of the listing (a scope, `invalid_types`, an
@@ -134,7 +137,7 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
         // and `chat.postMessage` takes `#name` itself.
         Method::List => match error.failure {
             SlackFailure::Transient { .. } => unavailable,
-            SlackFailure::Workspace if !LISTING_REFUSALS.contains(&code) => unavailable,
+            SlackFailure::Workspace if !CALL_ONLY_REFUSALS.contains(&code) => unavailable,
             _ => Step::PostByName,
         },
         // A failed check must not stop the notification.
@@ -151,9 +154,9 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
     }
 }
 
-/// Token-class answers of `conversations.list` about the listing only: the
-/// same token may still post.
-const LISTING_REFUSALS: [&str; 3] = ["missing_scope", "no_permission", "access_denied"];
+/// Token-class answers that refuse one call only (a listing, a join), not
+/// the token: the same token may still post.
+const CALL_ONLY_REFUSALS: [&str; 3] = ["missing_scope", "no_permission", "access_denied"];
 
 /// Answers to a reply (`thread_ts`) that a top-level post would not get.
 const THREAD_REFUSED: [&str; 5] = [
@@ -522,8 +525,40 @@ mod tests {
                 by_id,
                 Step::PostToDefaultChannel,
             ),
+            (
+                Join,
+                Channel,
+                "too_many_members",
+                by_id,
+                Step::PostToDefaultChannel,
+            ),
+            (
+                Join,
+                Channel,
+                "user_is_restricted",
+                by_id,
+                Step::PostToDefaultChannel,
+            ),
+            (Join, Channel, "is_bot", by_id, Step::PostToDefaultChannel),
+            (
+                Join,
+                Channel,
+                "no_permission",
+                by_id,
+                Step::PostToDefaultChannel,
+            ),
+            (
+                Join,
+                Channel,
+                "access_denied",
+                by_id,
+                Step::PostToDefaultChannel,
+            ),
             (Join, Channel, "http_503", by_id, unavailable(true)),
+            (Join, Channel, "internal_error", by_id, unavailable(true)),
             (Join, Channel, "invalid_auth", by_id, unavailable(false)),
+            (Join, Channel, "account_inactive", by_id, unavailable(false)),
+            (Join, Channel, "token_revoked", by_id, unavailable(false)),
             // chat.postMessage: Slack's "not a member of the conversation"
             (
                 PostMessage,

@@ -135,11 +135,8 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
         // every other refusal of the listing (a scope, `invalid_types`, an
         // org-wide install that must name its team) is the listing's alone,
         // and `chat.postMessage` takes `#name` itself.
-        Method::List => match error.failure {
-            SlackFailure::Transient { .. } => unavailable,
-            SlackFailure::Workspace if !CALL_ONLY_REFUSALS.contains(&code) => unavailable,
-            _ => Step::PostByName,
-        },
+        Method::List if refuses_the_listing_alone(error) => Step::PostByName,
+        Method::List => unavailable,
         // A failed check must not stop the notification.
         Method::Open | Method::History => match error.failure {
             SlackFailure::Workspace if code != "missing_scope" => unavailable,
@@ -151,6 +148,18 @@ pub fn next_step(method: Method, kind: TargetKind, error: &SlackError, tried: Tr
         },
         // The message stays as it was; nothing else can stand in for it.
         Method::Update => unavailable,
+    }
+}
+
+/// Whether `error` from `conversations.list` refuses the listing alone
+/// (a scope, `invalid_types`, an org-wide install that must name its
+/// team, …), not Slack failing or the token: `chat.postMessage` still
+/// takes the channel's `#name`.
+pub fn refuses_the_listing_alone(error: &SlackError) -> bool {
+    match error.failure {
+        SlackFailure::Transient { .. } | SlackFailure::TokenExpired => false,
+        SlackFailure::Workspace => CALL_ONLY_REFUSALS.contains(&error.code.as_str()),
+        _ => !error.is_rate_limited(),
     }
 }
 

@@ -26,6 +26,7 @@ use serde_json::Value;
 use super::client::{Body, SlackClient, SlackError, SlackFailure};
 use super::tokens::WorkspaceToken;
 use crate::deliver::limit::RateLimiter;
+use crate::deliver::policy::refuses_the_listing_alone;
 
 /// Never list a workspace twice within this: a name a fresh listing lacks
 /// does not exist (for us), and Tier 2 allows about 20 listings a minute.
@@ -41,8 +42,9 @@ const MAP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const LIST_LOCK: Duration = Duration::from_secs(30);
 /// How long a replica waits for another one's listing.
 const LIST_WAIT: Duration = Duration::from_secs(15);
-/// After `missing_scope`, post by name for this long before asking again.
-const NO_SCOPE_BACKOFF: Duration = Duration::from_secs(300);
+/// After a refusal of the listing itself (`missing_scope`,
+/// `missing_argument`, …), post by name for this long before asking again.
+const LISTING_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
 /// Marks a listing without private channels (no `groups:read`).
 const PUBLIC_ONLY: &str = "public_only";
 /// Longest wait for one page's slot in the workspace's Tier 2 budget; well
@@ -146,8 +148,9 @@ struct Cached {
     /// Milliseconds since the epoch of the last listing, if still fresh;
     /// `None` when stale or never listed.
     listed_at_ms: Option<u64>,
-    /// Set when the last listing failed for a missing scope.
-    missing_scope: Option<String>,
+    /// Set when Slack refused the last listing itself (`missing_scope`
+    /// with the scopes it needs, or another code): names go by `#name`.
+    listing_refused: Option<String>,
     /// False when private channels could not be listed (no `groups:read`):
     /// a name missing from the map may still be one the bot can post to.
     complete: bool,
@@ -202,10 +205,10 @@ impl ChannelDirectory {
         // answers this miss (taking it later races a peer's listing).
         let asked_at = now_ms();
         let cached = self.read(&token.workspace, name).await?;
-        if let Some(needed) = &cached.missing_scope {
+        if let Some(why) = &cached.listing_refused {
             tracing::debug!(
-                needed,
-                "posting by channel name: the app may not list channels"
+                why,
+                "posting by channel name: Slack refused to list channels"
             );
             return Ok(Resolution::ByName(name.to_string()));
         }
@@ -371,12 +374,20 @@ impl ChannelDirectory {
                      and groups:read scopes; posting by #name instead, which cannot join channels \
                      or share one rate limit with the channel's id. Add the scopes and reinstall the app"
                 );
-                let _: () = redis::cmd("SET")
-                    .arg(self.key("channels-listed", workspace))
-                    .arg(format!("missing_scope:{needed}"))
-                    .arg("PX")
-                    .arg(millis(NO_SCOPE_BACKOFF))
-                    .query_async(&mut redis)
+                self.stamp_refusal(workspace, &format!("missing_scope:{needed}"))
+                    .await?;
+                Ok(Resolution::ByName(name.to_string()))
+            }
+            // Remembered like a missing scope: every name would otherwise
+            // ask again, each spending a call of the Tier 2 allowance.
+            Err(e) if refuses_the_listing_alone(&e) => {
+                tracing::warn!(
+                    workspace,
+                    error = %e,
+                    "Slack refuses to list channels; posting by #name instead for the next {} s",
+                    LISTING_REFUSED_BACKOFF.as_secs()
+                );
+                self.stamp_refusal(workspace, &format!("refused:{}", e.code))
                     .await?;
                 Ok(Resolution::ByName(name.to_string()))
             }
@@ -384,6 +395,19 @@ impl ChannelDirectory {
         };
         self.unlock(&lock_key, &lock_value).await;
         result
+    }
+
+    /// Records that Slack refused the workspace's listing (`why`), for
+    /// [`LISTING_REFUSED_BACKOFF`], in place of a listing's stamp.
+    async fn stamp_refusal(&self, workspace: &str, why: &str) -> Result<(), redis::RedisError> {
+        let mut redis = self.redis.clone();
+        redis::cmd("SET")
+            .arg(self.key("channels-listed", workspace))
+            .arg(why)
+            .arg("PX")
+            .arg(millis(LISTING_REFUSED_BACKOFF))
+            .query_async(&mut redis)
+            .await
     }
 
     /// Lets go of the listing lock if it is still ours; a failure leaves it
@@ -525,16 +549,17 @@ impl ChannelDirectory {
             .get(self.key("channels-listed", workspace))
             .query_async(&mut redis)
             .await?;
-        // The stamp: `<ms>`, `<ms>:public_only`, or `missing_scope:<detail>`.
+        // The stamp: `<ms>`, `<ms>:public_only`, `missing_scope:<detail>`
+        // or `refused:<code>`.
         let mut cached = Cached {
             id,
             listed_at_ms: None,
-            missing_scope: None,
+            listing_refused: None,
             complete: true,
         };
         if let Some(stamp) = stamp {
-            if let Some(needed) = stamp.strip_prefix("missing_scope:") {
-                cached.missing_scope = Some(needed.to_string());
+            if stamp.starts_with("missing_scope:") || stamp.starts_with("refused:") {
+                cached.listing_refused = Some(stamp);
             } else {
                 let (ms, partial) = match stamp.split_once(':') {
                     Some((ms, _)) => (ms, true),
@@ -582,8 +607,9 @@ fn answer_if_listed_since(
     failed_id: Option<&str>,
     name: &str,
 ) -> Option<Resolution> {
-    if cached.missing_scope.is_some() {
-        return None;
+    // A refusal stamped meanwhile answers too: the name goes by `#name`.
+    if cached.listing_refused.is_some() {
+        return Some(Resolution::ByName(name.to_string()));
     }
     let listed_at = cached.listed_at_ms?;
     if listed_at < asked_at {
@@ -633,5 +659,39 @@ mod tests {
         for (given, want) in cases {
             assert_eq!(Destination::parse(given), want, "{given}");
         }
+    }
+
+    /// A replica waiting for a peer's listing takes a refusal the peer
+    /// stamped as its answer (the name goes by `#name`) instead of waiting
+    /// for a listing that never comes.
+    #[test]
+    fn a_refusal_stamped_by_a_peer_answers_a_waiting_replica() {
+        for why in [
+            "missing_scope:channels:read,groups:read",
+            "refused:missing_argument",
+        ] {
+            let cached = Cached {
+                id: None,
+                listed_at_ms: None,
+                listing_refused: Some(why.to_string()),
+                complete: true,
+            };
+            assert_eq!(
+                answer_if_listed_since(&cached, now_ms(), None, "payments"),
+                Some(Resolution::ByName("payments".into())),
+                "{why}"
+            );
+        }
+        let listed_before = Cached {
+            id: Some("C0PAYMENTS".into()),
+            listed_at_ms: Some(now_ms() - 1_000),
+            listing_refused: None,
+            complete: true,
+        };
+        assert_eq!(
+            answer_if_listed_since(&listed_before, now_ms(), None, "payments"),
+            None,
+            "a listing older than the question does not answer it"
+        );
     }
 }

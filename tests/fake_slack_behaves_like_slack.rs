@@ -1884,12 +1884,26 @@ async fn channel_lifecycle_rename_archive_unarchive_delete() {
     assert_eq!(ch["name_normalized"], "incidents");
     assert_eq!(ch["previous_names"], json!(["general"]));
 
-    // archive / unarchive
+    // archive / unarchive: a post is `is_archived`, an update of a message
+    // there `is_inactive` ("a frozen, archived or deleted channel").
+    let before = post_text(&c, &s, TOKEN, "C0OTHER").await.body["ts"]
+        .as_str()
+        .unwrap()
+        .to_string();
     s.archive_channel("C0OTHER");
     assert_eq!(
         post_text(&c, &s, TOKEN, "C0OTHER").await.error(),
         Some("is_archived")
     );
+    let update = post_json(
+        &c,
+        &s,
+        "chat.update",
+        Some(TOKEN),
+        json!({"channel": "C0OTHER", "ts": before, "text": "resolved"}),
+    )
+    .await;
+    assert_eq!(update.error(), Some("is_inactive"));
     s.unarchive_channel("C0OTHER");
     let ts = post_text(&c, &s, TOKEN, "C0OTHER").await.body["ts"]
         .as_str()

@@ -2230,10 +2230,12 @@ fn chat_update(
     if !known {
         return Reply::err("channel_not_found");
     }
+    // chat.update answers `is_inactive` for "a frozen, archived or deleted
+    // channel" (not chat.postMessage's `is_archived`).
     if let Some(c) = g.channel_by_id(&channel)
         && c.spec.archived
     {
-        return Reply::err("is_archived");
+        return Reply::err("is_inactive");
     }
     let Some(ts) = req.nonempty("ts") else {
         return Reply::err("message_not_found");

@@ -803,11 +803,9 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
             let mut results = Vec::new();
             for (ws, token) in candidates {
                 let verdict = match slack
-                    .call(
-                        "auth.test",
-                        Some(&token),
-                        &Body::Json(&serde_json::json!({})),
-                    )
+                    // A form: auth.test does not list JSON among the
+                    // content types it takes.
+                    .call("auth.test", Some(&token), &Body::Form(&[]))
                     .await
                 {
                     Ok(reply) => serde_json::json!({"workspace": ws, "valid": true,

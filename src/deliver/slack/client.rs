@@ -591,7 +591,9 @@ fn classify_head(
             },
         ));
     }
-    if status.is_server_error() {
+    // 408: a proxy gave up waiting for the request itself, so Slack never
+    // had it: worth another try, like a 5xx, and certainly not posted.
+    if status.is_server_error() || status == reqwest::StatusCode::REQUEST_TIMEOUT {
         return Err(SlackError::new(
             method,
             format!("http_{}", status.as_u16()),
@@ -718,6 +720,15 @@ mod tests {
         assert_eq!(
             (gone.code.as_str(), gone.failure),
             ("http_404", SlackFailure::Other)
+        );
+        let proxy_timeout = answer(408, &none, "<html>").unwrap_err();
+        assert_eq!(
+            (
+                proxy_timeout.code.as_str(),
+                proxy_timeout.is_transient(),
+                proxy_timeout.may_have_landed()
+            ),
+            ("http_408", true, false)
         );
         let internal = answer(200, &seven, r#"{"ok":false,"error":"internal_error"}"#).unwrap_err();
         assert_eq!(internal.retry_after(), Some(Duration::from_millis(7140)));

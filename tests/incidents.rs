@@ -278,6 +278,51 @@ async fn a_follow_up_after_the_first_message_was_deleted(slack_posts_to_the_chan
     env.cleanup().await;
 }
 
+/// Each answer Slack may give a reply it will not thread (the parent gone,
+/// the `thread_ts` refused, the thread locked, a parent that takes no
+/// replies): the event is posted once more, to the channel, not emailed.
+#[tokio::test]
+async fn a_reply_slack_will_not_thread_is_posted_to_the_channel() {
+    for code in [
+        "thread_not_found",
+        "invalid_thread_ts",
+        "message_not_found",
+        "restricted_action_thread_locked",
+        "cannot_reply_to_message",
+    ] {
+        let env = env().await;
+        let worker = env.spawn_worker();
+        env.publish(&env.event("one", json!({"dedup_key": "refused"})))
+            .await;
+        env.slack.wait_for_posts(1, WAIT).await.unwrap();
+        env.slack.fail_next("chat.postMessage", 1, Fault::api(code));
+        env.publish(&env.event("two", json!({"dedup_key": "refused"})))
+            .await;
+        let posts = env
+            .slack
+            .wait_for_posts(2, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{code}: {e}"));
+        worker.stop().await;
+
+        let refused = env.slack.requests_for("chat.postMessage");
+        assert_eq!(
+            refused.len(),
+            3,
+            "{code}: the post, the refused reply, the post again"
+        );
+        assert!(
+            refused[1].params["thread_ts"].is_string(),
+            "{code}: a reply first"
+        );
+        assert_eq!(posts[1].thread_ts, None, "{code}: then to the channel");
+        assert_eq!(event_id(&posts[1]), "two", "{code}");
+        assert!(env.smtp.mails().is_empty(), "{code}: nothing emailed");
+        env.assert_nothing_pending().await;
+        env.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn a_first_message_found_in_the_history_after_an_unsure_answer_keeps_its_thread() {
     a_first_message_found_in_the_history(false).await;

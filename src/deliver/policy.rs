@@ -168,9 +168,11 @@ pub fn refuses_the_listing_alone(error: &SlackError) -> bool {
 const CALL_ONLY_REFUSALS: [&str; 3] = ["missing_scope", "no_permission", "access_denied"];
 
 /// Answers to a reply (`thread_ts`) that a top-level post would not get.
-const THREAD_REFUSED: [&str; 5] = [
+const THREAD_REFUSED: [&str; 6] = [
     "thread_not_found",
     "invalid_thread_ts",
+    // The parent gone, in the words `chat.update` uses for a missing message.
+    "message_not_found",
     "restricted_action_non_threadable_channel",
     // A locked thread, and a parent that takes no replies: the channel
     // itself still takes a message.

@@ -478,6 +478,21 @@ async fn chat_update_records_updates() {
     )
     .await;
     assert_eq!(long.error(), Some("msg_too_long"));
+
+    // The bot removed from a private channel: its message there is out of
+    // reach, and the channel reads as not found.
+    let private = post_text(&c, &s, TOKEN, "G0PRIVMEM").await;
+    assert!(private.ok(), "{}", private.raw);
+    s.set_channel("G0PRIVMEM", ChannelSpec::private(false));
+    let removed = post_json(
+        &c,
+        &s,
+        "chat.update",
+        Some(TOKEN),
+        json!({"channel": "G0PRIVMEM", "ts": private.body["ts"], "text": "resolved"}),
+    )
+    .await;
+    assert_eq!(removed.error(), Some("channel_not_found"));
 }
 
 #[tokio::test]

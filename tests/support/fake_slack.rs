@@ -2230,6 +2230,13 @@ fn chat_update(
     if !known {
         return Reply::err("channel_not_found");
     }
+    // A private channel the bot is not in does not exist for it.
+    if let Some(c) = g.channel_by_id(&channel)
+        && c.spec.private
+        && !c.spec.bot_is_member
+    {
+        return Reply::err("channel_not_found");
+    }
     // chat.update answers `is_inactive` for "a frozen, archived or deleted
     // channel" (not chat.postMessage's `is_archived`).
     if let Some(c) = g.channel_by_id(&channel)

@@ -441,6 +441,17 @@ impl Case {
         case.env.store_token(&case.env.workspace, &scoped).await;
         case
     }
+
+    /// Publishes `what` with a worker running until it reaches the
+    /// target's fallback address, the one email, with nothing posted.
+    async fn publish_and_expect_email_only(&self, what: &str) {
+        let worker = self.env.spawn_worker();
+        self.publish(what).await;
+        self.wait_for_email_to(self.form.fallback_email()).await;
+        worker.stop().await;
+        self.assert_nothing_posted();
+        self.assert_one_email();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,17 +481,12 @@ async fn not_in_channel_joins_by_id_and_posts_or_emails_the_person() {
         case.env
             .slack
             .fail_next("chat.postMessage", 1, Fault::api("not_in_channel"));
-        let worker = case.env.spawn_worker();
-        case.publish("dm-not-in-channel").await;
-        case.wait_for_email_to(form.fallback_email()).await;
-        worker.stop().await;
-
-        case.assert_nothing_posted();
+        case.publish_and_expect_email_only("dm-not-in-channel")
+            .await;
         assert!(
             case.env.slack.requests_for("conversations.join").is_empty(),
             "a DM is never joined"
         );
-        case.assert_one_email();
         case.assert_settled().await;
         case.cleanup().await;
     }));
@@ -535,13 +541,8 @@ async fn a_refused_join_goes_to_the_default_channel_unless_the_token_is_refused(
                 case.env
                     .slack
                     .fail_next("conversations.join", 1, Fault::api("account_inactive"));
-                let worker = case.env.spawn_worker();
-                case.publish("join-token-refused").await;
-                case.wait_for_email_to(form.fallback_email()).await;
-                worker.stop().await;
-
-                case.assert_nothing_posted();
-                case.assert_one_email();
+                case.publish_and_expect_email_only("join-token-refused")
+                    .await;
                 case.assert_settled().await;
                 case.cleanup().await;
             },
@@ -656,13 +657,7 @@ async fn channel_not_found_goes_to_the_default_channel_or_emails_the_person() {
         case.env
             .slack
             .fail_next("chat.postMessage", 1, Fault::api("channel_not_found"));
-        let worker = case.env.spawn_worker();
-        case.publish("dm-not-found").await;
-        case.wait_for_email_to(form.fallback_email()).await;
-        worker.stop().await;
-
-        case.assert_nothing_posted();
-        case.assert_one_email();
+        case.publish_and_expect_email_only("dm-not-found").await;
         case.assert_settled().await;
         case.cleanup().await;
     }));
@@ -715,13 +710,7 @@ async fn is_archived_goes_to_the_default_channel_or_emails_the_person() {
         case.env
             .slack
             .fail_next("chat.postMessage", 1, Fault::api("is_archived"));
-        let worker = case.env.spawn_worker();
-        case.publish("dm-archived").await;
-        case.wait_for_email_to(form.fallback_email()).await;
-        worker.stop().await;
-
-        case.assert_nothing_posted();
-        case.assert_one_email();
+        case.publish_and_expect_email_only("dm-archived").await;
         case.assert_settled().await;
         case.cleanup().await;
     }));
@@ -954,19 +943,13 @@ async fn a_slack_outage_falls_back_to_email() {
         per_form(&ALL, |form| async move {
             let case = Case::start(form).await;
             case.env.slack.set_outage(true);
-            let worker = case.env.spawn_worker();
-            case.publish("outage").await;
-            case.wait_for_email_to(form.fallback_email()).await;
-            worker.stop().await;
-
+            case.publish_and_expect_email_only("outage").await;
             let body = case.env.smtp.mails()[0].text_body().unwrap_or_default();
             assert!(
                 body.contains(&form.target()),
                 "the email names the target {}: {body}",
                 form.target()
             );
-            case.assert_nothing_posted();
-            case.assert_one_email();
             case.assert_settled().await;
             case.cleanup().await;
         }),

@@ -1164,6 +1164,28 @@ async fn history(c: &reqwest::Client, s: &FakeSlack, token: &str, args: &[(&str,
     post_form(c, s, "conversations.history", Some(token), args).await
 }
 
+/// `team_id` is "required if token belongs to org-wide app"; a
+/// workspace's token may name only its own workspace.
+#[tokio::test]
+async fn conversations_list_needs_team_id_from_an_org_wide_token() {
+    let (s, c) = setup().await;
+    s.add_token("xoxb-test-org", TokenSpec::bot(TEAM, BOT).org_wide());
+    let list = |token: &'static str, args: &'static [(&'static str, &'static str)]| {
+        post_form(&c, &s, "conversations.list", Some(token), args)
+    };
+    assert_eq!(
+        list("xoxb-test-org", &[]).await.error(),
+        Some("missing_argument")
+    );
+    assert!(list("xoxb-test-org", &[("team_id", TEAM)]).await.ok());
+    assert!(list(TOKEN, &[]).await.ok());
+    assert!(list(TOKEN, &[("team_id", TEAM)]).await.ok());
+    assert_eq!(
+        list(TOKEN, &[("team_id", "T0ELSEWHERE")]).await.error(),
+        Some("team_access_not_granted")
+    );
+}
+
 #[tokio::test]
 async fn conversations_list_defaults_to_public_channels() {
     let (s, c) = setup().await;

@@ -1112,16 +1112,56 @@ async fn a_listing_refused_for_its_own_reasons_posts_by_name() {
         assert_eq!(posts[0].channel, "#payments", "{code}: posted by name");
         assert_eq!(posts[2].channel, "#payments", "{code}: posted by #name");
         let listings = env.slack.requests_for("conversations.list");
+        // `missing_argument` is asked once more naming the workspace (an
+        // org-wide app's token must), then remembered like the others.
+        let tries = if code == "missing_argument" { 2 } else { 1 };
         assert_eq!(
             listings.len(),
-            1,
-            "{code}: the listing was tried once and its refusal remembered"
+            tries,
+            "{code}: the listing was tried and its refusal remembered"
         );
-        assert_eq!(listings[0].error.as_deref(), Some(code), "{code}");
+        assert!(
+            listings.iter().all(|r| r.error.as_deref() == Some(code)),
+            "{code}"
+        );
         assert!(env.smtp.mails().is_empty(), "{code}: nothing emailed");
         assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
         env.cleanup().await;
     }
+}
+
+/// An org-wide app's token (Enterprise Grid) must name the workspace to
+/// list: Slack answers `missing_argument` without `team_id`, and the
+/// listing is asked again with the event's workspace, so names still
+/// resolve to ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_wide_token_lists_the_channels_of_the_events_workspace() {
+    let env = TestEnv::start(RULES).await;
+    let token = format!("xoxb-test-org-{}", env.id);
+    env.slack
+        .add_token(&token, TokenSpec::bot(&env.workspace, "U0BOT").org_wide());
+    env.store_token(&env.workspace, &token).await;
+    let worker = env.spawn_worker();
+    env.publish(&env.event(
+        "org-wide",
+        json!({"targets": [{"slack_channel": "#payments"}]}),
+    ))
+    .await;
+    let posts = env
+        .slack
+        .wait_for_posts_to(PAYMENTS, 1, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.slack.describe()));
+    worker.stop().await;
+
+    assert_eq!(posts[0].channel, PAYMENTS, "posted by the channel's id");
+    let listings = env.slack.requests_for("conversations.list");
+    assert_eq!(listings.len(), 2, "{listings:#?}");
+    assert_eq!(listings[0].error.as_deref(), Some("missing_argument"));
+    assert_eq!(listings[1].params["team_id"], env.workspace.as_str());
+    assert_eq!(listings[1].error, None);
+    assert!(env.smtp.mails().is_empty(), "nothing emailed");
+    env.cleanup().await;
 }
 
 /// `no_permission` on a post means, as Slack documents it, that the app is

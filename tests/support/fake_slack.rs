@@ -114,6 +114,9 @@ pub struct TokenSpec {
     pub bot_user_id: String,
     pub scopes: Vec<String>,
     pub state: TokenState,
+    /// An org-wide app's token (Enterprise Grid): `conversations.list`
+    /// needs `team_id`, "required if token belongs to org-wide app".
+    pub org_wide: bool,
 }
 
 impl TokenSpec {
@@ -124,7 +127,14 @@ impl TokenSpec {
             bot_user_id: bot_user_id.to_string(),
             scopes: DEFAULT_BOT_SCOPES.iter().map(|s| s.to_string()).collect(),
             state: TokenState::Valid,
+            org_wide: false,
         }
+    }
+
+    /// Same token, installed org-wide.
+    pub fn org_wide(mut self) -> Self {
+        self.org_wide = true;
+        self
     }
 
     /// Same token with exactly these scopes.
@@ -2551,6 +2561,13 @@ fn list_channel_json(g: &Inner, c: &Channel) -> Value {
 }
 
 fn conversations_list(g: &Inner, req: &Req, spec: &TokenSpec) -> Reply {
+    // "team_id: encoded team id to list channels in, required if token
+    // belongs to org-wide app" (the org's workspaces are this fake's one).
+    match req.nonempty("team_id") {
+        None if spec.org_wide => return Reply::err("missing_argument"),
+        Some(team) if team != spec.team_id => return Reply::err("team_access_not_granted"),
+        _ => {}
+    }
     let limit = match parse_limit(req) {
         Ok(l) => l.unwrap_or(LIST_DEFAULT_LIMIT),
         Err(()) => return Reply::err("invalid_limit"),
@@ -2996,6 +3013,7 @@ fn oauth_v2_access(g: &mut Inner, req: &Req) -> Reply {
             bot_user_id: entry.bot_user_id.clone(),
             scopes: scopes.clone(),
             state: TokenState::Valid,
+            org_wide: false,
         },
     );
     g.refresh_tokens.insert(
@@ -3065,6 +3083,7 @@ fn exchange_code(g: &mut Inner, req: &Req) -> Reply {
             bot_user_id: entry.bot_user_id.clone(),
             scopes: entry.scopes.clone(),
             state: TokenState::Valid,
+            org_wide: false,
         },
     );
     let refresh = rotating.then(|| format!("xoxe-1-{}", g.random_suffix()));

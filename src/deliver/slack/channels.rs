@@ -458,6 +458,10 @@ impl ChannelDirectory {
     ) -> Result<HashMap<String, String>, SlackError> {
         let mut map = HashMap::new();
         let mut cursor = String::new();
+        // Named only when Slack asks for it: an org-wide app's token must
+        // say which of the org's workspaces to list (`missing_argument`
+        // without it); a workspace's own token needs none.
+        let mut team_id: Option<&str> = None;
         // A cursor that never ends would be a Slack bug; 200 pages is 200k channels.
         for _ in 0..200 {
             let mut form = vec![
@@ -468,8 +472,11 @@ impl ChannelDirectory {
             if !cursor.is_empty() {
                 form.push(("cursor", cursor.as_str()));
             }
+            if let Some(team_id) = team_id {
+                form.push(("team_id", team_id));
+            }
             let body = Body::Form(&form);
-            let page = self
+            let answer = self
                 .limiter
                 .call_within_tier(&token.workspace, "conversations.list", PAGE_WAIT, || {
                     self.slack.call_leaving_rate_limits(
@@ -478,7 +485,14 @@ impl ChannelDirectory {
                         &body,
                     )
                 })
-                .await?;
+                .await;
+            let page = match answer {
+                Err(e) if e.code == "missing_argument" && team_id.is_none() => {
+                    team_id = Some(&token.workspace);
+                    continue;
+                }
+                answer => answer?,
+            };
             for channel in page
                 .get("channels")
                 .and_then(Value::as_array)

@@ -33,6 +33,8 @@ use crate::rules::{EscalationChain, Rules};
 /// to its own `targets` only (not through the rules again) and says in the
 /// message that it is an escalation, and after how long.
 pub const RULE_HEADER: &str = "x-alert-router-escalation-rule";
+/// What the three share: kept when a dead-lettered step is replayed.
+pub const HEADER_PREFIX: &str = "x-alert-router-escalation-";
 pub const STEP_HEADER: &str = "x-alert-router-escalation-step";
 pub const AFTER_HEADER: &str = "x-alert-router-escalation-after";
 

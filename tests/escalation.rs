@@ -142,3 +142,60 @@ async fn a_resolved_incident_does_not_escalate() {
     assert!(posts_to(&env, HEAD).is_empty());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_dead_lettered_escalation_step_replayed_goes_to_that_steps_targets_only() {
+    let env = env().await;
+    let worker = env.spawn_worker();
+    env.publish(&env.checkout_incident("started", json!({})))
+        .await;
+    env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    // Slack is down when the step comes due, and there is no email to fall
+    // back to: the step is dead-lettered.
+    env.slack.set_outage(true);
+    env.wait_until_ready(&env.settings.amqp.dead_letter_queue, 1, WAIT)
+        .await;
+    env.slack.set_outage(false);
+
+    let replay = env
+        .command()
+        .args(["dlq", "replay", "--all"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "dlq replay: {}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    env.slack.wait_for_posts(2, WAIT).await.unwrap();
+    worker.stop().await;
+
+    let escalated = posts_to(&env, HEAD);
+    assert_eq!(
+        escalated.len(),
+        1,
+        "the step reached its own target: {escalated:#?}"
+    );
+    assert!(event_id(&escalated[0]).starts_with("escalation-"));
+    let text = escalated[0].blocks.as_ref().unwrap().to_string();
+    assert!(
+        text.contains("Escalated") && text.contains("2s"),
+        "the replayed message still says it is an escalation, after how long: {text}"
+    );
+    // By the user's id or, as a reply in the incident's thread, by the DM's.
+    let lead_dm = env.slack.dm_channel_id(LEAD);
+    let to_lead: Vec<_> = env
+        .slack
+        .posts()
+        .into_iter()
+        .filter(|p| p.channel_id == lead_dm)
+        .collect();
+    assert_eq!(
+        to_lead.len(),
+        1,
+        "the replayed step did not go through the rules to the lead again: {to_lead:#?}"
+    );
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}

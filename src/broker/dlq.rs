@@ -434,13 +434,17 @@ impl<'a> DeadLetterQueue<'a> {
 }
 
 /// The original properties without the dead-letter bookkeeping, so the
-/// replayed event starts again with a fresh attempt count.
+/// replayed event starts again with a fresh attempt count. The headers that
+/// say what the event is (an escalation step, with its rule and step) stay:
+/// without them the step would go through the rules again, to the first
+/// step's targets, instead of to its own.
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     let mut kept = FieldTable::default();
     for (name, value) in headers.inner() {
         let name = name.as_str();
-        if name.starts_with("x-alert-router-")
+        let describes_the_event = name.starts_with(crate::escalation::HEADER_PREFIX);
+        if (name.starts_with("x-alert-router-") && !describes_the_event)
             || name == "x-death"
             || name.starts_with("x-first-death")
             || name.starts_with("x-last-death")

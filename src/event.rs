@@ -189,6 +189,25 @@ pub struct Assignee {
     pub slack_user: Option<String>,
 }
 
+/// Whether `text` is a Slack user id (`U…`, or `W…` on Enterprise Grid):
+/// upper-case letters and digits. A direct message goes by the user's id;
+/// Slack takes a channel id or name in the same argument and posts there, so
+/// anything else would put a message meant for one person in a channel.
+pub fn is_slack_user_id(text: &str) -> bool {
+    let mut chars = text.chars();
+    matches!(chars.next(), Some('U' | 'W'))
+        && text.len() >= 2
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+/// The problem with a `slack_user` that is not a user id.
+pub fn not_a_user_id(text: &str) -> String {
+    let text: String = text.chars().take(80).collect();
+    format!(
+        "must be a Slack user id (U… or W…), not `{text}`; a channel goes in `slack_channel`, an address in `slack_email`"
+    )
+}
+
 /// A recipient, as written in a rule's `notify` list or an event's `targets`.
 ///
 /// On the wire a target is a one-key map (`{"slack_channel": "C0PAY"}`) or, for
@@ -363,6 +382,23 @@ impl Event {
                     "must not be empty",
                 ));
             }
+            if let Target::SlackUser(user) = target
+                && !is_slack_user_id(user)
+            {
+                return Err(EventError::field(
+                    format!("targets[{i}].slack_user"),
+                    not_a_user_id(user),
+                ));
+            }
+        }
+        if let Some(user) = self.assignee.as_ref().and_then(|a| a.slack_user.as_deref())
+            && !user.trim().is_empty()
+            && !is_slack_user_id(user)
+        {
+            return Err(EventError::field(
+                "assignee.slack_user",
+                not_a_user_id(user),
+            ));
         }
         Ok(())
     }
@@ -595,6 +631,14 @@ mod tests {
             (
                 r#"{"id":"a","type":"t","severity":"info","title":"x","targets":[{"pager":"x"}]}"#,
                 "event field `targets[0]` unknown variant `pager`, expected one of `slack_channel`, `slack_user`, `slack_email`, `assignee`, `email`",
+            ),
+            (
+                r#"{"id":"a","type":"t","severity":"info","title":"x","targets":[{"slack_user":"U0A"},{"slack_user":"C0PAY"}]}"#,
+                "event field `targets[1].slack_user` must be a Slack user id (U… or W…), not `C0PAY`; a channel goes in `slack_channel`, an address in `slack_email`",
+            ),
+            (
+                r##"{"id":"a","type":"t","severity":"info","title":"x","assignee":{"slack_user":"#general"}}"##,
+                "event field `assignee.slack_user` must be a Slack user id (U… or W…), not `#general`; a channel goes in `slack_channel`, an address in `slack_email`",
             ),
             (
                 r#"{"id":"a","type":"t","severity":"info","title":"x","occurred_at":"yesterday"}"#,

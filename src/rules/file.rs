@@ -790,9 +790,20 @@ impl Checker<'_> {
                     "slack_channel" => self
                         .string(value, "the `slack_channel` target")
                         .map(Target::SlackChannel),
-                    "slack_user" => self
-                        .string(value, "the `slack_user` target")
-                        .map(Target::SlackUser),
+                    "slack_user" => {
+                        let user = self.string(value, "the `slack_user` target")?;
+                        if !crate::event::is_slack_user_id(&user) {
+                            self.error(
+                                value,
+                                format!(
+                                    "the `slack_user` target {}",
+                                    crate::event::not_a_user_id(&user)
+                                ),
+                            );
+                            return None;
+                        }
+                        Some(Target::SlackUser(user))
+                    }
                     "slack_email" => self
                         .email_address(value, "the `slack_email` target")
                         .map(Target::SlackEmail),
@@ -851,6 +862,7 @@ fn looks_like_email(s: &str) -> bool {
 pub fn json_schema() -> serde_json::Value {
     let email = serde_json::json!({"type": "string", "pattern": "^[^@\\s]+@[^@\\s]+$"});
     let non_empty = serde_json::json!({"type": "string", "minLength": 1, "pattern": "\\S"});
+    let user_id = serde_json::json!({"type": "string", "pattern": "^[UW][A-Z0-9]+$"});
     let one = |key: &str, value: &serde_json::Value| {
         serde_json::json!({
             "type": "object",
@@ -930,7 +942,7 @@ pub fn json_schema() -> serde_json::Value {
                 "oneOf": [
                     {"const": "assignee", "description": "DM the event's assignee."},
                     one("slack_channel", &non_empty),
-                    one("slack_user", &non_empty),
+                    one("slack_user", &user_id),
                     one("slack_email", &email),
                     one("email", &email)
                 ]
@@ -1007,6 +1019,31 @@ rules:
                 "2:1: unknown key `defualts` in the rules file; allowed keys: version, defaults, unmatched, rules",
                 "4:3: unknown key `slack_chanel` in `defaults`; allowed keys: slack_channel, email",
                 "8:5: unknown key `contineu` in a rule; allowed keys: name, matchers, notify, email, continue, escalate",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_slack_user_must_be_a_user_id_so_a_direct_message_never_lands_in_a_channel() {
+        let yaml = "\
+version: 1
+rules:
+  - name: a
+    notify:
+      - slack_user: C0PAYMENTS
+      - slack_user: '#oncall'
+      - slack_user: u0lead
+      - slack_user: U0LEAD
+      - slack_user: W0GRID
+";
+        let user_id = "must be a Slack user id (U… or W…)";
+        let tail = "a channel goes in `slack_channel`, an address in `slack_email`";
+        assert_eq!(
+            errors(yaml),
+            [
+                format!("5:21: the `slack_user` target {user_id}, not `C0PAYMENTS`; {tail}"),
+                format!("6:21: the `slack_user` target {user_id}, not `#oncall`; {tail}"),
+                format!("7:21: the `slack_user` target {user_id}, not `u0lead`; {tail}"),
             ]
         );
     }
@@ -1291,7 +1328,7 @@ rules:
     #[test]
     fn plain_numbers_are_accepted_where_strings_are_expected() {
         let loaded = Rules::from_yaml(
-            "version: 1\nrules:\n  - name: 500\n    notify: [{slack_user: 0012}]\n",
+            "version: 1\nrules:\n  - name: 500\n    notify: [{slack_channel: 0012}]\n",
             "r",
         )
         .unwrap();
@@ -1300,7 +1337,10 @@ rules:
             &serde_json::from_str(r#"{"id":"a","type":"t","severity":"info","title":"x"}"#)
                 .unwrap(),
         );
-        assert_eq!(routing.targets[0].target, Target::SlackUser("0012".into()));
+        assert_eq!(
+            routing.targets[0].target,
+            Target::SlackChannel("0012".into())
+        );
     }
 
     #[test]

@@ -297,6 +297,18 @@ fn assert_names_target(post: &RecordedPost, target: &str) {
     );
 }
 
+/// A bot's scopes without `chat:write.public`.
+const WITHOUT_PUBLIC_POSTING: &[&str] = &[
+    "chat:write",
+    "channels:join",
+    "channels:read",
+    "groups:read",
+    "channels:history",
+    "im:write",
+    "users:read",
+    "users:read.email",
+];
+
 /// Cases of one test running at once.
 const CONCURRENT_CASES: usize = 4;
 
@@ -424,22 +436,21 @@ impl Case {
     /// `chat:write.public`: Slack answers a post there `not_in_channel`.
     async fn start_outside_the_channel(form: Form) -> Case {
         let case = Case::start_with(form, ChannelSpec::not_member()).await;
-        let scoped = format!("xoxb-test-no-public-{}", case.env.id);
-        case.env.slack.add_token(
-            &scoped,
-            TokenSpec::bot(&case.env.workspace, "U0BOT").with_scopes(&[
-                "chat:write",
-                "channels:join",
-                "channels:read",
-                "groups:read",
-                "channels:history",
-                "im:write",
-                "users:read",
-                "users:read.email",
-            ]),
-        );
-        case.env.store_token(&case.env.workspace, &scoped).await;
+        case.env
+            .store_token(&case.env.workspace, &case.token_without_public_posting())
+            .await;
         case
+    }
+
+    /// A token without `chat:write.public`, so a post to a public channel
+    /// the bot is not in is refused as Slack refuses it.
+    fn token_without_public_posting(&self) -> String {
+        let scoped = format!("xoxb-test-no-public-{}", self.env.id);
+        self.env.slack.add_token(
+            &scoped,
+            TokenSpec::bot(&self.env.workspace, "U0BOT").with_scopes(WITHOUT_PUBLIC_POSTING),
+        );
+        scoped
     }
 
     /// Publishes `what` with a worker running until it reaches the
@@ -776,18 +787,28 @@ fn rotation_secrets() -> Secrets {
 /// Stores a rotating token (as tests/tokens.rs does), far from its recorded
 /// expiry, that Slack nevertheless reports expired.
 async fn expired_rotating_token(env: &TestEnv) {
-    let refresh = format!("xoxe-test-{}", env.id);
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
     env.slack
-        .add_refresh_token(&refresh, &env.workspace, "U0BOT");
+        .add_refresh_token(&rotation_refresh_token(env), &env.workspace, "U0BOT");
+    rotating_token(env, &env.token).await;
+    env.slack.expire(&env.token);
+}
+
+fn rotation_refresh_token(env: &TestEnv) -> String {
+    format!("xoxe-test-{}", env.id)
+}
+
+/// Stores `access_token` as a rotating token, far from its recorded expiry,
+/// with the refresh token Slack was told of.
+async fn rotating_token(env: &TestEnv, access_token: &str) {
+    let refresh = rotation_refresh_token(env);
     env.store_token_record(
         &env.workspace,
-        &json!({"access_token": env.token, "refresh_token": refresh,
+        &json!({"access_token": access_token, "refresh_token": refresh,
                 "expires_at": chrono::Utc::now().timestamp() + 30_000,
                 "team_id": env.workspace, "bot_user_id": "U0BOT"}),
     )
     .await;
-    env.slack.expire(&env.token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,6 +826,95 @@ async fn token_expired_is_refreshed_once_and_posts_once_with_the_new_token() {
 
             assert_eq!(case.env.slack.refresh_count(), 1, "refreshed exactly once");
             let issued = case.env.slack.issued_tokens();
+            let post = case.assert_posted_once_to_recipient();
+            assert_eq!(
+                post.token, issued[0].access_token,
+                "posted with the new token"
+            );
+            case.assert_no_email();
+            case.assert_settled().await;
+            case.cleanup().await;
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_slack_rate_limits_waits_and_posts_once_never_emails() {
+    run_matrix(
+        "token_expired, then 429 on oauth.v2.access",
+        per_form(&ALL, |form| async move {
+            let case = Case::start(form).await;
+            let env = &case.env;
+            expired_rotating_token(env).await;
+            env.slack.fail_next(
+                "oauth.v2.access",
+                1,
+                Fault::RateLimited {
+                    retry_after_secs: 1,
+                },
+            );
+            let worker = env.spawn_worker_with(rotation_secrets());
+            case.publish("refresh-rate-limited").await;
+            case.wait_for_posts_to_recipient(1).await;
+            worker.stop().await;
+
+            assert_eq!(
+                env.slack.requests_for("oauth.v2.access").len(),
+                2,
+                "the exchange Slack rate-limited, then the one it took"
+            );
+            let issued = env.slack.issued_tokens();
+            assert_eq!(issued.len(), 1, "one new token");
+            let post = case.assert_posted_once_to_recipient();
+            assert_eq!(
+                post.token, issued[0].access_token,
+                "posted with the new token"
+            );
+            case.assert_no_email();
+            case.assert_settled().await;
+            case.cleanup().await;
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expired_on_the_join_is_refreshed_then_joins_and_posts_once() {
+    run_matrix(
+        "not_in_channel, then token_expired on conversations.join",
+        per_form(&CHANNELS, |form| async move {
+            let case = Case::start_with(form, ChannelSpec::not_member()).await;
+            let env = &case.env;
+            // Neither the token nor the one a refresh mints may post to a
+            // public channel the bot is not in: the post needs the join.
+            env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
+            env.slack.add_refresh_token_with_scopes(
+                &rotation_refresh_token(env),
+                &env.workspace,
+                "U0BOT",
+                WITHOUT_PUBLIC_POSTING
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            );
+            rotating_token(env, &case.token_without_public_posting()).await;
+            env.slack
+                .fail_next("conversations.join", 1, Fault::api("token_expired"));
+            let worker = env.spawn_worker_with(rotation_secrets());
+            case.publish("join-expired").await;
+            case.wait_for_posts_to_recipient(1).await;
+            worker.stop().await;
+
+            assert_eq!(env.slack.refresh_count(), 1, "refreshed exactly once");
+            let joins = env.slack.requests_for("conversations.join");
+            assert_eq!(
+                joins.len(),
+                2,
+                "the join refused as expired, then the one that worked"
+            );
+            assert_eq!(joins[1].error, None, "the second join succeeded");
+            let issued = env.slack.issued_tokens();
             let post = case.assert_posted_once_to_recipient();
             assert_eq!(
                 post.token, issued[0].access_token,
@@ -1191,4 +1301,65 @@ async fn no_permission_on_a_post_joins_the_channel_and_posts() {
     assert!(env.smtp.mails().is_empty(), "nothing emailed");
     assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
     env.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------
+// A direct-message conversation named by its `D…` id
+// ---------------------------------------------------------------------------
+
+/// `slack_channel: D…` is somebody's direct messages: it posts there when
+/// Slack takes it, and when Slack refuses it (a conversation between two
+/// people the bot is not part of, gone, or closed) it is emailed like any
+/// DM, never joined and never rerouted to the shared default channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_message_conversation_by_id_posts_there_or_is_emailed_never_rerouted() {
+    let mut cases = vec![named("ok", async {
+        let case = Case::start(ChannelId).await;
+        let dm = case.env.slack.dm_channel_id(PERSON);
+        let worker = case.env.spawn_worker();
+        let targets = json!({"targets": [{"slack_channel": dm}]});
+        case.env.publish(&case.env.event("dm-by-id", targets)).await;
+        case.env
+            .slack
+            .wait_for_posts_to(&dm, 1, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("no post in the DM: {e}"));
+        worker.stop().await;
+
+        let posts = case.env.slack.posts();
+        assert_eq!(posts.len(), 1, "one post in all");
+        assert_eq!(posts[0].channel, dm, "posted by the conversation's id");
+        case.assert_no_email();
+        case.assert_settled().await;
+        case.cleanup().await;
+    })];
+    for code in [
+        "channel_not_found",
+        "not_in_channel",
+        "no_permission",
+        "is_archived",
+        "restricted_action",
+    ] {
+        cases.push(named(code, async move {
+            let case = Case::start(ChannelId).await;
+            let dm = case.env.slack.dm_channel_id(PERSON);
+            case.env.slack.fail_channel(&dm, Fault::api(code));
+            let worker = case.env.spawn_worker();
+            let targets = json!({"targets": [{"slack_channel": dm}]});
+            let id = format!("dm-by-id-{code}").replace('_', "-");
+            case.env.publish(&case.env.event(&id, targets)).await;
+            case.wait_for_email_to(DEFAULT_EMAIL).await;
+            worker.stop().await;
+
+            case.assert_nothing_posted();
+            assert!(
+                case.env.slack.requests_for("conversations.join").is_empty(),
+                "a direct message is not joined"
+            );
+            case.assert_one_email();
+            case.assert_settled().await;
+            case.cleanup().await;
+        }));
+    }
+    run_matrix("a D… id", cases).await;
 }

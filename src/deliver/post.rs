@@ -560,15 +560,7 @@ impl Deliverer {
                 Step::Wait(wait) => return Err(PostFailure::Deferred(wait)),
                 Step::RefreshToken => {
                     tried.refreshed_token = true;
-                    match self.tokens.refresh(&token).await {
-                        Ok(fresh) => token = fresh,
-                        Err(e) => {
-                            return Err(PostFailure::Unavailable(SlackUnavailable {
-                                reason: format!("Slack cannot take it: {error}, and {e}"),
-                                transient: e.is_transient(),
-                            }));
-                        }
-                    }
+                    token = self.refreshed(&token, &error).await?;
                 }
                 Step::JoinAndPost => {
                     tried.joined = true;
@@ -577,6 +569,13 @@ impl Deliverer {
                         match policy::next_step(Method::Join, destination.kind, &join_error, tried)
                         {
                             Step::Wait(wait) => return Err(PostFailure::Deferred(wait)),
+                            // Expired between the post and the join: refreshed,
+                            // then the post (and, still outside, the join) again.
+                            Step::RefreshToken => {
+                                tried.refreshed_token = true;
+                                tried.joined = false;
+                                token = self.refreshed(&token, &join_error).await?;
+                            }
                             Step::PostToDefaultChannel => {
                                 // Reroute for the post's error, naming why.
                                 pending_error = Some(SlackError::new(
@@ -1049,6 +1048,25 @@ fn unix_ms_now() -> u64 {
 fn landed_in_thread(plan: Option<&ThreadPlan<'_>>, landed: &Landed) -> bool {
     plan.and_then(ThreadPlan::parent)
         .is_some_and(|parent| parent.channel == landed.channel)
+}
+
+impl Deliverer {
+    /// The token after one refresh, for a call Slack answered `error`
+    /// (`token_expired`); a refresh Slack rate-limited waits like any 429.
+    async fn refreshed(
+        &self,
+        token: &WorkspaceToken,
+        error: &SlackError,
+    ) -> Result<WorkspaceToken, PostFailure> {
+        match self.tokens.refresh(token).await {
+            Ok(fresh) => Ok(fresh),
+            Err(e) if let Some(wait) = e.rate_limited() => Err(PostFailure::Deferred(wait)),
+            Err(e) => Err(PostFailure::Unavailable(SlackUnavailable {
+                reason: format!("Slack cannot take it: {error}, and {e}"),
+                transient: e.is_transient(),
+            })),
+        }
+    }
 }
 
 fn unavailable(error: &SlackError) -> PostFailure {

@@ -130,10 +130,14 @@ impl Deliverer {
             Target::SlackChannel(channel) => match Destination::parse(channel) {
                 Destination::ChannelId(id) | Destination::User(id) => {
                     let person = matches!(Destination::parse(channel), Destination::User(_));
+                    // A `D…` id is somebody's direct-message conversation:
+                    // refused, it goes to email like any DM, never to the
+                    // shared default channel, and it cannot be joined.
+                    let direct_message = id.starts_with('D');
                     let action = match token {
                         Ok(_) => Action::Slack(SlackDestination {
                             channel: id.clone(),
-                            kind: if person {
+                            kind: if person || direct_message {
                                 TargetKind::Person
                             } else {
                                 TargetKind::Channel
@@ -241,6 +245,9 @@ impl Deliverer {
             // the answer must be the id, or keys would differ by form.
             resolved = match self.tokens.refresh(token).await {
                 Ok(fresh) => self.channels.resolve(&fresh, name).await,
+                Err(refresh) if let Some(wait) = refresh.rate_limited() => {
+                    return (by_name, Action::Wait(wait));
+                }
                 Err(refresh) => {
                     warn!(channel = name, error = %refresh, "cannot refresh the token to resolve a channel name");
                     return (
@@ -332,6 +339,17 @@ impl Deliverer {
             Err(e) if e.failure == SlackFailure::TokenExpired => {
                 match self.tokens.refresh(token).await {
                     Ok(fresh) => self.lookup_user(&fresh, email).await,
+                    // Slack rate-limited the exchange: the lookup waits as
+                    // for its own 429.
+                    Err(refresh) if let Some(wait) = refresh.rate_limited() => {
+                        Err(SlackError::new(
+                            "oauth.v2.access",
+                            "ratelimited",
+                            SlackFailure::Transient {
+                                retry_after: Some(wait),
+                            },
+                        ))
+                    }
                     Err(refresh) => Err(SlackError::new(
                         "users.lookupByEmail",
                         e.code.clone(),

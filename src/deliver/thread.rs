@@ -244,6 +244,9 @@ impl Deliverer {
                     tried.refreshed_token = true;
                     match self.tokens.refresh(&token).await {
                         Ok(fresh) => token = fresh,
+                        Err(e) if let Some(wait) = e.rate_limited() => {
+                            return Err(TargetStatus::Deferred { wait });
+                        }
                         Err(e) => return Err(update_failed(&error, e.is_transient())),
                     }
                 }

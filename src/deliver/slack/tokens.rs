@@ -93,6 +93,8 @@ pub enum TokenError {
         workspace: String,
         reason: String,
         transient: bool,
+        /// Slack rate-limited the exchange (HTTP 429): call again after this.
+        retry_after: Option<Duration>,
     },
     /// The outcome of a refresh several callers waited on together.
     #[error(transparent)]
@@ -107,6 +109,16 @@ impl TokenError {
             TokenError::Refresh { transient, .. } => *transient,
             TokenError::Malformed { .. } => false,
             TokenError::Shared(inner) => inner.is_transient(),
+        }
+    }
+
+    /// How long Slack asked to wait when it rate-limited the refresh: a
+    /// rate limit, never a reason to give up on Slack.
+    pub fn rate_limited(&self) -> Option<Duration> {
+        match self {
+            TokenError::Refresh { retry_after, .. } => *retry_after,
+            TokenError::Shared(inner) => inner.rate_limited(),
+            _ => None,
         }
     }
 }
@@ -467,6 +479,7 @@ impl TokenStore {
             workspace: workspace.to_string(),
             reason,
             transient,
+            retry_after: None,
         };
         let Some(rotation) = &self.rotation else {
             return Err(refresh_error(
@@ -566,7 +579,17 @@ impl TokenStore {
                 .slack
                 .call_once("oauth.v2.access", None, &super::Body::Form(&form))
                 .await
-                .map_err(|e| refresh_error(e.to_string(), e.is_transient()))?;
+                .map_err(|e| TokenError::Refresh {
+                    workspace: workspace.to_string(),
+                    reason: e.to_string(),
+                    transient: e.is_transient(),
+                    // Without a Retry-After, a second, as for any 429.
+                    retry_after: e.is_rate_limited().then(|| {
+                        e.retry_after().unwrap_or_else(|| {
+                            super::client::honoured_retry_after(Duration::from_secs(1))
+                        })
+                    }),
+                })?;
             let text = |name: &str| {
                 reply
                     .get(name)

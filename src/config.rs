@@ -927,6 +927,64 @@ mod tests {
         Settings::load_from(Some(&path), env(vars))
     }
 
+    /// Every leaf key of `value` as a dotted path (`slack.api_url`).
+    fn leaf_keys(value: &serde_json::Value, prefix: &str, keys: &mut Vec<String>) {
+        match value.as_object() {
+            Some(map) => {
+                for (name, inner) in map {
+                    let path = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    leaf_keys(inner, &path, keys);
+                }
+            }
+            None => keys.push(prefix.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_shipped_settings_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let loaded = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(
+            loaded,
+            Settings::default(),
+            "{DEFAULT_CONFIG_PATH} shows the defaults"
+        );
+
+        let file: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from(path.as_path()))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let mut keys = Vec::new();
+        leaf_keys(
+            &serde_json::to_value(Settings::default()).unwrap(),
+            "",
+            &mut keys,
+        );
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|key| {
+                let mut node = &file;
+                for part in key.split('.') {
+                    match node.get(part) {
+                        Some(inner) => node = inner,
+                        None => return true,
+                    }
+                }
+                false
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{DEFAULT_CONFIG_PATH} leaves out {missing:?}"
+        );
+    }
+
     #[test]
     fn defaults_match_the_documented_ones() {
         let s = load_with(None, &[]).unwrap();

@@ -57,14 +57,17 @@ pub fn metrics() -> &'static PrometheusHandle {
 fn describe() {
     describe_counter!(
         EVENTS,
-        "Events settled, by outcome (acked, retried, dead_lettered) and reason."
+        "Events settled, by outcome (acked, retried, deferred, dead_lettered) and reason."
     );
     describe_histogram!(
         EVENT_SECONDS,
         metrics::Unit::Seconds,
         "Time from delivery to settlement of one event."
     );
-    describe_counter!(TARGETS, "Targets of events, by kind and result.");
+    describe_counter!(
+        TARGETS,
+        "Targets of events, by kind and result; kind slack_update is an incident's first message updated in place."
+    );
     describe_counter!(
         SLACK_CALLS,
         "Slack Web API calls, by method and result (ok or the Slack error code)."
@@ -89,7 +92,7 @@ fn describe() {
     );
     describe_counter!(
         INTERACTIONS,
-        "Requests to /slack/interactions, by result (acknowledged, already, not_tracked, accepted, bad_signature, stale, bad_request, publish_failed, store_failed, not_configured)."
+        "Requests to /slack/interactions, by result (acknowledged, already, not_tracked, accepted, bad_signature, stale, replayed, bad_request, publish_failed, store_failed, not_configured)."
     );
     describe_counter!(
         CONFIRM_TIMEOUTS,
@@ -102,7 +105,7 @@ fn describe() {
     describe_gauge!(
         DEAD_LETTER_AGE,
         metrics::Unit::Seconds,
-        "Age of the oldest dead letter, from its x-alert-router-failed-at header; 0 when the queue is empty (queue-wide, like the depth)."
+        "Age of the oldest dead letter, from the dead-letter ledger in Redis; 0 when the queue is empty (queue-wide, like the depth)."
     );
     describe_counter!(
         TOKEN_REFRESHES,

@@ -234,6 +234,8 @@ pub struct EmailSettings {
     /// case-insensitive; subdomains are listed on their own); empty allows any.
     #[serde(with = "string_list")]
     pub allowed_domains: Vec<String>,
+    /// SMTP connections open at once per worker; more emails wait their turn.
+    pub max_connections: usize,
 }
 
 impl Default for EmailSettings {
@@ -242,6 +244,7 @@ impl Default for EmailSettings {
             smtp_url: "smtp://127.0.0.1:1025".into(),
             from: "alert-router@localhost".into(),
             allowed_domains: Vec::new(),
+            max_connections: 4,
         }
     }
 }
@@ -488,6 +491,12 @@ impl Settings {
         }
         if self.slack.max_attempts == 0 {
             return Err(invalid("slack.max_attempts", "must be at least 1"));
+        }
+        if self.email.max_connections == 0 {
+            return Err(invalid(
+                "email.max_connections",
+                "must be at least 1 (a relay's limit per client is often 3 to 10)",
+            ));
         }
         if self.slack.cache_capacity == 0 {
             return Err(invalid(

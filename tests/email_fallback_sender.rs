@@ -94,20 +94,15 @@ async fn a_rendered_event_arrives_with_recipients_subject_and_bodies() {
 }
 
 #[tokio::test]
-async fn pooled_connections_are_reused() {
+async fn each_email_has_a_connection_of_its_own() {
     let sink = SmtpSink::start().await;
     let sender = sender(&sink.url());
     for _ in 0..5 {
         sender.send(&message(&["ana@example.com"])).await.unwrap();
     }
     sink.wait_for_mails(5, WAIT).await.unwrap();
-    // lettre returns a connection to the pool from a spawned task, so the
-    // send right after the first may open a second one; never five.
-    assert!(
-        sink.connections() <= 2,
-        "{} connections",
-        sink.connections()
-    );
+    // Not pooled: a connection abandoned mid-transaction is never reused.
+    assert_eq!(sink.connections(), 5);
 }
 
 #[tokio::test]
@@ -286,6 +281,7 @@ async fn a_message_without_html_is_plain_text() {
         subject: "Hello\r\nBcc: eve@example.com".into(),
         text: "Line one\r\n.leading dot\r\n.\r\nafter a lone dot".into(),
         html: None,
+        about: None,
     };
     sender.send(&message).await.unwrap();
     let mail = &sink.wait_for_mails(1, WAIT).await.unwrap()[0];
@@ -330,5 +326,75 @@ async fn required_starttls_that_the_server_lacks_sends_nothing() {
         !sink.commands().iter().any(|c| c.starts_with("MAIL")),
         "{:?}",
         sink.commands()
+    );
+}
+
+#[tokio::test]
+async fn a_send_abandoned_at_its_timeout_does_not_make_the_next_refusal_look_accepted() {
+    let sink = SmtpSink::start().await;
+    let sender =
+        EmailSender::with_timeout(&settings(&sink.url()), Duration::from_millis(200)).unwrap();
+    // The server takes the first message but answers its end of data only
+    // after the sender gave up; it refuses the second one.
+    sink.delay_next_data_replies(1, Duration::from_secs(3));
+    let first = sender.send(&message(&["ana@example.com"])).await;
+    assert!(
+        matches!(first, Err(EmailError::Timeout { .. })),
+        "the slow answer is a timeout: {first:?}"
+    );
+    sink.fail_next_data(1, 554);
+    let second = sender.send(&message(&["ops@example.com"])).await;
+    assert!(
+        matches!(second, Err(EmailError::Rejected { code: 554, .. })),
+        "the refusal is read as a refusal, not as the late answer to the first: {second:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_same_email_sent_again_has_the_same_message_id_and_another_has_its_own() {
+    let sink = SmtpSink::start().await;
+    let sender = sender(&sink.url());
+    sender.send(&message(&["ana@example.com"])).await.unwrap();
+    sender.send(&message(&["ANA@example.com"])).await.unwrap();
+    sender.send(&message(&["ops@example.com"])).await.unwrap();
+    let mut other_event = message(&["ana@example.com"]);
+    other_event.about = Some("another-event".into());
+    sender.send(&other_event).await.unwrap();
+
+    let mails = sink.wait_for_mails(4, WAIT).await.unwrap();
+    let ids: Vec<String> = mails
+        .iter()
+        .map(|m| m.header("Message-ID").expect("a Message-ID"))
+        .collect();
+    assert_eq!(ids[0], ids[1], "a second attempt of one email: {ids:?}");
+    assert_ne!(ids[0], ids[2], "another recipient: {ids:?}");
+    assert_ne!(ids[0], ids[3], "another event: {ids:?}");
+    assert!(ids[0].ends_with(".alert-router@example.com>"), "{}", ids[0]);
+}
+
+#[tokio::test]
+async fn no_more_than_max_connections_are_open_at_once() {
+    let sink = SmtpSink::start().await;
+    let mut limited = settings(&sink.url());
+    limited.max_connections = 2;
+    let sender = EmailSender::with_timeout(&limited, Duration::from_secs(10)).unwrap();
+    // Each message is held at its end of data for a while, so senders pile up.
+    sink.delay_next_data_replies(6, Duration::from_millis(300));
+    let sends = (0..6).map(|i| {
+        let sender = sender.clone();
+        async move {
+            sender
+                .send(&message(&[&format!("person{i}@example.com")]))
+                .await
+        }
+    });
+    for sent in futures_util::future::join_all(sends).await {
+        sent.unwrap();
+    }
+    assert_eq!(sink.mails().len(), 6);
+    assert_eq!(
+        sink.most_connections_at_once(),
+        2,
+        "connections open at once never exceed email.max_connections"
     );
 }

@@ -1,7 +1,8 @@
 //! Email fallback: renders an event as a notification email and sends it over SMTP when Slack cannot take it.
 //!
-//! The sender is built once from `email.smtp_url` and shared (it is a cheap
-//! clone around lettre's pooled async transport). Errors are classified the
+//! The sender is built once from `email.smtp_url` and shared (a cheap clone).
+//! Each email has a connection of its own, and at most
+//! `email.max_connections` are open at once. Errors are classified the
 //! way the rest of the delivery code needs: [`EmailError::is_transient`] says
 //! whether a broker-level retry can help. No error text ever carries the SMTP
 //! password, whatever lettre or the server put in it.
@@ -25,14 +26,17 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, header::Header};
-use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::response::Severity;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::config::{EmailSettings, Secret, SecretUrl};
 use crate::deliver::slack::message::{is_web_url, severity_color, severity_label, truncate};
@@ -40,16 +44,11 @@ use crate::event::Event;
 
 /// How long one SMTP step (connect, a command, its reply) may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A whole send (pool checkout, handshake, envelope, data) may take this many
+/// A whole send (connect, handshake, envelope, data) may take this many
 /// steps' worth of time before it is abandoned as a timeout.
 const WHOLE_SEND_STEPS: u32 = 4;
 /// Subjects longer than this are cut: mail clients show far less anyway.
 const SUBJECT_LIMIT: usize = 200;
-/// Pooled connections kept per sender; fallback mail is rare and small.
-const POOL_MAX_SIZE: u32 = 4;
-/// Idle pooled connections are closed after this, before most servers would
-/// drop them themselves.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One email to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +61,10 @@ pub struct EmailMessage {
     pub text: String,
     /// An HTML alternative to `text`, sent as `multipart/alternative`.
     pub html: Option<String>,
+    /// What the message is about (the event's id): with the recipients it
+    /// makes the `Message-ID`, so a copy sent again after a lost reply has
+    /// the same one and mail systems keep one of the two. `None`: random.
+    pub about: Option<String>,
 }
 
 /// Why an email was not sent.
@@ -101,10 +104,6 @@ pub enum EmailError {
     /// The server's reply could not be understood.
     #[error("SMTP server {server} sent an unreadable reply: {detail}")]
     Protocol { server: String, detail: String },
-    /// [`EmailSender::new`] was called outside a Tokio runtime: lettre's
-    /// connection pool needs one to run its cleanup task.
-    #[error("the email sender must be created inside a Tokio runtime")]
-    NoRuntime,
     /// The client cannot proceed with this configuration, e.g. the server
     /// offers no authentication mechanism lettre supports.
     #[error("SMTP client error with {server}: {detail}")]
@@ -128,7 +127,6 @@ impl EmailError {
             | EmailError::InvalidRecipient { .. }
             | EmailError::NoRecipients
             | EmailError::Message(_)
-            | EmailError::NoRuntime
             | EmailError::Client { .. } => false,
         }
     }
@@ -270,10 +268,20 @@ impl SmtpEndpoint {
     }
 }
 
-/// Sends email through one SMTP server, reusing pooled connections.
+/// Sends email through one SMTP server, a connection per email.
+///
+/// No pooled connections: a send abandoned at its timeout would leave its
+/// connection mid-transaction, and lettre's pool hands such a connection out
+/// again, its replies one command behind (a later refusal read as the
+/// acceptance of an earlier step). Fallback mail is rare; a fresh
+/// connection costs a handshake.
 #[derive(Clone)]
 pub struct EmailSender {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Connections open at once (`email.max_connections`): during a Slack
+    /// outage every delivery in flight may fall back at the same moment, and
+    /// relays refuse a client that opens too many (421, 432).
+    connections: Arc<Semaphore>,
     from: Mailbox,
     /// `host:port`, for error messages.
     server: String,
@@ -297,8 +305,6 @@ impl EmailSender {
     /// A sender for `settings.smtp_url` with the default step timeout.
     ///
     /// Nothing is connected yet: a server that is down shows up on `send`.
-    /// Must be called inside a Tokio runtime, and the sender dropped inside
-    /// one too: lettre's pool spawns its cleanup tasks there.
     pub fn new(settings: &EmailSettings) -> Result<EmailSender, EmailError> {
         EmailSender::with_timeout(settings, DEFAULT_TIMEOUT)
     }
@@ -341,21 +347,12 @@ impl EmailSender {
             Security::StartTls => tls(Tls::Required)?,
             Security::Implicit => tls(Tls::Wrapper)?,
         };
-        if tokio::runtime::Handle::try_current().is_err() {
-            // lettre would panic spawning the pool's cleanup task.
-            return Err(EmailError::NoRuntime);
-        }
         // `builder_dangerous` only means "nothing is preset": TLS and
         // credentials are set explicitly below, as decided above.
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.clone())
             .port(port)
             .tls(tls)
-            .timeout(Some(timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(POOL_MAX_SIZE)
-                    .idle_timeout(POOL_IDLE_TIMEOUT),
-            );
+            .timeout(Some(timeout));
         let mut secret = None;
         if let Some((user, password)) = credentials {
             builder = builder.credentials(Credentials::new(user, password.expose().to_string()));
@@ -369,6 +366,7 @@ impl EmailSender {
         };
         Ok(EmailSender {
             transport: builder.build(),
+            connections: Arc::new(Semaphore::new(settings.max_connections.max(1))),
             from,
             server,
             send_timeout: timeout.saturating_mul(WHOLE_SEND_STEPS),
@@ -384,8 +382,16 @@ impl EmailSender {
     /// Sends one email; `Ok` means the server accepted it for delivery.
     pub async fn send(&self, message: &EmailMessage) -> Result<(), EmailError> {
         let email = self.build(message)?;
+        // Never closed: the sender holds the semaphore for its whole life.
+        let _connection = self.connections.acquire().await;
         match tokio::time::timeout(self.send_timeout, self.transport.send(email)).await {
-            Ok(Ok(_)) => Ok(()),
+            // Accepted is a 2xx reply to the end of the data, nothing else.
+            Ok(Ok(reply)) if reply.code().severity == Severity::PositiveCompletion => Ok(()),
+            Ok(Ok(reply)) => Err(EmailError::Rejected {
+                server: self.server.clone(),
+                code: u16::from(reply.code()),
+                text: self.scrub(&reply.message().collect::<Vec<_>>().join(" ")),
+            }),
             Ok(Err(e)) => Err(self.classify(&e)),
             Err(_) => Err(EmailError::Timeout {
                 server: self.server.clone(),
@@ -400,7 +406,12 @@ impl EmailSender {
         let mut builder = Message::builder()
             .from(self.from.clone())
             .subject(clean_subject(&message.subject))
-            .message_id(None)
+            .message_id(
+                message
+                    .about
+                    .as_deref()
+                    .map(|about| self.message_id(about, &message.to)),
+            )
             .header(AutoSubmitted);
         for to in &message.to {
             let to = to.trim();
@@ -459,6 +470,29 @@ impl EmailSender {
     }
 
     /// Removes the password from text that came from lettre or the server.
+    /// `<hash.alert-router@domain>` for an email about `about` to `to`: the
+    /// same for every attempt of the same email, different for any other.
+    fn message_id(&self, about: &str, to: &[String]) -> String {
+        let mut recipients: Vec<String> = to
+            .iter()
+            .map(|to| to.trim().to_lowercase())
+            .filter(|to| !to.is_empty())
+            .collect();
+        recipients.sort();
+        let mut digest = Sha256::new();
+        digest.update(about.as_bytes());
+        for recipient in &recipients {
+            digest.update(b"\n");
+            digest.update(recipient.as_bytes());
+        }
+        let hash = hex::encode(digest.finalize());
+        format!(
+            "<{}.alert-router@{}>",
+            &hash[..32],
+            self.from.email.domain()
+        )
+    }
+
     fn scrub(&self, text: &str) -> String {
         match &self.password {
             Some(p) if !p.expose().is_empty() => text.replace(p.expose(), "***"),
@@ -662,6 +696,7 @@ pub fn render(event: &Event, rule: Option<&str>, reason: &str) -> EmailMessage {
         subject: clean_subject(&subject),
         text,
         html: Some(html),
+        about: Some(event.id.clone()),
     }
 }
 
@@ -903,11 +938,8 @@ mod tests {
     }
 
     #[test]
-    fn outside_a_runtime_new_fails_instead_of_panicking() {
-        assert!(matches!(
-            EmailSender::new(&settings("smtp://127.0.0.1:1025")).unwrap_err(),
-            EmailError::NoRuntime
-        ));
+    fn a_sender_can_be_made_outside_a_runtime() {
+        assert!(EmailSender::new(&settings("smtp://127.0.0.1:1025")).is_ok());
     }
 
     #[tokio::test]

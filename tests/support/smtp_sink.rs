@@ -128,6 +128,9 @@ struct Faults {
     mail: VecDeque<Reply>,
     rcpt: VecDeque<Reply>,
     data: VecDeque<Reply>,
+    /// Delays before the reply to the end of the next messages' data (the
+    /// message is taken all the same), as a server scanning content does.
+    data_reply_delays: VecDeque<std::time::Duration>,
     reject_all: Option<Reply>,
     /// Mailboxes refused at RCPT TO, by lowercase address.
     recipients: std::collections::HashMap<String, Reply>,
@@ -138,6 +141,9 @@ struct Inner {
     mails: Vec<ReceivedMail>,
     auths: Vec<AuthRecord>,
     connections: usize,
+    /// Sessions open now, and the most ever open at once.
+    open: usize,
+    most_open: usize,
     commands: Vec<String>,
     faults: Faults,
     required_auth: Option<(String, String)>,
@@ -177,8 +183,17 @@ impl SmtpSink {
         let accept_shared = shared.clone();
         let accept = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                accept_shared.lock().connections += 1;
-                let session = tokio::spawn(Session::new(accept_shared.clone()).run(stream));
+                {
+                    let mut inner = accept_shared.lock();
+                    inner.connections += 1;
+                    inner.open += 1;
+                    inner.most_open = inner.most_open.max(inner.open);
+                }
+                let session_shared = accept_shared.clone();
+                let session = tokio::spawn(async move {
+                    Session::new(session_shared.clone()).run(stream).await;
+                    session_shared.lock().open -= 1;
+                });
                 let mut tasks = accept_shared
                     .tasks
                     .lock()
@@ -239,6 +254,11 @@ impl SmtpSink {
         self.shared.lock().connections
     }
 
+    /// The most sessions that were open at the same moment.
+    pub fn most_connections_at_once(&self) -> usize {
+        self.shared.lock().most_open
+    }
+
     /// Every command line received (AUTH payloads replaced by `AUTH <mechanism> …`).
     pub fn commands(&self) -> Vec<String> {
         self.shared.lock().commands.clone()
@@ -282,6 +302,15 @@ impl SmtpSink {
         let mut inner = self.shared.lock();
         for _ in 0..n {
             inner.faults.data.push_back(Reply::with_default_text(code));
+        }
+    }
+
+    /// The next `n` messages are taken, but the server answers the end of
+    /// their data only after `delay` (RFC 5321 allows it 10 minutes).
+    pub fn delay_next_data_replies(&self, n: usize, delay: std::time::Duration) {
+        let mut inner = self.shared.lock();
+        for _ in 0..n {
+            inner.faults.data_reply_delays.push_back(delay);
         }
     }
 
@@ -482,6 +511,10 @@ impl Session {
                     inner.mails.len()
                 };
                 self.shared.count.send_replace(count);
+                let delay = self.shared.lock().faults.data_reply_delays.pop_front();
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
                 reply(conn, 250, "2.0.0 Ok: queued").await
             }
             "RSET" => {

@@ -347,3 +347,29 @@ async fn replaying_a_poison_message_by_id_warns_that_it_will_come_back() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn looking_at_part_of_the_queue_leaves_it_in_order() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let ids = ["a", "b", "c", "d", "e"];
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| json!({"id": id, "type": "issue.created", "severity": "low"}).to_string())
+        .collect();
+    let poison: Vec<&[u8]> = bodies.iter().map(|b| b.as_bytes()).collect();
+    dead_letter_through_worker(&env, &poison).await;
+    let in_order: Vec<Value> = ids.iter().map(|id| json!(id)).collect();
+    assert_eq!(dead_letter_ids(&env).await, in_order);
+
+    // The first two listed, one shown from the middle: none of it moves.
+    let first_two = dlq_json(&env, &["list", "--limit", "2"]).await;
+    assert_eq!(first_two.as_array().unwrap().len(), 2);
+    let shown = dlq_json(&env, &["show", "b"]).await;
+    assert_eq!(shown["message"]["id"], "b");
+    assert_eq!(dead_letter_ids(&env).await, in_order, "the queue's order after browsing");
+
+    // So `#1` is still the message listed first.
+    let replayed = dlq_json(&env, &["replay", "#1"]).await;
+    assert_eq!(replayed[0]["id"], "a");
+    env.cleanup().await;
+}

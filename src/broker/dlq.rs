@@ -2,7 +2,8 @@
 //!
 //! Browsing takes messages with `basic.get` without acking them and returns
 //! them by closing the channel, so messages that are only looked at stay in
-//! the queue, in order. A replay publishes the original body to the main
+//! the queue. It always takes the whole queue, so they stay in order (see
+//! [`DeadLetterQueue::visit`]). A replay publishes the original body to the main
 //! exchange with the producer's routing key, waits for the confirm, and only
 //! then acks the dead letter: a crash mid-replay duplicates, never loses.
 //!
@@ -356,24 +357,31 @@ impl<'a> DeadLetterQueue<'a> {
         Ok(letters)
     }
 
-    /// Takes up to `limit` messages without acking them and hands each to
-    /// `visit` (which returns false to stop). Only what `visit` keeps stays
-    /// in memory; the broker holds the rest until the channel closes.
+    /// Hands the first `limit` messages to `visit` (which returns false to
+    /// stop), without acking any. Only what `visit` keeps stays in memory;
+    /// the broker holds the rest until the channel closes.
+    ///
+    /// Every message the queue held is taken all the same: a quorum queue
+    /// without a delivery limit (as the dead-letter queue is) puts a message
+    /// handed back *behind* the others, so looking at the first few would
+    /// move them to the back, and `#1` would name another message next time.
+    /// Taken whole, the queue goes back in its own order (behind anything
+    /// dead-lettered meanwhile).
     async fn visit(
         &self,
         channel: &Channel,
         limit: usize,
         mut visit: impl FnMut(u64, DeadLetter) -> bool,
     ) -> Result<(), BrokerError> {
+        let held = usize::try_from(self.message_count(channel).await?).unwrap_or(usize::MAX);
         let now = Utc::now();
-        let mut seen = 0usize;
-        while seen < limit {
-            let Some((tag, letter)) = self.next_letter(channel, seen + 1, now).await? else {
+        let mut visiting = true;
+        for position in 1..=held {
+            let Some((tag, letter)) = self.next_letter(channel, position, now).await? else {
                 break;
             };
-            seen += 1;
-            if !visit(tag, letter) {
-                break;
+            if visiting && position <= limit {
+                visiting = visit(tag, letter);
             }
         }
         Ok(())

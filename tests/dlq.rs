@@ -366,7 +366,11 @@ async fn looking_at_part_of_the_queue_leaves_it_in_order() {
     assert_eq!(first_two.as_array().unwrap().len(), 2);
     let shown = dlq_json(&env, &["show", "b"]).await;
     assert_eq!(shown["message"]["id"], "b");
-    assert_eq!(dead_letter_ids(&env).await, in_order, "the queue's order after browsing");
+    assert_eq!(
+        dead_letter_ids(&env).await,
+        in_order,
+        "the queue's order after browsing"
+    );
 
     // So `#1` is still the message listed first.
     let replayed = dlq_json(&env, &["replay", "#1"]).await;

@@ -113,14 +113,33 @@ async fn a_worker_killed_mid_batch_delivers_every_event_exactly_once_after_resta
 
 /// The broker-side id of the worker connection serving `queue`.
 fn connection_pid(queue: &str) -> Option<String> {
+    connection_column(queue, "pid")
+}
+
+/// `rabbitmqctl list_connections COLUMN` of the worker connection serving `queue`.
+fn connection_column(queue: &str, column: &str) -> Option<String> {
     let output = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
+        .args(["-q", "list_connections", column, "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .find(|line| line.contains(&format!("alert-router worker {queue}")))
         .and_then(|line| line.split_whitespace().next().map(str::to_string))
+}
+
+#[tokio::test]
+async fn the_worker_asks_for_a_heartbeat_every_10_seconds() {
+    let env = TestEnv::start(TWO_TEAMS).await;
+    let mut worker = env.start_worker_process();
+    worker.wait_for_log("consuming", 1).await;
+    assert_eq!(
+        connection_column(&env.settings.amqp.queue, "timeout").as_deref(),
+        Some("10"),
+        "a broker that vanishes is noticed within about 20 s, not RabbitMQ's default 2 minutes"
+    );
+    assert!(worker.stop().await.success());
+    env.cleanup().await;
 }
 
 #[tokio::test]

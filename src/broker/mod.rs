@@ -315,6 +315,13 @@ pub fn delay_label(delay: Duration) -> String {
 /// the worker's own ample room.
 const FRAME_MAX: u32 = 32 * 1024;
 
+/// Heartbeat interval the worker asks for, in seconds. RabbitMQ proposes 60,
+/// and a connection is taken for dead after two silent intervals: a broker
+/// gone without a word (a host lost, a network partition) would keep
+/// `/readyz` green for two minutes. lapin sends heartbeats from its own I/O
+/// thread, so a busy worker does not miss them.
+const HEARTBEAT_SECS: u16 = 10;
+
 /// Opens a connection named after this process, so `rabbitmqctl list_connections` tells who is who.
 /// Gives up after the default `amqp.connect_timeout`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
@@ -332,8 +339,9 @@ pub async fn connect_within(
     let connecting = async {
         match url.parse::<AMQPUri>() {
             Ok(mut uri) => {
-                // An operator's own `?frame_max=` wins.
+                // An operator's own `?frame_max=` and `?heartbeat=` win.
                 uri.query.frame_max.get_or_insert(FRAME_MAX);
+                uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
                 Connection::connect_uri(uri, properties).await
             }
             // lapin says what is wrong with it.

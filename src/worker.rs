@@ -555,6 +555,12 @@ async fn consume_on(
         // In-flight work cannot ack on a dead channel; the broker redelivers it.
         // Each task is bounded (Slack timeouts, amqp.confirm_timeout).
         in_flight.wait().await;
+        // The consuming channel may be alive (the publisher was lost, or
+        // stranded deliveries recycle it): acks held back for a batch go out,
+        // or events already settled would be redelivered and settled twice.
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(settings.amqp.confirm_timeout, acks.flush()).await;
+        }
         close_channels(&channel, &publishing_channel, &publishing_status, settings).await;
         return Err(error);
     }
@@ -563,9 +569,13 @@ async fn consume_on(
         in_flight = in_flight.len(),
         "stopping: no new deliveries; draining"
     );
-    let _ = channel
-        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    // Bounded: on a connection that died without a word it would wait for
+    // the heartbeat to notice.
+    let _ = tokio::time::timeout(
+        settings.amqp.confirm_timeout,
+        channel.basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()),
+    )
+    .await;
     if tokio::time::timeout(settings.delivery.drain_timeout, in_flight.wait())
         .await
         .is_err()

@@ -502,6 +502,9 @@ async fn consume_on(
     let in_flight = TaskTracker::new();
     // Cancelled by a delivery that finds the publishing channel dead.
     let publisher_lost = CancellationToken::new();
+    // Cancelled by a republish RabbitMQ could not route: a queue of the
+    // topology is gone, and only declaring it again brings it back.
+    let topology_missing = CancellationToken::new();
     // Deliveries left unacked by a confirm timeout: only a new consuming
     // channel gets them redelivered.
     let (stranded_tx, mut stranded) = tokio::sync::watch::channel(0usize);
@@ -515,6 +518,7 @@ async fn consume_on(
             _ = publisher_lost.cancelled() => break Some(BrokerError::Amqp(lapin::Error::from(
                 lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "the publishing channel closed"),
             ))),
+            _ = topology_missing.cancelled() => break Some(BrokerError::TopologyMissing),
             notices = watch.changed() => {
                 readiness.set_blocked(notices.is_blocked());
                 if let Some(why) = notices.lost {
@@ -536,6 +540,7 @@ async fn consume_on(
                         context: Arc::clone(context),
                         settler: settler.clone(),
                         publisher_lost: publisher_lost.clone(),
+                        topology_missing: topology_missing.clone(),
                         stranded: stranded_tx.clone(),
                         acks: acks.clone(),
                         delivery,
@@ -636,6 +641,7 @@ struct DeliveryTask {
     context: Arc<Context>,
     settler: Settler,
     publisher_lost: CancellationToken,
+    topology_missing: CancellationToken,
     stranded: tokio::sync::watch::Sender<usize>,
     acks: Acks,
     delivery: Delivery,
@@ -651,6 +657,7 @@ fn delivery_task(task: DeliveryTask) -> std::pin::Pin<Box<dyn Future<Output = ()
             context,
             settler,
             publisher_lost,
+            topology_missing,
             stranded,
             acks,
             delivery,
@@ -663,6 +670,10 @@ fn delivery_task(task: DeliveryTask) -> std::pin::Pin<Box<dyn Future<Output = ()
             Ok(Some(BrokerError::ConfirmTimeout { .. })) => {
                 stranded.send_modify(|n| *n += 1);
             }
+            // Requeued already; redelivered once the topology is back,
+            // instead of going round the same missing queue until the
+            // broker's delivery limit dead-letters it.
+            Ok(Some(BrokerError::Unroutable { .. })) => topology_missing.cancel(),
             Ok(_) => {}
             Err(_) => {
                 // A bug, not the event's fault: give it back (the queue's

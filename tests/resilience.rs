@@ -1,4 +1,4 @@
-//! Failure paths through the real broker: SIGTERM with work in flight, kill -9 mid-batch, a dropped broker connection.
+//! Failure paths through the real broker: SIGTERM with work in flight, kill -9 mid-batch, a dropped broker connection, a deleted retry queue.
 
 mod support;
 
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::fake_slack::{ChannelSpec, Fault};
-use support::{TestEnv, WAIT};
+use support::{TestEnv, WAIT, topology};
 
 const TWO_TEAMS: &str = r#"version: 1
 defaults:
@@ -253,5 +253,59 @@ async fn a_classic_retry_queue_left_by_an_older_version_stops_the_worker_with_th
         );
     }
     assert!(!message.contains("PRECONDITION_FAILED"), "{message}");
+    env.cleanup().await;
+}
+
+/// Queue names in the default virtual host.
+fn queue_names() -> Vec<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| line.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retry_queue_deleted_under_a_running_worker_is_declared_again_and_the_event_retried() {
+    let env = TestEnv::start(TWO_TEAMS).await;
+    let mut worker = env.start_worker_process();
+    worker.wait_for_log("consuming", 1).await;
+    let first_retry = topology(&env.settings).retry_queues[0].name.clone();
+    let deleted = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "delete_queue", &first_retry])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+
+    // Slack keeps failing and there is no email to fall back to: the event
+    // needs the retry queues, the first of which is gone.
+    env.slack.fail_channel("C0ESCALATE", Fault::Http(503));
+    env.publish(&env.event("needs-retries", json!({}))).await;
+    worker
+        .wait_for_log("connecting again to declare the topology", 1)
+        .await;
+    env.wait_until_ready(&env.settings.amqp.dead_letter_queue, 1, WAIT)
+        .await;
+    assert!(worker.stop().await.success());
+
+    assert!(
+        queue_names().contains(&first_retry),
+        "{first_retry} was declared again"
+    );
+    let listed = env
+        .command()
+        .args(["dlq", "list", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let letters: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(letters[0]["id"], "needs-retries");
+    assert_eq!(
+        letters[0]["reason"], "undeliverable",
+        "dead-lettered by the worker after its retries, not by RabbitMQ's delivery limit after a loop on the missing queue"
+    );
     env.cleanup().await;
 }

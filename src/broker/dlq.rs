@@ -485,7 +485,7 @@ fn broker_death(properties: &BasicProperties) -> (String, String) {
             field("queue").unwrap_or_default(),
             field("count").unwrap_or_default(),
             if reason == "delivery_limit" {
-                ": it was redelivered too often, probably because processing it crashed or stalled a worker"
+                ": it was handed out amqp.delivery_limit times without being settled: a worker crashed or stalled on it, or connections to RabbitMQ were lost again and again while it was in flight; replay it once the cause is gone"
             } else {
                 ""
             }

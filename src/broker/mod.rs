@@ -98,6 +98,10 @@ pub enum BrokerError {
         exchange: String,
         routing_key: String,
     },
+    #[error(
+        "a republish found no queue to go to (a retry or dead-letter queue deleted?); connecting again to declare the topology"
+    )]
+    TopologyMissing,
 }
 
 /// The exchanges and queues of one deployment.

@@ -17,6 +17,7 @@
 //! | `smtp://host:port?tls=opportunistic` | STARTTLS when offered, else plain text |
 //! | `smtp://host:port?tls=none` | plain text, even on 587 |
 //! | `smtps://host[:port]` (port defaults to 465) | implicit TLS from the first byte |
+//! | `smtp://host:465` | refused: 465 expects implicit TLS, so `smtps://` |
 //!
 //! `user:password@` in the URL (percent-encoded) become SMTP AUTH
 //! credentials. They are refused over a connection that may be plain text
@@ -210,6 +211,13 @@ impl SmtpEndpoint {
         let (security, port) = match url.scheme() {
             "smtp" => {
                 let port = url.port().unwrap_or(25);
+                // 465 speaks TLS from the first byte: plain SMTP to it would
+                // wait out every send's timeout, only in a Slack outage.
+                if port == 465 {
+                    return Err(invalid(
+                        "names port 465, which expects TLS from the first byte; write smtps://host:465",
+                    ));
+                }
                 let security = match tls_param.as_deref() {
                     None if port == 587 => Security::StartTls,
                     None | Some("none") => Security::Plain,
@@ -899,6 +907,7 @@ mod tests {
             "smtps://mail.example.com?tls=required",
             "smtp://user@localhost",
             "smtp://localhost/path",
+            "smtp://mail.example.com:465",
             "not a url",
         ] {
             let err = EmailSender::new(&settings(url)).unwrap_err();

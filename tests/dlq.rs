@@ -9,23 +9,6 @@ use serde_json::{Value, json};
 use support::{BASIC_RULES, TestEnv, WAIT};
 use tokio::io::AsyncWriteExt;
 
-async fn dlq_json(env: &TestEnv, args: &[&str]) -> Value {
-    let output = env
-        .command()
-        .arg("dlq")
-        .args(args)
-        .arg("--json")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "dlq {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 /// The failure bound for a replay that must end: far beyond what it needs,
 /// so a loaded machine cannot trip it, yet a replay that never ends fails.
 const REPLAY_ENDS_WITHIN: Duration = Duration::from_secs(60);
@@ -41,7 +24,7 @@ async fn dlq_run(env: &TestEnv, args: &[&str]) -> Output {
 
 /// The ids in the dead-letter queue, in queue order (null for bodies without one).
 async fn dead_letter_ids(env: &TestEnv) -> Vec<Value> {
-    dlq_json(env, &["list"])
+    env.dlq_json(&["list"])
         .await
         .as_array()
         .unwrap()
@@ -70,7 +53,7 @@ async fn list_and_show_describe_dead_letters_without_removing_them() {
         json!({"id": "no-title", "type": "issue.created", "severity": "low"}).to_string();
     dead_letter_through_worker(&env, &[b"not json at all", missing_title.as_bytes()]).await;
 
-    let listed = dlq_json(&env, &["list"]).await;
+    let listed = env.dlq_json(&["list"]).await;
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["reason"], "invalid_json");
@@ -84,11 +67,11 @@ async fn list_and_show_describe_dead_letters_without_removing_them() {
     assert_eq!(listed[1]["routing_key"], "issue.created");
     assert_eq!(listed[1]["attempts"], 1);
 
-    let shown = dlq_json(&env, &["show", "no-title"]).await;
+    let shown = env.dlq_json(&["show", "no-title"]).await;
     assert_eq!(shown["body"]["id"], "no-title");
     assert_eq!(shown["headers"]["x-alert-router-reason"], "invalid_event");
 
-    let stats = dlq_json(&env, &["stats"]).await;
+    let stats = env.dlq_json(&["stats"]).await;
     assert_eq!(stats["messages"], 2);
     assert_eq!(
         stats["by_reason"],
@@ -100,7 +83,7 @@ async fn list_and_show_describe_dead_letters_without_removing_them() {
         env.ready_count(&env.settings.amqp.dead_letter_queue).await,
         2
     );
-    let again = dlq_json(&env, &["list"]).await;
+    let again = env.dlq_json(&["list"]).await;
     assert_eq!(again[0]["reason"], "invalid_json");
 
     let text = env.command().args(["dlq", "list"]).output().await.unwrap();
@@ -130,12 +113,12 @@ async fn an_undeliverable_event_is_replayed_after_the_fault_is_fixed() {
     env.wait_until_ready(&env.settings.amqp.dead_letter_queue, 1, WAIT)
         .await;
 
-    let listed = dlq_json(&env, &["list"]).await;
+    let listed = env.dlq_json(&["list"]).await;
     assert_eq!(listed[0]["id"], "outage-1");
     assert_eq!(listed[0]["reason"], "undeliverable");
 
     env.slack.set_outage(false);
-    let replayed = dlq_json(&env, &["replay", "--reason", "undeliverable"]).await;
+    let replayed = env.dlq_json(&["replay", "--reason", "undeliverable"]).await;
     assert_eq!(replayed.as_array().unwrap().len(), 1);
     assert_eq!(
         env.ready_count(&env.settings.amqp.dead_letter_queue).await,
@@ -160,9 +143,10 @@ async fn replay_by_id_takes_only_that_message_and_keeps_the_others_in_order() {
     let c = json!({"id": "c", "type": "issue.created", "severity": "low"}).to_string();
     dead_letter_through_worker(&env, &[a.as_bytes(), b.as_bytes(), c.as_bytes()]).await;
 
-    let replayed = dlq_json(&env, &["replay", "b"]).await;
+    let replayed = env.dlq_json(&["replay", "b"]).await;
     assert_eq!(replayed[0]["id"], "b");
-    let left: Vec<Value> = dlq_json(&env, &["list"])
+    let left: Vec<Value> = env
+        .dlq_json(&["list"])
         .await
         .as_array()
         .unwrap()
@@ -211,7 +195,7 @@ async fn purge_asks_first_unless_told_yes() {
         1
     );
 
-    let purged = dlq_json(&env, &["purge", "--yes"]).await;
+    let purged = env.dlq_json(&["purge", "--yes"]).await;
     assert_eq!(purged["purged"], 1);
     assert_eq!(
         env.ready_count(&env.settings.amqp.dead_letter_queue).await,
@@ -272,7 +256,7 @@ async fn a_dry_run_shows_what_would_be_replayed_and_leaves_the_queue_as_it_was()
     let before = dead_letter_ids(&env).await;
     assert_eq!(before, [json!("a"), Value::Null, json!("c")]);
 
-    let shown = dlq_json(&env, &["replay", "--all", "--dry-run"]).await;
+    let shown = env.dlq_json(&["replay", "--all", "--dry-run"]).await;
     let shown = shown.as_array().unwrap();
     let summary: Vec<Value> = shown
         .iter()
@@ -288,7 +272,9 @@ async fn a_dry_run_shows_what_would_be_replayed_and_leaves_the_queue_as_it_was()
     );
 
     // A dry run that skips some messages returns those in place too.
-    let only_json = dlq_json(&env, &["replay", "--reason", "invalid_json", "--dry-run"]).await;
+    let only_json = env
+        .dlq_json(&["replay", "--reason", "invalid_json", "--dry-run"])
+        .await;
     assert_eq!(only_json.as_array().unwrap().len(), 1);
 
     let text = dlq_run(&env, &["replay", "--all", "--dry-run"]).await;
@@ -362,9 +348,9 @@ async fn looking_at_part_of_the_queue_leaves_it_in_order() {
     assert_eq!(dead_letter_ids(&env).await, in_order);
 
     // The first two listed, one shown from the middle: none of it moves.
-    let first_two = dlq_json(&env, &["list", "--limit", "2"]).await;
+    let first_two = env.dlq_json(&["list", "--limit", "2"]).await;
     assert_eq!(first_two.as_array().unwrap().len(), 2);
-    let shown = dlq_json(&env, &["show", "b"]).await;
+    let shown = env.dlq_json(&["show", "b"]).await;
     assert_eq!(shown["message"]["id"], "b");
     assert_eq!(
         dead_letter_ids(&env).await,
@@ -373,7 +359,7 @@ async fn looking_at_part_of_the_queue_leaves_it_in_order() {
     );
 
     // So `#1` is still the message listed first.
-    let replayed = dlq_json(&env, &["replay", "#1"]).await;
+    let replayed = env.dlq_json(&["replay", "#1"]).await;
     assert_eq!(replayed[0]["id"], "a");
     env.cleanup().await;
 }

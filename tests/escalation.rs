@@ -157,17 +157,7 @@ async fn a_dead_lettered_escalation_step_replayed_goes_to_that_steps_targets_onl
         .await;
     env.slack.set_outage(false);
 
-    let replay = env
-        .command()
-        .args(["dlq", "replay", "--all"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        replay.status.success(),
-        "dlq replay: {}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    env.dlq_json(&["replay", "--all"]).await;
     env.slack.wait_for_posts(2, WAIT).await.unwrap();
     worker.stop().await;
 

@@ -295,13 +295,7 @@ async fn a_retry_queue_deleted_under_a_running_worker_is_declared_again_and_the_
         queue_names().contains(&first_retry),
         "{first_retry} was declared again"
     );
-    let listed = env
-        .command()
-        .args(["dlq", "list", "--json"])
-        .output()
-        .await
-        .unwrap();
-    let letters: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let letters = env.dlq_json(&["list"]).await;
     assert_eq!(letters[0]["id"], "needs-retries");
     assert_eq!(
         letters[0]["reason"], "undeliverable",

@@ -453,6 +453,30 @@ impl Case {
         scoped
     }
 
+    /// Publishes `what` with a worker that may refresh tokens, until a post
+    /// reaches the recipient.
+    async fn publish_with_rotation_until_posted(&self, what: &str) {
+        let worker = self.env.spawn_worker_with(rotation_secrets());
+        self.publish(what).await;
+        self.wait_for_posts_to_recipient(1).await;
+        worker.stop().await;
+    }
+
+    /// One post, to the recipient, with the token the refresh minted;
+    /// nothing emailed; the event settled.
+    async fn assert_posted_once_with_the_new_token(self) {
+        let issued = self.env.slack.issued_tokens();
+        assert_eq!(issued.len(), 1, "one new token");
+        let post = self.assert_posted_once_to_recipient();
+        assert_eq!(
+            post.token, issued[0].access_token,
+            "posted with the new token"
+        );
+        self.assert_no_email();
+        self.assert_settled().await;
+        self.cleanup().await;
+    }
+
     /// Publishes `what` with a worker running until it reaches the
     /// target's fallback address, the one email, with nothing posted.
     async fn publish_and_expect_email_only(&self, what: &str) {
@@ -817,23 +841,11 @@ async fn token_expired_is_refreshed_once_and_posts_once_with_the_new_token() {
         "token_expired",
         per_form(&ALL, |form| async move {
             let case = Case::start(form).await;
-            let env = &case.env;
-            expired_rotating_token(env).await;
-            let worker = env.spawn_worker_with(rotation_secrets());
-            case.publish("expired").await;
-            case.wait_for_posts_to_recipient(1).await;
-            worker.stop().await;
+            expired_rotating_token(&case.env).await;
+            case.publish_with_rotation_until_posted("expired").await;
 
             assert_eq!(case.env.slack.refresh_count(), 1, "refreshed exactly once");
-            let issued = case.env.slack.issued_tokens();
-            let post = case.assert_posted_once_to_recipient();
-            assert_eq!(
-                post.token, issued[0].access_token,
-                "posted with the new token"
-            );
-            case.assert_no_email();
-            case.assert_settled().await;
-            case.cleanup().await;
+            case.assert_posted_once_with_the_new_token().await;
         }),
     )
     .await;
@@ -854,26 +866,15 @@ async fn a_refresh_slack_rate_limits_waits_and_posts_once_never_emails() {
                     retry_after_secs: 1,
                 },
             );
-            let worker = env.spawn_worker_with(rotation_secrets());
-            case.publish("refresh-rate-limited").await;
-            case.wait_for_posts_to_recipient(1).await;
-            worker.stop().await;
+            case.publish_with_rotation_until_posted("refresh-rate-limited")
+                .await;
 
             assert_eq!(
                 env.slack.requests_for("oauth.v2.access").len(),
                 2,
                 "the exchange Slack rate-limited, then the one it took"
             );
-            let issued = env.slack.issued_tokens();
-            assert_eq!(issued.len(), 1, "one new token");
-            let post = case.assert_posted_once_to_recipient();
-            assert_eq!(
-                post.token, issued[0].access_token,
-                "posted with the new token"
-            );
-            case.assert_no_email();
-            case.assert_settled().await;
-            case.cleanup().await;
+            case.assert_posted_once_with_the_new_token().await;
         }),
     )
     .await;
@@ -901,10 +902,8 @@ async fn token_expired_on_the_join_is_refreshed_then_joins_and_posts_once() {
             rotating_token(env, &case.token_without_public_posting()).await;
             env.slack
                 .fail_next("conversations.join", 1, Fault::api("token_expired"));
-            let worker = env.spawn_worker_with(rotation_secrets());
-            case.publish("join-expired").await;
-            case.wait_for_posts_to_recipient(1).await;
-            worker.stop().await;
+            case.publish_with_rotation_until_posted("join-expired")
+                .await;
 
             assert_eq!(env.slack.refresh_count(), 1, "refreshed exactly once");
             let joins = env.slack.requests_for("conversations.join");
@@ -914,15 +913,7 @@ async fn token_expired_on_the_join_is_refreshed_then_joins_and_posts_once() {
                 "the join refused as expired, then the one that worked"
             );
             assert_eq!(joins[1].error, None, "the second join succeeded");
-            let issued = env.slack.issued_tokens();
-            let post = case.assert_posted_once_to_recipient();
-            assert_eq!(
-                post.token, issued[0].access_token,
-                "posted with the new token"
-            );
-            case.assert_no_email();
-            case.assert_settled().await;
-            case.cleanup().await;
+            case.assert_posted_once_with_the_new_token().await;
         }),
     )
     .await;

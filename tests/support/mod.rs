@@ -262,6 +262,24 @@ impl TestEnv {
         worker_env::worker_env(&self.settings)
     }
 
+    /// `alert-router dlq ARGS --json`, which must succeed, as JSON.
+    pub async fn dlq_json(&self, args: &[&str]) -> serde_json::Value {
+        let output = self
+            .command()
+            .arg("dlq")
+            .args(args)
+            .arg("--json")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "dlq {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
     /// The `alert-router` binary with this test's settings in its environment.
     pub fn command(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_alert-router"));

@@ -186,6 +186,11 @@ pub async fn run(
             }
         };
         for (raw, member) in due {
+            // Steps claimed and not fired are another replica's (or the next
+            // start's) once their lease ends.
+            if shutdown.is_cancelled() {
+                break;
+            }
             let rules = rules.load_full();
             match fire(
                 &settings,
@@ -204,6 +209,15 @@ pub async fn run(
                     // A broken connection is opened afresh next time.
                     if matches!(e, EscalationError::Broker(_)) {
                         publisher = None;
+                    }
+                    // A broker that cannot confirm one step (an alarm) would
+                    // make each of the others wait out amqp.confirm_timeout in
+                    // turn: they wait for their lease instead.
+                    if matches!(
+                        e,
+                        EscalationError::Broker(BrokerError::ConfirmTimeout { .. })
+                    ) {
+                        break;
                     }
                 }
             }

@@ -466,6 +466,8 @@ async fn floor(
                     incident: Some(IncidentRef {
                         workspace: event.workspace.as_deref().unwrap_or_default(),
                         key: &event.id,
+                        // The worker's buttons name when their incident began.
+                        since_ms: Some(1_764_000_000_123),
                     }),
                     status: None,
                     escalation: None,

@@ -54,9 +54,11 @@ use crate::telemetry;
 pub const INTERACTIONS_PATH: &str = "/slack/interactions";
 /// The type, and routing key, of the event a click publishes.
 pub const ACKNOWLEDGED_TYPE: &str = "escalation.acknowledged";
-/// A click is a few KiB (the whole message rides along); anything much
-/// larger is not Slack's, and is refused before it is read whole.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The whole message rides along with a click, form-encoded: the largest
+/// message the worker posts, in a non-Latin script (3 bytes a character,
+/// 9 once percent-encoded), comes to about 150 KiB. Far larger is not
+/// Slack's, and is refused before it is read whole.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How far `X-Slack-Request-Timestamp` may be from the worker's clock, as
 /// Slack advises: a captured request is worthless after it.
 pub const MAX_SKEW_SECS: i64 = 5 * 60;
@@ -322,6 +324,8 @@ async fn interact(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Slack's 3 seconds run from here, whatever comes first.
+    let arrived = Instant::now();
     let ready = match &interactions.setup {
         Setup::Off(why) => {
             telemetry::record_interaction("not_configured");
@@ -337,7 +341,7 @@ async fn interact(
         telemetry::record_interaction("bad_request");
         return plain(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "A Slack interaction is at most 64 KiB.",
+            "A Slack interaction is at most 1 MiB.",
         );
     };
     if let Err(refused) = verify_request(
@@ -356,11 +360,17 @@ async fn interact(
     // Slack signs every request anew: the same signature twice within the
     // timestamp window is somebody replaying a captured request. (Without
     // Redis the click below cannot act either; it says so.)
+    // Keyed in lower case: the signature's hex is accepted in either, and a
+    // replay must not pass by changing it. Bounded: a slow Redis must not
+    // spend Slack's 3 seconds before the click is even read.
     if let Some(signature) = header_str(&headers, "x-slack-signature")
-        && let Ok(false) = ready
-            .incidents
-            .first_sight_of_request(signature, REPLAY_WINDOW)
-            .await
+        && let Ok(Ok(false)) = tokio::time::timeout(
+            STORE_BUDGET,
+            ready
+                .incidents
+                .first_sight_of_request(&signature.to_ascii_lowercase(), REPLAY_WINDOW),
+        )
+        .await
     {
         telemetry::record_interaction("replayed");
         warn!("Slack interaction refused: a replay of a request already seen");
@@ -383,7 +393,7 @@ async fn interact(
         }
         Ok(Some(click)) => click,
     };
-    let outcome = ready.act(&click).await;
+    let outcome = ready.act(&click, arrived).await;
     telemetry::record_interaction(outcome.result());
     let reply = outcome.reply(ready.incident_ttl);
     let reopen = matches!(outcome, Outcome::PublishFailed);
@@ -550,7 +560,7 @@ impl Outcome {
                 format!("This incident was already acknowledged{by}{at}; nothing changed.")
             }
             Outcome::NotTracked => format!(
-                "This incident is no longer tracked (older than delivery.incident_ttl, {}); nothing was changed.",
+                "This incident is no longer tracked (resolved and begun again since, or older than delivery.incident_ttl, {}); nothing was changed.",
                 humantime::format_duration(incident_ttl)
             ),
             Outcome::StoreFailed => "Your acknowledgement did not go through: the incident store did not answer. Please try again in a moment.".to_string(),
@@ -583,8 +593,8 @@ fn slack_date(unix: i64) -> String {
 }
 
 impl Ready {
-    async fn act(&self, click: &Click) -> Outcome {
-        let deadline = Instant::now() + ANSWER_BUDGET;
+    async fn act(&self, click: &Click, arrived: Instant) -> Outcome {
+        let deadline = arrived + ANSWER_BUDGET;
         let user = &click.user;
         let Some(value) = &click.value else {
             return Outcome::NotTracked;
@@ -594,7 +604,8 @@ impl Ready {
         // only, so it finds it acknowledged and nothing is published twice.
         let acknowledged = tokio::time::timeout(
             STORE_BUDGET,
-            self.incidents.acknowledge(&value.w, &value.k, &user.id),
+            self.incidents
+                .acknowledge(&value.w, &value.k, value.f, &user.id),
         )
         .await;
         let incident = match acknowledged {
@@ -961,7 +972,10 @@ mod tests {
             Screened::Refused(SignatureError::Mismatch)
         );
         let mut declared_large = signed(click);
-        declared_large.insert(header::CONTENT_LENGTH, "65537".parse().unwrap());
+        declared_large.insert(
+            header::CONTENT_LENGTH,
+            (MAX_BODY_BYTES + 1).to_string().parse().unwrap(),
+        );
         assert_eq!(screen(&declared_large, click), Screened::TooLarge);
     }
 
@@ -1153,7 +1167,8 @@ mod tests {
             click.value,
             Some(AckButtonValue {
                 w: "T1".into(),
-                k: "chk-1".into()
+                k: "chk-1".into(),
+                f: None,
             })
         );
         assert_eq!(
@@ -1340,7 +1355,7 @@ mod tests {
         );
         assert_eq!(
             Outcome::NotTracked.reply(ttl),
-            "This incident is no longer tracked (older than delivery.incident_ttl, 7days); nothing was changed."
+            "This incident is no longer tracked (resolved and begun again since, or older than delivery.incident_ttl, 7days); nothing was changed."
         );
         assert!(Outcome::PublishFailed.reply(ttl).contains("try again"));
         assert!(Outcome::StoreFailed.reply(ttl).contains("try again"));

@@ -227,6 +227,7 @@ fn ack_click(env: &TestEnv, key: &str, user: &str) -> Click {
     let value = serde_json::to_string(&AckButtonValue {
         w: env.workspace.clone(),
         k: key.to_string(),
+        f: None,
     })
     .unwrap();
     Click::new(&env.workspace, user, ACK_ACTION, &value)
@@ -307,6 +308,16 @@ async fn a_signed_click_acknowledges_the_incident_once_and_publishes_escalation_
     let second = env.slack.click(&ack_click(&env, &key, "U0BOB"), SECRET);
     assert_eq!(endpoint.send(&second).await.0, 200);
     assert_eq!(endpoint.send(&click).await.0, 401, "a replay");
+    // Its signature's hex in upper case still verifies; it is still a replay.
+    let shouting = SignedClick {
+        signature: format!("v0={}", click.signature["v0=".len()..].to_uppercase()),
+        ..click.clone()
+    };
+    assert_eq!(
+        endpoint.send(&shouting).await.0,
+        401,
+        "a replay, upper case"
+    );
     let told = env.slack.wait_for_responses(2, WAIT).await.unwrap();
     assert_eq!(told.len(), 2, "the replay is not answered");
     for answer in &told[1..] {
@@ -331,7 +342,7 @@ async fn a_signed_click_acknowledges_the_incident_once_and_publishes_escalation_
     let metrics = endpoint.metrics().await;
     assert_eq!(counter(&metrics, "acknowledged"), 1, "{metrics}");
     assert_eq!(counter(&metrics, "already"), 1, "{metrics}");
-    assert_eq!(counter(&metrics, "replayed"), 1, "{metrics}");
+    assert_eq!(counter(&metrics, "replayed"), 2, "{metrics}");
     assert!(!metrics.contains(SECRET));
     let log = endpoint.stop().await;
     assert!(
@@ -411,7 +422,10 @@ async fn forged_stale_and_unsigned_clicks_are_refused_and_change_nothing() {
             "{what}"
         );
     }
-    let huge = signed(&form(&"x".repeat(70 * 1024)), SECRET);
+    let huge = signed(
+        &form(&"x".repeat(alert_router::interactions::MAX_BODY_BYTES + 1)),
+        SECRET,
+    );
     assert_eq!(endpoint.send(&huge).await.0, 413);
 
     // The refusals are answered before anything is done: nothing to wait for.
@@ -490,7 +504,7 @@ async fn bad_payloads_are_refused_other_interactions_ignored_and_untracked_incid
         assert!(answer.is_ephemeral());
         assert_eq!(
             answer.text(),
-            "This incident is no longer tracked (older than delivery.incident_ttl, 7days); nothing was changed."
+            "This incident is no longer tracked (resolved and begun again since, or older than delivery.incident_ttl, 7days); nothing was changed."
         );
     }
     assert_eq!(told.len(), 2, "the ignored interactions got no answer");
@@ -590,6 +604,108 @@ async fn an_acknowledgement_the_broker_does_not_take_is_taken_back_and_a_second_
     assert_eq!(counter(&metrics, "acknowledged"), 1, "{metrics}");
     let log = endpoint.stop().await;
     assert!(log.contains("the acknowledgement is taken back"), "{log}");
+    acks.close().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_button_of_an_earlier_incident_does_not_acknowledge_a_new_one_under_the_same_key() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let acks = Acknowledgements::bind(&env).await;
+    let endpoint = Endpoint::start(&env, Some(SECRET)).await;
+    let key = format!("chk-{}", env.id);
+    let incident = |id: &str, extra: Value| {
+        let mut event = env.event(
+            id,
+            json!({"dedup_key": key, "severity": "high", "title": "Checkout down"}),
+        );
+        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+            base.extend(extra);
+        }
+        event
+    };
+    env.publish(&incident("first", json!({}))).await;
+    env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    env.publish(&incident("follow-up", json!({"comment": "still failing"})))
+        .await;
+    let reply = env.slack.wait_for_posts(2, WAIT).await.unwrap().remove(1);
+    assert!(
+        reply.thread_ts.is_some(),
+        "a reply in the incident's thread"
+    );
+    env.publish(&incident(
+        "resolved",
+        json!({"type": "escalation.resolved", "severity": "info"}),
+    ))
+    .await;
+    env.slack.wait_for_updates(1, WAIT).await.unwrap();
+    // The resolution's own reply, then the key fires again: a new incident
+    // with a first message of its own.
+    env.slack.wait_for_posts(3, WAIT).await.unwrap();
+    env.publish(&incident("again", json!({}))).await;
+    let again = env.slack.wait_for_posts(4, WAIT).await.unwrap().remove(3);
+    assert_eq!(support::event_id(&again), "again");
+    assert_eq!(again.thread_ts, None, "a new incident starts a new thread");
+
+    // Yesterday's reply still shows its button; it names the old incident.
+    let old = Click::on_post(&reply, ACK_ACTION, "U0ANA").expect("the reply has a button");
+    assert_eq!(endpoint.send(&env.slack.click(&old, SECRET)).await.0, 200);
+    let told = env.slack.wait_for_responses(1, WAIT).await.unwrap();
+    assert!(
+        told[0]
+            .text()
+            .starts_with("This incident is no longer tracked"),
+        "{}",
+        told[0].text()
+    );
+    assert_eq!(
+        acks.waiting().await,
+        0,
+        "the new incident was not acknowledged"
+    );
+
+    // The new incident's own button does.
+    let new = Click::on_post(&again, ACK_ACTION, "U0ANA").expect("the new message has a button");
+    assert_eq!(endpoint.send(&env.slack.click(&new, SECRET)).await.0, 200);
+    let (published, _) = acks.take().await.expect("published");
+    assert_eq!(published["dedup_key"], key.as_str());
+    let updates = env.slack.wait_for_updates(2, WAIT).await.unwrap();
+    assert_eq!(updates[1].ts, again.ts, "the new first message shows it");
+
+    endpoint.stop().await;
+    acks.close().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_click_on_the_largest_message_in_a_non_latin_script_is_taken() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let acks = Acknowledgements::bind(&env).await;
+    let endpoint = Endpoint::start(&env, Some(SECRET)).await;
+    let key = format!("big-{}", env.id);
+    // Every text at its longest, three bytes a character.
+    env.publish(&env.event(
+        "largest",
+        json!({"dedup_key": key, "title": "障".repeat(1000), "summary": "障".repeat(10_000),
+               "comment": "障".repeat(4000)}),
+    ))
+    .await;
+    let posted = env.slack.wait_for_posts(1, WAIT).await.unwrap().remove(0);
+    let click = Click::on_post(&posted, ACK_ACTION, "U0ANA").expect("an Acknowledge button");
+    let signed = env.slack.click(&click, SECRET);
+    assert!(
+        signed.body.len() > 64 * 1024,
+        "Slack sends the whole message with the click: {} bytes",
+        signed.body.len()
+    );
+    assert_eq!(endpoint.send(&signed).await.0, 200);
+    let (published, _) = acks.take().await.expect("published");
+    assert_eq!(published["dedup_key"], key.as_str());
+
+    env.slack.wait_for_updates(1, WAIT).await.unwrap();
+    endpoint.stop().await;
     acks.close().await;
     env.assert_nothing_pending().await;
     env.cleanup().await;

@@ -442,10 +442,12 @@ end
 return 0
 "#;
 
-/// `{0, hash}` acknowledged now; `{1, hash}` already; `{2, {}}` not tracked.
+/// `{0, hash}` acknowledged now; `{1, hash}` already; `{2, {}}` not tracked
+/// (gone, or another incident under the key than the one begun at ARGV[2]).
 const ACKNOWLEDGE: &str = r#"
-local key, by = KEYS[1], ARGV[1]
+local key, by, since = KEYS[1], ARGV[1], ARGV[2]
 if redis.call('EXISTS', key) == 0 then return {2, {}} end
+if since ~= '' and tonumber(redis.call('HGET', key, 'first_at')) ~= tonumber(since) then return {2, {}} end
 if redis.call('HGET', key, 'state') ~= 'open' then return {1, redis.call('HGETALL', key)} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -718,6 +720,7 @@ impl Incidents {
         &self,
         workspace: &str,
         incident: &str,
+        since_ms: Option<u64>,
         by: &str,
     ) -> Result<Acknowledgement, IncidentError> {
         let mut redis = self.redis.clone();
@@ -725,6 +728,7 @@ impl Incidents {
             .acknowledge
             .key(self.key(workspace, incident))
             .arg(by)
+            .arg(since_ms.map(|ms| ms.to_string()).unwrap_or_default())
             .invoke_async(&mut redis)
             .await?;
         Ok(match code {

@@ -25,6 +25,8 @@ use crate::event::{Event, IncidentState};
 pub(super) struct ThreadPlan<'a> {
     pub workspace: &'a str,
     pub key: &'a str,
+    /// When the incident began (Unix ms): its buttons name this incident.
+    pub since_ms: u64,
     /// The destination's identity (`slack:T1:C0PAY`), as the incident keys it.
     pub destination: &'a str,
     pub first: FirstPost,
@@ -47,6 +49,7 @@ impl ThreadPlan<'_> {
         IncidentRef {
             workspace: self.workspace,
             key: self.key,
+            since_ms: Some(self.since_ms),
         }
     }
 
@@ -93,6 +96,7 @@ pub(super) fn plans<'a>(
             Some(ThreadPlan {
                 workspace,
                 key,
+                since_ms: observed.incident.first_at_ms,
                 destination: &target.dedupe,
                 first,
                 rose: observed.rose,
@@ -177,6 +181,7 @@ impl Deliverer {
                 incident: Some(IncidentRef {
                     workspace: &token.workspace,
                     key,
+                    since_ms: Some(incident.first_at_ms),
                 }),
                 ..RenderContext::default()
             };

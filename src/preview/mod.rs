@@ -94,6 +94,7 @@ impl Preview {
             incident: Some(IncidentRef {
                 workspace: &self.workspace,
                 key: &self.incident,
+                since_ms: None,
             }),
             ..RenderContext::default()
         };

@@ -80,6 +80,7 @@ impl Case {
             incident: self.incident.as_ref().map(|(w, k)| IncidentRef {
                 workspace: w,
                 key: k,
+                since_ms: Some(1_764_000_000_123),
             }),
             status: self.status.as_ref().map(|(by, at, resolved)| {
                 if *resolved {

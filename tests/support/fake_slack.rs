@@ -3206,8 +3206,11 @@ pub struct Click {
     pub action_id: String,
     /// The button's `value`, as the app set it.
     pub value: String,
-    /// The message's blocks as posted: Slack sends the whole message along.
+    /// The message as posted, which Slack sends along whole: its blocks,
+    /// its fallback text and its attachments (`Null`: none).
     pub blocks: Value,
+    pub text: String,
+    pub attachments: Value,
 }
 
 impl Click {
@@ -3223,6 +3226,8 @@ impl Click {
             action_id: action_id.to_string(),
             value: value.to_string(),
             blocks: json!([]),
+            text: String::new(),
+            attachments: Value::Null,
         }
     }
 
@@ -3239,6 +3244,12 @@ impl Click {
             action_id: action_id.to_string(),
             value,
             blocks: blocks_of(post),
+            text: post.text.clone().unwrap_or_default(),
+            attachments: match &post.attachments {
+                Some(Value::String(text)) => serde_json::from_str(text).unwrap_or(Value::Null),
+                Some(attachments) => attachments.clone(),
+                None => Value::Null,
+            },
         })
     }
 }
@@ -3367,7 +3378,9 @@ impl FakeSlack {
                 "app_id": "A0FAKEAPP",
                 "ts": click.message_ts,
                 "team": click.team_id,
+                "text": click.text,
                 "blocks": click.blocks,
+                "attachments": click.attachments,
             },
             "state": {"values": {}},
             "response_url": response_url,

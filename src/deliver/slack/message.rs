@@ -61,6 +61,10 @@ pub struct RenderContext<'a> {
 pub struct IncidentRef<'a> {
     pub workspace: &'a str,
     pub key: &'a str,
+    /// When this incident began (Unix ms), if it is recorded: a key that
+    /// fires again after a resolution (or the incident's lifetime) starts a
+    /// new incident, and a button of the old one must not acknowledge it.
+    pub since_ms: Option<u64>,
 }
 
 /// What the Acknowledge button's `value` holds: enough to find the incident.
@@ -70,6 +74,10 @@ pub struct AckButtonValue {
     pub w: String,
     /// Incident key.
     pub k: String,
+    /// When the incident began (Unix ms): which incident of that key.
+    /// Absent on buttons posted before it was added; they name the key only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f: Option<u64>,
 }
 
 /// An incident's state, shown on its first messages once it changes.
@@ -387,6 +395,7 @@ pub fn render<'a>(event: &'a Event, context: &RenderContext<'a>) -> Message<'a> 
         let value = serde_json::to_string(&AckButtonValue {
             w: incident.workspace.to_string(),
             k: incident.key.to_string(),
+            f: incident.since_ms,
         })
         .unwrap_or_default();
         if !value.is_empty() && value.chars().count() <= BUTTON_VALUE_LIMIT {
@@ -885,6 +894,7 @@ mod tests {
                 incident: Some(IncidentRef {
                     workspace: "T1",
                     key: "ticket:TCK-2041",
+                    since_ms: None,
                 }),
                 ..RenderContext::default()
             },
@@ -1040,6 +1050,7 @@ mod tests {
         let incident = IncidentRef {
             workspace: "T0AEXY01",
             key: "chk-1",
+            since_ms: Some(1_764_000_000_123),
         };
         let open = rendered(
             &e,
@@ -1055,7 +1066,8 @@ mod tests {
             value,
             AckButtonValue {
                 w: "T0AEXY01".into(),
-                k: "chk-1".into()
+                k: "chk-1".into(),
+                f: Some(1_764_000_000_123),
             }
         );
 

@@ -457,6 +457,19 @@ async fn complete(ready: &Ready, params: &HashMap<String, String>) -> Result<Ins
         || ready.default_workspace.as_deref() == Some(grant.record.team_id.as_str())
         || ready.allowed_workspaces.contains(&grant.record.team_id))
     {
+        // Slack installed the app when it issued the token: revoked, the
+        // refused workspace is not left holding a working bot token.
+        let revoked = ready
+            .slack
+            .call_once(
+                "auth.revoke",
+                Some(&grant.record.access_token),
+                &Body::Form(&[]),
+            )
+            .await;
+        if let Err(e) = revoked {
+            warn!(team = %grant.record.team_id, error = %e, "cannot revoke the token Slack issued to a workspace that may not install; remove the app from that workspace by hand");
+        }
         return Err(Failure::NotAllowed(grant.record.team_id));
     }
     let mut redis = ready.redis.clone();

@@ -624,6 +624,23 @@ async fn auth_test_describes_the_token() {
 }
 
 #[tokio::test]
+async fn auth_revoke_ends_the_token_unless_only_testing() {
+    let (s, c) = setup().await;
+    let r = post_form(&c, &s, "auth.revoke", Some(TOKEN), &[("test", "1")]).await;
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(r.body["revoked"], false);
+    assert!(post_form(&c, &s, "auth.test", Some(TOKEN), &[]).await.ok());
+
+    let r = post_form(&c, &s, "auth.revoke", Some(TOKEN), &[]).await;
+    assert!(r.ok(), "{}", r.raw);
+    assert_eq!(r.body["revoked"], true);
+    let after = post_form(&c, &s, "auth.test", Some(TOKEN), &[]).await;
+    assert_eq!(after.error(), Some("token_revoked"));
+    let again = post_form(&c, &s, "auth.revoke", Some(TOKEN), &[]).await;
+    assert_eq!(again.error(), Some("token_revoked"));
+}
+
+#[tokio::test]
 async fn unknown_method_is_404() {
     let (s, c) = setup().await;
     let r = post_form(&c, &s, "chat.postMessagee", Some(TOKEN), &[]).await;

@@ -25,6 +25,16 @@ impl Site {
     /// Starts a worker serving the install pages at `http://127.0.0.1:PORT`,
     /// which is also its public URL, sending installers to the fake's consent page.
     async fn start(env: &TestEnv, secrets: bool, public_url: bool) -> Site {
+        Site::start_with(env, secrets, public_url, &[]).await
+    }
+
+    /// [`Site::start`] with more settings in the worker's environment.
+    async fn start_with(
+        env: &TestEnv,
+        secrets: bool,
+        public_url: bool,
+        settings: &[(&str, &str)],
+    ) -> Site {
         // A free port (released just before the worker binds it).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -48,6 +58,7 @@ impl Site {
         if public_url {
             vars.push(("ALERT_ROUTER__HTTP__PUBLIC_URL", base.as_str()));
         }
+        vars.extend_from_slice(settings);
         let mut worker = env.start_worker_process_with(&vars);
         // Logged once the HTTP listener is bound.
         worker.wait_for_log("consuming", 1).await;
@@ -227,6 +238,54 @@ async fn an_install_stores_a_token_that_delivers_the_workspaces_events() {
     assert!(log.contains("Slack install: token stored"), "{log}");
     assert_no_secret(&log, "the log", &secrets);
     env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_install_from_a_workspace_not_allowed_is_refused_and_its_token_revoked() {
+    let env = TestEnv::start(BASIC_RULES).await;
+    let team = new_team(&env);
+    env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
+    env.slack.approve_installs_as(&team, "Somebody Else");
+    let only_ours = env.workspace.clone();
+    let site = Site::start_with(
+        &env,
+        true,
+        true,
+        &[(
+            "ALERT_ROUTER__SLACK__ALLOWED_WORKSPACES",
+            only_ours.as_str(),
+        )],
+    )
+    .await;
+
+    let callback = site.through_slack().await;
+    let (status, page) = site.finish(&callback).await;
+    assert_eq!(status, 403, "{page}");
+    let installed = env.slack.installs();
+    assert_eq!(installed.len(), 1, "Slack did install the app");
+    let revokes = env.slack.requests_for("auth.revoke");
+    assert_eq!(revokes.len(), 1, "the token Slack issued is revoked");
+    assert_eq!(
+        revokes[0].token.as_deref(),
+        Some(installed[0].access_token.as_str())
+    );
+    assert_eq!(revokes[0].error, None);
+    assert!(
+        !stored_workspaces(&env).await.contains(&team),
+        "nothing stored for the refused workspace"
+    );
+    let check = env
+        .slack
+        .token(&installed[0].access_token)
+        .expect("the fake knows the token");
+    assert_eq!(check.state, support::fake_slack::TokenState::Revoked);
+    let log = site.stop().await;
+    assert_no_secret(
+        &log,
+        "the log",
+        &[installed[0].access_token.as_str(), CLIENT_SECRET],
+    );
     env.cleanup().await;
 }
 

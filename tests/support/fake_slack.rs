@@ -78,6 +78,7 @@ pub const KNOWN_METHODS: &[&str] = &[
     "conversations.join",
     "conversations.open",
     "auth.test",
+    "auth.revoke",
     "oauth.v2.access",
     "conversations.list",
     "conversations.history",
@@ -1841,6 +1842,7 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
     }
     let mut reply = match req.method.as_str() {
         "auth.test" => auth_test(&spec),
+        "auth.revoke" => auth_revoke(g, req, &token),
         "chat.postMessage" => post_message(g, req, &spec, &token, received_at),
         "chat.update" => chat_update(g, req, &spec, &token, received_at),
         "users.lookupByEmail" => lookup_by_email(g, req, &spec),
@@ -1881,6 +1883,15 @@ fn add_warnings(reply: &mut Reply, warnings: &[&str]) {
 
 fn bot_id(spec: &TokenSpec) -> String {
     format!("B{}", spec.bot_user_id.get(1..).unwrap_or(""))
+}
+
+/// `auth.revoke`: the calling token stops working (`test=1` only says it would).
+fn auth_revoke(g: &mut Inner, req: &Req, token: &str) -> Reply {
+    let testing = matches!(req.str("test").as_deref(), Some("1" | "true"));
+    if !testing && let Some(spec) = g.tokens.get_mut(token) {
+        spec.state = TokenState::Revoked;
+    }
+    Reply::ok(json!({"ok": true, "revoked": !testing}))
 }
 
 fn auth_test(spec: &TokenSpec) -> Reply {

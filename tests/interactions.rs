@@ -222,6 +222,18 @@ async fn open_incident(env: &TestEnv, incidents: &Incidents, key: &str) -> Event
     event
 }
 
+/// Event `id` of incident `key`, "Checkout down", with `extra` fields.
+fn checkout_down(env: &TestEnv, key: &str, id: &str, extra: Value) -> Value {
+    let mut event = env.event(
+        id,
+        json!({"dedup_key": key, "severity": "high", "title": "Checkout down"}),
+    );
+    if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    event
+}
+
 /// A click by `user` on the Acknowledge button of incident `key`.
 fn ack_click(env: &TestEnv, key: &str, user: &str) -> Click {
     let value = serde_json::to_string(&AckButtonValue {
@@ -615,16 +627,7 @@ async fn a_button_of_an_earlier_incident_does_not_acknowledge_a_new_one_under_th
     let acks = Acknowledgements::bind(&env).await;
     let endpoint = Endpoint::start(&env, Some(SECRET)).await;
     let key = format!("chk-{}", env.id);
-    let incident = |id: &str, extra: Value| {
-        let mut event = env.event(
-            id,
-            json!({"dedup_key": key, "severity": "high", "title": "Checkout down"}),
-        );
-        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
-            base.extend(extra);
-        }
-        event
-    };
+    let incident = |id: &str, extra: Value| checkout_down(&env, &key, id, extra);
     env.publish(&incident("first", json!({}))).await;
     env.slack.wait_for_posts(1, WAIT).await.unwrap();
     env.publish(&incident("follow-up", json!({"comment": "still failing"})))
@@ -720,16 +723,7 @@ async fn two_workers_post_reply_take_a_click_update_the_message_and_turn_it_gree
     let mut other = env.start_worker_process();
     other.wait_for_log("consuming", 1).await;
     let key = format!("chk-{}", env.id);
-    let incident = |id: &str, extra: Value| {
-        let mut event = env.event(
-            id,
-            json!({"dedup_key": key, "severity": "high", "title": "Checkout down"}),
-        );
-        if let (Some(base), Value::Object(extra)) = (event.as_object_mut(), extra) {
-            base.extend(extra);
-        }
-        event
-    };
+    let incident = |id: &str, extra: Value| checkout_down(&env, &key, id, extra);
     env.publish(&incident("first", json!({}))).await;
     let posted = env.slack.wait_for_posts(1, WAIT).await.unwrap().remove(0);
     assert_eq!(posted.thread_ts, None);

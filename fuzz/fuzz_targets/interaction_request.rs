@@ -205,7 +205,8 @@ struct ActionShape {
 #[derive(Arbitrary, Debug)]
 enum ValueShape {
     Absent,
-    Button { w: String, k: String },
+    /// `f`: when the incident began; absent on buttons from before it was added.
+    Button { w: String, k: String, f: Option<u64> },
     Raw(String),
 }
 
@@ -224,7 +225,8 @@ fn click(data: &[u8]) {
             }
             match &a.value {
                 ValueShape::Absent => {}
-                ValueShape::Button { w, k } => action["value"] = json!(json!({"w": w, "k": k}).to_string()),
+                ValueShape::Button { w, k, f: None } => action["value"] = json!(json!({"w": w, "k": k}).to_string()),
+                ValueShape::Button { w, k, f: Some(f) } => action["value"] = json!(json!({"w": w, "k": k, "f": f}).to_string()),
                 ValueShape::Raw(raw) => action["value"] = json!(raw),
             }
             action
@@ -268,10 +270,11 @@ fn click(data: &[u8]) {
         (true, Some(action), UserShape::WithId { id, .. }) => Screened::Click {
             user: id.clone(),
             incident: match &action.value {
-                ValueShape::Button { w, k } if !w.is_empty() && !k.is_empty() => {
+                ValueShape::Button { w, k, f } if !w.is_empty() && !k.is_empty() => {
                     Some(AckButtonValue {
                         w: w.clone(),
                         k: k.clone(),
+                        f: *f,
                     })
                 }
                 ValueShape::Raw(raw) => serde_json::from_str::<AckButtonValue>(raw)

@@ -665,8 +665,18 @@ impl TokenStore {
             .arg(&lock_value)
             .invoke_async(&mut redis)
             .await;
-        if let Err(e) = &result {
-            tracing::error!(workspace, error = %e, "token refresh failed; Slack is unavailable for this workspace until it works");
+        match &result {
+            Err(e) if let Some(wait) = e.rate_limited() => {
+                tracing::warn!(
+                    workspace,
+                    ?wait,
+                    "Slack rate-limited the token refresh; waiting before the next try"
+                );
+            }
+            Err(e) => {
+                tracing::error!(workspace, error = %e, "token refresh failed; Slack is unavailable for this workspace until it works");
+            }
+            Ok(_) => {}
         }
         result
     }

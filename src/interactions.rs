@@ -56,8 +56,9 @@ pub const INTERACTIONS_PATH: &str = "/slack/interactions";
 pub const ACKNOWLEDGED_TYPE: &str = "escalation.acknowledged";
 /// The whole message rides along with a click, form-encoded: the largest
 /// message the worker posts, in a non-Latin script (3 bytes a character,
-/// 9 once percent-encoded), comes to about 150 KiB. Far larger is not
-/// Slack's, and is refused before it is read whole.
+/// 9 once percent-encoded), is well over 64 KiB (the interaction tests
+/// click one). Far larger is not Slack's, and is refused before it is read
+/// whole.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How far `X-Slack-Request-Timestamp` may be from the worker's clock, as
 /// Slack advises: a captured request is worthless after it.

@@ -126,7 +126,11 @@ fn check_answer(
         .and_then(|v| v.get("ok"))
         .and_then(Value::as_bool)
         == Some(true);
-    let head_decides = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+    // A proxy's 408 means Slack never had the request: decided by the
+    // status, like a 5xx.
+    let head_decides = status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT;
     let error = match answer {
         Ok(value) => {
             assert!(!head_decides, "a {status} is never a success");
@@ -161,7 +165,7 @@ fn check_answer(
             error.retry_after().is_some(),
             "a 429 always says how long to wait"
         );
-    } else if status.is_server_error() {
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
         assert!(error.is_transient(), "a {status} may pass");
         assert_eq!(error.code, format!("http_{}", status.as_u16()));
     } else {

@@ -4,6 +4,7 @@ mod support;
 
 use alert_router::config::{Secret, Secrets};
 use serde_json::json;
+use support::fake_slack::Fault;
 use support::{BASIC_RULES, TestEnv, WAIT};
 
 const CLIENT_ID: &str = "1234.5678";
@@ -265,6 +266,99 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     let body = mails[0].text_body().unwrap();
     assert!(body.contains("invalid_refresh_token"), "{body}");
     assert!(!body.contains("xoxe-test-unknown") && !body.contains(CLIENT_SECRET));
+    env.cleanup().await;
+}
+
+/// The rules of the fallback tests: a channel, and an address to fall back to.
+const CHANNEL_WITH_EMAIL_FALLBACK: &str = "version: 1\ndefaults:\n  slack_channel: C0ESCALATE\n  email: [oncall@example.com]\nrules: []\n";
+
+/// Stores a rotating token that expired a minute ago, as after a night with
+/// nothing to send: the first event must refresh it before anything is sent.
+async fn lapsed_rotating_token(env: &TestEnv) {
+    rotating_token(env, -60).await;
+    env.slack.expire(&env.token);
+}
+
+fn rotation_vars() -> [(&'static str, &'static str); 2] {
+    [
+        ("SLACK_CLIENT_ID", CLIENT_ID),
+        ("SLACK_CLIENT_SECRET", CLIENT_SECRET),
+    ]
+}
+
+#[tokio::test]
+async fn a_lapsed_token_whose_refresh_slack_rate_limits_waits_then_posts_without_spending_an_attempt()
+ {
+    let env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
+    lapsed_rotating_token(&env).await;
+    env.slack.fail_next(
+        "oauth.v2.access",
+        1,
+        Fault::RateLimited {
+            retry_after_secs: 1,
+        },
+    );
+    let mut worker = env.start_worker_process_with(&rotation_vars());
+
+    env.publish(&env.event("lapsed-429", json!({}))).await;
+    let posts = env.slack.wait_for_posts(1, WAIT).await.unwrap();
+    worker.wait_for_log("acked", 1).await;
+
+    assert_eq!(
+        env.slack.requests_for("oauth.v2.access").len(),
+        2,
+        "the exchange Slack rate-limited, then the one it took\n{}",
+        env.slack.describe()
+    );
+    assert_eq!(posts[0].token, env.slack.issued_tokens()[0].access_token);
+    assert_eq!(
+        worker.log_count("token refresh rate limited; deferring"),
+        1,
+        "{:#?}",
+        worker.log_lines()
+    );
+    assert_eq!(
+        worker.log_count("retrying later"),
+        0,
+        "a rate limit is a wait, not a failed attempt: {:#?}",
+        worker.log_lines()
+    );
+    assert!(env.smtp.mails().is_empty(), "a rate limit is no outage");
+    worker.stop().await;
+    env.assert_nothing_pending().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_lapsed_token_whose_refresh_slack_fails_falls_back_to_email_at_once() {
+    let env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
+    lapsed_rotating_token(&env).await;
+    // Every exchange fails for the length of the test: Slack's OAuth is down.
+    env.slack.fail_next(
+        "oauth.v2.access",
+        50,
+        Fault::HttpJson(503, "service_unavailable".into()),
+    );
+    let mut worker = env.start_worker_process_with(&rotation_vars());
+
+    env.publish(&env.event("lapsed-503", json!({}))).await;
+    let mails = env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+    worker.wait_for_log("acked", 1).await;
+
+    let body = mails[0].text_body().unwrap();
+    assert!(
+        body.contains("cannot refresh the token") && body.contains("oauth.v2.access: http_503"),
+        "{body}"
+    );
+    assert!(env.slack.posts().is_empty());
+    assert_eq!(
+        worker.log_count("retrying later"),
+        0,
+        "delivered by email, nothing left to retry: {:#?}",
+        worker.log_lines()
+    );
+    worker.stop().await;
+    env.assert_nothing_pending().await;
     env.cleanup().await;
 }
 

@@ -245,13 +245,22 @@ impl Deliverer {
                 // An operator may add the token: worth retrying if email fails too.
                 transient: true,
             }),
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_redis() => {
                 // Without Redis there is no idempotency either: wait for it.
                 return all_failed(routing, &e.to_string());
             }
+            // A token that lapsed while nothing was sent is refreshed on the
+            // first event after; Slack rate-limiting that exchange is a wait
+            // like any other rate limit: no attempt spent, no email.
+            Err(e) if let Some(wait) = e.rate_limited().filter(|_| !waited_enough) => {
+                info!(error = %e, ?wait, "token refresh rate limited; deferring the event");
+                return all_deferred(routing, wait);
+            }
+            // Slack failing the refresh is Slack unavailable: email now, as
+            // when a post fails, and a retry later if email fails too.
             Err(e) => Err(SlackUnavailable {
                 reason: e.to_string(),
-                transient: false,
+                transient: e.is_transient(),
             }),
         };
 
@@ -446,6 +455,17 @@ fn claim_status(
                 wait: remaining.max(Duration::from_millis(100)),
             })
         }
+    }
+}
+
+/// Every target of `routing` waits `wait` for Slack before anything is sent.
+fn all_deferred(routing: &Routing, wait: Duration) -> DeliveryReport {
+    DeliveryReport {
+        targets: routing
+            .targets
+            .iter()
+            .map(|r| report(&r.target, TargetStatus::Deferred { wait }))
+            .collect(),
     }
 }
 

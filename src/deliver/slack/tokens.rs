@@ -112,6 +112,15 @@ impl TokenError {
         }
     }
 
+    /// Redis could not be read or written: nothing about Slack or the token.
+    pub fn is_redis(&self) -> bool {
+        match self {
+            TokenError::Redis { .. } => true,
+            TokenError::Shared(inner) => inner.is_redis(),
+            _ => false,
+        }
+    }
+
     /// How long Slack asked to wait when it rate-limited the refresh: a
     /// rate limit, never a reason to give up on Slack.
     pub fn rate_limited(&self) -> Option<Duration> {

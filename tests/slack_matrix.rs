@@ -1231,6 +1231,57 @@ async fn a_listing_refused_for_its_own_reasons_posts_by_name() {
     }
 }
 
+/// A cursor Slack no longer takes (a long listing outlives it) restarts the
+/// listing from its first page, once: the name still resolves to its id,
+/// instead of being posted by name as after a refusal of the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_listing_cursor_lists_again_from_the_first_page() {
+    let env = TestEnv::start(RULES).await;
+    env.slack.set_list_page_cap(1);
+    env.slack.expire_next_list_cursors(1);
+    let worker = env.spawn_worker();
+    env.publish(&env.event(
+        "cursor-expired",
+        json!({"targets": [{"slack_channel": "#payments"}]}),
+    ))
+    .await;
+    let posts = env
+        .slack
+        .wait_for_posts_to(PAYMENTS, 1, WAIT)
+        .await
+        .unwrap();
+    worker.stop().await;
+
+    assert_eq!(
+        posts[0].channel, PAYMENTS,
+        "resolved to the id, not posted by name"
+    );
+    let listings = env.slack.requests_for("conversations.list");
+    let expired: Vec<_> = listings
+        .iter()
+        .filter(|r| r.error.as_deref() == Some("invalid_cursor"))
+        .collect();
+    assert_eq!(expired.len(), 1, "{}", env.slack.describe());
+    let first_pages = listings
+        .iter()
+        .filter(|r| {
+            r.params
+                .get("cursor")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        })
+        .count();
+    assert_eq!(first_pages, 2, "listed from the first page again");
+    assert!(
+        listings
+            .iter()
+            .all(|r| r.error.is_none() || r.error.as_deref() == Some("invalid_cursor"))
+    );
+    assert!(env.smtp.mails().is_empty());
+    assert_eq!(env.ready_count(&env.settings.amqp.queue).await, 0);
+    env.cleanup().await;
+}
+
 /// An org-wide app's token (Enterprise Grid) must name the workspace to
 /// list: Slack answers `missing_argument` without `team_id`, and the
 /// listing is asked again with the event's workspace, so names still

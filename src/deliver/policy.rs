@@ -159,6 +159,9 @@ pub fn refuses_the_listing_alone(error: &SlackError) -> bool {
     match error.failure {
         SlackFailure::Transient { .. } | SlackFailure::TokenExpired => false,
         SlackFailure::Workspace => CALL_ONLY_REFUSALS.contains(&error.code.as_str()),
+        // A cursor that expired again after listing from the start: a
+        // listing that failed, not one Slack refuses.
+        _ if error.code == "invalid_cursor" => false,
         _ => !error.is_rate_limited(),
     }
 }
@@ -186,9 +189,11 @@ fn after_post(kind: TargetKind, error: &SlackError, tried: Tried) -> Step {
         return Step::PostWithoutThread;
     }
     // Slack documents `no_permission` on a post as the app not being a
-    // member of the conversation: the conversation's refusal, not the token's.
+    // member of the conversation, and `access_denied` as "access to a
+    // resource specified in the request is denied": the conversation's
+    // refusal, not the token's (as `conversations.join` reads them too).
     let failure = match code {
-        "no_permission" => &SlackFailure::Destination,
+        "no_permission" | "access_denied" => &SlackFailure::Destination,
         _ => &error.failure,
     };
     match (failure, kind) {
@@ -595,6 +600,32 @@ mod tests {
                 fresh,
                 Step::EmailPerson,
             ),
+            // chat.postMessage: "access to a resource specified in the
+            // request is denied": not a membership, so no join.
+            (
+                PostMessage,
+                Channel,
+                "access_denied",
+                by_id,
+                Step::PostToDefaultChannel,
+            ),
+            (
+                PostMessage,
+                Channel,
+                "access_denied",
+                Tried {
+                    at_default_channel: true,
+                    ..by_id
+                },
+                unavailable(false),
+            ),
+            (
+                PostMessage,
+                Person,
+                "access_denied",
+                fresh,
+                Step::EmailPerson,
+            ),
             // conversations.list
             (List, Channel, "missing_scope", fresh, Step::PostByName),
             (List, Channel, "no_permission", fresh, Step::PostByName),
@@ -602,6 +633,9 @@ mod tests {
             (List, Channel, "missing_argument", fresh, Step::PostByName),
             (List, Channel, "accesslimited", fresh, Step::PostByName),
             (List, Channel, "http_503", fresh, unavailable(true)),
+            // Expired again after listing from the first page: a failed
+            // listing, not a refusal to remember.
+            (List, Channel, "invalid_cursor", fresh, unavailable(false)),
             (List, Channel, "invalid_auth", fresh, unavailable(false)),
             (List, Channel, "token_revoked", fresh, unavailable(false)),
             // conversations.open / conversations.history (the lost-post check)

@@ -434,6 +434,8 @@ struct Inner {
     id_counter: u64,
     /// Largest page `conversations.list` returns, whatever `limit` asks.
     list_page_cap: Option<usize>,
+    /// How many more `conversations.list` cursors Slack no longer takes.
+    expired_list_cursors: usize,
     /// Per-(team, method) limits: (per second, burst), keyed by method.
     method_rates: HashMap<String, (f64, u32)>,
     method_buckets: HashMap<(String, String), Bucket>,
@@ -740,6 +742,13 @@ impl FakeSlack {
     /// follows `next_cursor`.
     pub fn set_list_page_cap(&self, n: usize) {
         self.lock().list_page_cap = Some(n.max(1));
+    }
+
+    /// The next `n` `conversations.list` calls that carry a cursor get
+    /// `invalid_cursor` ("Value passed for cursor was not valid or is no
+    /// longer valid"), as when a listing outlives its cursor.
+    pub fn expire_next_list_cursors(&self, n: usize) {
+        self.lock().expired_list_cursors = n;
     }
 
     pub fn clear_list_page_cap(&self) {
@@ -1848,6 +1857,10 @@ fn process(g: &mut Inner, req: &Req, received_at: Instant) -> Reply {
         "users.lookupByEmail" => lookup_by_email(g, req, &spec),
         "conversations.join" => conversations_join(g, req),
         "conversations.open" => conversations_open(g, req),
+        "conversations.list" if g.expired_list_cursors > 0 && req.nonempty("cursor").is_some() => {
+            g.expired_list_cursors -= 1;
+            Reply::err("invalid_cursor")
+        }
         "conversations.list" => conversations_list(g, req, &spec),
         "conversations.history" => conversations_history(g, req, &spec),
         "conversations.replies" => conversations_replies(g, req, &spec),

@@ -462,6 +462,7 @@ impl ChannelDirectory {
         // say which of the org's workspaces to list (`missing_argument`
         // without it); a workspace's own token needs none.
         let mut team_id: Option<&str> = None;
+        let mut started_over = false;
         // A cursor that never ends would be a Slack bug; 200 pages is 200k channels.
         for _ in 0..200 {
             let mut form = vec![
@@ -489,6 +490,15 @@ impl ChannelDirectory {
             let page = match answer {
                 Err(e) if e.code == "missing_argument" && team_id.is_none() => {
                     team_id = Some(&token.workspace);
+                    continue;
+                }
+                // Cursors expire (a long listing paced at Tier 2 takes a
+                // while): list again from the start, once.
+                Err(e) if e.code == "invalid_cursor" && !cursor.is_empty() && !started_over => {
+                    tracing::info!(workspace = %token.workspace, "Slack no longer takes the listing's cursor; listing again from the first page");
+                    started_over = true;
+                    cursor.clear();
+                    map.clear();
                     continue;
                 }
                 answer => answer?,

@@ -459,15 +459,19 @@ async fn complete(ready: &Ready, params: &HashMap<String, String>) -> Result<Ins
     {
         // Slack installed the app when it issued the token: revoked, the
         // refused workspace is not left holding a working bot token.
+        // Retried like any call (revoking twice does no harm); a retry
+        // after a lost answer finds the token already revoked.
         let revoked = ready
             .slack
-            .call_once(
+            .call(
                 "auth.revoke",
                 Some(&grant.record.access_token),
                 &Body::Form(&[]),
             )
             .await;
-        if let Err(e) = revoked {
+        if let Err(e) = revoked
+            && !matches!(e.code.as_str(), "token_revoked" | "invalid_auth")
+        {
             warn!(team = %grant.record.team_id, error = %e, "cannot revoke the token Slack issued to a workspace that may not install; remove the app from that workspace by hand");
         }
         return Err(Failure::NotAllowed(grant.record.team_id));

@@ -575,6 +575,13 @@ mod tests {
             (Join, Channel, "invalid_auth", by_id, unavailable(false)),
             (Join, Channel, "account_inactive", by_id, unavailable(false)),
             (Join, Channel, "token_revoked", by_id, unavailable(false)),
+            (
+                Join,
+                Channel,
+                "two_factor_setup_required",
+                by_id,
+                unavailable(false),
+            ),
             // chat.postMessage: Slack's "not a member of the conversation"
             (
                 PostMessage,

@@ -135,6 +135,8 @@ pub fn classify(code: &str) -> SlackFailure {
         | "no_permission"
         | "ekm_access_denied"
         | "enterprise_is_restricted"
+        // "Two factor setup is required": of the token's user, not of a channel.
+        | "two_factor_setup_required"
         | "access_denied"
         | "team_not_found" => SlackFailure::Workspace,
         "channel_not_found"

@@ -810,6 +810,11 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                 {
                     Ok(reply) => serde_json::json!({"workspace": ws, "valid": true,
                         "team": reply.get("team"), "team_id": reply.get("team_id"), "user_id": reply.get("user_id")}),
+                    // Slack failing or rate-limiting the check says nothing
+                    // about the token: `valid` is unknown (null).
+                    Err(e) if e.is_transient() => {
+                        serde_json::json!({"workspace": ws, "valid": null, "error": e.code, "detail": e.to_string()})
+                    }
                     Err(e) => {
                         serde_json::json!({"workspace": ws, "valid": false, "error": e.code, "detail": e.to_string()})
                     }
@@ -827,6 +832,12 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                             r["team_id"].as_str().unwrap_or("?"),
                             r["user_id"].as_str().unwrap_or("?")
                         );
+                    } else if r["valid"].is_null() {
+                        outln!(
+                            "{}: unknown, Slack did not answer the check ({}); check again",
+                            r["workspace"].as_str().unwrap_or("?"),
+                            r["detail"].as_str().unwrap_or("?")
+                        );
                     } else {
                         outln!(
                             "{}: invalid ({})",
@@ -836,8 +847,13 @@ async fn tokens(settings: &Settings, command: TokensCommand, json: bool) -> Resu
                     }
                 }
             }
-            if results.iter().any(|r| r["valid"] != true) {
+            if results.iter().any(|r| r["valid"] == false) {
                 return Err(anyhow::anyhow!("some tokens do not work").into());
+            }
+            if results.iter().any(|r| r["valid"].is_null()) {
+                return Err(
+                    anyhow::anyhow!("Slack did not answer for some tokens; check again").into(),
+                );
             }
         }
         TokensCommand::Delete { workspace } => {

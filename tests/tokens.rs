@@ -433,6 +433,23 @@ async fn the_tokens_command_sets_lists_checks_and_deletes_without_showing_secret
     assert!(check.status.success());
     assert!(String::from_utf8_lossy(&check.stdout).contains(&format!("{workspace}: valid")));
 
+    // Slack failing the check says nothing about the token.
+    env.slack.fail_next(
+        "auth.test",
+        100,
+        Fault::HttpJson(503, "service_unavailable".into()),
+    );
+    let check = run_cli(&env, &["tokens", "check", "--workspace", &workspace], "").await;
+    assert_eq!(check.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{workspace}: unknown, Slack did not answer the check"
+        )) && !stdout.contains("invalid"),
+        "{stdout}"
+    );
+    env.slack.clear_faults();
+
     env.slack.revoke(&token);
     let check = run_cli(&env, &["tokens", "check", "--workspace", &workspace], "").await;
     assert_eq!(check.status.code(), Some(1));

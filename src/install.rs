@@ -383,9 +383,10 @@ impl Failure {
             Failure::NotAllowed(_) => StatusCode::FORBIDDEN,
             Failure::Exchange(e) if e.is_transient() => StatusCode::BAD_GATEWAY,
             Failure::Exchange(e) => match e.code.as_str() {
-                "invalid_code" | "invalid_grant_type" | "cannot_install_an_org_installed_app" => {
-                    StatusCode::BAD_REQUEST
-                }
+                "invalid_code"
+                | "invalid_grant_type"
+                | "cannot_install_an_org_installed_app"
+                | "user_email_unverified" => StatusCode::BAD_REQUEST,
                 // The worker's settings or secrets are wrong.
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -414,6 +415,10 @@ fn explain(e: &crate::deliver::slack::SlackError) -> String {
         }
         "cannot_install_an_org_installed_app" => {
             "the app is installed for the whole organisation and cannot be installed into one workspace"
+        }
+        "user_email_unverified" => {
+            "the Slack account installing the app has not verified its email address; \
+             verify it in Slack, then install again"
         }
         _ if e.is_transient() => "Slack could not be reached or failed; try again in a minute",
         _ => "Slack refused the exchange",
@@ -621,6 +626,17 @@ mod tests {
 
     fn key() -> Secret {
         Secret::new("client-secret-for-tests")
+    }
+
+    #[test]
+    fn an_installer_without_a_verified_email_is_told_so_as_a_bad_request() {
+        let unverified = Failure::Exchange(crate::deliver::slack::SlackError::new(
+            "oauth.v2.access",
+            "user_email_unverified",
+            crate::deliver::slack::client::classify("user_email_unverified"),
+        ));
+        assert_eq!(unverified.status(), StatusCode::BAD_REQUEST);
+        assert!(unverified.to_string().contains("verify it in Slack"));
     }
 
     #[test]

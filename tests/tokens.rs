@@ -244,10 +244,7 @@ async fn a_token_close_to_expiry_is_refreshed_before_it_is_used() {
 
 #[tokio::test]
 async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() {
-    let mut env = TestEnv::start(
-        "version: 1\ndefaults:\n  slack_channel: C0ESCALATE\n  email: [oncall@example.com]\nrules: []\n",
-    )
-    .await;
+    let mut env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
     env.settings.slack.token_cache_ttl = std::time::Duration::from_millis(1);
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
     env.store_token_record(
@@ -266,6 +263,46 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     let body = mails[0].text_body().unwrap();
     assert!(body.contains("invalid_refresh_token"), "{body}");
     assert!(!body.contains("xoxe-test-unknown") && !body.contains(CLIENT_SECRET));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_channel_name_whose_listing_needs_a_refresh_slack_rejects_falls_back_to_email() {
+    let mut env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
+    env.settings.slack.token_cache_ttl = std::time::Duration::from_millis(1);
+    env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
+    env.store_token_record(
+        &env.workspace,
+        &json!({"access_token": env.token, "refresh_token": "xoxe-test-unknown",
+                "expires_at": chrono::Utc::now().timestamp() + 30_000,
+                "team_id": env.workspace, "bot_user_id": null}),
+    )
+    .await;
+    env.slack.expire(&env.token);
+    let worker = env.spawn_worker_with(rotation_secrets());
+
+    // The name is listed before anything is posted: the listing meets the
+    // expired token first.
+    env.publish(&env.event(
+        "bad-refresh-by-name",
+        json!({"targets": [{"slack_channel": "#payments"}]}),
+    ))
+    .await;
+    let mails = env.smtp.wait_for_mails(1, WAIT).await.unwrap();
+    worker.stop().await;
+    let body = mails[0].text_body().unwrap();
+    assert!(
+        body.contains("cannot resolve #payments") && body.contains("invalid_refresh_token"),
+        "{body}"
+    );
+    assert_eq!(
+        env.slack.requests_for("conversations.list")[0]
+            .error
+            .as_deref(),
+        Some("token_expired")
+    );
+    assert!(env.slack.posts().is_empty());
+    env.assert_nothing_pending().await;
     env.cleanup().await;
 }
 

@@ -248,14 +248,12 @@ impl Deliverer {
                 Err(refresh) if let Some(wait) = refresh.rate_limited() => {
                     return (by_name, Action::Wait(wait));
                 }
+                // Slack unavailable, as for a post whose refresh fails: email.
                 Err(refresh) => {
                     warn!(channel = name, error = %refresh, "cannot refresh the token to resolve a channel name");
                     return (
                         by_name,
-                        Action::Fail {
-                            detail: format!("cannot resolve #{name}: {e}, and {refresh}"),
-                            retryable: true,
-                        },
+                        fallback(format!("cannot resolve #{name}: {e}, and {refresh}")),
                     );
                 }
             };

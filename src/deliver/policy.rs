@@ -372,6 +372,13 @@ mod tests {
             (
                 PostMessage,
                 Channel,
+                "attachment_payload_limit_exceeded",
+                by_id,
+                Step::PostPlainText,
+            ),
+            (
+                PostMessage,
+                Channel,
                 "msg_blocks_too_long",
                 by_id,
                 Step::PostPlainText,

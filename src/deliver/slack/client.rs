@@ -160,7 +160,8 @@ pub fn classify(code: &str) -> SlackFailure {
         | "invalid_metadata_schema"
         | "metadata_too_large"
         | "metadata_must_be_sent_from_app"
-        | "invalid_attachments" => SlackFailure::Payload,
+        | "invalid_attachments"
+        | "attachment_payload_limit_exceeded" => SlackFailure::Payload,
         _ => SlackFailure::Other,
     }
 }

@@ -242,8 +242,10 @@ async fn a_token_close_to_expiry_is_refreshed_before_it_is_used() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() {
+/// A workspace whose token Slack reports expired and whose refresh token
+/// Slack does not know (`invalid_refresh_token`), with an address to fall
+/// back to.
+async fn with_an_expired_token_and_a_refresh_token_slack_rejects() -> TestEnv {
     let mut env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
     env.settings.slack.token_cache_ttl = std::time::Duration::from_millis(1);
     env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
@@ -255,6 +257,12 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
     )
     .await;
     env.slack.expire(&env.token);
+    env
+}
+
+#[tokio::test]
+async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() {
+    let env = with_an_expired_token_and_a_refresh_token_slack_rejects().await;
     let worker = env.spawn_worker_with(rotation_secrets());
 
     env.publish(&env.event("bad-refresh", json!({}))).await;
@@ -268,17 +276,7 @@ async fn a_refresh_token_slack_rejects_makes_the_workspace_fall_back_to_email() 
 
 #[tokio::test]
 async fn a_channel_name_whose_listing_needs_a_refresh_slack_rejects_falls_back_to_email() {
-    let mut env = TestEnv::start(CHANNEL_WITH_EMAIL_FALLBACK).await;
-    env.settings.slack.token_cache_ttl = std::time::Duration::from_millis(1);
-    env.slack.set_oauth_client(CLIENT_ID, CLIENT_SECRET);
-    env.store_token_record(
-        &env.workspace,
-        &json!({"access_token": env.token, "refresh_token": "xoxe-test-unknown",
-                "expires_at": chrono::Utc::now().timestamp() + 30_000,
-                "team_id": env.workspace, "bot_user_id": null}),
-    )
-    .await;
-    env.slack.expire(&env.token);
+    let env = with_an_expired_token_and_a_refresh_token_slack_rejects().await;
     let worker = env.spawn_worker_with(rotation_secrets());
 
     // The name is listed before anything is posted: the listing meets the
